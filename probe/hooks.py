@@ -1,0 +1,218 @@
+"""``Probe``: record every state, gate and gradient of every recurrent submodule of a model.
+
+While the ``with`` block is open, each ``nn.RNN / nn.LSTM / nn.GRU`` runs through a layer-split
+replay of its own fused kernel (``probe.replay``), which returns the same outputs and exposes
+every layer's states. On exit each module's ``forward`` is restored; nothing else is touched.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from zoo.errors import RnnscopeError
+
+from . import adjoint
+from .keys import GRAD_KINDS, KINDS, family, recurrent_modules, state_key
+from .replay import direction_params, run_layer, states
+
+
+class _Direction:
+    """One direction of one layer in one call: its recorded states, and the gradients arriving at it."""
+
+    def __init__(self, module, layer, reverse, st, x, h0, c0):
+        self.module, self.layer, self.reverse = module, layer, reverse
+        self.st, self.h0, self.c0 = st, h0, c0
+        self.g = self.gh_n = self.gc_n = None
+        self._grads = None
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        grad = grad.detach().flip(0) if (self.reverse and name == "g") else grad.detach()
+        setattr(self, name, grad if getattr(self, name) is None else getattr(self, name) + grad)
+        self._grads = None
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        if self._grads is None:
+            if self.g is None and self.gh_n is None and self.gc_n is None:
+                raise RnnscopeError("no gradient has reached the probed module yet",
+                                    "call loss.backward() on a loss computed inside the Probe(grad=True) block")
+            g = self.g if self.g is not None else torch.zeros_like(self.st["h"])
+            p = direction_params(self.module, self.layer, self.reverse)
+            kind = family(self.module)
+            with torch.no_grad():
+                if kind == "LSTM":
+                    gh, gc = adjoint.lstm(p, self.st, self.h0, self.c0, g, self.gh_n, self.gc_n)
+                    out = {"grad_h": gh, "grad_c": gc}
+                elif kind == "GRU":
+                    out = {"grad_h": adjoint.gru(p, self.st, self.h0, g, self.gh_n)}
+                else:
+                    out = {"grad_h": adjoint.rnn(p, self.st, g, self.gh_n, self.module.nonlinearity == "relu")}
+            self._grads = out
+        return self._grads
+
+    def get(self, kind: str) -> torch.Tensor:
+        t = self.grads()[kind] if kind.startswith("grad_") else self.st[kind]
+        return t.flip(0) if self.reverse else t
+
+
+class CallTrace(Mapping):
+    """The states of one forward call of one recurrent module: ``trace[key] -> [batch, time, units]``."""
+
+    def __init__(self):
+        self._dirs: dict[str, tuple[_Direction, str]] = {}
+
+    def _add(self, key: str, d: _Direction, kind: str) -> None:
+        self._dirs[key] = (d, kind)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._dirs:
+            raise KeyError(f"{key!r} was not recorded; recorded keys: {', '.join(list(self._dirs)[:8])} ...")
+        d, kind = self._dirs[key]
+        return d.get(kind).transpose(0, 1)
+
+    def __iter__(self):
+        return iter(self._dirs)
+
+    def __len__(self) -> int:
+        return len(self._dirs)
+
+
+class Trace(Mapping):
+    """Every call of a ``Probe`` block, each key's calls concatenated along time
+    (``[batch, time, units]``): one continuous sequence when the caller carries state between
+    calls. ``probe.calls`` holds each module call on its own, in order."""
+
+    def __init__(self, calls: list[CallTrace]):
+        self._calls = calls
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        parts = [c[key] for c in self._calls if key in c]
+        if not parts:
+            raise KeyError(key)
+        if len({p.shape[0] for p in parts}) > 1:
+            raise RnnscopeError(f"calls recorded with different batch sizes cannot be joined along time for {key}",
+                                "read each call from probe.calls[i]")
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def __iter__(self):
+        seen = {}
+        for c in self._calls:
+            seen.update(dict.fromkeys(c))
+        return iter(seen)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Probe:
+    """``with Probe(model, grad=True) as probe: ...`` records every recurrent submodule.
+
+    ``kinds``: the state kinds to keep (default all; ``h`` always, as the others derive from it).
+    ``carry``: a call made with no initial state starts from where the module's previous call in
+    this block ended, so a long text can be fed in chunks and read as one sequence.
+    """
+
+    def __init__(self, model: nn.Module, grad: bool = False, kinds=None, carry: bool = False):
+        self.model, self.grad, self.carry = model, grad, carry
+        self.kinds = None if kinds is None else set(kinds) | {"h"}
+        self.modules = recurrent_modules(model)
+        if not self.modules:
+            raise RnnscopeError(f"{type(model).__name__} has no nn.RNN, nn.LSTM or nn.GRU submodule to probe",
+                                "probe a model built from PyTorch's recurrent modules")
+        self.calls: list[CallTrace] = []
+        self._last_state: dict[str, object] = {}
+        self._saved: dict[str, object] = {}
+
+    @property
+    def trace(self) -> Trace:
+        return Trace(self.calls)
+
+    def __enter__(self) -> "Probe":
+        for name, m in self.modules.items():
+            if "forward" in m.__dict__:
+                raise RnnscopeError(f"module {name or '<model>'} already has an instance-level forward (another probe?)",
+                                    "exit the other Probe first")
+            m.forward = partial(self._forward, name, m)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.modules.values():
+            m.__dict__.pop("forward", None)
+
+    def _forward(self, name: str, m: nn.Module, input, hx=None):
+        if isinstance(input, PackedSequence):
+            raise RnnscopeError(f"{name}: PackedSequence input is not supported by the probe",
+                                "pad the batch (torch.nn.utils.rnn.pad_packed_sequence) and probe the padded tensor")
+        kind = family(m)
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if m.batch_first else input)
+        D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
+        P = getattr(m, "proj_size", 0) or H
+        B = x.shape[1]
+        if hx is None and self.carry and name in self._last_state:
+            hx = self._last_state[name]
+            prev_b = (hx[0] if isinstance(hx, tuple) else hx).shape[1]
+            if prev_b != B:
+                raise RnnscopeError(f"{name}: carried state has batch {prev_b}, this call has batch {B}",
+                                    "keep the batch size fixed while carrying state, or pass hx")
+        if hx is None:
+            h0 = x.new_zeros(L * D, B, P)
+            c0 = x.new_zeros(L * D, B, H) if kind == "LSTM" else None
+        else:
+            h0, c0 = hx if kind == "LSTM" else (hx, None)
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        call = CallTrace()
+        self.calls.append(call)
+        layer_in, h_ns, c_ns = x, [], []
+        wants_grad = self.grad and torch.is_grad_enabled()
+        for layer in range(L):
+            sl = slice(layer * D, (layer + 1) * D)
+            hx_l = (h0[sl], c0[sl]) if kind == "LSTM" else h0[sl]
+            out, h_n, c_n = run_layer(m, layer, layer_in, hx_l)
+            dirs = []
+            with torch.no_grad():
+                for d in range(D):
+                    rev = d == 1
+                    xd, hd = layer_in.detach(), out[..., d * P:(d + 1) * P].detach()
+                    if rev:
+                        xd, hd = xd.flip(0), hd.flip(0)
+                    c0d = c0[sl][d].detach() if c0 is not None else None
+                    st = states(m, direction_params(m, layer, rev), xd, hd, h0[sl][d].detach(), c0d)
+                    rec = _Direction(m, layer, rev, st, xd, h0[sl][d].detach(), c0d)
+                    dirs.append(rec)
+                    for k in KINDS[kind]:
+                        if k in st and (self.kinds is None or k in self.kinds):
+                            call._add(state_key(name, layer, rev, k), rec, k)
+                    if self.grad:
+                        for k in GRAD_KINDS[kind]:
+                            call._add(state_key(name, layer, rev, k), rec, k)
+            if wants_grad and out.requires_grad:
+                self._hook_grads(dirs, out, h_n, c_n, P)
+            h_ns.append(h_n)
+            c_ns.append(c_n)
+            layer_in = out
+            if layer < L - 1 and m.dropout and m.training:
+                layer_in = nn.functional.dropout(out, m.dropout, True)
+        output = layer_in
+        h_n = torch.cat(h_ns, 0)
+        state = (h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n
+        if self.carry:
+            self._last_state[name] = tuple(s.detach() for s in state) if kind == "LSTM" else state.detach()
+        if unbatched:
+            output = output.squeeze(1)
+            state = tuple(s.squeeze(1) for s in state) if kind == "LSTM" else state.squeeze(1)
+        elif m.batch_first:
+            output = output.transpose(0, 1)
+        return output, state
+
+    @staticmethod
+    def _hook_grads(dirs, out, h_n, c_n, P) -> None:
+        for d, rec in enumerate(dirs):
+            out.register_hook(lambda g, rec=rec, d=d: rec.add("g", g[..., d * P:(d + 1) * P]))
+            h_n.register_hook(lambda g, rec=rec, d=d: rec.add("gh_n", g[d]))
+            if c_n is not None:
+                c_n.register_hook(lambda g, rec=rec, d=d: rec.add("gc_n", g[d]))

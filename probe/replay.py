@@ -1,0 +1,99 @@
+"""Exact per-timestep states and gates of a fused recurrent module, at close to fused speed.
+
+The fused kernel hides everything but the last layer's outputs. Run it one layer at a time
+(same weights, same kernel) and every layer's ``h_t`` comes out; with ``h_{t-1}`` and ``x_t``
+known for all ``t`` each gate's pre-activation is one batched matrix product, and the LSTM cell
+is the linear recurrence ``c_t = f_t * c_{t-1} + i_t * g_t``, a cheap elementwise scan.
+
+Everything here is in the time-major layout ``[time, batch, units]``, one direction at a time;
+the hook module converts from and to the user's layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import _VF, nn
+
+
+@dataclass
+class DirectionParams:
+    """One direction of one layer: ``w_ih [G*H, in]``, ``w_hh [G*H, P]``, biases ``[G*H]`` or None,
+    ``w_hr [P, H]`` (LSTM ``proj_size``) or None."""
+    w_ih: torch.Tensor
+    w_hh: torch.Tensor
+    b_ih: torch.Tensor | None
+    b_hh: torch.Tensor | None
+    w_hr: torch.Tensor | None = None
+
+
+def direction_params(module: nn.Module, layer: int, reverse: bool) -> DirectionParams:
+    sfx = f"_l{layer}{'_reverse' if reverse else ''}"
+    get = lambda n: getattr(module, n + sfx, None)  # noqa: E731
+    return DirectionParams(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr"))
+
+
+def layer_weights(module: nn.Module, layer: int) -> list[torch.Tensor]:
+    """The module's flat weights for one layer, both directions, in the order ``_VF`` expects."""
+    names = [n for n in module._flat_weights_names if n.split("_l")[-1].split("_")[0] == str(layer)]
+    return [getattr(module, n) for n in names]
+
+
+def run_layer(module: nn.Module, layer: int, x: torch.Tensor, hx):
+    """One layer through the fused kernel. ``x [T, B, in]``; ``hx`` is ``h0`` or ``(h0, c0)`` with
+    ``[D, B, *]``. Returns ``(out [T, B, D*P], h_n, c_n or None)``."""
+    w = layer_weights(module, layer)
+    args = (module.bias, 1, 0.0, module.training, module.bidirectional, False)
+    if isinstance(module, nn.LSTM):
+        out, h_n, c_n = _VF.lstm(x, hx, w, *args)
+        return out, h_n, c_n
+    if isinstance(module, nn.GRU):
+        out, h_n = _VF.gru(x, hx, w, *args)
+    elif module.nonlinearity == "tanh":
+        out, h_n = _VF.rnn_tanh(x, hx, w, *args)
+    else:
+        out, h_n = _VF.rnn_relu(x, hx, w, *args)
+    return out, h_n, None
+
+
+def _pre(p: DirectionParams, x: torch.Tensor, h_prev: torch.Tensor):
+    """Input and recurrent pre-activations, batched over all time: ``[T, B, G*H]`` each."""
+    a_x = torch.nn.functional.linear(x, p.w_ih, p.b_ih)
+    a_h = torch.nn.functional.linear(h_prev, p.w_hh, p.b_hh)
+    return a_x, a_h
+
+
+def shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """``h_{t-1}`` for every t: ``[T, B, P]`` from the outputs ``h [T, B, P]`` and ``h0 [B, P]``."""
+    return torch.cat([h0.unsqueeze(0), h[:-1]], 0)
+
+
+def lstm_states(p: DirectionParams, x, h, h0, c0) -> dict[str, torch.Tensor]:
+    """LSTM gates ``i f g o`` and cell ``c`` for ``x [T,B,in]``, outputs ``h [T,B,P]``; all ``[T,B,H]``."""
+    a_x, a_h = _pre(p, x, shift(h, h0))
+    i, f, g, o = (a_x + a_h).chunk(4, dim=-1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    ig = i * g
+    c = torch.empty_like(ig)
+    prev = c0
+    for t in range(len(c)):   # the only sequential part: one fused multiply-add per step
+        prev = torch.addcmul(ig[t], f[t], prev, out=c[t])
+    return {"h": h, "c": c, "i": i, "f": f, "g": g, "o": o}
+
+
+def gru_states(p: DirectionParams, x, h, h0) -> dict[str, torch.Tensor]:
+    """GRU gates ``r z n`` (PyTorch's convention: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``)."""
+    a_x, a_h = _pre(p, x, shift(h, h0))
+    xr, xz, xn = a_x.chunk(3, dim=-1)
+    hr, hz, hn = a_h.chunk(3, dim=-1)
+    r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+    n = torch.tanh(xn + r * hn)
+    return {"h": h, "r": r, "z": z, "n": n, "_hn": hn}
+
+
+def states(module: nn.Module, p: DirectionParams, x, h, h0, c0=None) -> dict[str, torch.Tensor]:
+    if isinstance(module, nn.LSTM):
+        return lstm_states(p, x, h, h0, c0)
+    if isinstance(module, nn.GRU):
+        return gru_states(p, x, h, h0)
+    return {"h": h}
