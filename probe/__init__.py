@@ -3,3 +3,7 @@ from .hooks import CallTrace, Probe, Trace
 from .keys import parse_key, recurrent_modules, state_key
 
 __all__ = ["CallTrace", "Probe", "Trace", "parse_key", "recurrent_modules", "state_key"]
+from .recording import model_checksum, record  # noqa: E402
+from .run import Run, open_run  # noqa: E402
+
+__all__ += ["Run", "model_checksum", "open_run", "record"]

@@ -113,10 +113,13 @@ class Probe:
     ``kinds``: the state kinds to keep (default all; ``h`` always, as the others derive from it).
     ``carry``: a call made with no initial state starts from where the module's previous call in
     this block ended, so a long text can be fed in chunks and read as one sequence.
+    ``param_grads=False`` (with ``grad=True``): parameters are frozen inside the block, so
+    ``backward()`` computes state gradients only, faster, and leaves every ``.grad`` untouched.
     """
 
-    def __init__(self, model: nn.Module, grad: bool = False, kinds=None, carry: bool = False):
-        self.model, self.grad, self.carry = model, grad, carry
+    def __init__(self, model: nn.Module, grad: bool = False, kinds=None, carry: bool = False,
+                 param_grads: bool = True):
+        self.model, self.grad, self.carry, self.param_grads = model, grad, carry, param_grads
         self.kinds = None if kinds is None else set(kinds) | {"h"}
         self.modules = recurrent_modules(model)
         if not self.modules:
@@ -136,11 +139,18 @@ class Probe:
                 raise RnnscopeError(f"module {name or '<model>'} already has an instance-level forward (another probe?)",
                                     "exit the other Probe first")
             m.forward = partial(self._forward, name, m)
+        if not self.param_grads:
+            self._saved = {p: p.requires_grad for p in self.model.parameters()}
+            for p in self._saved:
+                p.requires_grad_(False)
         return self
 
     def __exit__(self, *exc) -> None:
         for m in self.modules.values():
             m.__dict__.pop("forward", None)
+        for p, flag in self._saved.items():
+            p.requires_grad_(flag)
+        self._saved = {}
 
     def _forward(self, name: str, m: nn.Module, input, hx=None):
         if isinstance(input, PackedSequence):
@@ -167,6 +177,8 @@ class Probe:
                 h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
         call = CallTrace()
         self.calls.append(call)
+        if self.grad and not self.param_grads and torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_()     # a leaf, so gradients reach the states with frozen weights
         layer_in, h_ns, c_ns = x, [], []
         wants_grad = self.grad and torch.is_grad_enabled()
         for layer in range(L):

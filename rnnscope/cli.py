@@ -26,7 +26,7 @@ def _zoo_corpus(args) -> None:
     c = corpus(args.name, deb=args.deb, sdist=args.sdist) if (args.deb or args.sdist or args.rebuild) \
         else corpus(args.name)
     if args.rebuild and not (args.deb or args.sdist):
-        from zoo.corpus import BUILDERS
+        from zoo.corpora import BUILDERS
         c = BUILDERS[args.name]()
     for split, info in c.manifest["splits"].items():
         print(f"{split:5s} {info['chars']:>10,d} chars  {len(info['files']):4d} files  {c.path / (split + '.txt')}")
@@ -42,6 +42,27 @@ def _zoo_train(args) -> None:
     card = json.loads((out / "card.json").read_text())
     print(f"wrote {out}: val {card['val_loss']:.4f} nats/char ({card['val_bpc']:.3f} bits), "
           f"test {card['test_loss']:.4f} nats/char ({card['test_bpc']:.3f} bits)")
+
+
+def _probe(args) -> None:
+    import probe
+    import zoo
+    from zoo.errors import RnnscopeError
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RnnscopeError(f"text file {args.text} does not exist", "give --text an existing file") from None
+    except UnicodeDecodeError as err:
+        raise RnnscopeError(f"{args.text} is not UTF-8 text ({err.reason} at byte {err.start})",
+                            "convert it to UTF-8") from None
+    if args.max_chars:
+        text = text[: args.max_chars]
+    kinds = args.kinds.split(",") if args.kinds else None
+    run = probe.record(zoo.load(args.checkpoint), text, args.out, grad=args.grad, chunk=args.chunk, kinds=kinds,
+                       dtype=args.dtype, overwrite=args.overwrite, unk=args.unk, source=args.checkpoint)
+    loss = run.manifest["loss"]
+    print(f"wrote {run.path}: {len(run):,} chars, {len(run.keys())} keys, "
+          f"loss {loss['mean_nats']:.4f} nats/char ({loss['bits_per_char']:.3f} bits/char)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,6 +101,19 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam")
     z.add_argument("--fresh", action="store_true", help="discard a saved training state in OUT and start over")
     z.set_defaults(func=_zoo_train)
+
+    pr = sub.add_parser("probe", help="record every state, gate (and gradient) of a checkpoint over a text into a Run")
+    pr.add_argument("checkpoint", help="a checkpoint directory or zoo:NAME (see `rnnscope zoo list`)")
+    pr.add_argument("--text", required=True, help="a UTF-8 text file")
+    pr.add_argument("--out", required=True, help="the Run directory to write")
+    pr.add_argument("--grad", action="store_true", help="also record dL/dh and dL/dc at every step")
+    pr.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk dtype (default float16)")
+    pr.add_argument("--kinds", help="comma-separated state kinds to keep, e.g. h,c (default: all)")
+    pr.add_argument("--chunk", type=int, default=2048, help="characters per chunk; also the gradient horizon")
+    pr.add_argument("--unk", help="map characters outside the vocabulary to this one")
+    pr.add_argument("--max-chars", type=int, default=0, help="probe only the first N characters")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")
+    pr.set_defaults(func=_probe)
     return p
 
 

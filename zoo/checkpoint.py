@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)   # never unpickle code
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise RnnscopeError(f"{path} is corrupt or truncated ({str(err).splitlines()[0][:120]})",
                             "restore the file from its source or retrain it") from None
     if isinstance(state, dict) and "state_dict" in state:
@@ -129,7 +130,7 @@ def _build(arch: Architecture, state: dict[str, torch.Tensor], source: str) -> C
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        wrong = [k for k in expected if k in got and expected[k] != got[k]]   # model order: first layer first
         detail = (f"missing {missing[:3]}" if missing else
                   f"{wrong[0]} is {list(got[wrong[0]])}, expected {list(expected[wrong[0]])}" if wrong else
                   f"unexpected {sorted(set(got) - set(expected))[:3]}")

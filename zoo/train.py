@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import checkpoint
-from .corpus import Corpus, corpus as get_corpus
+from .corpora import Corpus, corpus as get_corpus
 from .errors import RnnscopeError
 from .model import Architecture, CharModel, bits
 from .vocab import Vocab
@@ -92,31 +92,40 @@ def _optimizer(c: TrainConfig, model: CharModel) -> torch.optim.Optimizer:
 
 
 def _save_state(out: Path, model, opt, state, rng: torch.Tensor, progress: dict) -> None:
-    """Everything needed to continue bit-for-bit: weights, optimizer moments, carried state, RNG."""
+    """Everything needed to continue bit-for-bit: weights, optimizer moments, carried state, RNG.
+
+    The state goes to a new step-numbered file, then ``progress.json`` is switched to it, then
+    older files go: a kill at any instant leaves a consistent pair to resume from.
+    """
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    opt_sd = opt.state_dict()
-    for idx, st in opt_sd["state"].items():
+    for idx, st in opt.state_dict()["state"].items():
         for name, v in st.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v).clone()
     for i, s in enumerate(state if isinstance(state, tuple) else (state,) if state is not None else ()):
         tensors[f"carry.{i}"] = s.detach().clone()
     tensors["rng"] = rng
     d = out / STATE_DIR
-    checkpoint.atomic_write(d / "state.safetensors", lambda p: save_file(tensors, str(p)))
+    name = f"state-{progress['step']:08d}.safetensors"
+    checkpoint.atomic_write(d / name, lambda p: save_file(tensors, str(p)))
+    progress = dict(progress, state_file=name, state_sha=checkpoint.sha256_file(d / name))
     checkpoint.atomic_write(d / "progress.json", lambda p: p.write_text(json.dumps(progress)))
+    for old in d.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink()
 
 
 def _load_state(out: Path, model, opt) -> tuple[object, dict]:
     d = out / STATE_DIR
     try:
         progress = json.loads((d / "progress.json").read_text())
-        tensors = load_file(str(d / "state.safetensors"))
+        ok = progress["state_sha"] == checkpoint.sha256_file(d / progress["state_file"])
+        tensors = load_file(str(d / progress["state_file"]))
     except Exception as err:   # any damage means the same thing to the user
         raise RnnscopeError(f"the training state in {d} is unreadable ({type(err).__name__})",
-                            "delete that folder to start over, or restore it") from None
-    if progress.get("state_sha") != checkpoint.sha256_file(d / "state.safetensors"):
-        raise RnnscopeError(f"the training state in {d} does not match its progress file (killed mid-save?)",
-                            "delete that folder to start over")
+                            "pass --fresh to start over, or restore that folder") from None
+    if not ok:
+        raise RnnscopeError(f"the training state in {d} does not match its checksum (damaged on disk)",
+                            "pass --fresh to start over, or restore that folder")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_sd = opt.state_dict()
     for key, v in tensors.items():
@@ -147,8 +156,8 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
     saved_config = out / STATE_DIR / "config.json"
     if fresh and (out / STATE_DIR).exists():
         shutil.rmtree(out / STATE_DIR)
-    resuming = saved_config.exists()
-    if resuming and json.loads(saved_config.read_text()) != asdict(c):
+    resuming = (out / STATE_DIR / "progress.json").exists()
+    if saved_config.exists() and json.loads(saved_config.read_text()) != asdict(c):
         raise RnnscopeError(f"{out} holds a training run with a different configuration",
                             "use the same options to resume, --fresh to start over, or another --out")
     torch.manual_seed(c.seed)
@@ -164,9 +173,7 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
 
     def save_progress():
         # the RNG as it stood when the step about to run began (an interrupted step drew from it)
-        _save_state(out, model, opt, state, rng, dict(progress, state_sha=None))
-        progress["state_sha"] = checkpoint.sha256_file(out / STATE_DIR / "state.safetensors")
-        checkpoint.atomic_write(out / STATE_DIR / "progress.json", lambda p: p.write_text(json.dumps(progress)))
+        _save_state(out, model, opt, state, rng, progress)
 
     chars_per_step = c.batch * c.seq_len
     bar = tqdm(total=c.steps * chars_per_step, initial=progress["step"] * chars_per_step, unit="ch",

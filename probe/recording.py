@@ -1,0 +1,210 @@
+"""``record``: stream a text of any length through a model and write every state into a Run.
+
+The text is fed in chunks as one sequence (each recurrent module's state is carried from chunk to
+chunk, so values equal a single pass). Memory is bounded by the chunk; arrays go straight to
+``.npy`` memmaps. Gradients (``grad=True``) are the total derivative of the summed next-character
+loss of the chunk a step belongs to: the horizon ends at the chunk boundary (``chunk`` steps).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from zoo.checkpoint import Checkpoint
+from zoo.errors import RnnscopeError
+
+from .hooks import Probe
+from .keys import family, parse_key
+from .run import FORMAT, FORMAT_VERSION, key_file, open_run
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def model_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in ``state_dict`` order."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _logits(output) -> torch.Tensor:
+    logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != 1:
+        raise RnnscopeError("the model's output is not logits [1, time, vocab]",
+                            "pass loss=fn(output, targets) -> per-step loss [time]")
+    return logits
+
+
+def _next_char_loss(output, targets: torch.Tensor) -> torch.Tensor:
+    logits = _logits(output)[0, : len(targets)]
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+class _UnitStats:
+    """Running per-unit mean, std, min, max over time (float64 sums)."""
+
+    def __init__(self, units: int):
+        self.n, self.s, self.ss = 0, np.zeros(units), np.zeros(units)
+        self.lo, self.hi = np.full(units, np.inf), np.full(units, -np.inf)
+
+    def add(self, a: np.ndarray) -> None:
+        a = np.where(np.isfinite(a), a, np.nan).astype(np.float64)
+        self.n += len(a)
+        self.s += np.nansum(a, 0)
+        self.ss += np.nansum(a * a, 0)
+        self.lo, self.hi = np.fmin(self.lo, np.nanmin(a, 0)), np.fmax(self.hi, np.nanmax(a, 0))
+
+    def frame(self, key: str) -> pd.DataFrame:
+        mean = self.s / self.n
+        parts = parse_key(key)
+        return pd.DataFrame({"unit": [f"{key}:{i}" for i in range(len(mean))], "key": key,
+                             "index": np.arange(len(mean)), "module": parts["module"], "layer": parts["layer"],
+                             "reverse": parts["reverse"], "kind": parts["kind"], "mean": mean,
+                             "std": np.sqrt(np.maximum(self.ss / self.n - mean ** 2, 0)),
+                             "min": self.lo, "max": self.hi})
+
+
+def _layout(model, ids, grad, kinds) -> dict[str, int]:
+    """Key -> units, from a one-step dry run."""
+    with Probe(model, grad=grad, kinds=kinds, param_grads=False) as p:
+        out = model(ids[:, :1])
+        if grad:
+            _logits(out).sum().backward()
+        return {k: p.trace[k].shape[-1] for k in p.trace}
+
+
+def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int = 2048, kinds=None,
+           dtype: str = "float16", overwrite: bool = False, unk: str | None = None, loss=None,
+           progress: bool = True, source: str = ""):
+    """Probe ``model`` over ``text`` and write a Run to ``out``; returns the opened Run.
+
+    ``model`` is a ``zoo.Checkpoint`` (its vocabulary encodes the text) or any ``nn.Module``
+    taking ``ids [1, time]`` with ``encode: str -> LongTensor[1, time]`` given. ``loss(output,
+    targets) -> [time]`` overrides next-character cross-entropy on ``output`` logits.
+    """
+    out = Path(out)
+    vocab, card = None, {}
+    if isinstance(model, Checkpoint):
+        vocab, card, source = model.vocab, model.card, source or f"zoo:{model.name}"
+        encode = encode or (lambda s: vocab.encode(s, unk=unk))
+        model = model.model
+    if encode is None:
+        raise RnnscopeError("no encoder for this model", "pass encode=fn(text) -> LongTensor[1, time]")
+    if dtype not in DTYPES:
+        raise RnnscopeError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    if not text:
+        raise RnnscopeError("the text is empty", "give a text of at least one character")
+    if out.exists() and not overwrite:
+        raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    ids = encode(text)
+    if ids.dim() != 2 or ids.shape != (1, len(text)):
+        raise RnnscopeError(f"encode gave ids of shape {list(ids.shape)} for {len(text)} characters",
+                            "encode must return LongTensor[1, time] with one id per character")
+    mods = Probe(model).modules
+    if any(m.bidirectional for m in mods.values()) and len(text) > chunk:
+        raise RnnscopeError("a bidirectional module reads the text backwards too, so it cannot be streamed in chunks",
+                            f"pass --chunk {len(text)} (or more) to probe it in one pass")
+    was_training = model.training
+    model.eval()
+    layout = _layout(model, ids, grad, kinds)
+    itemsize, T = np.dtype(DTYPES[dtype]).itemsize, len(text)
+    need = T * sum(layout.values()) * itemsize + T * 4 + len(text.encode())
+    free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
+    print(f"probe: {len(layout)} keys, {sum(layout.values()):,} units x {T:,} steps in {dtype}: "
+          f"{need / 1e6:,.1f} MB ({sum(layout.values()) * itemsize / 1e3:.1f} KB per character)")
+    if need * 1.05 > free:
+        raise RnnscopeError(f"the run needs {need / 1e9:.2f} GB but {out.parent} has {free / 1e9:.2f} GB free",
+                            "record fewer --kinds, use --dtype float16, a shorter text, or another disk")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "states").mkdir(parents=True)
+    try:
+        arrays = {k: np.lib.format.open_memmap(tmp / key_file(k), "w+", DTYPES[dtype], (T, u))
+                  for k, u in layout.items()}
+        losses = np.lib.format.open_memmap(tmp / "loss.npy", "w+", np.float32, (T,))
+        stats = {k: _UnitStats(u) for k, u in layout.items()}
+        bad = {k: {"nonfinite": 0, "overflow": 0} for k in layout}
+        targets_all = ids[0, 1:]
+        bar = tqdm(total=T, unit="ch", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5)
+        with Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                with torch.set_grad_enabled(grad):
+                    output = model(ids[:, s:e])
+                    targets = targets_all[s:e]
+                    step_loss = loss(output, targets) if loss else _next_char_loss(output, targets)
+                    if grad and len(step_loss):
+                        step_loss.sum().backward()
+                chunk_loss = np.full(e - s, np.nan, np.float32)
+                chunk_loss[: len(step_loss)] = step_loss.detach().numpy()
+                losses[s:e] = chunk_loss
+                for k in layout:
+                    a = p.trace[k][0].detach().numpy()
+                    finite = np.isfinite(a)
+                    with np.errstate(over="ignore"):      # counted and flagged just below
+                        stored = a.astype(DTYPES[dtype])
+                    bad[k]["nonfinite"] += int((~finite).sum())
+                    bad[k]["overflow"] += int((finite & ~np.isfinite(stored)).sum())
+                    arrays[k][s:e] = stored
+                    stats[k].add(a)
+                p.calls.clear()      # bounded memory: this chunk is on disk
+                bar.update(e - s)
+        bar.close()
+        for a in arrays.values():
+            a.flush()
+        losses.flush()
+        del arrays, losses
+        (tmp / "text.txt").write_text(text, encoding="utf-8")
+        pd.concat([stats[k].frame(k) for k in layout], ignore_index=True).to_parquet(tmp / "units.parquet")
+        mean_loss = float(np.nanmean(np.load(tmp / "loss.npy"))) if T > 1 else float("nan")
+        flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
+        for k, v in flagged.items():
+            print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that overflow "
+                  f"{dtype}; flagged in the manifest")
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source": source, "class": type(model).__name__, "checksum": model_checksum(model),
+                      "card_name": card.get("name"), "weights_sha256": card.get("weights_sha256"),
+                      "modules": {n: {"type": family(m), "layers": m.num_layers, "hidden": m.hidden_size,
+                                      "bidirectional": m.bidirectional,
+                                      "proj_size": getattr(m, "proj_size", 0)} for n, m in mods.items()}},
+            "vocab": vocab.chars if vocab else None, "unk": unk,
+            "text": {"chars": T, "sha256": hashlib.sha256(text.encode()).hexdigest()},
+            "dtype": dtype, "kinds": sorted({parse_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,
+            "grad_horizon": "summed next-char loss up to the end of each chunk" if grad else None,
+            "loss": {"mean_nats": mean_loss, "bits_per_char": mean_loss / np.log(2)},
+            "keys": {k: {"units": u, "file": key_file(k), **bad[k]} for k, u in layout.items()},
+            "nonfinite": bool(flagged),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, out)
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RnnscopeError(f"interrupted: no run was written to {out}", "run the probe again") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.train(was_training)
+    return open_run(out)

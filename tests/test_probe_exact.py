@@ -1,0 +1,188 @@
+"""Every recorded state, gate and gradient against an independent float64 unrolled loop."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import zoo
+from probe import Probe, parse_key
+from reference import unrolled
+from zoo import RnnscopeError
+
+CASES = {
+    "lstm": (nn.LSTM, {}),
+    "gru": (nn.GRU, {}),
+    "rnn-tanh": (nn.RNN, {}),
+    "rnn-relu-nobias": (nn.RNN, {"nonlinearity": "relu", "bias": False}),
+    "lstm-bidir-batchfirst": (nn.LSTM, {"bidirectional": True, "batch_first": True}),
+    "gru-bidir": (nn.GRU, {"bidirectional": True}),
+    "lstm-proj": (nn.LSTM, {"proj_size": 4}),
+    "lstm-nobias-3layers": (nn.LSTM, {"bias": False, "num_layers": 3}),
+    "gru-batchfirst": (nn.GRU, {"batch_first": True}),
+}
+
+
+def _check(m, x, hx=None, unbatched=False):
+    with Probe(m, grad=True) as p:
+        out, _ = m(x, hx)
+        w = torch.randn_like(out)
+        (out * w).sum().backward()
+    if unbatched:
+        x = x.unsqueeze(1 if not m.batch_first else 0)
+        hx = None if hx is None else tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+        w, out = w.unsqueeze(1 if not m.batch_first else 0), out.unsqueeze(1 if not m.batch_first else 0)
+    ref_out, ref, deltas = unrolled(m, x, hx, perturb=True)
+    (ref_out * w.double()).sum().backward()
+    assert (out.double() - ref_out).abs().max() < 1e-5
+    expected = {"LSTM": 6, "GRU": 4, "RNN": 1}[type(m).__name__] + (2 if isinstance(m, nn.LSTM) else 1)
+    assert len(p.trace) == m.num_layers * (2 if m.bidirectional else 1) * expected
+    for key in p.trace:
+        k = parse_key(key)
+        got = p.trace[key].double()
+        if k["kind"].startswith("grad_"):
+            want = deltas[(k["layer"], k["reverse"], k["kind"][5:])].grad
+            scale = want.abs().max().clamp_min(1e-12)
+            assert ((got - want).abs().max() / scale) < 1e-5, key
+        else:
+            # 1e-5, relative once |value| > 1: a trained LSTM's counter cells reach |c| ~ 100, where
+            # float32 itself (an unrolled float32 loop too) is off by ~1e-5 * |c|
+            want = ref[(k["layer"], k["reverse"], k["kind"])]
+            assert ((got - want).abs() / want.abs().clamp_min(1)).max() < 1e-5, key
+        assert got.shape == want.shape
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_random_weights(case):
+    torch.manual_seed(hash(case) % 1000)
+    cls, kw = CASES[case]
+    kw = {"num_layers": 2, **kw}
+    m = cls(5, 6, **kw)
+    x = torch.randn(3, 11, 5) if m.batch_first else torch.randn(11, 3, 5)
+    _check(m, x)
+
+
+@pytest.mark.parametrize("case", ["lstm", "gru", "rnn-tanh", "lstm-proj", "lstm-bidir-batchfirst"])
+def test_user_initial_state(case):
+    torch.manual_seed(1)
+    cls, kw = CASES[case]
+    m = cls(5, 6, num_layers=2, **kw)
+    D, P = (2 if m.bidirectional else 1), (getattr(m, "proj_size", 0) or 6)
+    h0 = torch.randn(2 * D, 3, P)
+    hx = (h0, torch.randn(2 * D, 3, 6)) if isinstance(m, nn.LSTM) else h0
+    x = torch.randn(3, 9, 5) if m.batch_first else torch.randn(9, 3, 5)
+    _check(m, x, hx)
+
+
+def test_unbatched_input():
+    torch.manual_seed(2)
+    m = nn.LSTM(5, 6, num_layers=2)
+    _check(m, torch.randn(9, 5), unbatched=True)
+
+
+def test_trained_zoo_weights_on_real_text():
+    ck = zoo.load("zoo:lstm-linux")
+    text = (zoo.SAMPLES / "linux.c").read_text()[:150]
+    x = ck.model.embed(ck.vocab.encode(text)).detach()
+    _check(ck.model.rnn, x)
+
+
+def test_trained_weights_through_the_whole_model_with_a_real_loss():
+    """grad_h through embedding, recurrence and head, against the reference with the same loss."""
+    ck = zoo.load("zoo:lstm-linux")
+    ids = ck.vocab.encode((zoo.SAMPLES / "linux.c").read_text()[:120])
+    with Probe(ck.model, grad=True) as p:
+        logits = ck.model(ids)
+        nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").backward()
+    emb = ck.model.embed(ids).detach()
+    out, _, deltas = unrolled(ck.model.rnn, emb, perturb=True)
+    head = ck.model.head
+    ref_logits = out @ head.weight.double().T + head.bias.double()
+    nn.functional.cross_entropy(ref_logits[0, :-1], ids[0, 1:], reduction="sum").backward()
+    for layer in (0, 1):
+        for kind in ("h", "c"):
+            want = deltas[(layer, False, kind)].grad
+            got = p.trace[f"rnn.l{layer}.grad_{kind}"].double()
+            assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
+def test_model_is_left_exactly_as_it_was_even_on_error():
+    m = nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 5, batch_first=True))
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 6, 3)
+    ref, _ = m(x)
+    with pytest.raises(ValueError, match="boom"):
+        with Probe(m, grad=True, param_grads=False):
+            m(x)
+            raise ValueError("boom")
+    gru = m[1]
+    assert "forward" not in gru.__dict__ and m.training
+    assert all(p.requires_grad for p in m.parameters())
+    assert not gru._forward_hooks and not gru._forward_pre_hooks and not gru._backward_hooks
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert torch.equal(m(x)[0], ref)
+
+
+def test_nested_modules_are_named_by_their_qualified_names():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleDict({"lstm": nn.LSTM(3, 4, bidirectional=True)})
+            self.decoder = nn.GRU(8, 5, num_layers=2)
+
+        def forward(self, x):
+            return self.decoder(self.encoder["lstm"](x)[0])[0]
+    net = Net()
+    with Probe(net) as p:
+        net(torch.randn(7, 2, 3))
+    keys = set(p.trace)
+    assert {"encoder.lstm.l0.c", "encoder.lstm.l0_reverse.f", "decoder.l1.z", "decoder.l0.n"} <= keys
+    assert p.trace["decoder.l1.h"].shape == (2, 7, 5)
+
+
+def test_calls_with_carried_state_concatenate_along_time():
+    torch.manual_seed(3)
+    m = nn.LSTM(4, 6, num_layers=2, batch_first=True)
+    x = torch.randn(2, 12, 4)
+    with Probe(m) as whole:
+        m(x)
+    with Probe(m) as parts:
+        _, s = m(x[:, :5])
+        m(x[:, 5:], s)
+    assert len(parts.calls) == 2
+    for key in whole.trace:
+        assert torch.allclose(parts.trace[key], whole.trace[key], atol=1e-6), key
+    with Probe(m, carry=True) as carried:      # the probe carries state itself
+        m(x[:, :5])
+        m(x[:, 5:])
+    assert torch.allclose(carried.trace["l1.c"], whole.trace["l1.c"], atol=1e-6)
+
+
+def test_kinds_limits_what_is_kept():
+    m = nn.LSTM(3, 4)
+    with Probe(m, kinds=["c"]) as p:
+        m(torch.randn(5, 1, 3))
+    assert sorted(p.trace) == ["l0.c", "l0.h"]
+
+
+def test_state_gradients_without_touching_parameter_grads():
+    m = nn.GRU(3, 4, num_layers=2)
+    with Probe(m, grad=True, param_grads=False) as p:
+        m(torch.randn(5, 2, 3))[0].sum().backward()
+    assert all(q.grad is None for q in m.parameters())
+    assert p.trace["l0.grad_h"].abs().sum() > 0
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(RnnscopeError, match="has no nn.RNN, nn.LSTM or nn.GRU"):
+        Probe(nn.Linear(3, 3))
+    m = nn.LSTM(3, 4)
+    packed = pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    with Probe(m) as p, pytest.raises(RnnscopeError, match="PackedSequence.*pad_packed_sequence"):
+        m(packed)
+    with Probe(m, grad=True) as p:
+        m(torch.randn(5, 2, 3))
+    with pytest.raises(RnnscopeError, match="no gradient has reached.*backward"):
+        p.trace["l0.grad_h"]
+    with pytest.raises(KeyError):
+        p.trace["l3.h"]

@@ -1,0 +1,174 @@
+"""Runs on disk: streamed equals one pass, bad input is refused cleanly, nothing half-written."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probe
+import zoo
+from conftest import char_model
+from probe import Probe, open_run
+from zoo import RnnscopeError
+
+TEXT = 'int main(void) {\n\tif (x) { puts("hi, (there)"); }\n\treturn 0;\n}\n' * 6
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "rnn"])
+def test_chunked_run_equals_one_pass(arch, tmp_path, tiny_vocab):
+    ck = char_model(arch, tiny_vocab)
+    run = probe.record(ck, TEXT, tmp_path / "r", chunk=29, dtype="float32", progress=False)
+    ids = tiny_vocab.encode(TEXT)
+    with Probe(ck.model) as p:
+        logits = ck.model(ids)
+    loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    assert run.text == TEXT and len(run) == len(TEXT)
+    assert sorted(run.keys()) == sorted(p.trace)
+    for key in run.keys():
+        assert isinstance(run[key], np.memmap) and run[key].shape == (len(TEXT), p.trace[key].shape[-1])
+        np.testing.assert_allclose(run[key], p.trace[key][0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(run.loss[:-1], loss.detach().numpy(), atol=1e-5)
+    assert np.isnan(run.loss[-1])                      # the last character has no next one
+    u = run.units
+    assert len(u) == sum(run[k].shape[1] for k in run.keys())
+    row = u[u.unit == f"rnn.l1.h:3"].iloc[0]
+    assert row["mean"] == pytest.approx(float(p.trace["rnn.l1.h"][0, :, 3].mean()), abs=1e-5)
+
+
+def test_gradients_in_a_single_chunk_equal_the_in_memory_probe(tmp_path, tiny_vocab):
+    ck = char_model("lstm", tiny_vocab)
+    run = probe.record(ck, TEXT, tmp_path / "r", grad=True, chunk=10_000, dtype="float32", progress=False)
+    ids = tiny_vocab.encode(TEXT)
+    with Probe(ck.model, grad=True) as p:
+        nn.functional.cross_entropy(ck.model(ids)[0, :-1], ids[0, 1:], reduction="sum").backward()
+    for key in ("rnn.l0.grad_h", "rnn.l1.grad_c"):
+        np.testing.assert_allclose(run[key], p.trace[key][0].numpy(), rtol=1e-5, atol=1e-7)
+    assert run.manifest["grad"] and "chunk" in run.manifest["grad_horizon"]
+
+
+def test_float16_on_disk_and_manifest_identity(tmp_path, tiny_checkpoint):
+    ck = zoo.load(tiny_checkpoint)
+    run = probe.record(ck, TEXT, tmp_path / "r", kinds=["h", "c"], progress=False)
+    assert run["rnn.l0.c"].dtype == np.float16 and sorted(run.keys()) == ["rnn.l0.c", "rnn.l0.h", "rnn.l1.c", "rnn.l1.h"]
+    m = run.manifest
+    assert m["model"]["weights_sha256"] == ck.card["weights_sha256"] and m["vocab"] == ck.vocab.chars
+    assert m["model"]["checksum"] == probe.model_checksum(ck.model)
+    assert m["model"]["modules"]["rnn"] == {"type": "LSTM", "layers": 2, "hidden": 16, "bidirectional": False,
+                                            "proj_size": 0}
+
+
+def test_any_module_with_a_caller_supplied_encoder(tmp_path):
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.body, self.out = nn.Embedding(128, 6), nn.GRU(6, 7, batch_first=True), nn.Linear(7, 128)
+
+        def forward(self, ids):
+            return self.out(self.body(self.emb(ids))[0])
+    run = probe.record(Tagger(), "hello world", tmp_path / "r", chunk=4, progress=False,
+                       encode=lambda s: torch.tensor([[ord(c) for c in s]]))
+    assert run["body.l0.z"].shape == (11, 7)
+
+
+def test_out_of_vocabulary_text_names_characters_and_offers_unk(tmp_path, tiny_vocab):
+    ck = char_model("gru", tiny_vocab)
+    with pytest.raises(RnnscopeError, match=r"2 character\(s\) outside.*'Q' \(U\+0051\) at 3.*--unk"):
+        probe.record(ck, "abcQdeé", tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    run = probe.record(ck, "abcQdeé", tmp_path / "r", unk="?" if "?" in tiny_vocab.chars else " ", progress=False)
+    assert len(run) == 7 and run.text == "abcQdeé"
+
+
+def test_empty_text_and_existing_output(tmp_path, tiny_vocab):
+    ck = char_model("rnn", tiny_vocab)
+    with pytest.raises(RnnscopeError, match="text is empty"):
+        probe.record(ck, "", tmp_path / "r", progress=False)
+    (tmp_path / "r").mkdir()
+    with pytest.raises(RnnscopeError, match="already exists.*--overwrite"):
+        probe.record(ck, "abc", tmp_path / "r", progress=False)
+    probe.record(ck, "abc", tmp_path / "r", overwrite=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_interrupt_leaves_no_run_and_no_debris(tmp_path, tiny_vocab):
+    ck = char_model("lstm", tiny_vocab)
+    good = probe.record(ck, TEXT, tmp_path / "r", progress=False)
+    before = json.loads((good.path / "manifest.json").read_text())
+    calls = {"n": 0}
+
+    def interrupting_loss(output, targets):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(output[0, : len(targets)], targets, reduction="none")
+    with pytest.raises(RnnscopeError, match="interrupted: no run was written"):
+        probe.record(ck, TEXT, tmp_path / "r", chunk=20, overwrite=True, loss=interrupting_loss, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]           # no .partial left
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text()) == before   # the old run is intact
+
+
+def test_nonfinite_states_are_flagged_not_silently_written(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(4, 3), nn.RNN(3, 5, nonlinearity="relu", batch_first=True))
+    with torch.no_grad():
+        m[1].weight_hh_l0.copy_(torch.eye(5) * 50)
+        m[1].weight_ih_l0.abs_()
+        m[0].weight.abs_()
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = m, nn.Linear(5, 4)
+
+        def forward(self, ids):
+            return self.head(self.body(ids)[0])
+    run = probe.record(Head(), "ab" * 20, tmp_path / "r", encode=lambda s: torch.tensor([[ord(c) - 97 for c in s]]),
+                       progress=False)
+    assert run.manifest["nonfinite"] is True
+    assert run.nonfinite["body.1.l0.h"] > 0
+    assert run.manifest["keys"]["body.1.l0.h"]["overflow"] > 0     # finite in float32, inf in float16
+
+
+def test_refuses_when_the_disk_cannot_hold_the_run(tmp_path, tiny_vocab, monkeypatch):
+    import probe.recording as R
+    monkeypatch.setattr(R.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(RnnscopeError, match="needs .* GB but .* free"):
+        probe.record(char_model("lstm", tiny_vocab), TEXT, tmp_path / "r", progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_bidirectional_models_are_not_streamed_in_chunks(tmp_path):
+    class Bi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn = nn.Embedding(30, 4), nn.LSTM(4, 3, bidirectional=True, batch_first=True)
+
+        def forward(self, ids):
+            return self.rnn(self.emb(ids))[0]
+    enc = lambda s: torch.tensor([[ord(c) - 97 for c in s]])  # noqa: E731
+    with pytest.raises(RnnscopeError, match="bidirectional.*--chunk 40"):
+        probe.record(Bi(), "ab" * 20, tmp_path / "r", encode=enc, chunk=8, progress=False,
+                     loss=lambda o, t: o[0, : len(t), 0])
+    run = probe.record(Bi(), "ab" * 20, tmp_path / "r", encode=enc, chunk=40, progress=False,
+                       loss=lambda o, t: o[0, : len(t), 0])
+    assert "rnn.l0_reverse.c" in run
+
+
+def test_open_run_errors(tmp_path, tiny_vocab):
+    with pytest.raises(RnnscopeError, match="no run at .*rnnscope probe"):
+        open_run(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(RnnscopeError, match="not an rnnscope run"):
+        open_run(tmp_path / "junk")
+    run = probe.record(char_model("gru", tiny_vocab), TEXT, tmp_path / "r", progress=False)
+    with pytest.raises(RnnscopeError, match="no key 'rnn.l0.grad_h'.*--grad"):
+        run["rnn.l0.grad_h"]
+    m = json.loads((run.path / "manifest.json").read_text())
+    (run.path / "states" / "rnn.l1.z.npy").unlink()
+    with pytest.raises(RnnscopeError, match="damaged.*rnn.l1.z.npy"):
+        open_run(run.path)
+    (run.path / "manifest.json").write_text(json.dumps(dict(m, complete=False)))
+    with pytest.raises(RnnscopeError, match="incomplete run"):
+        open_run(run.path)
