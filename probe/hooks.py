@@ -15,46 +15,35 @@ from torch.nn.utils.rnn import PackedSequence
 
 from zoo.errors import RnnscopeError
 
-from . import adjoint
+from .autograd import RecordedDirection
 from .keys import GRAD_KINDS, KINDS, family, recurrent_modules, state_key
 from .replay import direction_params, run_layer, states
 
 
 class _Direction:
-    """One direction of one layer in one call: its recorded states, and the gradients arriving at it."""
+    """One direction of one layer in one call: its recorded states and, after backward, their gradients."""
 
-    def __init__(self, module, layer, reverse, st, x, h0, c0):
+    def __init__(self, module, layer, reverse, h0, c0):
         self.module, self.layer, self.reverse = module, layer, reverse
-        self.st, self.h0, self.c0 = st, h0, c0
-        self.g = self.gh_n = self.gc_n = None
-        self._grads = None
+        self.h0, self.c0 = h0, c0
+        self.st: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, torch.Tensor] | None = None
 
-    def add(self, name: str, grad: torch.Tensor) -> None:
-        grad = grad.detach().flip(0) if (self.reverse and name == "g") else grad.detach()
-        setattr(self, name, grad if getattr(self, name) is None else getattr(self, name) + grad)
-        self._grads = None
-
-    def grads(self) -> dict[str, torch.Tensor]:
+    def add_grads(self, grads: dict[str, torch.Tensor]) -> None:
+        """Called from backward; a second backward through the same graph accumulates, as ``.grad`` does."""
         if self._grads is None:
-            if self.g is None and self.gh_n is None and self.gc_n is None:
-                raise RnnscopeError("no gradient has reached the probed module yet",
-                                    "call loss.backward() on a loss computed inside the Probe(grad=True) block")
-            g = self.g if self.g is not None else torch.zeros_like(self.st["h"])
-            p = direction_params(self.module, self.layer, self.reverse)
-            kind = family(self.module)
-            with torch.no_grad():
-                if kind == "LSTM":
-                    gh, gc = adjoint.lstm(p, self.st, self.h0, self.c0, g, self.gh_n, self.gc_n)
-                    out = {"grad_h": gh, "grad_c": gc}
-                elif kind == "GRU":
-                    out = {"grad_h": adjoint.gru(p, self.st, self.h0, g, self.gh_n)}
-                else:
-                    out = {"grad_h": adjoint.rnn(p, self.st, g, self.gh_n, self.module.nonlinearity == "relu")}
-            self._grads = out
-        return self._grads
+            self._grads = {k: v.detach() for k, v in grads.items()}
+        else:
+            self._grads = {k: self._grads[k] + v.detach() for k, v in grads.items()}
 
     def get(self, kind: str) -> torch.Tensor:
-        t = self.grads()[kind] if kind.startswith("grad_") else self.st[kind]
+        if kind.startswith("grad_"):
+            if self._grads is None:
+                raise RnnscopeError("no gradient has reached the probed module yet",
+                                    "call loss.backward() on a loss computed inside the Probe(grad=True) block")
+            t = self._grads[kind]
+        else:
+            t = self.st[kind]
         return t.flip(0) if self.reverse else t
 
 
@@ -180,30 +169,22 @@ class Probe:
         if self.grad and not self.param_grads and torch.is_grad_enabled() and not x.requires_grad:
             x = x.detach().requires_grad_()     # a leaf, so gradients reach the states with frozen weights
         layer_in, h_ns, c_ns = x, [], []
-        wants_grad = self.grad and torch.is_grad_enabled()
+        differentiable = self.grad and torch.is_grad_enabled()
         for layer in range(L):
             sl = slice(layer * D, (layer + 1) * D)
-            hx_l = (h0[sl], c0[sl]) if kind == "LSTM" else h0[sl]
-            out, h_n, c_n = run_layer(m, layer, layer_in, hx_l)
-            dirs = []
-            with torch.no_grad():
-                for d in range(D):
-                    rev = d == 1
-                    xd, hd = layer_in.detach(), out[..., d * P:(d + 1) * P].detach()
-                    if rev:
-                        xd, hd = xd.flip(0), hd.flip(0)
-                    c0d = c0[sl][d].detach() if c0 is not None else None
-                    st = states(m, direction_params(m, layer, rev), xd, hd, h0[sl][d].detach(), c0d)
-                    rec = _Direction(m, layer, rev, st, xd, h0[sl][d].detach(), c0d)
-                    dirs.append(rec)
-                    for k in KINDS[kind]:
-                        if k in st and (self.kinds is None or k in self.kinds):
-                            call._add(state_key(name, layer, rev, k), rec, k)
-                    if self.grad:
-                        for k in GRAD_KINDS[kind]:
-                            call._add(state_key(name, layer, rev, k), rec, k)
-            if wants_grad and out.requires_grad:
-                self._hook_grads(dirs, out, h_n, c_n, P)
+            recs = [_Direction(m, layer, d == 1, h0[sl][d].detach(), c0[sl][d].detach() if c0 is not None else None)
+                    for d in range(D)]
+            if differentiable:
+                out, h_n, c_n = self._differentiable_layer(m, layer, layer_in, h0[sl], c0, sl, recs)
+            else:
+                out, h_n, c_n = self._plain_layer(m, layer, layer_in, h0[sl], c0, sl, recs, P)
+            for rec in recs:
+                for k in KINDS[kind]:
+                    if k in rec.st and (self.kinds is None or k in self.kinds):
+                        call._add(state_key(name, layer, rec.reverse, k), rec, k)
+                if self.grad:
+                    for k in GRAD_KINDS[kind]:
+                        call._add(state_key(name, layer, rec.reverse, k), rec, k)
             h_ns.append(h_n)
             c_ns.append(c_n)
             layer_in = out
@@ -222,9 +203,29 @@ class Probe:
         return output, state
 
     @staticmethod
-    def _hook_grads(dirs, out, h_n, c_n, P) -> None:
-        for d, rec in enumerate(dirs):
-            out.register_hook(lambda g, rec=rec, d=d: rec.add("g", g[..., d * P:(d + 1) * P]))
-            h_n.register_hook(lambda g, rec=rec, d=d: rec.add("gh_n", g[d]))
-            if c_n is not None:
-                c_n.register_hook(lambda g, rec=rec, d=d: rec.add("gc_n", g[d]))
+    def _plain_layer(m, layer, x, h0, c0, sl, recs, P):
+        """No state gradients wanted: the fused kernel on the whole layer (autograd as usual for the
+        caller's own backward), then the states replayed without a graph."""
+        out, h_n, c_n = run_layer(m, layer, x, (h0, c0[sl]) if c0 is not None else h0)
+        with torch.no_grad():
+            for d, rec in enumerate(recs):
+                xd, hd = x.detach(), out[..., d * P:(d + 1) * P].detach()
+                if rec.reverse:
+                    xd, hd = xd.flip(0), hd.flip(0)
+                rec.st = states(m, direction_params(m, layer, rec.reverse), xd, hd, rec.h0, rec.c0)
+        return out, h_n, c_n
+
+    @staticmethod
+    def _differentiable_layer(m, layer, x, h0, c0, sl, recs):
+        """Each direction through ``RecordedDirection``, whose backward is the adjoint recurrence."""
+        outs, h_ns, c_ns = [], [], []
+        for d, rec in enumerate(recs):
+            p = direction_params(m, layer, rec.reverse)
+            xd = x.flip(0) if rec.reverse else x
+            out, h_n, c_n = RecordedDirection.apply(rec, xd, h0[d], c0[sl][d] if c0 is not None else None,
+                                                    p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr)
+            outs.append(out.flip(0) if rec.reverse else out)
+            h_ns.append(h_n)
+            c_ns.append(c_n)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+        return out, torch.stack(h_ns), (torch.stack(c_ns) if c0 is not None else None)

@@ -1,8 +1,8 @@
 """``record``: stream a text of any length through a model and write every state into a Run.
 
 The text is fed in chunks as one sequence (each recurrent module's state is carried from chunk to
-chunk, so values equal a single pass). Memory is bounded by the chunk; arrays go straight to
-``.npy`` memmaps. Gradients (``grad=True``) are the total derivative of the summed next-character
+chunk, so values equal a single pass). Memory is bounded by the chunk; rows are appended to
+``.npy`` files with pwrite (read back memory-mapped). Gradients (``grad=True``) are the total derivative of the summed next-character
 loss of the chunk a step belongs to: the horizon ends at the chunk boundary (``chunk`` steps).
 """
 from __future__ import annotations
@@ -51,6 +51,26 @@ def _logits(output) -> torch.Tensor:
 def _next_char_loss(output, targets: torch.Tensor) -> torch.Tensor:
     logits = _logits(output)[0, : len(targets)]
     return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+class _NpyWriter:
+    """Rows appended to a ``.npy`` file with ``os.pwrite``. NumPy writes the header; rows go
+    through the page cache without being mapped into this process, so RSS stays flat however long
+    the text is (writing through ``np.memmap`` would keep every dirty page resident)."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        header = np.lib.format.open_memmap(path, "w+", dtype, shape)
+        self.offset, self.row = header.offset, int(np.prod(shape[1:], dtype=np.int64)) * header.itemsize
+        del header
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        os.pwrite(self.fd, np.ascontiguousarray(rows).tobytes(), self.offset + start * self.row)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class _UnitStats:
@@ -132,10 +152,10 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "states").mkdir(parents=True)
+    arrays, losses = {}, None
     try:
-        arrays = {k: np.lib.format.open_memmap(tmp / key_file(k), "w+", DTYPES[dtype], (T, u))
-                  for k, u in layout.items()}
-        losses = np.lib.format.open_memmap(tmp / "loss.npy", "w+", np.float32, (T,))
+        arrays = {k: _NpyWriter(tmp / key_file(k), DTYPES[dtype], (T, u)) for k, u in layout.items()}
+        losses = _NpyWriter(tmp / "loss.npy", np.float32, (T,))
         stats = {k: _UnitStats(u) for k, u in layout.items()}
         bad = {k: {"nonfinite": 0, "overflow": 0} for k in layout}
         targets_all = ids[0, 1:]
@@ -151,7 +171,7 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
                         step_loss.sum().backward()
                 chunk_loss = np.full(e - s, np.nan, np.float32)
                 chunk_loss[: len(step_loss)] = step_loss.detach().numpy()
-                losses[s:e] = chunk_loss
+                losses.write(s, chunk_loss)
                 for k in layout:
                     a = p.trace[k][0].detach().numpy()
                     finite = np.isfinite(a)
@@ -159,15 +179,13 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
                         stored = a.astype(DTYPES[dtype])
                     bad[k]["nonfinite"] += int((~finite).sum())
                     bad[k]["overflow"] += int((finite & ~np.isfinite(stored)).sum())
-                    arrays[k][s:e] = stored
+                    arrays[k].write(s, stored)
                     stats[k].add(a)
                 p.calls.clear()      # bounded memory: this chunk is on disk
                 bar.update(e - s)
         bar.close()
-        for a in arrays.values():
-            a.flush()
-        losses.flush()
-        del arrays, losses
+        for w in (*arrays.values(), losses):
+            w.close()
         (tmp / "text.txt").write_text(text, encoding="utf-8")
         pd.concat([stats[k].frame(k) for k in layout], ignore_index=True).to_parquet(tmp / "units.parquet")
         mean_loss = float(np.nanmean(np.load(tmp / "loss.npy"))) if T > 1 else float("nan")
@@ -206,5 +224,7 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        for w in (*arrays.values(), *([losses] if losses else [])):
+            w.close()
         model.train(was_training)
     return open_run(out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import _VF, nn
 
 
@@ -56,11 +57,34 @@ def run_layer(module: nn.Module, layer: int, x: torch.Tensor, hx):
     return out, h_n, None
 
 
-def _pre(p: DirectionParams, x: torch.Tensor, h_prev: torch.Tensor):
-    """Input and recurrent pre-activations, batched over all time: ``[T, B, G*H]`` each."""
-    a_x = torch.nn.functional.linear(x, p.w_ih, p.b_ih)
-    a_h = torch.nn.functional.linear(h_prev, p.w_hh, p.b_hh)
-    return a_x, a_h
+def _pre(w_ih, b_ih, w_hh, b_hh, x, h, h0, hidden_apart: bool = False):
+    """Gate pre-activations for all steps at once, ``[T, B, G*H]``: ``W_ih x_t + b_ih + W_hh h_{t-1} + b_hh``.
+
+    Accumulated into one buffer with ``addmm_`` (no shifted copy of ``h``, no temporaries). With
+    ``hidden_apart`` the hidden part is returned separately (the GRU needs ``W_hn h + b_hn`` alone).
+    """
+    T, B, _ = x.shape
+    G = w_ih.shape[0]
+    a = F.linear(x, w_ih, b_ih) if b_ih is not None else F.linear(x, w_ih)
+    a = a.contiguous()
+    if hidden_apart:
+        a_h = torch.empty_like(a)
+        ah = a_h
+    else:
+        ah = a
+    if not hidden_apart and b_hh is not None:
+        a += b_hh
+    w_t = w_hh.t()
+    h_prev = h[:-1].reshape(-1, h.shape[-1])
+    if hidden_apart:
+        torch.mm(h0, w_t, out=ah[0])
+        torch.mm(h_prev, w_t, out=ah[1:].view(-1, G))
+        if b_hh is not None:
+            ah += b_hh
+        return a, a_h
+    ah[0].addmm_(h0, w_t)
+    ah[1:].view(-1, G).addmm_(h_prev, w_t)
+    return a
 
 
 def shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -69,10 +93,14 @@ def shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
 
 
 def lstm_states(p: DirectionParams, x, h, h0, c0) -> dict[str, torch.Tensor]:
-    """LSTM gates ``i f g o`` and cell ``c`` for ``x [T,B,in]``, outputs ``h [T,B,P]``; all ``[T,B,H]``."""
-    a_x, a_h = _pre(p, x, shift(h, h0))
-    i, f, g, o = (a_x + a_h).chunk(4, dim=-1)
-    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    """LSTM gates ``i f g o`` and cell ``c`` for ``x [T,B,in]``, outputs ``h [T,B,P]``; all ``[T,B,H]``.
+    The gates are views into one buffer, activated in place."""
+    a = _pre(p.w_ih, p.b_ih, p.w_hh, p.b_hh, x, h, h0)
+    H = a.shape[-1] // 4
+    i, f, g, o = a[..., :H], a[..., H:2 * H], a[..., 2 * H:3 * H], a[..., 3 * H:]
+    a[..., :2 * H].sigmoid_()
+    g.tanh_()
+    o.sigmoid_()
     ig = i * g
     c = torch.empty_like(ig)
     prev = c0
@@ -83,11 +111,12 @@ def lstm_states(p: DirectionParams, x, h, h0, c0) -> dict[str, torch.Tensor]:
 
 def gru_states(p: DirectionParams, x, h, h0) -> dict[str, torch.Tensor]:
     """GRU gates ``r z n`` (PyTorch's convention: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``)."""
-    a_x, a_h = _pre(p, x, shift(h, h0))
-    xr, xz, xn = a_x.chunk(3, dim=-1)
-    hr, hz, hn = a_h.chunk(3, dim=-1)
-    r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
-    n = torch.tanh(xn + r * hn)
+    a_x, a_h = _pre(p.w_ih, p.b_ih, p.w_hh, p.b_hh, x, h, h0, hidden_apart=True)
+    H = a_x.shape[-1] // 3
+    rz = a_x[..., :2 * H].add_(a_h[..., :2 * H]).sigmoid_()
+    r, z = rz[..., :H], rz[..., H:]
+    hn = a_h[..., 2 * H:]
+    n = a_x[..., 2 * H:].addcmul_(r, hn).tanh_()
     return {"h": h, "r": r, "z": z, "n": n, "_hn": hn}
 
 

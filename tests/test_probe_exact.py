@@ -186,3 +186,31 @@ def test_bad_inputs_are_clear_errors():
         p.trace["l0.grad_h"]
     with pytest.raises(KeyError):
         p.trace["l3.h"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parameter_and_input_gradients_equal_pytorch_autograd(case):
+    """With grad=True the probe's backward replaces the fused kernel's; the caller's .grad must not change."""
+    torch.manual_seed(7)
+    cls, kw = CASES[case]
+    m = cls(5, 6, **{"num_layers": 2, **kw})
+    x = (torch.randn(3, 8, 5) if m.batch_first else torch.randn(8, 3, 5)).requires_grad_()
+    D, P = (2 if m.bidirectional else 1), (getattr(m, "proj_size", 0) or 6)
+    L = m.num_layers
+    h0 = torch.randn(L * D, 3, P, requires_grad=True)
+    c0 = torch.randn(L * D, 3, 6, requires_grad=True)
+    hx = (h0, c0) if isinstance(m, nn.LSTM) else h0
+
+    def run():
+        out, state = m(x, hx)
+        hn = state[0] if isinstance(state, tuple) else state
+        loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum() + (hn ** 2).sum()
+        if isinstance(state, tuple):
+            loss = loss + state[1].sin().sum()
+        leaves = [x, h0] + ([c0] if isinstance(m, nn.LSTM) else []) + list(m.parameters())
+        return torch.autograd.grad(loss, leaves)
+    want = run()
+    with Probe(m, grad=True):
+        got = run()
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()

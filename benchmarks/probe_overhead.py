@@ -1,0 +1,121 @@
+"""Probe cost against the plain fused forward (and forward+backward), measured in the same run.
+
+    python benchmarks/probe_overhead.py [--chars 20000] [--hidden 512] [--repeat 3]
+
+Model: a char LSTM (embedding 64 -> 2 x 512 LSTM -> linear), random weights (speed does not
+depend on them). Batch 1 x CHARS and batch 64 x 400. Rows, each the median of --repeat runs:
+  plain forward               model(ids) under no_grad: the baseline (1.00x)
+  probe, every kind           the same forward inside Probe(model): h c i f g o of every layer
+  naive cell loop             the usual alternative: one step at a time, gates by hand
+  plain forward+backward      summed next-char loss, backward with parameter grads: baseline
+  probe grad                  Probe(grad=True): + grad_h, grad_c of every layer and step
+  probe grad, frozen params   Probe(grad=True, param_grads=False): state gradients only
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from probe import Probe
+from zoo import Architecture, CharModel
+
+
+def timed(fn, repeat: int) -> float:
+    fn()                                   # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def naive_loop(model: CharModel, ids: torch.Tensor) -> dict:
+    """What users write without rnnscope: unroll every layer one step at a time and keep every gate."""
+    rnn, x = model.rnn, model.embed(ids)
+    B, T, _ = x.shape
+    rec = {}
+    for layer in range(rnn.num_layers):
+        w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
+        b = getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}")
+        h = x.new_zeros(B, rnn.hidden_size)
+        c = x.new_zeros(B, rnn.hidden_size)
+        xw = F.linear(x, w_ih, b)
+        outs = {k: [] for k in "hcifgo"}
+        for t in range(T):
+            i, f, g, o = (xw[:, t] + h @ w_hh.T).chunk(4, -1)
+            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+            c = f * c + i * g
+            h = o * c.tanh()
+            for k, v in zip("hcifgo", (h, c, i, f, g, o)):
+                outs[k].append(v)
+        rec[layer] = {k: torch.stack(v, 1) for k, v in outs.items()}
+        x = rec[layer]["h"]
+    model.head(x)
+    return rec
+
+
+def loss_of(model, ids):
+    logits = model(ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+
+
+def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list[tuple[str, float, str]]:
+    def plain():
+        with torch.no_grad():
+            model(ids)
+
+    def probed():
+        with torch.no_grad(), Probe(model) as p:
+            model(ids)
+        assert len(p.trace) == 12
+
+    def cell_loop():
+        with torch.no_grad():
+            naive_loop(model, ids)
+
+    def plain_backward():
+        model.zero_grad(set_to_none=True)
+        loss_of(model, ids).backward()
+
+    def probe_grad(param_grads=True):
+        model.zero_grad(set_to_none=True)
+        with Probe(model, grad=True, param_grads=param_grads) as p:
+            loss_of(model, ids).backward()
+        for k in ("rnn.l0.grad_h", "rnn.l1.grad_c"):   # computed on first access: count it
+            p.trace[k]
+
+    base_f = timed(plain, repeat)
+    rows = [("plain forward", base_f, "forward"), ("probe, every kind", timed(probed, repeat), "forward")]
+    if naive:
+        rows.append(("naive cell loop", timed(cell_loop, max(1, repeat // 2)), "forward"))
+    base_b = timed(plain_backward, repeat)
+    rows += [("plain forward+backward", base_b, "backward"),
+             ("probe grad", timed(probe_grad, repeat), "backward"),
+             ("probe grad, frozen params", timed(lambda: probe_grad(False), repeat), "backward")]
+    return [(name, t, f"{t / (base_f if kind == 'forward' else base_b):.2f}x") for name, t, kind in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chars", type=int, default=20000)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-naive", action="store_true", help="skip the slow cell loop")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = CharModel(Architecture("lstm", 98, 64, args.hidden, 2)).eval()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LSTM 2 x {args.hidden}")
+    for shape in ((1, args.chars), (64, 400)):
+        ids = torch.randint(0, 98, shape)
+        print(f"\nbatch {shape[0]} x {shape[1]} steps")
+        for name, t, ratio in bench(model, ids, args.repeat, not args.no_naive):
+            print(f"  {name:28s} {t:8.3f} s  {ratio:>7s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""One direction of one layer as an autograd Function whose backward *is* the adjoint recurrence.
+
+Forward: the fused kernel (one layer, one direction) and the gate replay, both without a graph.
+Backward: the adjoint recurrence over the recorded gates gives ``dL/dh_t`` and ``dL/dc_t`` for
+every step (stored in the probe's record) and the pre-activation gradients, from which the input,
+initial-state and weight gradients are a few batched matrix products. The fused kernel's own
+backward never runs: the probe's gradients cost about what the plain backward costs, and cuDNN's
+refusal to run RNN backward in eval mode never arises.
+"""
+from __future__ import annotations
+
+import torch
+from torch import _VF
+
+from . import adjoint
+from .replay import DirectionParams, shift, states
+
+
+def fused_direction(module, p: DirectionParams, x, h0, c0):
+    """``x [T,B,in]`` (processing order) through the fused kernel for one direction of one layer:
+    ``(out [T,B,P], h_n [B,P], c_n [B,H] or None)``."""
+    w = [p.w_ih, p.w_hh] + ([p.b_ih, p.b_hh] if p.b_ih is not None else []) + ([p.w_hr] if p.w_hr is not None else [])
+    args = (p.b_ih is not None, 1, 0.0, False, False, False)
+    kind = type(module).__name__
+    if kind == "LSTM":
+        out, h_n, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), w, *args)
+        return out, h_n[0], c_n[0]
+    fn = _VF.gru if kind == "GRU" else _VF.rnn_tanh if module.nonlinearity == "tanh" else _VF.rnn_relu
+    out, h_n = fn(x, h0.unsqueeze(0), w, *args)
+    return out, h_n[0], None
+
+
+class RecordedDirection(torch.autograd.Function):
+    """``apply(rec, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) -> (out, h_n, c_n)``; ``rec`` receives
+    the states in forward and the state gradients in backward."""
+
+    @staticmethod
+    def forward(ctx, rec, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        p = DirectionParams(w_ih, w_hh, b_ih, b_hh, w_hr)
+        out, h_n, c_n = fused_direction(rec.module, p, x, h0, c0)
+        rec.st = states(rec.module, p, x, out, h0, c0)
+        ctx.rec, ctx.p = rec, p
+        ctx.save_for_backward(x, h0)
+        return out, h_n, (c_n if c_n is not None else h_n.new_zeros(0))
+
+    @staticmethod
+    def backward(ctx, g_out, g_hn, g_cn):
+        rec, p = ctx.rec, ctx.p
+        x, h0 = ctx.saved_tensors
+        kind = type(rec.module).__name__
+        if kind == "LSTM":
+            a = adjoint.lstm(p, rec.st, h0, rec.c0, g_out, g_hn, g_cn)
+        elif kind == "GRU":
+            a = adjoint.gru(p, rec.st, h0, g_out, g_hn)
+        else:
+            a = adjoint.rnn(p, rec.st, g_out, g_hn, rec.module.nonlinearity == "relu")
+        rec.add_grads({k: a[k] for k in ("grad_h", "grad_c") if k in a})
+        need = ctx.needs_input_grad
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        d_x, d_h = a["d_x"], a["d_h"]
+        grads = [None] * 9
+        if need[1]:
+            grads[1] = d_x @ p.w_ih
+        if need[2]:
+            grads[2] = a["h0"]
+        if need[3]:
+            grads[3] = a.get("c0")
+        if need[4]:
+            grads[4] = flat(d_x).T @ flat(x)
+        if need[5]:
+            grads[5] = flat(d_h).T @ flat(shift(rec.st["h"], h0))
+        if need[6]:
+            grads[6] = d_x.sum((0, 1))
+        if need[7]:
+            grads[7] = d_h.sum((0, 1))
+        if need[8]:
+            m = rec.st["o"] * torch.tanh(rec.st["c"])
+            grads[8] = flat(a["grad_h"]).T @ flat(m)
+        return tuple(grads)
