@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/probe_overhead.py
+	$(PY) benchmarks/record_memory.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
