@@ -38,7 +38,8 @@ class RecordedDirection(torch.autograd.Function):
     def forward(ctx, rec, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         p = DirectionParams(w_ih, w_hh, b_ih, b_hh, w_hr)
         out, h_n, c_n = fused_direction(rec.module, p, x, h0, c0)
-        rec.st = states(rec.module, p, x, out, h0, c0)
+        # detached: `out` itself becomes the Function's output and gets a grad_fn once we return
+        rec.st = states(rec.module, p, x, out.detach(), h0, c0)
         ctx.rec, ctx.p = rec, p
         ctx.save_for_backward(x, h0)
         return out, h_n, (c_n if c_n is not None else h_n.new_zeros(0))

@@ -141,6 +141,21 @@ class Probe:
             p.requires_grad_(flag)
         self._saved = {}
 
+    def carry_from(self, step: int) -> None:
+        """With ``carry``: the next call of each module starts from the state after ``step`` (an index
+        into its latest call) instead of its end: ``record`` reads ahead past a chunk for gradients."""
+        for name, m in self.modules.items():
+            call = next((c for c in reversed(self.calls) if any(k.startswith(f"{name}.l" if name else "l")
+                                                                   for k in c)), None)
+            if call is None:
+                continue
+            D = 2 if m.bidirectional else 1
+            recs = [call._dirs[state_key(name, layer, d == 1, "h")][0] for layer in range(m.num_layers)
+                    for d in range(D)]
+            h = torch.stack([r.st["h"][step] for r in recs])
+            self._last_state[name] = (h, torch.stack([r.st["c"][step] for r in recs])) \
+                if family(m) == "LSTM" else h
+
     def _forward(self, name: str, m: nn.Module, input, hx=None):
         if isinstance(input, PackedSequence):
             raise RnnscopeError(f"{name}: PackedSequence input is not supported by the probe",

@@ -2,8 +2,12 @@
 
 The text is fed in chunks as one sequence (each recurrent module's state is carried from chunk to
 chunk, so values equal a single pass). Memory is bounded by the chunk; rows are appended to
-``.npy`` files with pwrite (read back memory-mapped). Gradients (``grad=True``) are the total derivative of the summed next-character
-loss of the chunk a step belongs to: the horizon ends at the chunk boundary (``chunk`` steps).
+``.npy`` files with pwrite (read back memory-mapped).
+
+Gradients (``grad=True``) are derivatives of the summed next-character loss. Each chunk is run
+``horizon`` steps past its end and the state is then rewound to the chunk's end, so the gradient
+at step t includes every loss from t to at least t + ``horizon``. Losses before t cannot depend
+on the state at t, so with ``horizon >= len(text)`` the gradients equal those of a single pass.
 """
 from __future__ import annotations
 
@@ -106,7 +110,8 @@ def _layout(model, ids, grad, kinds) -> dict[str, int]:
         return {k: p.trace[k].shape[-1] for k in p.trace}
 
 
-def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int = 2048, kinds=None,
+def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int = 2048, horizon: int = 512,
+           kinds=None,
            dtype: str = "float16", overwrite: bool = False, unk: str | None = None, loss=None,
            progress: bool = True, source: str = ""):
     """Probe ``model`` over ``text`` and write a Run to ``out``; returns the opened Run.
@@ -127,6 +132,8 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
         raise RnnscopeError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     if not text:
         raise RnnscopeError("the text is empty", "give a text of at least one character")
+    if chunk < 1 or horizon < 0:
+        raise RnnscopeError(f"chunk must be >= 1 and horizon >= 0 (got {chunk}, {horizon})", "fix --chunk/--horizon")
     if out.exists() and not overwrite:
         raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     ids = encode(text)
@@ -134,7 +141,7 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
         raise RnnscopeError(f"encode gave ids of shape {list(ids.shape)} for {len(text)} characters",
                             "encode must return LongTensor[1, time] with one id per character")
     mods = Probe(model).modules
-    if any(m.bidirectional for m in mods.values()) and len(text) > chunk:
+    if any(m.bidirectional for m in mods.values()) and len(text) > chunk:   # (its future is in the next chunk)
         raise RnnscopeError("a bidirectional module reads the text backwards too, so it cannot be streamed in chunks",
                             f"pass --chunk {len(text)} (or more) to probe it in one pass")
     was_training = model.training
@@ -159,21 +166,25 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
         stats = {k: _UnitStats(u) for k, u in layout.items()}
         bad = {k: {"nonfinite": 0, "overflow": 0} for k in layout}
         targets_all = ids[0, 1:]
-        bar = tqdm(total=T, unit="ch", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5)
-        with Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
+        with tqdm(total=T, unit="ch", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
+                Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
             for s in range(0, T, chunk):
                 e = min(T, s + chunk)
+                ahead = min(T, e + horizon) if grad else e      # read ahead: the gradient's horizon
                 with torch.set_grad_enabled(grad):
-                    output = model(ids[:, s:e])
-                    targets = targets_all[s:e]
+                    output = model(ids[:, s:ahead])
+                    targets = targets_all[s:ahead]
                     step_loss = loss(output, targets) if loss else _next_char_loss(output, targets)
                     if grad and len(step_loss):
                         step_loss.sum().backward()
+                if ahead > e:
+                    p.carry_from(e - s - 1)                     # the next chunk starts where this one ends
                 chunk_loss = np.full(e - s, np.nan, np.float32)
-                chunk_loss[: len(step_loss)] = step_loss.detach().numpy()
+                kept = step_loss.detach()[: e - s]
+                chunk_loss[: len(kept)] = kept.numpy()
                 losses.write(s, chunk_loss)
                 for k in layout:
-                    a = p.trace[k][0].detach().numpy()
+                    a = p.trace[k][0, : e - s].detach().numpy()
                     finite = np.isfinite(a)
                     with np.errstate(over="ignore"):      # counted and flagged just below
                         stored = a.astype(DTYPES[dtype])
@@ -183,7 +194,6 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
                     stats[k].add(a)
                 p.calls.clear()      # bounded memory: this chunk is on disk
                 bar.update(e - s)
-        bar.close()
         for w in (*arrays.values(), losses):
             w.close()
         (tmp / "text.txt").write_text(text, encoding="utf-8")
@@ -204,7 +214,7 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
             "vocab": vocab.chars if vocab else None, "unk": unk,
             "text": {"chars": T, "sha256": hashlib.sha256(text.encode()).hexdigest()},
             "dtype": dtype, "kinds": sorted({parse_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,
-            "grad_horizon": "summed next-char loss up to the end of each chunk" if grad else None,
+            "grad_horizon": horizon if grad else None,
             "loss": {"mean_nats": mean_loss, "bits_per_char": mean_loss / np.log(2)},
             "keys": {k: {"units": u, "file": key_file(k), **bad[k]} for k, u in layout.items()},
             "nonfinite": bool(flagged),

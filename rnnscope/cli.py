@@ -58,7 +58,8 @@ def _probe(args) -> None:
     if args.max_chars:
         text = text[: args.max_chars]
     kinds = args.kinds.split(",") if args.kinds else None
-    run = probe.record(zoo.load(args.checkpoint), text, args.out, grad=args.grad, chunk=args.chunk, kinds=kinds,
+    run = probe.record(zoo.load(args.checkpoint), text, args.out, grad=args.grad, chunk=args.chunk,
+                       horizon=args.horizon, kinds=kinds,
                        dtype=args.dtype, overwrite=args.overwrite, unk=args.unk, source=args.checkpoint)
     loss = run.manifest["loss"]
     print(f"wrote {run.path}: {len(run):,} chars, {len(run.keys())} keys, "
@@ -109,7 +110,10 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--grad", action="store_true", help="also record dL/dh and dL/dc at every step")
     pr.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk dtype (default float16)")
     pr.add_argument("--kinds", help="comma-separated state kinds to keep, e.g. h,c (default: all)")
-    pr.add_argument("--chunk", type=int, default=2048, help="characters per chunk; also the gradient horizon")
+    pr.add_argument("--chunk", type=int, default=2048, help="characters per chunk (memory is bounded by it)")
+    pr.add_argument("--horizon", type=int, default=512,
+                    help="with --grad: each step's gradient includes the losses of at least this many following "
+                         "steps (default 512)")
     pr.add_argument("--unk", help="map characters outside the vocabulary to this one")
     pr.add_argument("--max-chars", type=int, default=0, help="probe only the first N characters")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")

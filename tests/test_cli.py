@@ -83,3 +83,29 @@ def test_probe_bad_inputs_exit_non_zero_with_one_line(tmp_path):
 def test_train_refuses_an_unbuilt_corpus_name_cleanly():
     proc = rnnscope("zoo", "train", "--corpus", "klingon", "--out", "x", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_ctrl_c_during_probe_leaves_no_run(tmp_path):
+    import signal
+    import time
+    text = tmp_path / "big.c"
+    text.write_text((zoo.SAMPLES / "linux.c").read_text() * 12)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "rnnscope.cli", "probe", "zoo:lstm-linux", "--text", str(text),
+                             "--out", str(out), "--grad"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".run.partial") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("rnnscope: error: interrupted: no run was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.c"]
+
+
+def test_unk_maps_characters_outside_the_vocabulary(tmp_path):
+    (tmp_path / "u.txt").write_text("caf\u00e9;\n")
+    rnnscope("probe", "zoo:lstm-linux", "--text", tmp_path / "u.txt", "--out", tmp_path / "r", "--unk", "?")
+    run = probe.open_run(tmp_path / "r")
+    assert run.text == "caf\u00e9;\n" and run.manifest["unk"] == "?"

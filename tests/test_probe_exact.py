@@ -79,9 +79,11 @@ def test_unbatched_input():
     _check(m, torch.randn(9, 5), unbatched=True)
 
 
-def test_trained_zoo_weights_on_real_text():
-    ck = zoo.load("zoo:lstm-linux")
-    text = (zoo.SAMPLES / "linux.c").read_text()[:150]
+@pytest.mark.parametrize("name", sorted(zoo.shipped()))
+def test_trained_zoo_weights_on_real_text(name):
+    ck = zoo.load(f"zoo:{name}")
+    sample = "linux.c" if name.endswith("linux") else "shakespeare.txt"
+    text = (zoo.SAMPLES / sample).read_text()[:150]
     x = ck.model.embed(ck.vocab.encode(text)).detach()
     _check(ck.model.rnn, x)
 
