@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import gemm
 from .replay import DirectionParams, shift
 
 
@@ -33,14 +34,15 @@ def lstm(p: DirectionParams, st: dict, h0, c0, g, gh_n=None, gc_n=None) -> dict:
     grad_h, grad_c = torch.empty_like(g), torch.empty_like(c)
     d_a = c.new_empty(T, B, 4, H)
     next_h, next_c = _start(g, gh_n), _start(c, gc_n)
-    w_hh, w_hr = p.w_hh, p.w_hr
+    back_hh = gemm.Linear(p.w_hh.t())                       # d_a @ W_hh
+    w_hr = p.w_hr
     for t in range(T - 1, -1, -1):
         h_t = torch.add(g[t], next_h, out=grad_h[t])
         dm = h_t if w_hr is None else h_t @ w_hr
         c_t = torch.addcmul(next_c, dm, k_c[t], out=grad_c[t])
         torch.mul(c_t.unsqueeze(1), k_ifg[t], out=d_a[t, :, :3])
         torch.mul(dm, k_o[t], out=d_a[t, :, 3])
-        next_h = d_a[t].view(B, 4 * H) @ w_hh
+        next_h = back_hh(d_a[t].view(B, 4 * H))
         next_c = c_t * f[t]
     d_a = d_a.view(T, B, 4 * H)
     return {"grad_h": grad_h, "grad_c": grad_c, "d_x": d_a, "d_h": d_a, "h0": next_h, "c0": next_c}
@@ -56,10 +58,11 @@ def gru(p: DirectionParams, st: dict, h0, g, gh_n=None) -> dict:
     grad_h = torch.empty_like(g)
     d_h = h.new_empty(T, B, 3, H)
     next_h = _start(g, gh_n)
+    back_hh = gemm.Linear(p.w_hh.t())
     for t in range(T - 1, -1, -1):
         h_t = torch.add(g[t], next_h, out=grad_h[t])
         torch.mul(h_t.unsqueeze(1), k_hid[t], out=d_h[t])
-        next_h = torch.addmm(h_t * z[t], d_h[t].view(B, 3 * H), p.w_hh)
+        next_h = back_hh(d_h[t].view(B, 3 * H)).addcmul_(h_t, z[t])
     d_x = (grad_h.unsqueeze(2) * torch.stack([k_r, k_z, dn], dim=2)).view(T, B, 3 * H)
     return {"grad_h": grad_h, "d_x": d_x, "d_h": d_h.view(T, B, 3 * H), "h0": next_h}
 
@@ -70,7 +73,8 @@ def rnn(p: DirectionParams, st: dict, g, gh_n=None, relu: bool = False) -> dict:
     k = (h > 0).to(h.dtype) if relu else 1 - h * h
     grad_h, d_a = torch.empty_like(g), torch.empty_like(h)
     next_h = _start(g, gh_n)
+    back_hh = gemm.Linear(p.w_hh.t())
     for t in range(len(g) - 1, -1, -1):
         h_t = torch.add(g[t], next_h, out=grad_h[t])
-        next_h = torch.mul(h_t, k[t], out=d_a[t]) @ p.w_hh
+        next_h = back_hh(torch.mul(h_t, k[t], out=d_a[t]))
     return {"grad_h": grad_h, "d_x": d_a, "d_h": d_a, "h0": next_h}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import _VF
 
-from . import adjoint
+from . import adjoint, gemm
 from .replay import DirectionParams, shift, states
 
 
@@ -61,20 +61,20 @@ class RecordedDirection(torch.autograd.Function):
         d_x, d_h = a["d_x"], a["d_h"]
         grads = [None] * 9
         if need[1]:
-            grads[1] = d_x @ p.w_ih
+            grads[1] = gemm.linear(d_x, p.w_ih.t())
         if need[2]:
             grads[2] = a["h0"]
         if need[3]:
             grads[3] = a.get("c0")
         if need[4]:
-            grads[4] = flat(d_x).T @ flat(x)
+            grads[4] = gemm.t_matmul(flat(d_x), flat(x))
         if need[5]:
-            grads[5] = flat(d_h).T @ flat(shift(rec.st["h"], h0))
+            grads[5] = gemm.t_matmul(flat(d_h), flat(shift(rec.st["h"], h0)))
         if need[6]:
             grads[6] = d_x.sum((0, 1))
         if need[7]:
             grads[7] = d_h.sum((0, 1))
         if need[8]:
             m = rec.st["o"] * torch.tanh(rec.st["c"])
-            grads[8] = flat(a["grad_h"]).T @ flat(m)
+            grads[8] = gemm.t_matmul(flat(a["grad_h"]), flat(m))
         return tuple(grads)

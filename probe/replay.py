@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import _VF, nn
+
+from . import gemm
 
 
 @dataclass
@@ -60,31 +61,14 @@ def run_layer(module: nn.Module, layer: int, x: torch.Tensor, hx):
 def _pre(w_ih, b_ih, w_hh, b_hh, x, h, h0, hidden_apart: bool = False):
     """Gate pre-activations for all steps at once, ``[T, B, G*H]``: ``W_ih x_t + b_ih + W_hh h_{t-1} + b_hh``.
 
-    Accumulated into one buffer with ``addmm_`` (no shifted copy of ``h``, no temporaries). With
-    ``hidden_apart`` the hidden part is returned separately (the GRU needs ``W_hn h + b_hn`` alone).
+    One matrix product over ``[x_t, h_{t-1}]`` against ``[W_ih, W_hh]``. With ``hidden_apart`` the
+    hidden part comes back separately (the GRU needs ``W_hn h + b_hn`` alone).
     """
-    T, B, _ = x.shape
-    G = w_ih.shape[0]
-    a = F.linear(x, w_ih, b_ih) if b_ih is not None else F.linear(x, w_ih)
-    a = a.contiguous()
+    h_prev = shift(h, h0)
     if hidden_apart:
-        a_h = torch.empty_like(a)
-        ah = a_h
-    else:
-        ah = a
-    if not hidden_apart and b_hh is not None:
-        a += b_hh
-    w_t = w_hh.t()
-    h_prev = h[:-1].reshape(-1, h.shape[-1])
-    if hidden_apart:
-        torch.mm(h0, w_t, out=ah[0])
-        torch.mm(h_prev, w_t, out=ah[1:].view(-1, G))
-        if b_hh is not None:
-            ah += b_hh
-        return a, a_h
-    ah[0].addmm_(h0, w_t)
-    ah[1:].view(-1, G).addmm_(h_prev, w_t)
-    return a
+        return gemm.linear(x, w_ih, b_ih), gemm.linear(h_prev, w_hh, b_hh)
+    bias = None if b_ih is None else b_ih + b_hh
+    return gemm.linear(torch.cat([x, h_prev], -1), torch.cat([w_ih, w_hh], 1), bias)
 
 
 def shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:

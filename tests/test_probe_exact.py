@@ -216,3 +216,15 @@ def test_parameter_and_input_gradients_equal_pytorch_autograd(case):
         got = run()
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+
+
+def test_onednn_and_plain_linear_agree():
+    from probe import gemm
+    torch.manual_seed(0)
+    x, w, b = torch.randn(300, 70), torch.randn(90, 70), torch.randn(90)
+    want = x.double() @ w.double().T + b.double()
+    assert (gemm.linear(x, w, b).double() - want).abs().max() < 1e-4
+    assert (torch.nn.functional.linear(x, w, b).double() - want).abs().max() < 1e-4
+    assert gemm.linear(x.double(), w.double(), b.double()).dtype == torch.float64     # falls back
+    a, c = torch.randn(50, 8), torch.randn(50, 6)
+    assert torch.allclose(gemm.t_matmul(a, c), a.T @ c, atol=1e-5)

@@ -1,0 +1,45 @@
+"""``x @ W.T (+ b)`` through oneDNN on the CPU.
+
+The fused RNN kernels on CPU run on oneDNN; PyTorch's plain ``mm`` runs on MKL, which takes a
+slow path on AMD processors (measured on this project's 2-core EPYC machines: 55-64 GFLOP/s for
+MKL against 85-146 for oneDNN, benchmarks/probe_overhead.py). The probe replays the fused
+kernel's matrix products, so it must run them on the same library to keep up with it. Anything
+oneDNN cannot take (other devices, float64, no oneDNN build) goes through ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear")
+
+
+def _usable(t: torch.Tensor) -> bool:
+    return _ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32
+
+
+class Linear:
+    """A weight ``W [out, in]`` prepared once, applied to many ``x [..., in] -> [..., out]``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+        self.fast = _usable(weight)
+        if self.fast:
+            self._w = weight.detach().contiguous().to_mkldnn()
+            self._b = None if bias is None else bias.detach().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.fast and _usable(x)) or x.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch._C._nn.mkldnn_linear(x2.to_mkldnn(), self._w, self._b).to_dense()
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return Linear(weight, bias)(x)
+
+
+def t_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a.T @ b`` for ``a [N, M]``, ``b [N, K]`` (a weight gradient summed over N = time x batch)."""
+    return linear(a.t(), b.t())
