@@ -1,0 +1,217 @@
+"""Feature tracks: per-character arrays computed from the text alone.
+
+Every track gives, for each position t, the state of the text *after reading character t*, which is
+what the network's state at step t can know: the opening quote is inside the quote, the closing
+quote is outside; ``column`` is 0 after reading a newline.
+
+A feature is any function ``text -> array[time]``; ``compute(text, features)`` takes built-in names
+or a dict of name -> callable. Code tracks (strings, comments, brackets, ``if`` conditions) come
+from a real lexer (pygments), not regular expressions.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+from pygments.lexers import get_lexer_by_name
+from pygments.token import Comment, Keyword, Punctuation, String
+
+from zoo.errors import RnnscopeError
+
+TAB = 8
+ELISIONS = ("'tis", "'twas", "'twere", "'twill", "'twixt", "'tween", "'em", "'gainst", "'d ", "'s ", "'ll ")
+
+
+@lru_cache(maxsize=8)
+def _tokens(text: str, language: str) -> tuple:
+    try:
+        lexer = get_lexer_by_name(language, stripnl=False, stripall=False, ensurenl=False)
+    except Exception:
+        raise RnnscopeError(f"no lexer for language {language!r}", "use a pygments name such as c or python") from None
+    return tuple((i, tok, v) for i, tok, v in lexer.get_tokens_unprocessed(text))
+
+
+def _span_mask(text: str, language: str, inside, terminators: str) -> np.ndarray:
+    """1 on runs of tokens for which ``inside(token)``; the run's last character is 0 when it closes the
+    span (a quote, the ``/`` of ``*/``, a newline), since after reading it the span is over."""
+    mask = np.zeros(len(text), np.int8)
+    run_end = None
+    for i, tok, v in _tokens(text, language):
+        if inside(tok) and v:
+            mask[i:i + len(v)] = 1
+            run_end = i + len(v)
+        elif run_end is not None:
+            if text[run_end - 1] in terminators:
+                mask[run_end - 1] = 0
+            run_end = None
+    if run_end is not None and text[run_end - 1] in terminators:
+        mask[run_end - 1] = 0
+    return mask
+
+
+def in_string(text: str, language: str = "c") -> np.ndarray:
+    """Inside a string literal (not a character literal), from the lexer."""
+    return _span_mask(text, language, lambda t: t in String and t not in String.Char, "\"'")
+
+
+def in_comment(text: str, language: str = "c") -> np.ndarray:
+    """Inside a comment (not a preprocessor line), from the lexer."""
+    return _span_mask(text, language, lambda t: t in Comment and t not in Comment.Preproc
+                      and t not in Comment.PreprocFile and t is not Comment.Hashbang, "/\n")
+
+
+def _code_chars(text: str, language: str) -> np.ndarray:
+    """1 where a character is code: not in a string, comment or character literal."""
+    mask = np.ones(len(text), np.int8)
+    for i, tok, v in _tokens(text, language):
+        if tok in String or tok in Comment:
+            mask[i:i + len(v)] = 0
+    return mask
+
+
+def _depth(text: str, open_: str, close: str, language: str | None) -> np.ndarray:
+    chars = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    step = (chars == ord(open_)).astype(np.int64) - (chars == ord(close))
+    if language:
+        step *= _code_chars(text, language)
+    return np.maximum(np.cumsum(step), 0)
+
+
+def paren_depth(text: str, language: str = "c") -> np.ndarray:
+    return _depth(text, "(", ")", language)
+
+
+def bracket_depth(text: str, language: str = "c") -> np.ndarray:
+    return _depth(text, "[", "]", language)
+
+
+def brace_depth(text: str, language: str = "c") -> np.ndarray:
+    return _depth(text, "{", "}", language)
+
+
+def in_if_condition(text: str, language: str = "c") -> np.ndarray:
+    """Inside the parentheses of ``if (...)``: from after the ``(`` to before its matching ``)``."""
+    mask = np.zeros(len(text), np.int8)
+    toks = _tokens(text, language)
+    for n, (i, tok, v) in enumerate(toks):
+        if tok in Keyword and v == "if":
+            rest = [t for t in toks[n + 1:n + 4] if t[2].strip()]
+            if not rest or rest[0][2] != "(" or rest[0][1] not in Punctuation:
+                continue
+            depth = 0
+            for j, tj, vj in toks[toks.index(rest[0]):]:
+                if tj in Punctuation:
+                    depth += vj.count("(") - vj.count(")")
+                if depth <= 0:
+                    mask[rest[0][0]:j] = 1
+                    break
+    return mask
+
+
+def _quote_toggle(text: str, is_quote) -> np.ndarray:
+    out = np.zeros(len(text), np.int8)
+    inside = False
+    for t, ch in enumerate(text):
+        if ch == "\n" and t > 0 and text[t - 1] == "\n":
+            inside = False          # a paragraph break closes a quote left open
+        elif is_quote(t, inside):
+            inside = not inside
+        out[t] = inside
+    return out
+
+
+def in_double_quotes(text: str) -> np.ndarray:
+    """Between double quotes (prose or code); a backslash-escaped quote does not count."""
+    return _quote_toggle(text, lambda t, inside: text[t] == '"' and not (t and text[t - 1] == "\\"))
+
+
+def in_single_quotes(text: str) -> np.ndarray:
+    """Between single quotation marks in prose. An apostrophe inside a word (don't, o'er) or
+    starting a known elision ('tis, 'em) is not a quotation mark."""
+    lower = text.lower()
+
+    def is_quote(t: int, inside: bool) -> bool:
+        if text[t] != "'":
+            return False
+        before = text[t - 1] if t else " "
+        after = text[t + 1] if t + 1 < len(text) else " "
+        if before.isalnum() and after.isalnum():
+            return False                                   # don't, o'er
+        if not inside:
+            return not before.isalnum() and not lower.startswith(ELISIONS, t)
+        return not after.isalnum()                         # a closing mark ends a word
+    return _quote_toggle(text, is_quote)
+
+
+def _line_starts(text: str) -> np.ndarray:
+    """For each t, the index of the first character of its line (a newline belongs to the line it ends)."""
+    chars = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    idx = np.arange(len(text))
+    after_nl = np.where(np.r_[False, chars[:-1] == 10], idx, 0)
+    return np.maximum.accumulate(after_nl)
+
+
+def column(text: str) -> np.ndarray:
+    """Characters read on the current line: 0 after a newline, 1 after the line's first character."""
+    chars = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    idx = np.arange(len(text))
+    last_nl = np.maximum.accumulate(np.where(chars == 10, idx, -1))
+    return idx - last_nl
+
+
+def to_line_end(text: str) -> np.ndarray:
+    """Characters still to read before the newline that ends the line (1 just before it)."""
+    chars = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    idx = np.arange(len(text))
+    nl = np.where(chars == 10, idx, len(text))
+    next_nl = np.minimum.accumulate(nl[::-1])[::-1]         # first newline at or after t
+    nxt = np.r_[next_nl[1:], len(text)]                      # first newline after t
+    return nxt - idx
+
+
+def indent(text: str) -> np.ndarray:
+    """Indentation width of the current line (tabs to multiples of 8)."""
+    starts = _line_starts(text)
+    widths = {}
+    for s in np.unique(starts):
+        line = text[s:text.find("\n", s) if "\n" in text[s:] else len(text)]
+        ws = line[: len(line) - len(line.lstrip(" \t"))]
+        widths[s] = len(ws.expandtabs(TAB))
+    return np.array([widths[s] for s in starts], np.int64)
+
+
+BUILTIN: dict[str, Callable] = {
+    "in_double_quotes": in_double_quotes, "in_single_quotes": in_single_quotes,
+    "in_string": in_string, "in_comment": in_comment, "column": column, "to_line_end": to_line_end,
+    "indent": indent, "paren_depth": paren_depth, "bracket_depth": bracket_depth, "brace_depth": brace_depth,
+    "in_if_condition": in_if_condition,
+}
+CODE = {"in_string", "in_comment", "paren_depth", "bracket_depth", "brace_depth", "in_if_condition"}
+
+
+def compute(text: str, features=None, language: str = "c") -> pd.DataFrame:
+    """``[time x features]`` DataFrame. ``features``: built-in names, or a dict name -> ``text -> array``;
+    default every built-in. ``language`` is the lexer for the code tracks."""
+    if not text:
+        raise RnnscopeError("the text is empty", "features need at least one character")
+    if features is None:
+        features = list(BUILTIN)
+    if not isinstance(features, Mapping):
+        unknown = [f for f in features if f not in BUILTIN]
+        if unknown:
+            raise RnnscopeError(f"unknown feature(s) {', '.join(map(repr, unknown))}",
+                                f"use built-ins ({', '.join(BUILTIN)}) or pass a dict of name -> function")
+        features = {f: (lambda s, f=f: BUILTIN[f](s, language)) if f in CODE else BUILTIN[f] for f in features}
+    cols = {}
+    for name, fn in features.items():
+        values = np.asarray(fn(text))
+        if values.shape != (len(text),):
+            raise RnnscopeError(f"feature {name!r} gave shape {list(values.shape)} for a text of {len(text)} characters",
+                                "a feature must return one number per character")
+        if np.nanmin(values) == np.nanmax(values):
+            warnings.warn(f"feature {name!r} is constant on this text; its scores will be NaN", stacklevel=2)
+        cols[name] = values
+    return pd.DataFrame(cols)
