@@ -29,7 +29,7 @@ from zoo.checkpoint import Checkpoint
 from zoo.errors import RnnscopeError
 
 from .hooks import Probe
-from .keys import family, parse_key
+from .keys import KINDS, family, parse_key
 from .run import FORMAT, FORMAT_VERSION, key_file, open_run
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -141,6 +141,10 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
         raise RnnscopeError(f"encode gave ids of shape {list(ids.shape)} for {len(text)} characters",
                             "encode must return LongTensor[1, time] with one id per character")
     mods = Probe(model).modules
+    known = {k for m in mods.values() for k in KINDS[family(m)]}
+    if kinds is not None and set(kinds) - known:
+        raise RnnscopeError(f"unknown state kind(s) {', '.join(sorted(set(kinds) - known))} for this model",
+                            f"choose from {', '.join(sorted(known))}")
     if any(m.bidirectional for m in mods.values()) and len(text) > chunk:   # (its future is in the next chunk)
         raise RnnscopeError("a bidirectional module reads the text backwards too, so it cannot be streamed in chunks",
                             f"pass --chunk {len(text)} (or more) to probe it in one pass")

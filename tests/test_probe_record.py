@@ -98,6 +98,13 @@ def test_out_of_vocabulary_text_names_characters_and_offers_unk(tmp_path, tiny_v
     assert len(run) == 7 and run.text == "abcQdeé"
 
 
+def test_unknown_kinds_are_refused(tmp_path, tiny_vocab):
+    with pytest.raises(RnnscopeError, match="unknown state kind.*x.*choose from c, f, g, h, i, o"):
+        probe.record(char_model("lstm", tiny_vocab), TEXT, tmp_path / "r", kinds=["h", "x"], progress=False)
+    with pytest.raises(RnnscopeError, match="unknown state kind.*c.*choose from h, n, r, z"):
+        probe.record(char_model("gru", tiny_vocab), TEXT, tmp_path / "r", kinds=["c"], progress=False)
+
+
 def test_empty_text_and_existing_output(tmp_path, tiny_vocab):
     ck = char_model("rnn", tiny_vocab)
     with pytest.raises(RnnscopeError, match="text is empty"):
