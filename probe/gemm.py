@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear")
+MIN_MACS = 1 << 24     # below this a call's layout conversions cost more than oneDNN saves (and a
+                       # batch-1 matrix-vector product is memory-bound either way)
 
 
 def _usable(t: torch.Tensor) -> bool:
@@ -23,13 +25,13 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
-        self.fast = _usable(weight)
+        self.fast = _usable(weight) and weight.numel() >= 1 << 16
         if self.fast:
             self._w = weight.detach().contiguous().to_mkldnn()
             self._b = None if bias is None else bias.detach().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.fast and _usable(x)) or x.requires_grad:
+        if not (self.fast and _usable(x)) or x.requires_grad or x.numel() * self.weight.shape[0] < MIN_MACS:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         y = torch._C._nn.mkldnn_linear(x2.to_mkldnn(), self._w, self._b).to_dense()
@@ -41,5 +43,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def t_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a.T @ b`` for ``a [N, M]``, ``b [N, K]`` (a weight gradient summed over N = time x batch)."""
-    return linear(a.t(), b.t())
+    """``a.T @ b`` for ``a [N, M]``, ``b [N, K]`` (a weight gradient summed over N = time x batch).
+    Plain ``mm``: BLAS takes the transpose for free, while oneDNN would need both operands
+    transposed and converted first, which costs more than it saves (0.60 s against 0.65 s for
+    12800 x 2048 by 12800 x 512 on one thread)."""
+    return a.t() @ b
