@@ -116,17 +116,18 @@ class Probe:
                                 "probe a model built from PyTorch's recurrent modules")
         self.calls: list[CallTrace] = []
         self._last_state: dict[str, object] = {}
-        self._saved: dict[str, object] = {}
+        self._saved: dict[nn.Parameter, bool] = {}
 
     @property
     def trace(self) -> Trace:
         return Trace(self.calls)
 
     def __enter__(self) -> "Probe":
+        taken = [name for name, m in self.modules.items() if "forward" in m.__dict__]
+        if taken:       # checked before touching anything, so a refusal leaves the model as it was
+            raise RnnscopeError(f"module {taken[0] or '<model>'} already has an instance-level forward "
+                                "(another probe?)", "exit the other Probe first")
         for name, m in self.modules.items():
-            if "forward" in m.__dict__:
-                raise RnnscopeError(f"module {name or '<model>'} already has an instance-level forward (another probe?)",
-                                    "exit the other Probe first")
             m.forward = partial(self._forward, name, m)
         if not self.param_grads:
             self._saved = {p: p.requires_grad for p in self.model.parameters()}

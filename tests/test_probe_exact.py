@@ -125,6 +125,15 @@ def test_model_is_left_exactly_as_it_was_even_on_error():
     assert torch.equal(m(x)[0], ref)
 
 
+def test_a_refused_probe_touches_nothing():
+    m = nn.Sequential(nn.LSTM(3, 4), nn.GRU(4, 4))
+    m[1].forward = lambda *a: "user's own"
+    with pytest.raises(RnnscopeError, match="module 1 already has an instance-level forward"):
+        with Probe(m):
+            pass
+    assert "forward" not in m[0].__dict__ and m[1].forward() == "user's own"
+
+
 def test_nested_modules_are_named_by_their_qualified_names():
     class Net(nn.Module):
         def __init__(self):
