@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear")
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_MACS = 1 << 24     # below this a call's layout conversions cost more than oneDNN saves (and a
                        # batch-1 matrix-vector product is memory-bound either way)
 
@@ -26,15 +26,15 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.fast = _usable(weight) and weight.numel() >= 1 << 16
-        if self.fast:
-            self._w = weight.detach().contiguous().to_mkldnn()
+        if self.fast:      # dense in, dense out: no layout conversions of the activations
+            self._w = weight.detach().contiguous()
             self._b = None if bias is None else bias.detach().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.fast and _usable(x)) or x.requires_grad or x.numel() * self.weight.shape[0] < MIN_MACS:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch._C._nn.mkldnn_linear(x2.to_mkldnn(), self._w, self._b).to_dense()
+        y = torch.ops.mkldnn._linear_pointwise(x2, self._w, self._b, "none", [], "")
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
