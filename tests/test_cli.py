@@ -91,8 +91,11 @@ def test_ctrl_c_during_probe_leaves_no_run(tmp_path):
     text = tmp_path / "big.c"
     text.write_text((zoo.SAMPLES / "linux.c").read_text() * 12)
     out = tmp_path / "run"
+    # a runner that starts jobs in the background hands them SIGINT ignored: give the child the
+    # default back, as a terminal would, so Python turns Ctrl-C into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "rnnscope.cli", "probe", "zoo:lstm-linux", "--text", str(text),
-                             "--out", str(out), "--grad"], stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), "--grad"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not any(p.name.startswith(".run.partial") for p in tmp_path.iterdir()):
         time.sleep(0.05)
