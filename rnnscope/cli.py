@@ -23,11 +23,11 @@ def _zoo_list(args) -> None:
 
 def _zoo_corpus(args) -> None:
     from zoo import corpus
-    c = corpus(args.name, deb=args.deb, sdist=args.sdist) if (args.deb or args.sdist or args.rebuild) \
-        else corpus(args.name)
+    from zoo.corpora import BUILDERS
     if args.rebuild and not (args.deb or args.sdist):
-        from zoo.corpora import BUILDERS
-        c = BUILDERS[args.name]()
+        c = BUILDERS[args.name]()          # build anew from the registry
+    else:
+        c = corpus(args.name, deb=args.deb, sdist=args.sdist)   # cached, or built from what was given
     for split, info in c.manifest["splits"].items():
         print(f"{split:5s} {info['chars']:>10,d} chars  {len(info['files']):4d} files  {c.path / (split + '.txt')}")
 
