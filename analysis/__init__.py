@@ -1,5 +1,13 @@
-"""analysis: what units track. Feature tracks today (``analysis.features``); neuron search,
-saturation, gradient flow and interventions are to come (issue 4)."""
-from . import features
+"""analysis: what units track, how surely, and whether they matter.
 
-__all__ = ["features"]
+Every function reads a Run (or an in-memory trace with its text) and returns a pandas DataFrame:
+``features`` (per-character tracks), ``find_neurons`` / ``sparse_probe`` (which units track a
+feature), ``ablate`` / ``Intervention`` (edit units in the real forward pass), ``gate_saturation``,
+``gradient_norms`` / ``gradient_decay`` (gradient flow through time).
+"""
+from . import features
+from .intervene import Intervention, ablate, position_mask
+from .neurons import benjamini_hochberg, find_neurons, top_units
+
+__all__ = ["features", "find_neurons", "top_units", "benjamini_hochberg", "Intervention", "ablate",
+           "position_mask"]

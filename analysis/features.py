@@ -98,15 +98,15 @@ def in_if_condition(text: str, language: str = "c") -> np.ndarray:
     toks = _tokens(text, language)
     for n, (i, tok, v) in enumerate(toks):
         if tok in Keyword and v == "if":
-            rest = [t for t in toks[n + 1:n + 4] if t[2].strip()]
-            if not rest or rest[0][2] != "(" or rest[0][1] not in Punctuation:
+            rest = [m for m in range(n + 1, min(n + 4, len(toks))) if toks[m][2].strip()]
+            if not rest or toks[rest[0]][2] != "(" or toks[rest[0]][1] not in Punctuation:
                 continue
-            depth = 0
-            for j, tj, vj in toks[toks.index(rest[0]):]:
+            depth, start = 0, toks[rest[0]][0]
+            for j, tj, vj in toks[rest[0]:]:
                 if tj in Punctuation:
                     depth += vj.count("(") - vj.count(")")
                 if depth <= 0:
-                    mask[rest[0][0]:j] = 1
+                    mask[start:j] = 1
                     break
     return mask
 

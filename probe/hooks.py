@@ -17,7 +17,7 @@ from zoo.errors import RnnscopeError
 
 from .autograd import RecordedDirection
 from .keys import GRAD_KINDS, KINDS, family, recurrent_modules, state_key
-from .replay import direction_params, run_layer, states
+from .replay import direction_params, initial_state, run_layer, states, time_major, user_layout
 
 
 class _Direction:
@@ -162,10 +162,9 @@ class Probe:
             raise RnnscopeError(f"{name}: PackedSequence input is not supported by the probe",
                                 "pad the batch (torch.nn.utils.rnn.pad_packed_sequence) and probe the padded tensor")
         kind = family(m)
-        unbatched = input.dim() == 2
-        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if m.batch_first else input)
-        D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
-        P = getattr(m, "proj_size", 0) or H
+        x, unbatched = time_major(m, input)
+        D, L = 2 if m.bidirectional else 1, m.num_layers
+        P = getattr(m, "proj_size", 0) or m.hidden_size
         B = x.shape[1]
         if hx is None and self.carry and name in self._last_state:
             hx = self._last_state[name]
@@ -173,13 +172,9 @@ class Probe:
             if prev_b != B:
                 raise RnnscopeError(f"{name}: carried state has batch {prev_b}, this call has batch {B}",
                                     "keep the batch size fixed while carrying state, or pass hx")
-        if hx is None:
-            h0 = x.new_zeros(L * D, B, P)
-            c0 = x.new_zeros(L * D, B, H) if kind == "LSTM" else None
-        else:
             h0, c0 = hx if kind == "LSTM" else (hx, None)
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        else:
+            h0, c0 = initial_state(m, x, hx, unbatched)
         call = CallTrace()
         self.calls.append(call)
         if self.grad and not self.param_grads and torch.is_grad_enabled() and not x.requires_grad:
@@ -206,16 +201,10 @@ class Probe:
             layer_in = out
             if layer < L - 1 and m.dropout and m.training:
                 layer_in = nn.functional.dropout(out, m.dropout, True)
-        output = layer_in
-        h_n = torch.cat(h_ns, 0)
-        state = (h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n
-        if self.carry:
-            self._last_state[name] = tuple(s.detach() for s in state) if kind == "LSTM" else state.detach()
-        if unbatched:
-            output = output.squeeze(1)
-            state = tuple(s.squeeze(1) for s in state) if kind == "LSTM" else state.squeeze(1)
-        elif m.batch_first:
-            output = output.transpose(0, 1)
+        if self.carry:          # kept in the batched layout, whatever the caller's
+            h_n = torch.cat(h_ns, 0).detach()
+            self._last_state[name] = (h_n, torch.cat(c_ns, 0).detach()) if kind == "LSTM" else h_n
+        output, state = user_layout(m, layer_in, h_ns, c_ns, unbatched)
         return output, state
 
     @staticmethod

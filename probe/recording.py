@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -110,3 +110,34 @@ def states(module: nn.Module, p: DirectionParams, x, h, h0, c0=None) -> dict[str
     if isinstance(module, nn.GRU):
         return gru_states(p, x, h, h0)
     return {"h": h}
+
+
+def time_major(m: nn.Module, input: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The module's input in ``[time, batch, features]``, and whether it came unbatched."""
+    unbatched = input.dim() == 2
+    return (input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if m.batch_first else input)), unbatched
+
+
+def initial_state(m: nn.Module, x: torch.Tensor, hx, unbatched: bool):
+    """``(h0 [L*D, B, P], c0 [L*D, B, H] or None)``: the caller's, or zeros."""
+    lstm = isinstance(m, nn.LSTM)
+    D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
+    P = getattr(m, "proj_size", 0) or H
+    if hx is None:
+        return x.new_zeros(L * D, x.shape[1], P), (x.new_zeros(L * D, x.shape[1], H) if lstm else None)
+    h0, c0 = hx if lstm else (hx, None)
+    if unbatched:
+        h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+    return h0, c0
+
+
+def user_layout(m: nn.Module, output: torch.Tensor, h_ns: list, c_ns: list, unbatched: bool):
+    """Per-layer final states and the time-major output, back in the module's own return layout."""
+    h_n = torch.cat(h_ns, 0)
+    state = (h_n, torch.cat(c_ns, 0)) if isinstance(m, nn.LSTM) else h_n
+    if unbatched:
+        output = output.squeeze(1)
+        state = tuple(s.squeeze(1) for s in state) if isinstance(state, tuple) else state.squeeze(1)
+    elif m.batch_first:
+        output = output.transpose(0, 1)
+    return output, state

@@ -66,6 +66,26 @@ def _probe(args) -> None:
           f"loss {loss['mean_nats']:.4f} nats/char ({loss['bits_per_char']:.3f} bits/char)")
 
 
+def _analyze(args) -> None:
+    from analysis.report import analyze, table_path, top_table
+    from probe import open_run
+    run = open_run(args.run)
+    features = args.features.split(",") if args.features else None
+    language = "auto" if args.language == "auto" else (None if args.language == "prose" else args.language)
+    out = analyze(run, features=features, language=language, heldout=args.heldout, shifts=args.shifts,
+                  checkpoint=args.checkpoint, decay=not args.no_decay, max_lag=args.max_lag,
+                  sparse=args.sparse, ablation=args.ablate, controls=args.controls)
+    print(f"\ntop units per feature (score on the first {1 - args.heldout:.0%} of the text, "
+          f"heldout_score on the rest; q: Benjamini-Hochberg over all units and features)")
+    print(top_table(out["neurons"], args.top))
+    if "half_lives" in out:
+        print("\ngradient half-life through time (steps):")
+        print(out["half_lives"][["key", "half_life", "lag_to_1pct", "exploding"]].to_string(index=False))
+    for name, why in out["summary"]["skipped"].items():
+        print(f"skipped {name}: {why}")
+    print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(run, 'x').parent}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnscope", description="Look inside trained recurrent networks: "
                                 "states, gates and gradients of RNN / LSTM / GRU models, over their text.")
@@ -118,6 +138,23 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-chars", type=int, default=0, help="probe only the first N characters")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")
     pr.set_defaults(func=_probe)
+
+    an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
+    an.add_argument("run", help="a Run written by `rnnscope probe`")
+    an.add_argument("--features", help="comma-separated built-in features (default: those of the run's language)")
+    an.add_argument("--language", default="auto",
+                    help="lexer for code features: c, python, ... or prose (default: from the checkpoint's corpus)")
+    an.add_argument("--heldout", type=float, default=0.3, help="share of the text, at its end, held out (default 0.3)")
+    an.add_argument("--shifts", type=int, default=16, help="circular shifts in the significance null (default 16)")
+    an.add_argument("--top", type=int, default=3, help="units printed per feature (default 3)")
+    an.add_argument("--checkpoint", help="the model, if not where the run was probed from (for decay and ablation)")
+    an.add_argument("--no-decay", action="store_true", help="skip the gradient decay curve")
+    an.add_argument("--max-lag", type=int, default=200, help="longest lag of the decay curve (default 200)")
+    an.add_argument("--sparse", action="store_true", help="also fit L1 probes: how few units carry each feature")
+    an.add_argument("--ablate", action="store_true",
+                    help="also hold each binary feature's best unit at its mean and compare with random units")
+    an.add_argument("--controls", type=int, default=100, help="random units per ablation (default 100)")
+    an.set_defaults(func=_analyze)
     return p
 
 

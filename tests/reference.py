@@ -13,8 +13,10 @@ def _params(m, layer, rev):
     return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr")
 
 
-def unrolled(m: nn.Module, x: torch.Tensor, hx=None, perturb: bool = False):
-    """Run module ``m`` on ``x`` (its own layout) in float64, one step at a time. Returns
+def unrolled(m: nn.Module, x: torch.Tensor, hx=None, perturb: bool = False, edits=None):
+    """Run module ``m`` on ``x`` (its own layout) in float64, one step at a time. ``edits``:
+    ``{(layer, rev, kind): (mask [B, units], value [B, units])}`` replaces those units of that state
+    or gate at every step, right after it is computed. Returns
     ``(out [B,T,*], states {(layer, rev, kind): [B,T,units]}, deltas {(layer, rev, kind): [B,T,units]})``."""
     lstm, gru = isinstance(m, nn.LSTM), isinstance(m, nn.GRU)
     x = x.double()
@@ -37,30 +39,36 @@ def unrolled(m: nn.Module, x: torch.Tensor, hx=None, perturb: bool = False):
             rec = {k: [None] * T for k in ("h", "c", "i", "f", "g", "o", "r", "z", "n")}
             dh = torch.zeros(B, T, P, dtype=torch.float64, requires_grad=perturb)
             dc = torch.zeros(B, T, H, dtype=torch.float64, requires_grad=perturb)
+            ed = {k[2]: v for k, v in (edits or {}).items() if k[:2] == (layer, rev)}
+
+            def put(k, v):
+                return torch.where(ed[k][0], ed[k][1].double(), v) if k in ed else v
+
             for t in (range(T - 1, -1, -1) if rev else range(T)):
                 xt = layer_in[:, t]
                 if lstm:
                     a = xt @ w_ih.T + b_ih + h @ w_hh.T + b_hh
                     i, f, g, o = a.chunk(4, -1)
-                    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-                    c = f * c + i * g + dc[:, t]
+                    i, f, g, o = (put(k, v) for k, v in zip("ifgo", (torch.sigmoid(i), torch.sigmoid(f),
+                                                                          torch.tanh(g), torch.sigmoid(o))))
+                    c = put("c", f * c + i * g) + dc[:, t]
                     h = o * torch.tanh(c)
                     if w_hr is not None:
                         h = h @ w_hr.T
-                    h = h + dh[:, t]
+                    h = put("h", h) + dh[:, t]
                     for k, v in zip("cifgo", (c, i, f, g, o)):
                         rec[k][t] = v
                 elif gru:
                     ax, ah = xt @ w_ih.T + b_ih, h @ w_hh.T + b_hh
-                    r = torch.sigmoid(ax[:, :H] + ah[:, :H])
-                    z = torch.sigmoid(ax[:, H:2 * H] + ah[:, H:2 * H])
-                    n = torch.tanh(ax[:, 2 * H:] + r * ah[:, 2 * H:])
-                    h = (1 - z) * n + z * h + dh[:, t]
+                    r = put("r", torch.sigmoid(ax[:, :H] + ah[:, :H]))
+                    z = put("z", torch.sigmoid(ax[:, H:2 * H] + ah[:, H:2 * H]))
+                    n = put("n", torch.tanh(ax[:, 2 * H:] + r * ah[:, 2 * H:]))
+                    h = put("h", (1 - z) * n + z * h) + dh[:, t]
                     for k, v in zip("rzn", (r, z, n)):
                         rec[k][t] = v
                 else:
                     a = xt @ w_ih.T + b_ih + h @ w_hh.T + b_hh
-                    h = (torch.tanh(a) if m.nonlinearity == "tanh" else torch.relu(a)) + dh[:, t]
+                    h = put("h", torch.tanh(a) if m.nonlinearity == "tanh" else torch.relu(a)) + dh[:, t]
                 rec["h"][t] = h
             for k, v in rec.items():
                 if v[0] is not None:

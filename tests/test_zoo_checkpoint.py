@@ -1,6 +1,5 @@
 import json
 import pickle
-import shutil
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ validation the next 10%, train the rest. Text is normalised to a small fixed alp
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil

@@ -1,0 +1,38 @@
+"""Gate saturation (Karpathy, Johnson & Fei-Fei 2015, section 4.3): per gate and unit, the fraction of
+steps the gate is left-saturated (< 0.1, nearly closed) and right-saturated (> 0.9, nearly open).
+The paper's scatter puts each unit at (left, right): forget-gate units on the right edge are the
+ones that remember for a long time; units in the bottom-left corner are never saturated."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from probe import parse_key
+
+from .source import as_source
+
+GATES = {"i", "f", "o", "r", "z"}          # sigmoid gates (LSTM i f o, GRU r z); g and n are tanh
+
+
+def gate_saturation(run, *, text: str | None = None, low: float = 0.1, high: float = 0.9,
+                    chunk: int = 65536) -> pd.DataFrame:
+    """One row per unit of every recorded sigmoid gate: ``key, layer, gate, index, unit, left, right``
+    (fractions of steps below ``low`` / above ``high``), plus ``mean``."""
+    src = as_source(run, text)
+    keys = src.need(GATES, "gate saturation", "record the gates (rnnscope probe without --kinds, or --kinds i,f,o)")
+    frames = []
+    for key in keys:
+        a = src.arrays[key]
+        T, U = a.shape
+        left, right, total = np.zeros(U), np.zeros(U), np.zeros(U)
+        for s in range(0, T, chunk):
+            x = np.asarray(a[s:s + chunk], np.float32)
+            left += (x < low).sum(0)
+            right += (x > high).sum(0)
+            total += np.nan_to_num(x).sum(0, dtype=np.float64)
+        info = parse_key(key)
+        frames.append(pd.DataFrame({"key": key, "layer": info["layer"], "reverse": info["reverse"],
+                                    "gate": info["kind"], "index": np.arange(U),
+                                    "unit": [f"{key}:{i}" for i in range(U)],
+                                    "left": left / T, "right": right / T, "mean": total / T}))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,113 @@
+"""Gradient flow through time (Pascanu, Mikolov & Bengio 2013).
+
+``gradient_norms(run)``: from a Run recorded with ``--grad``, the norm over units of ``grad_h`` and
+``grad_c`` at every step, per layer: where the total loss pulls hardest, and where it explodes.
+
+``gradient_decay(model, ids)``: how far back one prediction's gradient reaches. For many sampled
+positions t (one loss each, batched: windows are independent batch elements, so summing their losses
+keeps each gradient its own), the norm of dL_t/dh_{t-k} and dL_t/dc_{t-k} for lags k = 0..max_lag,
+averaged over positions; ``half_lives`` fits log-norm against lag and reports the half-life in steps.
+A plain RNN's Jacobian product shrinks geometrically; the LSTM's cell path multiplies by forget gates
+only, which can stay near 1.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from probe import Probe, parse_key
+from zoo.errors import RnnscopeError
+
+from .source import as_source
+
+
+def gradient_norms(run, *, text: str | None = None, chunk: int = 65536, explode: float = 100.0) -> pd.DataFrame:
+    """``[time]`` rows, one column per gradient key: the L2 norm over units at each step. Steps whose
+    norm exceeds ``explode`` times that key's median are listed in ``frame.attrs['exploding']``."""
+    src = as_source(run, text)
+    keys = src.need({"grad_h", "grad_c"}, "gradient norms", "record with `rnnscope probe ... --grad`")
+    cols = {}
+    for key in keys:
+        a = src.arrays[key]
+        out = np.empty(a.shape[0], np.float64)
+        for s in range(0, a.shape[0], chunk):
+            x = np.asarray(a[s:s + chunk], np.float64)
+            out[s:s + len(x)] = np.sqrt((x * x).sum(1))
+        cols[key] = out
+    frame = pd.DataFrame(cols)
+    frame.index.name = "step"
+    med = frame.median()
+    frame.attrs["exploding"] = {k: int((frame[k] > explode * med[k]).sum()) for k in keys}
+    return frame
+
+
+def gradient_decay(model: nn.Module, ids: torch.Tensor, *, positions: int = 512, max_lag: int = 200,
+                   warmup: int = 50, batch: int = 64, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+    """``ids [1, time]`` (a char model's input, logits ``[batch, time, vocab]`` out). Returns one row
+    per (key, lag): ``key, layer, kind, lag, mean, geo_mean, q10, q90, positions``: statistics over the
+    sampled positions of ``||dL_t / dstate_{t-lag}||``."""
+    T = ids.shape[1]
+    W = warmup + max_lag + 1
+    if T < W + 1:
+        raise RnnscopeError(f"the text has {T} characters; a decay curve to lag {max_lag} after {warmup} "
+                            f"warm-up steps needs at least {W + 1}", "use a longer text or a smaller --max-lag")
+    rng = np.random.default_rng(seed)
+    ends = np.sort(rng.choice(np.arange(W - 1, T - 1), size=min(positions, T - W), replace=False))
+    norms: dict[str, list[np.ndarray]] = {}
+    was = model.training
+    model.eval()
+    try:
+        for s in tqdm(range(0, len(ends), batch), desc="decay", unit="batch", disable=not progress):
+            e = ends[s:s + batch]
+            windows = torch.stack([ids[0, t - W + 1:t + 1] for t in e])
+            targets = ids[0, torch.as_tensor(e + 1)]
+            with Probe(model, grad=True, kinds=["h"], param_grads=False) as p:
+                logits = model(windows)
+                nn.functional.cross_entropy(logits[:, -1], targets, reduction="sum").backward()
+            for key in p.trace:
+                if parse_key(key)["kind"].startswith("grad_"):
+                    g = p.trace[key].detach().double()            # [B, W, units]
+                    n = g.norm(dim=-1).flip(1)[:, :max_lag + 1]   # lag 0 first
+                    norms.setdefault(key, []).append(n.numpy())
+    finally:
+        model.train(was)
+    rows = []
+    for key, parts in norms.items():
+        n = np.concatenate(parts)                                  # [positions, lags]
+        with np.errstate(divide="ignore"):
+            logs = np.log(n)
+        info = parse_key(key)
+        for lag in range(n.shape[1]):
+            col, lc = n[:, lag], logs[:, lag]
+            rows.append({"key": key, "layer": info["layer"], "kind": info["kind"], "lag": lag,
+                         "mean": col.mean(), "geo_mean": float(np.exp(lc[np.isfinite(lc)].mean()))
+                         if np.isfinite(lc).any() else 0.0,
+                         "q10": np.quantile(col, 0.1), "q90": np.quantile(col, 0.9), "positions": len(col)})
+    return pd.DataFrame(rows)
+
+
+def half_lives(curve: pd.DataFrame, *, start: int = 1, stat: str = "geo_mean") -> pd.DataFrame:
+    """Per key: the slope of ``log(stat)`` against lag (least squares over lags >= ``start``), the
+    half-life ``ln 2 / -slope`` in steps (inf when the norm does not fall), the first lag at which the
+    norm is below 1% of its value at ``start``, and ``exploding`` when it grows instead."""
+    rows = []
+    for key, g in curve.groupby("key", sort=False):
+        g = g[g["lag"] >= start]
+        y = g[stat].to_numpy()
+        ok = np.isfinite(y) & (y > 0)
+        if ok.sum() < 2:
+            slope, r2 = np.nan, np.nan
+        else:
+            lag, ly = g["lag"].to_numpy()[ok], np.log(y[ok])
+            slope, icept = np.polyfit(lag, ly, 1)
+            resid = ly - (slope * lag + icept)
+            r2 = 1 - resid.var() / ly.var() if ly.var() > 0 else np.nan
+        below = np.nonzero(y < 0.01 * y[0])[0] if len(y) else []
+        rows.append({"key": key, "layer": int(g["layer"].iloc[0]), "kind": g["kind"].iloc[0],
+                     "slope_per_step": slope, "half_life": (np.log(2) / -slope) if slope < 0 else np.inf,
+                     "fit_r2": r2, "lag_to_1pct": int(g["lag"].iloc[below[0]]) if len(below) else None,
+                     "max_lag": int(g["lag"].max()), "exploding": bool(slope > 0 or (y > 1e3 * y[0]).any())})
+    return pd.DataFrame(rows)
