@@ -86,6 +86,26 @@ def _analyze(args) -> None:
     print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(run, 'x').parent}")
 
 
+def _serve(args) -> None:
+    from dashboards import serve
+    serve(args.run, port=args.port, host=args.host, show=args.show, window=args.window)
+
+
+def _export(args) -> None:
+    from dashboards import export, top_units_for, unit_figure, units_figure
+    from zoo.errors import RnnscopeError
+    chosen = [bool(args.unit), bool(args.units), bool(args.feature)]
+    if sum(chosen) != 1:
+        raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
+                            "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
+    if args.unit:
+        fig = unit_figure(args.run, args.unit, args.start, args.end)
+    else:
+        units = args.units.split(",") if args.units else top_units_for(args.run, args.feature, args.top)
+        fig = units_figure(args.run, units, args.start, args.end)
+    print(f"wrote {export(fig, args.out)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnscope", description="Look inside trained recurrent networks: "
                                 "states, gates and gradients of RNN / LSTM / GRU models, over their text.")
@@ -155,6 +175,26 @@ def parser() -> argparse.ArgumentParser:
                     help="also hold each binary feature's best unit at its mean and compare with random units")
     an.add_argument("--controls", type=int, default=100, help="random units per ablation (default 100)")
     an.set_defaults(func=_analyze)
+
+    sv = sub.add_parser("serve", help="the dashboard: the text coloured by any unit, the neuron table, heatmaps, "
+                                      "gradient flow, gate saturation, pattern search")
+    sv.add_argument("run", help="a Run written by `rnnscope probe` (and `rnnscope analyze`)")
+    sv.add_argument("--port", type=int, default=5006, help="port (default 5006)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--show", action="store_true", help="open a browser on it")
+    sv.add_argument("--window", type=int, default=10000, help="characters per page of text (default 10000)")
+    sv.set_defaults(func=_serve)
+
+    ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html")
+    ex.add_argument("run", help="a Run written by `rnnscope probe`")
+    ex.add_argument("--unit", help="KEY:INDEX: the text coloured by this unit")
+    ex.add_argument("--units", help="KEY:I,KEY:J,...: a heatmap of these units")
+    ex.add_argument("--feature", help="a heatmap of the top units for this feature (needs `rnnscope analyze`)")
+    ex.add_argument("--top", type=int, default=10, help="with --feature: how many units (default 10)")
+    ex.add_argument("--start", type=int, default=0, help="first character (default 0)")
+    ex.add_argument("--end", type=int, help="last character, exclusive (default: 3,000 after --start)")
+    ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
+    ex.set_defaults(func=_export)
     return p
 
 

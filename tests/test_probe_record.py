@@ -33,7 +33,7 @@ def test_chunked_run_equals_one_pass(arch, tmp_path, tiny_vocab):
     assert np.isnan(run.loss[-1])                      # the last character has no next one
     u = run.units
     assert len(u) == sum(run[k].shape[1] for k in run.keys())
-    row = u[u.unit == f"rnn.l1.h:3"].iloc[0]
+    row = u[u.unit == "rnn.l1.h:3"].iloc[0]
     assert row["mean"] == pytest.approx(float(p.trace["rnn.l1.h"][0, :, 3].mean()), abs=1e-5)
 
 

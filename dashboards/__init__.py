@@ -1,0 +1,10 @@
+"""dashboards: the Bokeh server app over a Run (``rnnscope serve``) and heatmap export to PNG, SVG
+and standalone HTML (``rnnscope export``)."""
+from .export import export, top_units_for, unit_figure, units_figure
+
+__all__ = ["export", "top_units_for", "unit_figure", "units_figure", "serve"]
+
+
+def serve(*args, **kwargs):
+    from .server import serve as _serve
+    return _serve(*args, **kwargs)

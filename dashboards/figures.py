@@ -1,0 +1,147 @@
+"""The figures shared by the dashboard and the exporters: the text coloured by a unit (as in the
+figures of Karpathy, Johnson & Fei-Fei 2015), and a units x time heatmap.
+
+Text is drawn as Bokeh ``text`` glyphs on a canvas, one per character, over ``rect`` glyphs coloured
+through a ``LinearColorMapper``: the characters never become HTML, so a text holding ``<script>`` is
+drawn, never run, and changing the unit changes one column of a ``ColumnDataSource``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from bokeh.models import (ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d,
+                          WheelPanTool)
+from bokeh.palettes import RdBu11
+from bokeh.plotting import figure
+
+from probe import parse_key
+
+TAB, WRAP = 8, 160
+BOUNDED = {"h", "g", "n", "i", "f", "o", "r", "z"}       # tanh or sigmoid: fixed -1..1
+PALETTE = tuple(reversed(RdBu11))                          # blue negative, white 0, red positive
+SHOWN = {"\n": "\u21b5", "\t": " "}
+COL, ROW = 9, 20                  # pixels per column and per line of text
+FONT, ADVANCE = "DejaVu Sans Mono, Liberation Mono, monospace", 0.6021   # advance width in em
+
+
+def layout(text: str, start: int = 0) -> tuple[dict, dict]:
+    """Where each character sits and what is written there.
+
+    Returns ``cells`` (one per character: ``x`` the centre of its cell, ``w`` its width in columns, a
+    tab spanning to the next stop, ``y`` minus the line number, ``char`` as shown, ``pos`` absolute)
+    and ``lines`` (one per displayed line: ``y`` and the ``line`` string, drawn as one glyph: one
+    canvas call per line instead of per character keeps a repaint of 10,000 characters cheap)."""
+    xs, ws, ys = (np.empty(len(text), np.float64) for _ in range(3))
+    rows: list[list[str]] = [[]]
+    col = row = 0
+    for i, ch in enumerate(text):
+        if col >= WRAP:
+            col, row = 0, row + 1
+            rows.append([])
+        w = TAB - col % TAB if ch == "\t" else 1
+        xs[i], ws[i], ys[i] = col + (w - 1) / 2, w, -row
+        rows[-1].append(" " * w if ch == "\t" else SHOWN.get(ch, ch))
+        if ch == "\n":
+            col, row = 0, row + 1
+            rows.append([])
+        else:
+            col += w
+    cells = {"x": xs, "w": ws, "y": ys, "char": [SHOWN.get(c, c) for c in text],
+             "pos": np.arange(start, start + len(text))}
+    lines = {"x": np.full(len(rows), -0.5), "y": -np.arange(len(rows), dtype=np.float64),
+             "line": ["".join(r) for r in rows]}
+    return cells, lines
+
+
+def colour_range(key: str, values: np.ndarray) -> float:
+    """Half-width of the symmetric colour scale: 1 for bounded states and gates, else the 99th
+    percentile of |value| (cell states reach 100 and more; gradients are tiny)."""
+    if parse_key(key)["kind"] in BOUNDED:
+        return 1.0
+    v = np.abs(np.asarray(values, np.float64))
+    v = v[np.isfinite(v)]
+    top = float(np.quantile(v, 0.99)) if len(v) else 1.0
+    return top if top > 0 else 1.0
+
+
+def text_figure(source: ColumnDataSource, lines_source: ColumnDataSource, *, half: float | None = None,
+                lines: int = 40, title: str = "") -> figure:
+    """The coloured text: ``source`` holds the cells (``x w y char pos value loss``, see
+    ``text_data``), ``lines_source`` the line strings drawn over them. Shows ``lines`` lines at a
+    time and scrolls with the mouse wheel. The plot's frame is sized so that one column is exactly
+    COL pixels and the monospace font's advance matches it; a new unit changes only the cells'
+    ``value`` and ``shade`` columns, so the browser does not lay the text out again. Cells are
+    coloured by ``shade`` (the value over the unit's colour range, -1..1) through a fixed mapper: a
+    new scale never relayouts the colour bar, whose ends read the scale ``half`` when given, else
+    "-max" / "+max" (the dashboard prints the scale beside the unit)."""
+    mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1)
+    n_lines = len(lines_source.data["y"])
+    cols = max(int(max(source.data["x"] + source.data["w"] / 2, default=0)) + 1, 80)
+    shown = min(lines, n_lines)
+    p = figure(frame_width=COL * cols, frame_height=ROW * shown, title=title, name="text_plot",
+               x_range=Range1d(-0.5, cols - 0.5), y_range=Range1d(-shown + 0.5, 0.5),
+               tools="pan,box_select,tap,reset", toolbar_location="above", output_backend="canvas",
+               min_border_left=4, min_border_right=4)
+    p.add_tools(WheelPanTool(dimension="height"))
+    p.toolbar.active_scroll = p.tools[-1]
+    cells = p.rect(x="x", y="y", width="w", height=1, source=source, line_color=None,
+                   fill_color={"field": "shade", "transform": mapper})
+    p.text(x="x", y="y", text="line", source=lines_source, text_font={"value": FONT},
+           text_font_size=f"{COL / ADVANCE:.2f}px", text_align="left", text_baseline="middle", text_color="#111111")
+    p.add_tools(HoverTool(renderers=[cells], tooltips=[("char", "@char"), ("position", "@pos"),
+                                                       ("value", "@value{0.0000}"), ("next-char loss", "@loss{0.000}")]))
+    p.axis.visible = False
+    p.grid.visible = False
+    ends = ("-max", "+max") if half is None else (f"{-half:.3g}", f"{half:.3g}")
+    p.add_layout(ColorBar(color_mapper=mapper, ticker=FixedTicker(ticks=[-1, -0.5, 0, 0.5, 1]), width=12,
+                          major_label_overrides={-1: ends[0], 0: "0", 1: ends[1], -0.5: "", 0.5: ""},
+                          location=(0, 0)), "right")
+    return p
+
+
+def shade(values: np.ndarray, half: float) -> np.ndarray:
+    return np.clip(np.nan_to_num(np.asarray(values, np.float32)) / half, -1, 1)
+
+
+def text_data(text: str, start: int, values: np.ndarray, loss: np.ndarray, half: float) -> tuple[dict, dict]:
+    """``(cells, lines)`` for ``text_figure``'s two sources; colours span ``-half..half``."""
+    cells, lines = layout(text, start)
+    cells["value"] = np.nan_to_num(np.asarray(values, np.float32))
+    cells["shade"] = shade(values, half)
+    cells["loss"] = np.asarray(loss, np.float32)
+    return cells, lines
+
+
+def heatmap_figure(matrix: np.ndarray, labels: list[str], start: int, *, width: int = 1400,
+                   title: str = "", half: float | None = None) -> tuple[figure, ColumnDataSource, LinearColorMapper]:
+    """``matrix [units, time]`` as an image, one row per unit (first on top), time from ``start``."""
+    mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1)
+    src = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []})
+    p = figure(width=width, height=80 + 16 * max(len(labels), 4), title=title, name="heatmap",
+               x_range=Range1d(start, start + 1), y_range=Range1d(0, max(len(labels), 1)),
+               tools="xpan,xwheel_zoom,reset", toolbar_location="above")
+    p.image(image="image", x="x", y="y", dw="dw", dh="dh", source=src, color_mapper=mapper)
+    p.xaxis.axis_label = "character position"
+    p.add_layout(ColorBar(color_mapper=mapper, width=12), "right")
+    set_heatmap(p, src, mapper, matrix, labels, start, half)
+    return p, src, mapper
+
+
+def set_heatmap(p, src, mapper, matrix: np.ndarray, labels: list[str], start: int, half: float | None = None):
+    """Replace the heatmap's data in place (the dashboard calls this on every change). Each row is
+    divided by its own unit's colour range (1 for bounded kinds), so a cell state at 40 and a gate at
+    0.9 share one -1..1 scale."""
+    matrix = np.nan_to_num(np.asarray(matrix, np.float64)).reshape(len(labels), -1)
+    T = max(matrix.shape[1], 1)
+    for j, lab in enumerate(labels):
+        key = lab.rsplit(":", 1)[0]
+        matrix[j] /= colour_range(key if "." in key else "x.l0.c", matrix[j])
+    mapper.update(low=-1, high=1)
+    src.data = {"image": [matrix[::-1]], "x": [start], "y": [0], "dw": [T], "dh": [max(len(labels), 1)]}
+    p.x_range.update(start=start, end=start + T)
+    p.y_range.update(start=0, end=max(len(labels), 1))
+    p.height = 80 + int(np.clip(16 * len(labels), 64, 640))
+    shown = len(labels) <= 40                   # a whole layer gets no per-row labels: they would overlap
+    ticks = [len(labels) - 1 - j + 0.5 for j in range(len(labels))] if shown else []
+    p.yaxis.ticker = FixedTicker(ticks=ticks)
+    p.yaxis.major_label_overrides = {t: lab for t, lab in zip(ticks, labels)}
+    p.yaxis.axis_label = None if shown else f"{len(labels)} units (top: index 0)"
