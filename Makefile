@@ -19,9 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rnnscope zoo list
 	$(BIN)/rnnscope probe zoo:lstm-linux --text zoo/samples/linux.c --out $(RUN) --grad --overwrite
+	$(BIN)/rnnscope analyze $(RUN)
+	$(BIN)/rnnscope export $(RUN) --feature in_comment --top 10 --out $(RUN)/in_comment.html
 	@echo
-	@echo "Recorded every state, gate and gradient of zoo:lstm-linux over zoo/samples/linux.c into $(RUN)."
-	@echo "Next:  $(PY) -c \"import probe; r = probe.open_run('$(RUN)'); print(r.keys(), r['rnn.l1.c'].shape)\""
+	@echo "Recorded every state, gate and gradient of zoo:lstm-linux over zoo/samples/linux.c into $(RUN),"
+	@echo "found the units that track each feature, and wrote a heatmap to $(RUN)/in_comment.html."
+	@echo "Next:  $(BIN)/rnnscope serve $(RUN)    (then open http://127.0.0.1:5006/)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -29,6 +32,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/probe_overhead.py
 	$(PY) benchmarks/record_memory.py
+	$(PY) benchmarks/neuron_search.py
+	$(PY) benchmarks/dashboard_speed.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
