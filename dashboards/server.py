@@ -22,8 +22,10 @@ def _check_port(host: str, port: int) -> None:
 
 
 def serve(run_path, *, port: int = 5006, host: str = "127.0.0.1", show: bool = False, window: int = WINDOW,
-          log=print) -> None:
-    """Serve the dashboard for one Run until interrupted."""
+          origins: list[str] | None = None, log=print) -> None:
+    """Serve the dashboard for one Run until interrupted. Browsers may open its websocket only from
+    ``host:port`` (and ``localhost:port`` for the loopback address) plus any ``origins`` given, e.g.
+    ``myhost.lab:5006`` when serving on ``--host 0.0.0.0``."""
     from bokeh.application import Application
     from bokeh.application.handlers.function import FunctionHandler
     from bokeh.server.server import Server
@@ -32,7 +34,8 @@ def serve(run_path, *, port: int = 5006, host: str = "127.0.0.1", show: bool = F
     if not run.keys():
         raise RnnscopeError(f"{run.path} holds no recorded keys", "probe again with some --kinds")
     _check_port(host, port)
-    origins = [f"{host}:{port}"] + ([f"localhost:{port}"] if host in ("127.0.0.1", "localhost") else [])
+    origins = [f"{host}:{port}"] + ([f"localhost:{port}"] if host in ("127.0.0.1", "localhost") else []) \
+        + list(origins or [])
     app = Application(FunctionHandler(lambda doc: make_document(doc, run.path, window)))
     server = Server({"/": app}, port=port, address=host, allow_websocket_origin=origins,
                     num_procs=1, check_unused_sessions_milliseconds=5000, unused_session_lifetime_milliseconds=15000)

@@ -16,6 +16,7 @@ import torch
 from torch import _VF, nn
 
 from . import gemm
+from .scan import cell_scan
 
 
 @dataclass
@@ -85,11 +86,7 @@ def lstm_states(p: DirectionParams, x, h, h0, c0) -> dict[str, torch.Tensor]:
     a[..., :2 * H].sigmoid_()
     g.tanh_()
     o.sigmoid_()
-    ig = i * g
-    c = torch.empty_like(ig)
-    prev = c0
-    for t in range(len(c)):   # the only sequential part: one fused multiply-add per step
-        prev = torch.addcmul(ig[t], f[t], prev, out=c[t])
+    c = cell_scan(f, i * g, c0)     # the only sequential part
     return {"h": h, "c": c, "i": i, "f": f, "g": g, "o": o}
 
 

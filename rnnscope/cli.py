@@ -88,7 +88,7 @@ def _analyze(args) -> None:
 
 def _serve(args) -> None:
     from dashboards import serve
-    serve(args.run, port=args.port, host=args.host, show=args.show, window=args.window)
+    serve(args.run, port=args.port, host=args.host, show=args.show, window=args.window, origins=args.origin)
 
 
 def _export(args) -> None:
@@ -182,6 +182,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=5006, help="port (default 5006)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--show", action="store_true", help="open a browser on it")
+    sv.add_argument("--origin", action="append", metavar="HOST:PORT",
+                    help="also accept pages served as HOST:PORT (repeatable; for --host 0.0.0.0 behind a name)")
     sv.add_argument("--window", type=int, default=10000, help="characters per page of text (default 10000)")
     sv.set_defaults(func=_serve)
 
