@@ -1,8 +1,10 @@
-"""The LSTM cell recurrence ``c_t = f_t * c_{t-1} + (i*g)_t``, the one sequential part of the replay,
-as a compiled loop (numba) on CPU: a Python loop of per-step tensor ops costs ~5 us a step, which
-at batch 1 was a third of the probe's overhead. Other devices keep the per-step tensor ops."""
+"""The sequential parts of the probe as compiled loops (numba) on CPU: the LSTM cell recurrence
+``c_t = f_t * c_{t-1} + (i*g)_t`` of the replay, and the LSTM adjoint recurrence of the backward.
+A Python loop of per-step tensor ops pays the dispatcher for every op of every step, which at
+batch 1 dominated the probe's overhead. Other devices and dtypes keep the per-step tensor ops."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from numba import njit
 
@@ -16,6 +18,43 @@ def _scan(f, ig, c0, out):
             for j in range(H):
                 prev[b, j] = ig[t, b, j] + f[t, b, j] * prev[b, j]
                 out[t, b, j] = prev[b, j]
+
+
+def compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled loops can take these tensors."""
+    d = tensors[0].dtype
+    return all(t.device.type == "cpu" and t.dtype == d for t in tensors) and d in (torch.float32, torch.float64)
+
+
+@njit(cache=True, boundscheck=False)
+def _lstm_adjoint(g, k_c, k_ifg, k_o, f, w_hh, next_h, next_c, grad_h, grad_c, d_a):
+    T, B, H = grad_c.shape
+    for t in range(T - 1, -1, -1):
+        for b in range(B):
+            for j in range(H):
+                gh = g[t, b, j] + next_h[b, j]
+                grad_h[t, b, j] = gh
+                gc = next_c[b, j] + gh * k_c[t, b, j]
+                grad_c[t, b, j] = gc
+                d_a[t, b, 0, j] = gc * k_ifg[t, b, 0, j]
+                d_a[t, b, 1, j] = gc * k_ifg[t, b, 1, j]
+                d_a[t, b, 2, j] = gc * k_ifg[t, b, 2, j]
+                d_a[t, b, 3, j] = gh * k_o[t, b, j]
+                next_c[b, j] = gc * f[t, b, j]
+        next_h[:, :] = np.dot(d_a[t].reshape(B, 4 * H), w_hh)
+
+
+def lstm_adjoint(g, k_c, k_ifg, k_o, f, w_hh, next_h, next_c):
+    """The LSTM adjoint loop of ``probe.adjoint.lstm`` (no projection) in one compiled call.
+    Returns ``grad_h, grad_c [T,B,H], d_a [T,B,4,H], h0-grad [B,H], c0-grad [B,H]``."""
+    T, B, H = k_c.shape
+    grad_h, grad_c = torch.empty(T, B, H, dtype=k_c.dtype), torch.empty(T, B, H, dtype=k_c.dtype)
+    d_a = torch.empty(T, B, 4, H, dtype=k_c.dtype)
+    nh, nc = next_h.detach().clone().contiguous(), next_c.detach().clone().contiguous()
+    n = lambda x: x.detach().numpy()  # noqa: E731
+    _lstm_adjoint(n(g), n(k_c), n(k_ifg), n(k_o), n(f), n(w_hh.detach().contiguous()), n(nh), n(nc),
+                  n(grad_h), n(grad_c), n(d_a))
+    return grad_h, grad_c, d_a, nh, nc
 
 
 def cell_scan(f: torch.Tensor, ig: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:

@@ -199,17 +199,18 @@ def test_bad_inputs_are_clear_errors():
         p.trace["l3.h"]
 
 
+@pytest.mark.parametrize("batch", [3, 1])          # batch 1 takes the compiled LSTM adjoint loop
 @pytest.mark.parametrize("case", list(CASES))
-def test_parameter_and_input_gradients_equal_pytorch_autograd(case):
+def test_parameter_and_input_gradients_equal_pytorch_autograd(case, batch):
     """With grad=True the probe's backward replaces the fused kernel's; the caller's .grad must not change."""
     torch.manual_seed(7)
     cls, kw = CASES[case]
     m = cls(5, 6, **{"num_layers": 2, **kw})
-    x = (torch.randn(3, 8, 5) if m.batch_first else torch.randn(8, 3, 5)).requires_grad_()
+    x = (torch.randn(batch, 8, 5) if m.batch_first else torch.randn(8, batch, 5)).requires_grad_()
     D, P = (2 if m.bidirectional else 1), (getattr(m, "proj_size", 0) or 6)
     L = m.num_layers
-    h0 = torch.randn(L * D, 3, P, requires_grad=True)
-    c0 = torch.randn(L * D, 3, 6, requires_grad=True)
+    h0 = torch.randn(L * D, batch, P, requires_grad=True)
+    c0 = torch.randn(L * D, batch, 6, requires_grad=True)
     hx = (h0, c0) if isinstance(m, nn.LSTM) else h0
 
     def run():
