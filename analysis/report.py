@@ -94,7 +94,9 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
     if any(k.rsplit(".", 1)[1] in GATES for k in src.state_keys):
         out["saturation"] = gate_saturation(run)
     else:
-        skipped["saturation"] = "no gates recorded (probe without --kinds)"
+        types = {m["type"] for m in run.manifest["model"].get("modules", {}).values()}
+        skipped["saturation"] = ("a plain RNN has no gates" if types == {"RNN"}
+                                 else "no gates recorded (probe without --kinds)")
     if src.grad_keys:
         norms = gradient_norms(run)
         exploding = norms.attrs["exploding"]
