@@ -58,8 +58,9 @@ class Dashboard:
         self.text_source = ColumnDataSource(cells, name="text_source")
         self.lines_source = ColumnDataSource(lines, name="lines_source")
         self.text_plot = text_figure(self.text_source, self.lines_source, title=str(self.run.path.name))
+        neurons = self._neuron_view()          # before the heatmap, which reads its feature filter
         heat, pattern = self._heatmap_view(), self._pattern_view()
-        tabs = Tabs(tabs=[TabPanel(child=heat, title="heatmap"), TabPanel(child=self._neuron_view(), title="neurons"),
+        tabs = Tabs(tabs=[TabPanel(child=heat, title="heatmap"), TabPanel(child=neurons, title="neurons"),
                           TabPanel(child=self._gradient_view(), title="gradient flow"),
                           TabPanel(child=self._saturation_view(), title="gate saturation"),
                           TabPanel(child=pattern, title="pattern search")], name="views")
@@ -156,10 +157,15 @@ class Dashboard:
         table = DataTable(source=self.table_source, name="neuron_table", width=900, height=420, sortable=True,
                           columns=[TableColumn(field=c, title=c, formatter=fmt) if c in ("score", "heldout_score")
                                    else TableColumn(field=c, title=c) for c in cols])
-        self.feature_filter.on_change("value", lambda a, o, n: setattr(self.table_source, "data", self._table_rows(n, cols)))
+        self.feature_filter.on_change("value", lambda a, o, n: self._feature_changed(n, cols))
         self.table_source.selected.on_change("indices", lambda a, o, n: n and self.select_unit(
             self.table_source.data["unit"][n[0]]))
         return column(self.feature_filter, table)
+
+    def _feature_changed(self, feature: str, cols: list[str]) -> None:
+        self.table_source.data = self._table_rows(feature, cols)
+        if self.heat_mode.value != "whole key":
+            self._refresh_heatmap()
 
     def _table_rows(self, feature: str, cols: list[str]) -> dict:
         t = self.neurons[self.neurons["feature"] == feature].head(2000)
@@ -187,8 +193,10 @@ class Dashboard:
         rows = [np.asarray(self.run[u.rsplit(":", 1)[0]][s:e, int(u.rsplit(":", 1)[1])], np.float32) for u in units]
         matrix = np.stack(rows) if rows else np.zeros((1, max(e - s, 1)), np.float32)
         set_heatmap(self.heat_plot, self.heat_source, self.heat_mapper, matrix, units or ["-"], s)
+        feature = getattr(self, "feature_filter", None)
         self.heat_plot.title.text = (f"{len(units)} units of {self.key}" if self.heat_mode.value == "whole key"
-                                     else f"top {len(units)} units for the feature") + f", characters {s:,}-{e:,}"
+                                     else f"top {len(units)} units for {feature.value if feature else 'the feature'}"
+                                     " (pick the feature in the neurons tab)") + f", characters {s:,}-{e:,}"
 
     def _gradient_view(self):
         if not self.grad_keys:
