@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from probe import parse_key, recurrent_modules
 from probe.keys import KINDS, family
@@ -168,7 +169,7 @@ def position_mask(text: str, feature: np.ndarray, continuous_at: str = "\n") -> 
 
 def ablate(model: nn.Module, ids: torch.Tensor, units: list[str], positions: np.ndarray, *,
            mode: str = "mean", value: float | None = None, means: dict | None = None, controls: int = 100,
-           seed: int = 0, group: int = 25, loss_fn=None) -> pd.DataFrame:
+           seed: int = 0, group: int = 25, loss_fn=None, progress: bool = False) -> pd.DataFrame:
     """Edit ``units`` (``key:index``; all of one key) over the whole text ``ids [1, time]`` and
     compare the change in next-character loss on ``positions`` (bool ``[time]``) and elsewhere with
     ``controls`` random sets of as many units of the same key.
@@ -227,7 +228,8 @@ def ablate(model: nn.Module, ids: torch.Tensor, units: list[str], positions: np.
         with torch.no_grad():
             base = loss_fn(model(ids), ids)[0]
             deltas = []
-            for g in range(0, len(sets), group):
+            for g in tqdm(range(0, len(sets), group), desc=f"ablate {units[0]}", unit="group",
+                          disable=not progress):
                 mk = masks[g:g + group]
                 with Intervention(model, {key: (mk, fill.expand_as(mk))}):
                     edited = loss_fn(model(ids.expand(len(mk), -1)), ids.expand(len(mk), -1))

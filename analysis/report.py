@@ -126,7 +126,7 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
             unit, key = best.iloc[0]["unit"], best.iloc[0]["key"]
             m = {key: means.loc[key].sort_values("index")["mean"].to_numpy()}
             res = ablate(ck.model, ids, [unit], position_mask(text, feats[feat].to_numpy()), controls=controls,
-                         means=m)
+                         means=m, progress=progress)
             rows.append(res.assign(feature=feat))
             log(f"ablate {unit} ({feat}): effect {res.iloc[0]['effect']:+.4f} nats on its positions, "
                 f"{res.iloc[0]['effect_elsewhere']:+.4f} elsewhere; beats {res.iloc[0]['beats_controls']:.0%} "
