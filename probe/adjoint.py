@@ -17,7 +17,7 @@ import torch
 
 from . import gemm
 from .replay import DirectionParams, shift
-from .scan import compiled, lstm_adjoint
+from .scan import compiled, gru_adjoint, lstm_adjoint, rnn_adjoint
 
 
 def _start(g: torch.Tensor, g_n: torch.Tensor | None) -> torch.Tensor:
@@ -62,14 +62,17 @@ def gru(p: DirectionParams, st: dict, h0, g, gh_n=None) -> dict:
     k_r, k_z = dn * hn * r * (1 - r), (shift(h, h0) - n) * z * (1 - z)
     k_hid = torch.stack([k_r, k_z, dn * r], dim=2)            # hidden side: n's pre-activation holds r * hn
     T, B, H = h.shape
-    grad_h = torch.empty_like(g)
-    d_h = h.new_empty(T, B, 3, H)
     next_h = _start(g, gh_n)
-    back_hh = gemm.Linear(p.w_hh.t())
-    for t in range(T - 1, -1, -1):
-        h_t = torch.add(g[t], next_h, out=grad_h[t])
-        torch.mul(h_t.unsqueeze(1), k_hid[t], out=d_h[t])
-        next_h = back_hh(d_h[t].view(B, 3 * H)).addcmul_(h_t, z[t])
+    if B == 1 and compiled(g, k_hid, z, p.w_hh, next_h):
+        grad_h, d_h, next_h = gru_adjoint(g, k_hid, z, p.w_hh, next_h)
+    else:
+        grad_h = torch.empty_like(g)
+        d_h = h.new_empty(T, B, 3, H)
+        back_hh = gemm.Linear(p.w_hh.t())
+        for t in range(T - 1, -1, -1):
+            h_t = torch.add(g[t], next_h, out=grad_h[t])
+            torch.mul(h_t.unsqueeze(1), k_hid[t], out=d_h[t])
+            next_h = back_hh(d_h[t].view(B, 3 * H)).addcmul_(h_t, z[t])
     d_x = (grad_h.unsqueeze(2) * torch.stack([k_r, k_z, dn], dim=2)).view(T, B, 3 * H)
     return {"grad_h": grad_h, "d_x": d_x, "d_h": d_h.view(T, B, 3 * H), "h0": next_h}
 
@@ -78,8 +81,11 @@ def rnn(p: DirectionParams, st: dict, g, gh_n=None, relu: bool = False) -> dict:
     """Elman RNN direction, tanh or relu."""
     h = st["h"]
     k = (h > 0).to(h.dtype) if relu else 1 - h * h
-    grad_h, d_a = torch.empty_like(g), torch.empty_like(h)
     next_h = _start(g, gh_n)
+    if h.shape[1] == 1 and compiled(g, k, p.w_hh, next_h):
+        grad_h, d_a, next_h = rnn_adjoint(g, k, p.w_hh, next_h)
+        return {"grad_h": grad_h, "d_x": d_a, "d_h": d_a, "h0": next_h}
+    grad_h, d_a = torch.empty_like(g), torch.empty_like(h)
     back_hh = gemm.Linear(p.w_hh.t())
     for t in range(len(g) - 1, -1, -1):
         h_t = torch.add(g[t], next_h, out=grad_h[t])

@@ -1,5 +1,6 @@
 """The sequential parts of the probe as compiled loops (numba) on CPU: the LSTM cell recurrence
-``c_t = f_t * c_{t-1} + (i*g)_t`` of the replay, and the LSTM adjoint recurrence of the backward.
+``c_t = f_t * c_{t-1} + (i*g)_t`` of the replay, and the adjoint recurrences of the backward
+(LSTM, GRU, RNN; used for one sequence, where they halve the step).
 A Python loop of per-step tensor ops pays the dispatcher for every op of every step, which at
 batch 1 dominated the probe's overhead. Other devices and dtypes keep the per-step tensor ops."""
 from __future__ import annotations
@@ -51,10 +52,59 @@ def lstm_adjoint(g, k_c, k_ifg, k_o, f, w_hh, next_h, next_c):
     grad_h, grad_c = torch.empty(T, B, H, dtype=k_c.dtype), torch.empty(T, B, H, dtype=k_c.dtype)
     d_a = torch.empty(T, B, 4, H, dtype=k_c.dtype)
     nh, nc = next_h.detach().clone().contiguous(), next_c.detach().clone().contiguous()
-    n = lambda x: x.detach().numpy()  # noqa: E731
-    _lstm_adjoint(n(g), n(k_c), n(k_ifg), n(k_o), n(f), n(w_hh.detach().contiguous()), n(nh), n(nc),
-                  n(grad_h), n(grad_c), n(d_a))
+    _lstm_adjoint(_np(g), _np(k_c), _np(k_ifg), _np(k_o), _np(f), _np(w_hh.detach().contiguous()), _np(nh), _np(nc),
+                  _np(grad_h), _np(grad_c), _np(d_a))
     return grad_h, grad_c, d_a, nh, nc
+
+
+@njit(cache=True, boundscheck=False)
+def _gru_adjoint(g, k_hid, z, w_hh, next_h, grad_h, d_h):
+    T, B, H = grad_h.shape
+    for t in range(T - 1, -1, -1):
+        for b in range(B):
+            for j in range(H):
+                gh = g[t, b, j] + next_h[b, j]
+                grad_h[t, b, j] = gh
+                d_h[t, b, 0, j] = gh * k_hid[t, b, 0, j]
+                d_h[t, b, 1, j] = gh * k_hid[t, b, 1, j]
+                d_h[t, b, 2, j] = gh * k_hid[t, b, 2, j]
+        back = np.dot(d_h[t].reshape(B, 3 * H), w_hh)
+        for b in range(B):
+            for j in range(H):
+                next_h[b, j] = back[b, j] + grad_h[t, b, j] * z[t, b, j]
+
+
+@njit(cache=True, boundscheck=False)
+def _rnn_adjoint(g, k, w_hh, next_h, grad_h, d_a):
+    T, B, H = grad_h.shape
+    for t in range(T - 1, -1, -1):
+        for b in range(B):
+            for j in range(H):
+                gh = g[t, b, j] + next_h[b, j]
+                grad_h[t, b, j] = gh
+                d_a[t, b, j] = gh * k[t, b, j]
+        next_h[:, :] = np.dot(d_a[t], w_hh)
+
+
+def _np(x: torch.Tensor):
+    return x.detach().numpy()
+
+
+def gru_adjoint(g, k_hid, z, w_hh, next_h):
+    """``probe.adjoint.gru``'s loop in one compiled call: ``grad_h [T,B,H], d_h [T,B,3,H], h0-grad``."""
+    T, B, _, H = k_hid.shape
+    grad_h, d_h = torch.empty(T, B, H, dtype=g.dtype), torch.empty(T, B, 3, H, dtype=g.dtype)
+    nh = next_h.detach().clone().contiguous()
+    _gru_adjoint(_np(g), _np(k_hid), _np(z), _np(w_hh.detach().contiguous()), _np(nh), _np(grad_h), _np(d_h))
+    return grad_h, d_h, nh
+
+
+def rnn_adjoint(g, k, w_hh, next_h):
+    """``probe.adjoint.rnn``'s loop in one compiled call: ``grad_h, d_a [T,B,H], h0-grad``."""
+    grad_h, d_a = torch.empty(k.shape, dtype=g.dtype), torch.empty(k.shape, dtype=g.dtype)
+    nh = next_h.detach().clone().contiguous()
+    _rnn_adjoint(_np(g), _np(k), _np(w_hh.detach().contiguous()), _np(nh), _np(grad_h), _np(d_a))
+    return grad_h, d_a, nh
 
 
 def cell_scan(f: torch.Tensor, ig: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:

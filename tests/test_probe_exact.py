@@ -199,7 +199,7 @@ def test_bad_inputs_are_clear_errors():
         p.trace["l3.h"]
 
 
-@pytest.mark.parametrize("batch", [3, 1])          # batch 1 takes the compiled LSTM adjoint loop
+@pytest.mark.parametrize("batch", [3, 1])          # batch 1 takes the compiled adjoint loops (LSTM, GRU, RNN)
 @pytest.mark.parametrize("case", list(CASES))
 def test_parameter_and_input_gradients_equal_pytorch_autograd(case, batch):
     """With grad=True the probe's backward replaces the fused kernel's; the caller's .grad must not change."""
