@@ -11,14 +11,16 @@ from numba import njit
 
 
 @njit(cache=True, boundscheck=False)
-def _scan(f, ig, c0, out):
-    T, B, H = f.shape
-    prev = c0.copy()
-    for t in range(T):              # time outermost: each step reads one contiguous row of f and ig
+def _scan(a, prev, out):
+    T, B, H4 = a.shape
+    H = H4 // 4
+    for t in range(T):              # time outermost: each step reads one row of gates
         for b in range(B):
-            for j in range(H):
-                prev[b, j] = ig[t, b, j] + f[t, b, j] * prev[b, j]
-                out[t, b, j] = prev[b, j]
+            p, a_tb, o = prev[b], a[t, b], out[t, b]
+            for j in range(H):      # contiguous rows, so this loop vectorizes
+                v = a_tb[j] * a_tb[3 * H + j] + a_tb[H + j] * p[j]
+                p[j] = v
+                o[j] = v
 
 
 def compiled(*tensors: torch.Tensor) -> bool:
@@ -107,13 +109,16 @@ def rnn_adjoint(g, k, w_hh, next_h):
     return grad_h, d_a, nh
 
 
-def cell_scan(f: torch.Tensor, ig: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
-    """``f, ig [T, B, H]``, ``c0 [B, H]`` -> ``c [T, B, H]``."""
-    c = torch.empty(ig.shape, dtype=ig.dtype, device=ig.device)
-    if c.device.type == "cpu" and c.dtype in (torch.float32, torch.float64) and len(c):
-        _scan(f.detach().numpy(), ig.detach().numpy(), c0.detach().to(c.dtype).numpy(), c.numpy())
-        return c
+def cell_scan(a: torch.Tensor, c0: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``c_t = f_t * c_{t-1} + i_t * g_t`` into ``out [T, B, H]`` from the activated gates
+    ``a [T, B, 4H]`` laid out ``i f o g`` and ``c0 [B, H]``; returns the last ``c`` (``c0`` when ``T`` is 0)."""
+    H = out.shape[-1]
+    if compiled(out, a) and len(out) and a.is_contiguous() and out.is_contiguous():
+        prev = c0.detach().to(out.dtype).clone(memory_format=torch.contiguous_format)
+        _scan(_np(a), prev.numpy(), _np(out))
+        return prev
+    i, f, g = a[..., :H], a[..., H:2 * H], a[..., 3 * H:]
     prev = c0
-    for t in range(len(c)):
-        prev = torch.addcmul(ig[t], f[t], prev, out=c[t])
-    return c
+    for t in range(len(out)):
+        prev = torch.addcmul(i[t] * g[t], f[t], prev, out=out[t])
+    return prev

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import zoo
-from probe import Probe, parse_key
+from probe import Probe, parse_key, replay
 from reference import unrolled
 from zoo import RnnscopeError
 
@@ -51,8 +51,10 @@ def _check(m, x, hx=None, unbatched=False):
         assert got.shape == want.shape
 
 
+@pytest.mark.parametrize("rows", [replay.CHUNK_ROWS, 4, 7])   # spans of 1 and 2 steps (batch 3)
 @pytest.mark.parametrize("case", CASES)
-def test_random_weights(case):
+def test_random_weights(case, rows, monkeypatch):
+    monkeypatch.setattr(replay, "CHUNK_ROWS", rows)
     torch.manual_seed(hash(case) % 1000)
     cls, kw = CASES[case]
     kw = {"num_layers": 2, **kw}
@@ -79,8 +81,10 @@ def test_unbatched_input():
     _check(m, torch.randn(9, 5), unbatched=True)
 
 
+@pytest.mark.parametrize("rows", [replay.CHUNK_ROWS, 64])     # 64: the replay runs in 3 spans
 @pytest.mark.parametrize("name", sorted(zoo.shipped()))
-def test_trained_zoo_weights_on_real_text(name):
+def test_trained_zoo_weights_on_real_text(name, rows, monkeypatch):
+    monkeypatch.setattr(replay, "CHUNK_ROWS", rows)
     ck = zoo.load(f"zoo:{name}")
     sample = "linux.c" if name.endswith("linux") else "shakespeare.txt"
     text = (zoo.SAMPLES / sample).read_text()[:150]
