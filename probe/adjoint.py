@@ -27,18 +27,19 @@ def _start(g: torch.Tensor, g_n: torch.Tensor | None) -> torch.Tensor:
 def lstm(p: DirectionParams, st: dict, h0, c0, g, gh_n=None, gc_n=None) -> dict:
     """LSTM direction with recorded ``i f g o c``; handles ``proj_size`` (``h = W_hr (o * tanh c)``)."""
     i, f, gg, o, c = st["i"], st["f"], st["g"], st["o"], st["c"]
+    T, B, H = c.shape
+    next_h, next_c = _start(g, gh_n), _start(c, gc_n)
+    if p.w_hr is None and compiled(g, i, f, gg, o, c, p.w_hh, next_h, next_c):
+        # one sequence (what `record` runs): the whole loop compiled; from batch 2 up oneDNN's batched
+        # products win (measured: batch 4 0.86 s compiled vs 0.62 s), so only the elementwise part is
+        back_hh = None if B == 1 else gemm.Linear(p.w_hh.t())
+        grad_h, grad_c, d_a, next_h, next_c = lstm_adjoint(g, i, f, gg, o, c, c0, p.w_hh, next_h, next_c, back_hh)
+        d_a = d_a.view(T, B, 4 * H)
+        return {"grad_h": grad_h, "grad_c": grad_c, "d_x": d_a, "d_h": d_a, "h0": next_h, "c0": next_c}
     tc = torch.tanh(c)
     k_c = o * (1 - tc * tc)                                   # dm -> dc through m = o * tanh(c)
     k_ifg = torch.stack([gg * i * (1 - i), shift(c, c0) * f * (1 - f), i * (1 - gg * gg)], dim=2)  # [T,B,3,H]
     k_o = tc * o * (1 - o)
-    T, B, H = c.shape
-    next_h, next_c = _start(g, gh_n), _start(c, gc_n)
-    # one sequence (what `record` runs): the compiled loop halves the step; from batch 2 up oneDNN's
-    # batched products win (measured: batch 4 0.86 s compiled vs 0.62 s here)
-    if B == 1 and p.w_hr is None and compiled(g, k_c, k_ifg, k_o, f, p.w_hh, next_h, next_c):
-        grad_h, grad_c, d_a, next_h, next_c = lstm_adjoint(g, k_c, k_ifg, k_o, f, p.w_hh, next_h, next_c)
-        d_a = d_a.view(T, B, 4 * H)
-        return {"grad_h": grad_h, "grad_c": grad_c, "d_x": d_a, "d_h": d_a, "h0": next_h, "c0": next_c}
     grad_h, grad_c = torch.empty_like(g), torch.empty_like(c)
     d_a = c.new_empty(T, B, 4, H)
     back_hh = gemm.Linear(p.w_hh.t())                       # d_a @ W_hh

@@ -29,33 +29,60 @@ def compiled(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == d for t in tensors) and d in (torch.float32, torch.float64)
 
 
+@njit(cache=True, boundscheck=False, inline="always")
+def _lstm_adjoint_t(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a):
+    """Step ``t`` of the LSTM adjoint, its coefficients computed from the gates on the fly (a
+    precomputed table of them cost more than the whole loop)."""
+    B, H = next_c.shape
+    for b in range(B):
+        for j in range(H):
+            it, ft, gt, ot, tct = i[t, b, j], f[t, b, j], gg[t, b, j], o[t, b, j], tc[t, b, j]
+            c_prev = c[t - 1, b, j] if t > 0 else c0[b, j]
+            gh = g[t, b, j] + next_h[b, j]                      # dL/dh_t
+            gc = next_c[b, j] + gh * ot * (1 - tct * tct)       # dL/dc_t
+            grad_h[t, b, j] = gh
+            grad_c[t, b, j] = gc
+            d_a[t, b, 0, j] = gc * gt * it * (1 - it)           # pre-activation gradients, i f g o
+            d_a[t, b, 1, j] = gc * c_prev * ft * (1 - ft)
+            d_a[t, b, 2, j] = gc * it * (1 - gt * gt)
+            d_a[t, b, 3, j] = gh * tct * ot * (1 - ot)
+            next_c[b, j] = gc * ft
+
+
 @njit(cache=True, boundscheck=False)
-def _lstm_adjoint(g, k_c, k_ifg, k_o, f, w_hh, next_h, next_c, grad_h, grad_c, d_a):
+def _lstm_adjoint(g, i, f, gg, o, tc, c, c0, w_hh, next_h, next_c, grad_h, grad_c, d_a):
     T, B, H = grad_c.shape
     for t in range(T - 1, -1, -1):
-        for b in range(B):
-            for j in range(H):
-                gh = g[t, b, j] + next_h[b, j]
-                grad_h[t, b, j] = gh
-                gc = next_c[b, j] + gh * k_c[t, b, j]
-                grad_c[t, b, j] = gc
-                d_a[t, b, 0, j] = gc * k_ifg[t, b, 0, j]
-                d_a[t, b, 1, j] = gc * k_ifg[t, b, 1, j]
-                d_a[t, b, 2, j] = gc * k_ifg[t, b, 2, j]
-                d_a[t, b, 3, j] = gh * k_o[t, b, j]
-                next_c[b, j] = gc * f[t, b, j]
+        _lstm_adjoint_t(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a)
         next_h[:, :] = np.dot(d_a[t].reshape(B, 4 * H), w_hh)
 
 
-def lstm_adjoint(g, k_c, k_ifg, k_o, f, w_hh, next_h, next_c):
-    """The LSTM adjoint loop of ``probe.adjoint.lstm`` (no projection) in one compiled call.
+@njit(cache=True, boundscheck=False)
+def _lstm_adjoint_step(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a):
+    _lstm_adjoint_t(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a)
+
+
+def lstm_adjoint(g, i, f, gg, o, c, c0, w_hh, next_h, next_c, back_hh=None):
+    """The LSTM adjoint loop of ``probe.adjoint.lstm`` (no projection), compiled. ``g [T,B,H]`` is the
+    gradient arriving at the outputs; ``i f gg o c [T,B,H]`` the recorded states (views are fine).
+    Without ``back_hh`` the whole loop is one compiled call (best for one sequence); with it, each
+    step's elementwise part is compiled and ``next_h = back_hh(d_a[t])`` runs in between (oneDNN's
+    batched product wins from batch 2 up).
     Returns ``grad_h, grad_c [T,B,H], d_a [T,B,4,H], h0-grad [B,H], c0-grad [B,H]``."""
-    T, B, H = k_c.shape
-    grad_h, grad_c = torch.empty(T, B, H, dtype=k_c.dtype), torch.empty(T, B, H, dtype=k_c.dtype)
-    d_a = torch.empty(T, B, 4, H, dtype=k_c.dtype)
-    nh, nc = next_h.detach().clone().contiguous(), next_c.detach().clone().contiguous()
-    _lstm_adjoint(_np(g), _np(k_c), _np(k_ifg), _np(k_o), _np(f), _np(w_hh.detach().contiguous()), _np(nh), _np(nc),
-                  _np(grad_h), _np(grad_c), _np(d_a))
+    T, B, H = c.shape
+    grad_h, grad_c = torch.empty(T, B, H, dtype=c.dtype), torch.empty(T, B, H, dtype=c.dtype)
+    d_a = torch.empty(T, B, 4, H, dtype=c.dtype)
+    tc = torch.tanh(c)
+    nh, nc = (t.detach().clone(memory_format=torch.contiguous_format) for t in (next_h, next_c))
+    args = [_np(t) for t in (g, i, f, gg, o, tc, c, c0.to(c.dtype))]
+    out = [_np(t) for t in (grad_h, grad_c, d_a)]
+    if back_hh is None:
+        _lstm_adjoint(*args, _np(w_hh.detach().contiguous()), _np(nh), _np(nc), *out)
+        return grad_h, grad_c, d_a, nh, nc
+    nc_np = _np(nc)
+    for t in range(T - 1, -1, -1):
+        _lstm_adjoint_step(t, *args, _np(nh), nc_np, *out)
+        nh = back_hh(d_a[t].view(B, 4 * H))
     return grad_h, grad_c, d_a, nh, nc
 
 
