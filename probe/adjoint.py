@@ -59,21 +59,22 @@ def lstm(p: DirectionParams, st: dict, h0, c0, g, gh_n=None, gc_n=None) -> dict:
 def gru(p: DirectionParams, st: dict, h0, g, gh_n=None) -> dict:
     """GRU direction with recorded ``r z n`` and ``_hn = W_hn h + b_hn`` (PyTorch's convention)."""
     r, z, n, hn, h = st["r"], st["z"], st["n"], st["_hn"], st["h"]
+    T, B, H = h.shape
+    next_h = _start(g, gh_n)
+    if compiled(g, r, z, n, hn, h, p.w_hh, next_h):     # as in lstm(): the whole loop compiled at batch 1
+        back_hh = None if B == 1 else gemm.Linear(p.w_hh.t())
+        grad_h, d_x, d_h, next_h = gru_adjoint(g, r, z, n, hn, h, h0, p.w_hh, next_h, back_hh)
+        return {"grad_h": grad_h, "d_x": d_x.view(T, B, 3 * H), "d_h": d_h.view(T, B, 3 * H), "h0": next_h}
     dn = (1 - z) * (1 - n * n)                                 # dh -> d(n pre-activation)
     k_r, k_z = dn * hn * r * (1 - r), (shift(h, h0) - n) * z * (1 - z)
     k_hid = torch.stack([k_r, k_z, dn * r], dim=2)            # hidden side: n's pre-activation holds r * hn
-    T, B, H = h.shape
-    next_h = _start(g, gh_n)
-    if B == 1 and compiled(g, k_hid, z, p.w_hh, next_h):
-        grad_h, d_h, next_h = gru_adjoint(g, k_hid, z, p.w_hh, next_h)
-    else:
-        grad_h = torch.empty_like(g)
-        d_h = h.new_empty(T, B, 3, H)
-        back_hh = gemm.Linear(p.w_hh.t())
-        for t in range(T - 1, -1, -1):
-            h_t = torch.add(g[t], next_h, out=grad_h[t])
-            torch.mul(h_t.unsqueeze(1), k_hid[t], out=d_h[t])
-            next_h = back_hh(d_h[t].view(B, 3 * H)).addcmul_(h_t, z[t])
+    grad_h = torch.empty_like(g)
+    d_h = h.new_empty(T, B, 3, H)
+    back_hh = gemm.Linear(p.w_hh.t())
+    for t in range(T - 1, -1, -1):
+        h_t = torch.add(g[t], next_h, out=grad_h[t])
+        torch.mul(h_t.unsqueeze(1), k_hid[t], out=d_h[t])
+        next_h = back_hh(d_h[t].view(B, 3 * H)).addcmul_(h_t, z[t])
     d_x = (grad_h.unsqueeze(2) * torch.stack([k_r, k_z, dn], dim=2)).view(T, B, 3 * H)
     return {"grad_h": grad_h, "d_x": d_x, "d_h": d_h.view(T, B, 3 * H), "h0": next_h}
 

@@ -86,21 +86,40 @@ def lstm_adjoint(g, i, f, gg, o, c, c0, w_hh, next_h, next_c, back_hh=None):
     return grad_h, grad_c, d_a, nh, nc
 
 
+@njit(cache=True, boundscheck=False, inline="always")
+def _gru_adjoint_t(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h):
+    """Step ``t`` of the GRU adjoint (PyTorch's convention, ``n = tanh(x_n + r * hn)``), its
+    coefficients computed from the gates on the fly. ``next_h`` gets the part through ``z``."""
+    B, H = next_h.shape
+    for b in range(B):
+        for j in range(H):
+            rt, zt, nt, hnt = r[t, b, j], z[t, b, j], n[t, b, j], hn[t, b, j]
+            h_prev = h[t - 1, b, j] if t > 0 else h0[b, j]
+            gh = g[t, b, j] + next_h[b, j]                      # dL/dh_t
+            grad_h[t, b, j] = gh
+            d_n = gh * (1 - zt) * (1 - nt * nt)                  # n's pre-activation
+            d_r = d_n * hnt * rt * (1 - rt)
+            d_z = gh * (h_prev - nt) * zt * (1 - zt)
+            d_x[t, b, 0, j] = d_r
+            d_x[t, b, 1, j] = d_z
+            d_x[t, b, 2, j] = d_n
+            d_h[t, b, 0, j] = d_r
+            d_h[t, b, 1, j] = d_z
+            d_h[t, b, 2, j] = d_n * rt                          # hidden side: the pre-activation holds r * hn
+            next_h[b, j] = gh * zt
+
+
 @njit(cache=True, boundscheck=False)
-def _gru_adjoint(g, k_hid, z, w_hh, next_h, grad_h, d_h):
+def _gru_adjoint(g, r, z, n, hn, h, h0, w_hh, next_h, grad_h, d_x, d_h):
     T, B, H = grad_h.shape
     for t in range(T - 1, -1, -1):
-        for b in range(B):
-            for j in range(H):
-                gh = g[t, b, j] + next_h[b, j]
-                grad_h[t, b, j] = gh
-                d_h[t, b, 0, j] = gh * k_hid[t, b, 0, j]
-                d_h[t, b, 1, j] = gh * k_hid[t, b, 1, j]
-                d_h[t, b, 2, j] = gh * k_hid[t, b, 2, j]
-        back = np.dot(d_h[t].reshape(B, 3 * H), w_hh)
-        for b in range(B):
-            for j in range(H):
-                next_h[b, j] = back[b, j] + grad_h[t, b, j] * z[t, b, j]
+        _gru_adjoint_t(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h)
+        next_h += np.dot(d_h[t].reshape(B, 3 * H), w_hh)
+
+
+@njit(cache=True, boundscheck=False)
+def _gru_adjoint_step(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h):
+    _gru_adjoint_t(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h)
 
 
 @njit(cache=True, boundscheck=False)
@@ -119,13 +138,22 @@ def _np(x: torch.Tensor):
     return x.detach().numpy()
 
 
-def gru_adjoint(g, k_hid, z, w_hh, next_h):
-    """``probe.adjoint.gru``'s loop in one compiled call: ``grad_h [T,B,H], d_h [T,B,3,H], h0-grad``."""
-    T, B, _, H = k_hid.shape
-    grad_h, d_h = torch.empty(T, B, H, dtype=g.dtype), torch.empty(T, B, 3, H, dtype=g.dtype)
-    nh = next_h.detach().clone().contiguous()
-    _gru_adjoint(_np(g), _np(k_hid), _np(z), _np(w_hh.detach().contiguous()), _np(nh), _np(grad_h), _np(d_h))
-    return grad_h, d_h, nh
+def gru_adjoint(g, r, z, n, hn, h, h0, w_hh, next_h, back_hh=None):
+    """``probe.adjoint.gru``'s loop compiled, as ``lstm_adjoint`` (``back_hh``: oneDNN does each step's
+    product). Returns ``grad_h [T,B,H], d_x, d_h [T,B,3,H], h0-grad [B,H]``."""
+    T, B, H = h.shape
+    grad_h = torch.empty(T, B, H, dtype=h.dtype)
+    d_x, d_h = torch.empty(T, B, 3, H, dtype=h.dtype), torch.empty(T, B, 3, H, dtype=h.dtype)
+    nh = next_h.detach().clone(memory_format=torch.contiguous_format)
+    args = [_np(t) for t in (g, r, z, n, hn, h, h0.to(h.dtype))]
+    out = [_np(t) for t in (grad_h, d_x, d_h)]
+    if back_hh is None:
+        _gru_adjoint(*args, _np(w_hh.detach().contiguous()), _np(nh), *out)
+        return grad_h, d_x, d_h, nh
+    for t in range(T - 1, -1, -1):
+        _gru_adjoint_step(t, *args, _np(nh), *out)
+        nh = nh + back_hh(d_h[t].view(B, 3 * H))
+    return grad_h, d_x, d_h, nh
 
 
 def rnn_adjoint(g, k, w_hh, next_h):
