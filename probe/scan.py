@@ -1,8 +1,11 @@
 """The sequential parts of the probe as compiled loops (numba) on CPU: the LSTM cell recurrence
-``c_t = f_t * c_{t-1} + (i*g)_t`` of the replay, and the adjoint recurrences of the backward
-(LSTM, GRU, RNN; used for one sequence, where they halve the step).
+``c_t = f_t * c_{t-1} + i_t * g_t`` of the replay, and the adjoint recurrences of the backward.
 A Python loop of per-step tensor ops pays the dispatcher for every op of every step, which at
-batch 1 dominated the probe's overhead. Other devices and dtypes keep the per-step tensor ops."""
+batch 1 dominated the probe's overhead. The LSTM and GRU adjoints compute their coefficients from
+the recorded gates inside the loop (as tables they cost more than the loop). For one sequence the
+whole loop is compiled, matrix product included; from batch 2 up the elementwise step is compiled
+and oneDNN does each step's product (the RNN, whose step is one multiply, keeps tensor ops there).
+Other devices and dtypes keep the per-step tensor ops."""
 from __future__ import annotations
 
 import numpy as np
