@@ -66,10 +66,13 @@ class RecordedDirection(torch.autograd.Function):
             grads[2] = a["h0"]
         if need[3]:
             grads[3] = a.get("c0")
-        if need[4]:
-            grads[4] = gemm.t_matmul(flat(d_x), flat(x))
-        if need[5]:
-            grads[5] = gemm.t_matmul(flat(d_h), flat(shift(rec.st["h"], h0)))
+        if need[4] and need[5] and d_x is d_h:          # LSTM, RNN: both weights share one gradient
+            grads[4], grads[5] = gemm.t_matmuls(flat(d_x), flat(x), flat(shift(rec.st["h"], h0)))
+        else:
+            if need[4]:
+                grads[4] = gemm.t_matmul(flat(d_x), flat(x))
+            if need[5]:
+                grads[5] = gemm.t_matmul(flat(d_h), flat(shift(rec.st["h"], h0)))
         if need[6]:
             grads[6] = d_x.sum((0, 1))
         if need[7]:

@@ -243,3 +243,22 @@ def test_onednn_and_plain_linear_agree():
     assert gemm.linear(x.double(), w.double(), b.double()).dtype == torch.float64     # falls back
     a, c = torch.randn(50, 8), torch.randn(50, 6)
     assert torch.allclose(gemm.t_matmul(a, c), a.T @ c, atol=1e-5)
+
+
+def test_onednn_paths_agree_with_float64():
+    """The replay's packed weights with oneDNN's activation post-ops, and the weight gradients'
+    oneDNN inner-product backward (wide operands) beside plain mm (narrow ones)."""
+    from probe import gemm
+    torch.manual_seed(1)
+    x, w, b = torch.randn(2048, 600), torch.randn(800, 600) / 25, torch.randn(800)
+    pre = x.double() @ w.double().T + b.double()
+    for act, ref in (("sigmoid", torch.sigmoid), ("tanh", torch.tanh), (None, lambda t: t)):
+        lin = gemm.Linear(w, b, rows=1024, activation=act)
+        assert lin.fast
+        for rows in (1024, 7):          # 7 rows fall back to F.linear + the activation in torch
+            assert (lin(x[:rows]).double() - ref(pre[:rows])).abs().max() < 1e-5, (act, rows)
+    a, wide, narrow = torch.randn(3000, 512), torch.randn(3000, gemm.WIDE + 44), torch.randn(3000, 8)
+    got = gemm.t_matmuls(a, wide, narrow)
+    for g, other in zip(got, (wide, narrow)):
+        want = a.double().T @ other.double()
+        assert g.shape == want.shape and ((g.double() - want).abs().max() / want.abs().max()) < 1e-5
