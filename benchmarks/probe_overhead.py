@@ -1,14 +1,14 @@
 """Probe cost against the plain fused forward (and forward+backward), measured in the same run.
 
-    python benchmarks/probe_overhead.py [--chars 20000] [--hidden 512] [--repeat 3]
+    python benchmarks/probe_overhead.py [--arch lstm] [--chars 20000] [--hidden 512] [--repeat 3]
 
-Model: a char LSTM (embedding 64 -> 2 x 512 LSTM -> linear), random weights (speed does not
-depend on them). Batch 1 x CHARS and batch 64 x 400. Rows, each the median of --repeat runs:
+Model: a char model (embedding 64 -> 2 x 512 LSTM, GRU or RNN -> linear), random weights (speed
+does not depend on them). Batch 1 x CHARS and batch 64 x 400. Rows, each the median of --repeat runs:
   plain forward               model(ids) under no_grad: the baseline (1.00x)
   probe, every kind           the same forward inside Probe(model): h c i f g o of every layer
-  naive cell loop             the usual alternative: one step at a time, gates by hand
+  naive cell loop             the usual alternative: one step at a time, gates by hand (LSTM only)
   plain forward+backward      summed next-char loss, backward with parameter grads: baseline
-  probe grad                  Probe(grad=True): + grad_h, grad_c of every layer and step
+  probe grad                  Probe(grad=True): + grad_h (and grad_c) of every layer and step
   probe grad, frozen params   Probe(grad=True, param_grads=False): state gradients only
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from probe import Probe
+from probe.keys import KINDS
 from zoo import Architecture, CharModel
 
 
@@ -72,7 +73,7 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
     def probed():
         with torch.no_grad(), Probe(model) as p:
             model(ids)
-        assert len(p.trace) == 12
+        assert len(p.trace) == 2 * len(KINDS[type(model.rnn).__name__])
 
     def cell_loop():
         with torch.no_grad():
@@ -86,8 +87,9 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
         model.zero_grad(set_to_none=True)
         with Probe(model, grad=True, param_grads=param_grads) as p:
             loss_of(model, ids).backward()
-        for k in ("rnn.l0.grad_h", "rnn.l1.grad_c"):   # computed on first access: count it
-            p.trace[k]
+        for k in p.trace:                  # gradients are computed on first access: count it
+            if "grad" in k:
+                p.trace[k]
 
     base_f = timed(plain, repeat)
     rows = [("plain forward", base_f, "forward"), ("probe, every kind", timed(probed, repeat), "forward")]
@@ -102,18 +104,19 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=("lstm", "gru", "rnn"), default="lstm")
     ap.add_argument("--chars", type=int, default=20000)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-naive", action="store_true", help="skip the slow cell loop")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = CharModel(Architecture("lstm", 98, 64, args.hidden, 2)).eval()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LSTM 2 x {args.hidden}")
+    model = CharModel(Architecture(args.arch, 98, 64, args.hidden, 2)).eval()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.arch.upper()} 2 x {args.hidden}")
     for shape in ((1, args.chars), (64, 400)):
         ids = torch.randint(0, 98, shape)
         print(f"\nbatch {shape[0]} x {shape[1]} steps")
-        for name, t, ratio in bench(model, ids, args.repeat, not args.no_naive):
+        for name, t, ratio in bench(model, ids, args.repeat, args.arch == "lstm" and not args.no_naive):
             print(f"  {name:28s} {t:8.3f} s  {ratio:>7s}")
 
 
