@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import _VF
 
-from . import adjoint, gemm
+from . import adjoint, gemm, workspace
 from .replay import DirectionParams, shift, states
 
 
@@ -37,9 +37,15 @@ class RecordedDirection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rec, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         p = DirectionParams(w_ih, w_hh, b_ih, b_hh, w_hr)
-        out, h_n, c_n = fused_direction(rec.module, p, x, h0, c0)
-        # detached: `out` itself becomes the Function's output and gets a grad_fn once we return
-        rec.st = states(rec.module, p, x, out.detach(), h0, c0)
+        fused = None
+        if c0 is not None and workspace.usable(x, p):      # an LSTM on oneDNN: states from its workspace
+            fused = workspace.lstm_forward(p, x, h0, c0, graph=False)
+        if fused is not None:
+            out, h_n, c_n, rec.st = fused
+        else:
+            out, h_n, c_n = fused_direction(rec.module, p, x, h0, c0)
+            # detached: `out` itself becomes the Function's output and gets a grad_fn once we return
+            rec.st = states(rec.module, p, x, out.detach(), h0, c0)
         ctx.rec, ctx.p = rec, p
         ctx.save_for_backward(x, h0)
         return out, h_n, (c_n if c_n is not None else h_n.new_zeros(0))

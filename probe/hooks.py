@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from zoo.errors import RnnscopeError
 
+from . import workspace
 from .autograd import RecordedDirection
 from .keys import GRAD_KINDS, KINDS, family, recurrent_modules, state_key
 from .replay import direction_params, initial_state, run_layer, states, time_major, user_layout
@@ -210,7 +211,12 @@ class Probe:
     @staticmethod
     def _plain_layer(m, layer, x, h0, c0, sl, recs, P):
         """No state gradients wanted: the fused kernel on the whole layer (autograd as usual for the
-        caller's own backward), then the states replayed without a graph."""
+        caller's own backward), then the states replayed without a graph. An LSTM on oneDNN reads
+        them from the kernel's workspace instead (``probe.workspace``)."""
+        if isinstance(m, nn.LSTM):
+            done = _workspace_layer(m, layer, x, h0, c0[sl], recs)
+            if done is not None:
+                return done
         out, h_n, c_n = run_layer(m, layer, x, (h0, c0[sl]) if c0 is not None else h0)
         with torch.no_grad():
             for d, rec in enumerate(recs):
@@ -234,3 +240,26 @@ class Probe:
             c_ns.append(c_n)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         return out, torch.stack(h_ns), (torch.stack(c_ns) if c0 is not None else None)
+
+
+def _workspace_layer(m, layer, x, h0, c0, recs):
+    """``Probe._plain_layer`` for an LSTM layer whose gates and cells oneDNN's workspace holds:
+    each direction through the fused kernel on its own (the reverse one on the flipped input, so
+    its states come in processing order), or None when the workspace cannot be read."""
+    outs, h_ns, c_ns, sts = [], [], [], []
+    for d, rec in enumerate(recs):
+        p = direction_params(m, layer, rec.reverse)
+        xd = x.flip(0) if rec.reverse else x
+        if not workspace.usable(xd, p):
+            return None
+        res = workspace.lstm_forward(p, xd, h0[d], c0[d], graph=torch.is_grad_enabled())
+        if res is None:
+            return None
+        out, h_n, c_n, st = res
+        outs.append(out.flip(0) if rec.reverse else out)
+        h_ns.append(h_n)
+        c_ns.append(c_n)
+        sts.append(st)
+    for rec, st in zip(recs, sts):
+        rec.st = st
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, -1)), torch.stack(h_ns), torch.stack(c_ns)

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import zoo
-from probe import Probe, parse_key, replay
+from probe import Probe, parse_key, replay, workspace
 from reference import unrolled
 from zoo import RnnscopeError
 
@@ -51,16 +51,48 @@ def _check(m, x, hx=None, unbatched=False):
         assert got.shape == want.shape
 
 
+SPAN = replay.CHUNK_ROWS
+
+
+@pytest.fixture
+def lstm_paths(monkeypatch):
+    """``use(rows)``: replay in spans of ``rows``; at the default span an LSTM reads oneDNN's
+    workspace (``probe.workspace``), at others it replays its gates. Returns what each LSTM
+    direction's workspace read gave (None: fell back)."""
+    seen = []
+    read = workspace.lstm_forward
+
+    def spy(*a, **kw):
+        r = read(*a, **kw)
+        seen.append(r is not None)
+        return r
+    monkeypatch.setattr(workspace, "lstm_forward", spy)
+
+    def use(rows):
+        if rows != SPAN:
+            monkeypatch.setattr(workspace, "ENABLED", False)
+            monkeypatch.setattr(replay, "CHUNK_ROWS", rows)
+        return seen
+    return use
+
+
+def _expect_path(m, seen, rows):
+    """An LSTM without projections at the default span must have read the workspace, every direction."""
+    on = isinstance(m, nn.LSTM) and not m.proj_size and rows == SPAN and torch.backends.mkldnn.is_available()
+    assert seen == [True] * len(seen) and bool(seen) == on
+
+
 @pytest.mark.parametrize("rows", [replay.CHUNK_ROWS, 4, 7])   # spans of 1 and 2 steps (batch 3)
 @pytest.mark.parametrize("case", CASES)
-def test_random_weights(case, rows, monkeypatch):
-    monkeypatch.setattr(replay, "CHUNK_ROWS", rows)
+def test_random_weights(case, rows, lstm_paths):
+    seen = lstm_paths(rows)
     torch.manual_seed(hash(case) % 1000)
     cls, kw = CASES[case]
     kw = {"num_layers": 2, **kw}
     m = cls(5, 6, **kw)
     x = torch.randn(3, 11, 5) if m.batch_first else torch.randn(11, 3, 5)
     _check(m, x)
+    _expect_path(m, seen, rows)
 
 
 @pytest.mark.parametrize("case", ["lstm", "gru", "rnn-tanh", "lstm-proj", "lstm-bidir-batchfirst"])
@@ -83,13 +115,14 @@ def test_unbatched_input():
 
 @pytest.mark.parametrize("rows", [replay.CHUNK_ROWS, 64])     # 64: the replay runs in 3 spans
 @pytest.mark.parametrize("name", sorted(zoo.shipped()))
-def test_trained_zoo_weights_on_real_text(name, rows, monkeypatch):
-    monkeypatch.setattr(replay, "CHUNK_ROWS", rows)
+def test_trained_zoo_weights_on_real_text(name, rows, lstm_paths):
+    seen = lstm_paths(rows)
     ck = zoo.load(f"zoo:{name}")
     sample = "linux.c" if name.endswith("linux") else "shakespeare.txt"
     text = (zoo.SAMPLES / sample).read_text()[:150]
     x = ck.model.embed(ck.vocab.encode(text)).detach()
     _check(ck.model.rnn, x)
+    _expect_path(ck.model.rnn, seen, rows)
 
 
 def test_trained_weights_through_the_whole_model_with_a_real_loss():
@@ -262,3 +295,53 @@ def test_onednn_paths_agree_with_float64():
     for g, other in zip(got, (wide, narrow)):
         want = a.double().T @ other.double()
         assert g.shape == want.shape and ((g.double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("inp,hid,batch,steps", [
+    (300, 64, 2, 5),        # 4H = 256: oneDNN pads the gates' rows to 272
+    (7, 256, 1, 4),         # H = 256: padded cell and state rows; one sequence
+    (513, 100, 5, 3),       # input wider than the state, H not a multiple of 16
+    (16, 17, 64, 2),
+    (3, 8, 4, 1),           # one step: the only cell is c_n
+])
+def test_workspace_layout_across_shapes(inp, hid, batch, steps, lstm_paths):
+    """oneDNN's workspace layout depends on every size (page-aligned regions, padded rows): each
+    shape must be read, and read right."""
+    seen = lstm_paths(SPAN)
+    torch.manual_seed(inp + hid)
+    m = nn.LSTM(inp, hid, num_layers=2)
+    _check(m, torch.randn(steps, batch, inp), (torch.randn(2, batch, hid), torch.randn(2, batch, hid)))
+    assert seen == [True, True]                    # both layers read from the workspace
+
+
+def test_a_workspace_layout_that_does_not_check_out_is_never_read(lstm_paths, monkeypatch):
+    """Another oneDNN could lay its workspace out differently: the per-call check must catch it,
+    warn once, and the probe replays the gates instead, still exact."""
+    seen = lstm_paths(SPAN)
+    monkeypatch.setattr(workspace, "_good_ld", lambda n: -(-n // 16) * 16 + 32)     # a wrong row padding
+    monkeypatch.setattr(workspace, "_warned", False)
+    torch.manual_seed(3)
+    m = nn.LSTM(5, 64, num_layers=2)
+    with pytest.warns(RuntimeWarning, match="layout the probe does not know; replaying"):
+        _check(m, torch.randn(9, 3, 5))
+    assert seen and not any(seen)
+
+
+def test_the_callers_own_backward_through_a_recording_probe():
+    """Probe(grad=False) while the caller trains: the workspace path keeps the fused kernel's
+    autograd graph, so parameter and input gradients are PyTorch's own."""
+    torch.manual_seed(4)
+    m = nn.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 7, 5, requires_grad=True)
+
+    def grads():
+        out, (h_n, c_n) = m(x)
+        loss = (out * torch.linspace(-1, 1, 12)).sum() + c_n.square().sum()
+        return torch.autograd.grad(loss, [x, *m.parameters()])
+    want = grads()
+    with Probe(m) as p:
+        got = grads()
+    assert "l1_reverse.c" in p.trace and not any(k.startswith("grad_") for k in p.trace)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
