@@ -32,6 +32,7 @@ from .keys import KINDS, family, parse_key
 from .run import FORMAT, FORMAT_VERSION, key_file, open_run
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def model_checksum(model: torch.nn.Module) -> str:
@@ -77,27 +78,49 @@ class _NpyWriter:
 
 
 class _UnitStats:
-    """Running per-unit mean, std, min, max over time (float64 sums)."""
+    """Running per-unit count, mean, spread, min and max over time, NaN and Inf left out. Each
+    chunk's moments are computed in float32 over its rows and merged in float64 (Chan et al.'s
+    pairwise update), so no chunk is ever copied to float64."""
 
     def __init__(self, units: int):
-        self.n, self.s, self.ss = 0, np.zeros(units), np.zeros(units)
+        self.n, self.mean, self.m2 = np.zeros(units), np.zeros(units), np.zeros(units)
         self.lo, self.hi = np.full(units, np.inf), np.full(units, -np.inf)
 
-    def add(self, a: np.ndarray) -> None:
-        a = np.where(np.isfinite(a), a, np.nan).astype(np.float64)
-        self.n += len(a)
-        self.s += np.nansum(a, 0)
-        self.ss += np.nansum(a * a, 0)
-        self.lo, self.hi = np.fmin(self.lo, np.nanmin(a, 0)), np.fmax(self.hi, np.nanmax(a, 0))
+    def add(self, a: torch.Tensor, finite: bool) -> None:
+        """``a [rows, units]`` float32; ``finite``: whether every value is."""
+        var = torch.var_mean(a, 0, correction=0) if finite else None
+        if var is not None and bool(torch.isfinite(var[0]).all()):
+            var, mean = var
+            lo, hi = torch.aminmax(a, dim=0)
+            n = np.full(a.shape[1], float(a.shape[0]))
+            mean, m2 = mean.double().numpy(), var.double().numpy() * n
+            lo, hi = lo.numpy(), hi.numpy()
+        else:                                   # rare (NaN, Inf, squares beyond float32): in float64
+            x = a.numpy()
+            x = np.where(np.isfinite(x), x, np.nan).astype(np.float64)
+            n = np.isfinite(x).sum(0).astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(n > 0, np.nansum(x, 0) / np.maximum(n, 1), 0.0)
+                m2 = np.nansum((x - mean) ** 2, 0)
+            lo, hi = np.fmin.reduce(x, 0), np.fmax.reduce(x, 0)
+        total = self.n + n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            w = np.where(total > 0, n / np.maximum(total, 1), 0.0)
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + delta * delta * self.n * w
+        self.mean = self.mean + delta * w
+        self.n = total
+        self.lo, self.hi = np.fmin(self.lo, lo), np.fmax(self.hi, hi)
 
     def frame(self, key: str) -> pd.DataFrame:
-        mean = self.s / self.n
+        seen = self.n > 0
+        mean = np.where(seen, self.mean, np.nan)
         parts = parse_key(key)
         return pd.DataFrame({"unit": [f"{key}:{i}" for i in range(len(mean))], "key": key,
                              "index": np.arange(len(mean)), "module": parts["module"], "layer": parts["layer"],
                              "reverse": parts["reverse"], "kind": parts["kind"], "mean": mean,
-                             "std": np.sqrt(np.maximum(self.ss / self.n - mean ** 2, 0)),
-                             "min": self.lo, "max": self.hi})
+                             "std": np.where(seen, np.sqrt(self.m2 / np.maximum(self.n, 1)), np.nan),
+                             "min": np.where(seen, self.lo, np.nan), "max": np.where(seen, self.hi, np.nan)})
 
 
 def _layout(model, ids, grad, kinds) -> dict[str, int]:
@@ -187,14 +210,14 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
                 chunk_loss[: len(kept)] = kept.numpy()
                 losses.write(s, chunk_loss)
                 for k in layout:
-                    a = p.trace[k][0, : e - s].detach().numpy()
-                    finite = np.isfinite(a)
-                    with np.errstate(over="ignore"):      # counted and flagged just below
-                        stored = a.astype(DTYPES[dtype])
-                    bad[k]["nonfinite"] += int((~finite).sum())
-                    bad[k]["overflow"] += int((finite & ~np.isfinite(stored)).sum())
-                    arrays[k].write(s, stored)
-                    stats[k].add(a)
+                    a = p.trace[k][0, : e - s].detach()
+                    stored = a.to(TORCH_DTYPES[dtype])   # torch converts to float16 with the CPU's F16C
+                    nonfinite = int(a.numel() - torch.isfinite(a).sum())
+                    bad[k]["nonfinite"] += nonfinite
+                    if stored.dtype != a.dtype:         # finite values beyond float16's range
+                        bad[k]["overflow"] += int(torch.isinf(stored).sum() - torch.isinf(a).sum())
+                    arrays[k].write(s, stored.numpy())
+                    stats[k].add(a, finite=nonfinite == 0)
                 p.calls.clear()      # bounded memory: this chunk is on disk
                 bar.update(e - s)
         for w in (*arrays.values(), losses):

@@ -1,6 +1,7 @@
 """Runs on disk: streamed equals one pass, bad input is refused cleanly, nothing half-written."""
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -33,8 +34,11 @@ def test_chunked_run_equals_one_pass(arch, tmp_path, tiny_vocab):
     assert np.isnan(run.loss[-1])                      # the last character has no next one
     u = run.units
     assert len(u) == sum(run[k].shape[1] for k in run.keys())
-    row = u[u.unit == "rnn.l1.h:3"].iloc[0]
-    assert row["mean"] == pytest.approx(float(p.trace["rnn.l1.h"][0, :, 3].mean()), abs=1e-5)
+    for key in run.keys():          # per-unit statistics merged over 29-step chunks = over the whole text
+        want = p.trace[key][0].double().numpy()
+        rows = u[u.key == key].sort_values("index")
+        for col, ref in (("mean", want.mean(0)), ("std", want.std(0)), ("min", want.min(0)), ("max", want.max(0))):
+            np.testing.assert_allclose(rows[col].to_numpy(), ref, atol=1e-5, err_msg=f"{key} {col}")
 
 
 @pytest.mark.parametrize("arch", ["lstm", "gru"])
@@ -148,11 +152,22 @@ def test_nonfinite_states_are_flagged_not_silently_written(tmp_path):
 
         def forward(self, ids):
             return self.head(self.body(ids)[0])
-    run = probe.record(Head(), "ab" * 20, tmp_path / "r", encode=lambda s: torch.tensor([[ord(c) - 97 for c in s]]),
-                       progress=False)
+    encode = lambda s: torch.tensor([[ord(c) - 97 for c in s]])  # noqa: E731
+    run = probe.record(Head(), "ab" * 20, tmp_path / "r", encode=encode, chunk=7, progress=False)
     assert run.manifest["nonfinite"] is True
     assert run.nonfinite["body.1.l0.h"] > 0
     assert run.manifest["keys"]["body.1.l0.h"]["overflow"] > 0     # finite in float32, inf in float16
+    with Probe(m) as p:             # statistics leave NaN and Inf out, unit by unit, across chunks
+        m(encode("ab" * 20))
+    h = p.trace["1.l0.h"][0].double().numpy()
+    h[~np.isfinite(h)] = np.nan
+    assert np.isnan(h).any() and not np.isnan(h).all()
+    rows = run.units[run.units.key == "body.1.l0.h"].sort_values("index")
+    with warnings.catch_warnings():     # a unit that is never finite has NaN statistics
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = {"mean": np.nanmean(h, 0), "std": np.nanstd(h, 0), "min": np.nanmin(h, 0), "max": np.nanmax(h, 0)}
+    for col, want in ref.items():
+        np.testing.assert_allclose(rows[col].to_numpy(), want, rtol=1e-6, err_msg=col)
 
 
 def test_refuses_when_the_disk_cannot_hold_the_run(tmp_path, tiny_vocab, monkeypatch):
