@@ -1,8 +1,10 @@
 """``Probe``: record every state, gate and gradient of every recurrent submodule of a model.
 
-While the ``with`` block is open, each ``nn.RNN / nn.LSTM / nn.GRU`` runs through a layer-split
-replay of its own fused kernel (``probe.replay``), which returns the same outputs and exposes
-every layer's states. On exit each module's ``forward`` is restored; nothing else is touched.
+While the ``with`` block is open, each ``nn.RNN / nn.LSTM / nn.GRU`` runs its own fused kernel
+one layer at a time, which returns the same outputs and exposes every layer's states: an LSTM on
+oneDNN's gates and cells are read from the kernel's workspace (``probe.workspace``), the rest are
+replayed from the layer's outputs (``probe.replay``). On exit each module's ``forward`` is
+restored; nothing else is touched.
 """
 from __future__ import annotations
 

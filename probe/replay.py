@@ -3,7 +3,8 @@
 The fused kernel hides everything but the last layer's outputs. Run it one layer at a time
 (same weights, same kernel) and every layer's ``h_t`` comes out; with ``h_{t-1}`` and ``x_t``
 known for all ``t`` each gate's pre-activation is one batched matrix product, and the LSTM cell
-is the linear recurrence ``c_t = f_t * c_{t-1} + i_t * g_t``, a cheap elementwise scan.
+is the linear recurrence ``c_t = f_t * c_{t-1} + i_t * g_t``, a cheap elementwise scan. (An
+LSTM on oneDNN skips the replay: its gates are in the kernel's workspace, ``probe.workspace``.)
 
 Everything here is in the time-major layout ``[time, batch, units]``, one direction at a time;
 the hook module converts from and to the user's layout.
