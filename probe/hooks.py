@@ -13,11 +13,11 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from zoo.errors import RnnscopeError
 
-from . import workspace
+from . import packed, workspace
 from .autograd import RecordedDirection
 from .keys import GRAD_KINDS, KINDS, family, recurrent_modules, state_key
 from .replay import direction_params, initial_state, run_layer, states, time_major, user_layout
@@ -29,6 +29,7 @@ class _Direction:
     def __init__(self, module, layer, reverse, h0, c0):
         self.module, self.layer, self.reverse = module, layer, reverse
         self.h0, self.c0 = h0, c0
+        self.order: torch.Tensor | None = None
         self.st: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] | None = None
 
@@ -47,6 +48,8 @@ class _Direction:
             t = self._grads[kind]
         else:
             t = self.st[kind]
+        if self.order is not None:           # packed input: each sequence reversed within its length
+            return packed.reverse_time(t, self.order)
         return t.flip(0) if self.reverse else t
 
 
@@ -160,24 +163,39 @@ class Probe:
             self._last_state[name] = (h, torch.stack([r.st["c"][step] for r in recs])) \
                 if family(m) == "LSTM" else h
 
+    def _start(self, name: str, m: nn.Module, x: torch.Tensor, hx, unbatched: bool):
+        """``(h0, c0 or None)``, ``[L*D, B, *]``: the caller's, carried from the previous call, or zeros."""
+        if hx is None and self.carry and name in self._last_state:
+            hx = self._last_state[name]
+            prev_b = (hx[0] if isinstance(hx, tuple) else hx).shape[1]
+            if prev_b != x.shape[1]:
+                raise RnnscopeError(f"{name}: carried state has batch {prev_b}, this call has batch {x.shape[1]}",
+                                    "keep the batch size fixed while carrying state, or pass hx")
+            return hx if family(m) == "LSTM" else (hx, None)
+        return initial_state(m, x, hx, unbatched)
+
+    def _keep(self, call: CallTrace, name: str, layer: int, kind: str, recs) -> None:
+        for rec in recs:
+            for k in KINDS[kind]:
+                if k in rec.st and (self.kinds is None or k in self.kinds):
+                    call._add(state_key(name, layer, rec.reverse, k), rec, k)
+            if self.grad:
+                for k in GRAD_KINDS[kind]:
+                    call._add(state_key(name, layer, rec.reverse, k), rec, k)
+
+    def _end(self, name: str, kind: str, h_ns: list, c_ns: list) -> None:
+        if self.carry:          # kept in the batched layout, whatever the caller's
+            h_n = torch.cat(h_ns, 0).detach()
+            self._last_state[name] = (h_n, torch.cat(c_ns, 0).detach()) if kind == "LSTM" else h_n
+
     def _forward(self, name: str, m: nn.Module, input, hx=None):
         if isinstance(input, PackedSequence):
-            raise RnnscopeError(f"{name}: PackedSequence input is not supported by the probe",
-                                "pad the batch (torch.nn.utils.rnn.pad_packed_sequence) and probe the padded tensor")
+            return self._packed_forward(name, m, input, hx)
         kind = family(m)
         x, unbatched = time_major(m, input)
         D, L = 2 if m.bidirectional else 1, m.num_layers
         P = getattr(m, "proj_size", 0) or m.hidden_size
-        B = x.shape[1]
-        if hx is None and self.carry and name in self._last_state:
-            hx = self._last_state[name]
-            prev_b = (hx[0] if isinstance(hx, tuple) else hx).shape[1]
-            if prev_b != B:
-                raise RnnscopeError(f"{name}: carried state has batch {prev_b}, this call has batch {B}",
-                                    "keep the batch size fixed while carrying state, or pass hx")
-            h0, c0 = hx if kind == "LSTM" else (hx, None)
-        else:
-            h0, c0 = initial_state(m, x, hx, unbatched)
+        h0, c0 = self._start(name, m, x, hx, unbatched)
         call = CallTrace()
         self.calls.append(call)
         if self.grad and not self.param_grads and torch.is_grad_enabled() and not x.requires_grad:
@@ -192,23 +210,58 @@ class Probe:
                 out, h_n, c_n = self._differentiable_layer(m, layer, layer_in, h0[sl], c0, sl, recs)
             else:
                 out, h_n, c_n = self._plain_layer(m, layer, layer_in, h0[sl], c0, sl, recs, P)
-            for rec in recs:
-                for k in KINDS[kind]:
-                    if k in rec.st and (self.kinds is None or k in self.kinds):
-                        call._add(state_key(name, layer, rec.reverse, k), rec, k)
-                if self.grad:
-                    for k in GRAD_KINDS[kind]:
-                        call._add(state_key(name, layer, rec.reverse, k), rec, k)
+            self._keep(call, name, layer, kind, recs)
             h_ns.append(h_n)
             c_ns.append(c_n)
             layer_in = out
             if layer < L - 1 and m.dropout and m.training:
                 layer_in = nn.functional.dropout(out, m.dropout, True)
-        if self.carry:          # kept in the batched layout, whatever the caller's
-            h_n = torch.cat(h_ns, 0).detach()
-            self._last_state[name] = (h_n, torch.cat(c_ns, 0).detach()) if kind == "LSTM" else h_n
+        self._end(name, kind, h_ns, c_ns)
         output, state = user_layout(m, layer_in, h_ns, c_ns, unbatched)
         return output, state
+
+    def _packed_forward(self, name: str, m: nn.Module, seq: PackedSequence, hx):
+        """Sequences of different lengths (``probe.packed``): each layer fused on the packed data,
+        states replayed padded, ``[batch, time, units]`` in the caller's batch order with NaN past
+        each sequence's end."""
+        if self.grad and torch.is_grad_enabled():
+            raise RnnscopeError(f"{name}: state gradients of PackedSequence input are not supported",
+                                "pad the batch (torch.nn.utils.rnn.pad_packed_sequence) for grad=True, "
+                                "or record its states with grad=False")
+        kind = family(m)
+        x_pad, lengths = pad_packed_sequence(seq)
+        T, D, L = x_pad.shape[0], 2 if m.bidirectional else 1, m.num_layers
+        P = getattr(m, "proj_size", 0) or m.hidden_size
+        h0, c0 = self._start(name, m, x_pad, hx, False)
+        rev, gone = packed.reversal(lengths, T), packed.past_end(lengths, T)
+        call = CallTrace()
+        self.calls.append(call)
+        h_ns, c_ns = [], []
+        for layer in range(L):
+            sl = slice(layer * D, (layer + 1) * D)
+            recs = [_Direction(m, layer, d == 1, h0[sl][d].detach(), c0[sl][d].detach() if c0 is not None else None)
+                    for d in range(D)]
+            out, h_n, c_n = packed.run_layer(m, layer, seq, h0[sl], c0[sl] if c0 is not None else None)
+            out_pad = packed.padded(out, T)
+            with torch.no_grad():
+                for d, rec in enumerate(recs):
+                    xd, hd = x_pad.detach(), out_pad[..., d * P:(d + 1) * P].detach()
+                    if rec.reverse:
+                        xd, hd, rec.order = packed.reverse_time(xd, rev), packed.reverse_time(hd, rev), rev
+                    rec.st = states(m, direction_params(m, layer, rec.reverse), xd, hd.clone(), rec.h0, rec.c0)
+                    for v in rec.st.values():
+                        v[gone] = float("nan")
+            self._keep(call, name, layer, kind, recs)
+            h_ns.append(h_n)
+            c_ns.append(c_n)
+            seq, x_pad = out, out_pad
+            if layer < L - 1 and m.dropout and m.training:
+                seq = PackedSequence(nn.functional.dropout(out.data, m.dropout, True), out.batch_sizes,
+                                     out.sorted_indices, out.unsorted_indices)
+                x_pad = packed.padded(seq, T)
+        self._end(name, kind, h_ns, c_ns)
+        h_n = torch.cat(h_ns, 0)
+        return seq, ((h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n)
 
     @staticmethod
     def _plain_layer(m, layer, x, h0, c0, sl, recs, P):

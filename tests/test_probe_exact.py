@@ -2,7 +2,7 @@
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import zoo
 from probe import Probe, parse_key, replay, workspace
@@ -226,7 +226,7 @@ def test_bad_inputs_are_clear_errors():
         Probe(nn.Linear(3, 3))
     m = nn.LSTM(3, 4)
     packed = pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
-    with Probe(m) as p, pytest.raises(RnnscopeError, match="PackedSequence.*pad_packed_sequence"):
+    with Probe(m, grad=True) as p, pytest.raises(RnnscopeError, match="gradients of PackedSequence.*pad_packed_sequence"):
         m(packed)
     with Probe(m, grad=True) as p:
         m(torch.randn(5, 2, 3))
@@ -378,3 +378,57 @@ def test_workspace_and_replay_agree_on_random_shapes(monkeypatch):
         for key in slow.trace:
             want = slow.trace[key]
             assert (fast.trace[key] - want).abs().max() <= 1e-5 * max(1.0, want.abs().max()), (key, T, B, I, H)
+
+
+@pytest.mark.parametrize("case", ["lstm", "gru-bidir", "rnn-tanh", "lstm-bidir-batchfirst", "lstm-proj"])
+@pytest.mark.parametrize("sort", [False, True])
+def test_packed_sequences_of_different_lengths(case, sort):
+    """PackedSequence input: outputs and final states are PyTorch's own; every recorded state of
+    sequence b over its own length equals the float64 reference run on that sequence alone (the
+    reverse direction starting from its own last element), and NaN past its end."""
+    torch.manual_seed(5)
+    cls, kw = CASES[case]
+    m = cls(5, 6, **{"num_layers": 2, **kw})
+    lengths = [7, 3, 9, 1] if not sort else [9, 7, 3, 1]
+    B, D = len(lengths), (2 if m.bidirectional else 1)
+    P = getattr(m, "proj_size", 0) or 6
+    x = torch.randn(9, B, 5)
+    h0 = torch.randn(2 * D, B, P)
+    hx = (h0, torch.randn(2 * D, B, 6)) if isinstance(m, nn.LSTM) else h0
+    seq = pack_padded_sequence(x, lengths, enforce_sorted=sort)
+    want_out, want_state = m(seq, hx)
+    with torch.no_grad(), Probe(m) as p:
+        out, state = m(seq, hx)
+    assert torch.equal(out.batch_sizes, want_out.batch_sizes)
+    assert (out.data - want_out.data).abs().max() < 1e-6
+    pairs = zip(state, want_state) if isinstance(state, tuple) else [(state, want_state)]
+    for a, b in pairs:
+        assert (a - b).abs().max() < 1e-6
+    for b, n in enumerate(lengths):
+        one = (hx[0][:, b:b + 1], hx[1][:, b:b + 1]) if isinstance(hx, tuple) else hx[:, b:b + 1]
+        xb = x[:n, b:b + 1] if not m.batch_first else x[:n, b:b + 1].transpose(0, 1)   # the module's layout
+        _, ref, _ = unrolled(m, xb, one)
+        for key in p.trace:
+            k = parse_key(key)
+            got = p.trace[key][b].double()
+            want = ref[(k["layer"], k["reverse"], k["kind"])][0]
+            assert (got[:n] - want).abs().max() < 1e-5, (key, b)
+            assert torch.isnan(got[n:]).all(), (key, b)
+
+
+def test_the_callers_own_backward_through_packed_input():
+    torch.manual_seed(6)
+    m = nn.GRU(5, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(8, 3, 5, requires_grad=True)
+
+    def grads():
+        out, h_n = m(pack_padded_sequence(x, [4, 8, 2], enforce_sorted=False))
+        padded, _ = pad_packed_sequence(out)
+        loss = (padded * torch.linspace(-1, 1, 12)).sum() + h_n.square().sum()
+        return torch.autograd.grad(loss, [x, *m.parameters()])
+    want = grads()
+    with Probe(m) as p:
+        got = grads()
+    assert p.trace["l1_reverse.n"].shape == (3, 8, 6)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()

@@ -1,0 +1,57 @@
+"""``PackedSequence`` input: sequences of different lengths in one batch.
+
+Each layer runs through the fused kernel on the packed data itself, so outputs, final states and
+the caller's autograd are PyTorch's own: every sequence ends at its own length, and the reverse
+direction starts from each sequence's own last element. The states are then replayed in the
+padded layout ``[T, B, *]`` with the batch in the caller's original order (what
+``pad_packed_sequence`` gives), the reverse direction reversed within each sequence's length.
+Positions past a sequence's end hold NaN: there is no state there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .replay import layer_weights
+
+
+def reversal(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """``[T, B]`` time index that reverses each sequence within its own length and leaves the
+    padding where it is; it is its own inverse."""
+    t = torch.arange(T).unsqueeze(1)
+    n = lengths.to(torch.long).unsqueeze(0)
+    return torch.where(t < n, n - 1 - t, t)
+
+
+def reverse_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [T, B, *]`` reordered along time by ``index [T, B]`` (from ``reversal``)."""
+    return x.gather(0, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+
+def past_end(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """``[T, B]``: True where step ``t`` lies past sequence ``b``'s end."""
+    return torch.arange(T).unsqueeze(1) >= lengths.to(torch.long).unsqueeze(0)
+
+
+def run_layer(module: nn.Module, layer: int, seq: PackedSequence, h0: torch.Tensor, c0: torch.Tensor | None):
+    """One layer of ``module`` on packed input. ``h0, c0 [D, B, *]`` in the caller's batch order.
+    Returns ``(output PackedSequence, h_n, c_n or None)``, final states in the caller's order."""
+    order, back = seq.sorted_indices, seq.unsorted_indices
+    sort = (lambda s: s) if order is None else (lambda s: s.index_select(1, order))  # noqa: E731
+    unsort = (lambda s: s) if back is None else (lambda s: s.index_select(1, back))  # noqa: E731
+    rest = (layer_weights(module, layer), module.bias, 1, 0.0, module.training, module.bidirectional)
+    c_n = None
+    if isinstance(module, nn.LSTM):
+        out, h_n, c_n = _VF.lstm(seq.data, seq.batch_sizes, (sort(h0), sort(c0)), *rest)
+    else:
+        fn = _VF.gru if isinstance(module, nn.GRU) else (
+            _VF.rnn_tanh if module.nonlinearity == "tanh" else _VF.rnn_relu)
+        out, h_n = fn(seq.data, seq.batch_sizes, sort(h0), *rest)
+    packed = PackedSequence(out, seq.batch_sizes, order, back)
+    return packed, unsort(h_n), (unsort(c_n) if c_n is not None else None)
+
+
+def padded(seq: PackedSequence, T: int) -> torch.Tensor:
+    """``[T, B, *]`` in the caller's batch order, zeros past each end."""
+    return pad_packed_sequence(seq, total_length=T)[0]
