@@ -24,16 +24,31 @@ def _start(g: torch.Tensor, g_n: torch.Tensor | None) -> torch.Tensor:
     return torch.zeros_like(g[-1]) if g_n is None else g_n
 
 
-def lstm(p: DirectionParams, st: dict, h0, c0, g, gh_n=None, gc_n=None) -> dict:
-    """LSTM direction with recorded ``i f g o c``; handles ``proj_size`` (``h = W_hr (o * tanh c)``)."""
+def _cell_injections(c_at, T: int) -> dict:
+    """``c_at = (ends [B], grad [B, H])`` as ``{step: (sequences, grad [k, H])}``."""
+    if c_at is None:
+        return {}
+    ends, grad = c_at
+    return {int(t): ((ends == t).nonzero()[:, 0], grad[ends == t]) for t in ends.unique()}
+
+
+def lstm(p: DirectionParams, st: dict, h0, c0, g, gh_n=None, gc_n=None, c_at=None) -> dict:
+    """LSTM direction with recorded ``i f g o c``; handles ``proj_size`` (``h = W_hr (o * tanh c)``).
+    ``c_at = (ends [B], grad [B, H])`` (packed input) gives each sequence's cell a gradient at its
+    own last step, in place of ``gc_n`` at the batch's last."""
     i, f, gg, o, c = st["i"], st["f"], st["g"], st["o"], st["c"]
     T, B, H = c.shape
+    inject = _cell_injections(c_at, T)
+    if B == 1 and inject:               # one sequence ends at the last step: the usual start
+        (t, (_, gc_n)), inject = next(iter(inject.items())), {}
+        assert t == T - 1
     next_h, next_c = _start(g, gh_n), _start(c, gc_n)
     if p.w_hr is None and compiled(g, i, f, gg, o, c, p.w_hh, next_h, next_c):
         # one sequence (what `record` runs): the whole loop compiled. From batch 2 up oneDNN's batched
         # products win (measured: batch 4 0.86 s compiled vs 0.62 s): only the elementwise step is compiled
         back_hh = None if B == 1 else gemm.Linear(p.w_hh.t())
-        grad_h, grad_c, d_a, next_h, next_c = lstm_adjoint(g, i, f, gg, o, c, c0, p.w_hh, next_h, next_c, back_hh)
+        grad_h, grad_c, d_a, next_h, next_c = lstm_adjoint(g, i, f, gg, o, c, c0, p.w_hh, next_h, next_c,
+                                                           back_hh, inject)
         d_a = d_a.view(T, B, 4 * H)
         return {"grad_h": grad_h, "grad_c": grad_c, "d_x": d_a, "d_h": d_a, "h0": next_h, "c0": next_c}
     tc = torch.tanh(c)
@@ -45,6 +60,9 @@ def lstm(p: DirectionParams, st: dict, h0, c0, g, gh_n=None, gc_n=None) -> dict:
     back_hh = gemm.Linear(p.w_hh.t())                       # d_a @ W_hh
     w_hr = p.w_hr
     for t in range(T - 1, -1, -1):
+        if t in inject:
+            rows, extra = inject[t]
+            next_c = next_c.index_add(0, rows, extra)
         h_t = torch.add(g[t], next_h, out=grad_h[t])
         dm = h_t if w_hr is None else h_t @ w_hr
         c_t = torch.addcmul(next_c, dm, k_c[t], out=grad_c[t])

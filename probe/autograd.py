@@ -32,7 +32,8 @@ def fused_direction(module, p: DirectionParams, x, h0, c0):
 
 class RecordedDirection(torch.autograd.Function):
     """``apply(rec, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) -> (out, h_n, c_n)``; ``rec`` receives
-    the states in forward and the state gradients in backward."""
+    the states in forward and the state gradients in backward. With ``rec.ends [B]`` (packed
+    input, padded) the final states are each sequence's at its own last step."""
 
     @staticmethod
     def forward(ctx, rec, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -46,6 +47,10 @@ class RecordedDirection(torch.autograd.Function):
             out, h_n, c_n = fused_direction(rec.module, p, x, h0, c0)
             # detached: `out` itself becomes the Function's output and gets a grad_fn once we return
             rec.st = states(rec.module, p, x, out.detach(), h0, c0)
+        if rec.ends is not None:        # packed input: each sequence's final state is at its own end
+            seqs = torch.arange(x.shape[1])
+            h_n = out[rec.ends, seqs]
+            c_n = rec.st["c"][rec.ends, seqs] if c_n is not None else None
         ctx.rec, ctx.p = rec, p
         ctx.save_for_backward(x, h0)
         return out, h_n, (c_n if c_n is not None else h_n.new_zeros(0))
@@ -55,8 +60,12 @@ class RecordedDirection(torch.autograd.Function):
         rec, p = ctx.rec, ctx.p
         x, h0 = ctx.saved_tensors
         kind = type(rec.module).__name__
+        c_at = None
+        if rec.ends is not None:        # the final states' gradients enter at each sequence's end
+            g_out = g_out.index_put((rec.ends, torch.arange(len(rec.ends))), g_hn, accumulate=True)
+            g_hn, c_at, g_cn = None, ((rec.ends, g_cn) if kind == "LSTM" else None), None
         if kind == "LSTM":
-            a = adjoint.lstm(p, rec.st, h0, rec.c0, g_out, g_hn, g_cn)
+            a = adjoint.lstm(p, rec.st, h0, rec.c0, g_out, g_hn, g_cn, c_at)
         elif kind == "GRU":
             a = adjoint.gru(p, rec.st, h0, g_out, g_hn)
         else:

@@ -29,7 +29,10 @@ class _Direction:
     def __init__(self, module, layer, reverse, h0, c0):
         self.module, self.layer, self.reverse = module, layer, reverse
         self.h0, self.c0 = h0, c0
+        # packed input: per-sequence time reversal, steps past each end, each sequence's last step
         self.order: torch.Tensor | None = None
+        self.gone: torch.Tensor | None = None
+        self.ends: torch.Tensor | None = None
         self.st: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] | None = None
 
@@ -48,6 +51,11 @@ class _Direction:
             t = self._grads[kind]
         else:
             t = self.st[kind]
+        t = self.along(t)
+        return t if self.gone is None else t.masked_fill(self.gone.unsqueeze(-1), float("nan"))
+
+    def along(self, t: torch.Tensor) -> torch.Tensor:
+        """``t [T, ...]`` from time order to this direction's processing order, or back."""
         if self.order is not None:           # packed input: each sequence reversed within its length
             return packed.reverse_time(t, self.order)
         return t.flip(0) if self.reverse else t
@@ -221,47 +229,49 @@ class Probe:
         return output, state
 
     def _packed_forward(self, name: str, m: nn.Module, seq: PackedSequence, hx):
-        """Sequences of different lengths (``probe.packed``): each layer fused on the packed data,
-        states replayed padded, ``[batch, time, units]`` in the caller's batch order with NaN past
-        each sequence's end."""
-        if self.grad and torch.is_grad_enabled():
-            raise RnnscopeError(f"{name}: state gradients of PackedSequence input are not supported",
-                                "pad the batch (torch.nn.utils.rnn.pad_packed_sequence) for grad=True, "
-                                "or record its states with grad=False")
+        """Sequences of different lengths (``probe.packed``), padded: ``[batch, time, units]`` in the
+        caller's batch order, NaN past each sequence's end. Without state gradients each layer runs
+        fused on the packed data and its states are replayed; with them each direction runs
+        padded through ``RecordedDirection``, its final state taken at each sequence's own end."""
         kind = family(m)
         x_pad, lengths = pad_packed_sequence(seq)
         T, D, L = x_pad.shape[0], 2 if m.bidirectional else 1, m.num_layers
         P = getattr(m, "proj_size", 0) or m.hidden_size
         h0, c0 = self._start(name, m, x_pad, hx, False)
-        rev, gone = packed.reversal(lengths, T), packed.past_end(lengths, T)
+        rev, gone, ends = packed.reversal(lengths, T), packed.past_end(lengths, T), lengths.to(torch.long) - 1
         call = CallTrace()
         self.calls.append(call)
+        differentiable = self.grad and torch.is_grad_enabled()
+        if differentiable and not self.param_grads and not x_pad.requires_grad:
+            x_pad = x_pad.detach().requires_grad_()
         h_ns, c_ns = [], []
         for layer in range(L):
             sl = slice(layer * D, (layer + 1) * D)
             recs = [_Direction(m, layer, d == 1, h0[sl][d].detach(), c0[sl][d].detach() if c0 is not None else None)
                     for d in range(D)]
-            out, h_n, c_n = packed.run_layer(m, layer, seq, h0[sl], c0[sl] if c0 is not None else None)
-            out_pad = packed.padded(out, T)
-            with torch.no_grad():
-                for d, rec in enumerate(recs):
-                    xd, hd = x_pad.detach(), out_pad[..., d * P:(d + 1) * P].detach()
-                    if rec.reverse:
-                        xd, hd, rec.order = packed.reverse_time(xd, rev), packed.reverse_time(hd, rev), rev
-                    rec.st = states(m, direction_params(m, layer, rec.reverse), xd, hd.clone(), rec.h0, rec.c0)
-                    for v in rec.st.values():
-                        v[gone] = float("nan")
+            for rec in recs:
+                rec.order, rec.gone, rec.ends = (rev if rec.reverse else None), gone, ends
+            if differentiable:
+                out_pad, h_n, c_n = self._differentiable_layer(m, layer, x_pad, h0[sl], c0, sl, recs)
+            else:
+                out, h_n, c_n = packed.run_layer(m, layer, seq, h0[sl], c0[sl] if c0 is not None else None)
+                out_pad = packed.padded(out, T)
+                with torch.no_grad():
+                    for d, rec in enumerate(recs):
+                        xd, hd = rec.along(x_pad.detach()), rec.along(out_pad[..., d * P:(d + 1) * P].detach())
+                        rec.st = states(m, direction_params(m, layer, rec.reverse), xd, hd, rec.h0, rec.c0)
+                seq = out
             self._keep(call, name, layer, kind, recs)
             h_ns.append(h_n)
             c_ns.append(c_n)
-            seq, x_pad = out, out_pad
+            x_pad = out_pad
             if layer < L - 1 and m.dropout and m.training:
-                seq = PackedSequence(nn.functional.dropout(out.data, m.dropout, True), out.batch_sizes,
-                                     out.sorted_indices, out.unsorted_indices)
-                x_pad = packed.padded(seq, T)
+                x_pad = nn.functional.dropout(out_pad, m.dropout, True)
+                seq = packed.pack_like(x_pad, seq)
         self._end(name, kind, h_ns, c_ns)
         h_n = torch.cat(h_ns, 0)
-        return seq, ((h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n)
+        output = packed.pack_like(x_pad, seq) if differentiable else seq     # the fused kernel's own
+        return output, ((h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n)
 
     @staticmethod
     def _plain_layer(m, layer, x, h0, c0, sl, recs, P):
@@ -287,10 +297,9 @@ class Probe:
         outs, h_ns, c_ns = [], [], []
         for d, rec in enumerate(recs):
             p = direction_params(m, layer, rec.reverse)
-            xd = x.flip(0) if rec.reverse else x
-            out, h_n, c_n = RecordedDirection.apply(rec, xd, h0[d], c0[sl][d] if c0 is not None else None,
+            out, h_n, c_n = RecordedDirection.apply(rec, rec.along(x), h0[d], c0[sl][d] if c0 is not None else None,
                                                     p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr)
-            outs.append(out.flip(0) if rec.reverse else out)
+            outs.append(rec.along(out))
             h_ns.append(h_n)
             c_ns.append(c_n)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, -1)

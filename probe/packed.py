@@ -55,3 +55,12 @@ def run_layer(module: nn.Module, layer: int, seq: PackedSequence, h0: torch.Tens
 def padded(seq: PackedSequence, T: int) -> torch.Tensor:
     """``[T, B, *]`` in the caller's batch order, zeros past each end."""
     return pad_packed_sequence(seq, total_length=T)[0]
+
+
+def pack_like(x: torch.Tensor, seq: PackedSequence) -> PackedSequence:
+    """``x [T, B, *]`` (padded, the caller's batch order) packed the way ``seq`` is: same batch
+    sizes and sort order, so the caller gets back what the module itself would return."""
+    order = seq.sorted_indices if seq.sorted_indices is not None else torch.arange(x.shape[1])
+    steps = torch.repeat_interleave(torch.arange(len(seq.batch_sizes)), seq.batch_sizes)
+    rank = torch.cat([torch.arange(int(n)) for n in seq.batch_sizes])
+    return PackedSequence(x[steps, order[rank]], seq.batch_sizes, seq.sorted_indices, seq.unsorted_indices)

@@ -65,12 +65,13 @@ def _lstm_adjoint_step(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, gra
     _lstm_adjoint_t(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a)
 
 
-def lstm_adjoint(g, i, f, gg, o, c, c0, w_hh, next_h, next_c, back_hh=None):
+def lstm_adjoint(g, i, f, gg, o, c, c0, w_hh, next_h, next_c, back_hh=None, inject=None):
     """The LSTM adjoint loop of ``probe.adjoint.lstm`` (no projection), compiled. ``g [T,B,H]`` is the
     gradient arriving at the outputs; ``i f gg o c [T,B,H]`` the recorded states (views are fine).
     Without ``back_hh`` the whole loop is one compiled call (best for one sequence); with it, each
     step's elementwise part is compiled and ``next_h = back_hh(d_a[t])`` runs in between (oneDNN's
-    batched product wins from batch 2 up).
+    batched product wins from batch 2 up). ``inject``: ``{step: (sequences, grad)}`` added to the
+    cell's gradient before that step (packed input, ``probe.adjoint.lstm``; per-step loop only).
     Returns ``grad_h, grad_c [T,B,H], d_a [T,B,4,H], h0-grad [B,H], c0-grad [B,H]``."""
     T, B, H = c.shape
     grad_h, grad_c = torch.empty(T, B, H, dtype=c.dtype), torch.empty(T, B, H, dtype=c.dtype)
@@ -80,10 +81,14 @@ def lstm_adjoint(g, i, f, gg, o, c, c0, w_hh, next_h, next_c, back_hh=None):
     args = [_np(t) for t in (g, i, f, gg, o, tc, c, c0.to(c.dtype))]
     out = [_np(t) for t in (grad_h, grad_c, d_a)]
     if back_hh is None:
+        assert not inject, "the whole-loop path takes its cell gradient in next_c"
         _lstm_adjoint(*args, _np(w_hh.detach().contiguous()), _np(nh), _np(nc), *out)
         return grad_h, grad_c, d_a, nh, nc
     nc_np = _np(nc)
     for t in range(T - 1, -1, -1):
+        if inject and t in inject:
+            rows, extra = inject[t]
+            nc.index_add_(0, rows, extra.to(nc.dtype))          # in place: nc_np sees it
         _lstm_adjoint_step(t, *args, _np(nh), nc_np, *out)
         nh = back_hh(d_a[t].view(B, 4 * H))
     return grad_h, grad_c, d_a, nh, nc

@@ -225,9 +225,6 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(RnnscopeError, match="has no nn.RNN, nn.LSTM or nn.GRU"):
         Probe(nn.Linear(3, 3))
     m = nn.LSTM(3, 4)
-    packed = pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
-    with Probe(m, grad=True) as p, pytest.raises(RnnscopeError, match="gradients of PackedSequence.*pad_packed_sequence"):
-        m(packed)
     with Probe(m, grad=True) as p:
         m(torch.randn(5, 2, 3))
     with pytest.raises(RnnscopeError, match="no gradient has reached.*backward"):
@@ -432,3 +429,66 @@ def test_the_callers_own_backward_through_packed_input():
     assert p.trace["l1_reverse.n"].shape == (3, 8, 6)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("case", ["lstm", "gru-bidir", "rnn-tanh", "lstm-bidir-batchfirst", "lstm-proj"])
+@pytest.mark.parametrize("batch", [4, 1])          # batch 1 takes the whole-loop compiled adjoints
+def test_packed_sequences_state_and_parameter_gradients(case, batch):
+    """grad=True on packed input: grad_h/grad_c of sequence b over its own length equal the float64
+    reference's on that sequence alone, with the loss's terms on the packed output and on the final
+    states (which sit at each sequence's own end); parameter and input gradients equal PyTorch's."""
+    torch.manual_seed(8)
+    cls, kw = CASES[case]
+    m = cls(5, 6, **{"num_layers": 2, **kw})
+    lengths = [6, 2, 8, 5][:batch] if batch > 1 else [7]
+    B, D, T = len(lengths), (2 if m.bidirectional else 1), max(lengths)
+    P = getattr(m, "proj_size", 0) or 6
+    x = torch.randn(T, B, 5, requires_grad=True)
+    h0 = torch.randn(2 * D, B, P, requires_grad=True)
+    c0 = torch.randn(2 * D, B, 6, requires_grad=True)
+    hx = (h0, c0) if isinstance(m, nn.LSTM) else h0
+    w_out = torch.randn(T, B, D * P)
+
+    def loss_of(out, state):
+        loss = (pad_packed_sequence(out, total_length=T)[0] * w_out).sum()
+        h_n = state[0] if isinstance(state, tuple) else state
+        loss = loss + (h_n * torch.linspace(-1, 1, h_n.numel()).view_as(h_n)).sum()
+        return loss + (state[1].sin().sum() if isinstance(state, tuple) else 0)
+
+    def run():
+        out, state = m(pack_padded_sequence(x, lengths, enforce_sorted=False), hx)
+        leaves = [x, h0] + ([c0] if isinstance(m, nn.LSTM) else []) + list(m.parameters())
+        return torch.autograd.grad(loss_of(out, state), leaves)
+    want = run()
+    with Probe(m, grad=True) as p:
+        got = run()
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+    for b, n in enumerate(lengths):
+        one = (h0[:, b:b + 1], c0[:, b:b + 1]) if isinstance(m, nn.LSTM) else h0[:, b:b + 1]
+        xb = x[:n, b:b + 1] if not m.batch_first else x[:n, b:b + 1].transpose(0, 1)
+        out, ref, deltas = unrolled(m, xb, tuple(t.detach() for t in one) if isinstance(one, tuple) else one.detach(),
+                                    perturb=True)
+        out_tm = out if not m.batch_first else out.transpose(0, 1)
+        loss = (out_tm * w_out[:n, b:b + 1].double()).sum()
+        # the final states of this sequence, as the module returns them: each layer's h (and c) at
+        # its own last step of each direction, weighted as in loss_of
+        weights = torch.linspace(-1, 1, 2 * D * B * P).view(2 * D, B, P)[:, b].double()
+        for layer in range(2):
+            for d in range(D):
+                idx = layer * D + d
+                h_seq = ref[(layer, d == 1, "h")]                 # [1, n, P]; the reverse direction ends at t = 0
+                loss = loss + ((h_seq[0, -1] if d == 0 else h_seq[0, 0]) * weights[idx]).sum()
+                if isinstance(m, nn.LSTM):
+                    c_seq = ref[(layer, d == 1, "c")]
+                    loss = loss + (c_seq[0, -1] if d == 0 else c_seq[0, 0]).sin().sum()
+        loss.backward()
+        for key in p.trace:
+            k = parse_key(key)
+            if not k["kind"].startswith("grad_"):
+                continue
+            got_b = p.trace[key][b].double()
+            want_b = deltas[(k["layer"], k["reverse"], k["kind"][5:])].grad[0]
+            scale = want_b.abs().max().clamp_min(1e-12)
+            assert ((got_b[:n] - want_b).abs().max() / scale) < 1e-5, (key, b)
+            assert torch.isnan(got_b[n:]).all(), (key, b)
