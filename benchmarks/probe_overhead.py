@@ -6,6 +6,7 @@ Model: a char model (embedding 64 -> 2 x 512 LSTM, GRU or RNN -> linear), random
 does not depend on them). Batch 1 x CHARS and batch 64 x 400. Rows, each the median of --repeat runs:
   plain forward               model(ids) under no_grad: the baseline (1.00x)
   probe, every kind           the same forward inside Probe(model): h c i f g o of every layer
+  probe, h only               Probe(model, kinds=["h"]): every layer's h_t, nothing replayed
   naive cell loop             the usual alternative: one step at a time, gates by hand (LSTM only)
   plain forward+backward      summed next-char loss, backward with parameter grads: baseline
   probe grad                  Probe(grad=True): + grad_h (and grad_c) of every layer and step
@@ -75,6 +76,11 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
             model(ids)
         assert len(p.trace) == 2 * len(KINDS[type(model.rnn).__name__])
 
+    def probed_h():
+        with torch.no_grad(), Probe(model, kinds=["h"]) as p:
+            model(ids)
+        assert len(p.trace) == 2
+
     def cell_loop():
         with torch.no_grad():
             naive_loop(model, ids)
@@ -92,7 +98,8 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
                 p.trace[k]
 
     base_f = timed(plain, repeat)
-    rows = [("plain forward", base_f, "forward"), ("probe, every kind", timed(probed, repeat), "forward")]
+    rows = [("plain forward", base_f, "forward"), ("probe, every kind", timed(probed, repeat), "forward"),
+            ("probe, h only", timed(probed_h, repeat), "forward")]
     if naive:
         rows.append(("naive cell loop", timed(cell_loop, max(1, repeat // 2)), "forward"))
     base_b = timed(plain_backward, repeat)

@@ -217,7 +217,8 @@ class Probe:
             if differentiable:
                 out, h_n, c_n = self._differentiable_layer(m, layer, layer_in, h0[sl], c0, sl, recs)
             else:
-                out, h_n, c_n = self._plain_layer(m, layer, layer_in, h0[sl], c0, sl, recs, P)
+                out, h_n, c_n = self._plain_layer(m, layer, layer_in, h0[sl], c0, sl, recs, P,
+                                                  only_h=self.kinds == {"h"})
             self._keep(call, name, layer, kind, recs)
             h_ns.append(h_n)
             c_ns.append(c_n)
@@ -259,7 +260,8 @@ class Probe:
                 with torch.no_grad():
                     for d, rec in enumerate(recs):
                         xd, hd = rec.along(x_pad.detach()), rec.along(out_pad[..., d * P:(d + 1) * P].detach())
-                        rec.st = states(m, direction_params(m, layer, rec.reverse), xd, hd, rec.h0, rec.c0)
+                        rec.st = {"h": hd} if self.kinds == {"h"} else states(
+                            m, direction_params(m, layer, rec.reverse), xd, hd, rec.h0, rec.c0)
                 seq = out
             self._keep(call, name, layer, kind, recs)
             h_ns.append(h_n)
@@ -274,11 +276,12 @@ class Probe:
         return output, ((h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n)
 
     @staticmethod
-    def _plain_layer(m, layer, x, h0, c0, sl, recs, P):
+    def _plain_layer(m, layer, x, h0, c0, sl, recs, P, only_h=False):
         """No state gradients wanted: the fused kernel on the whole layer (autograd as usual for the
         caller's own backward), then the states replayed without a graph. An LSTM on oneDNN reads
-        them from the kernel's workspace instead (``probe.workspace``)."""
-        if isinstance(m, nn.LSTM):
+        them from the kernel's workspace instead (``probe.workspace``). ``only_h``: the layer's
+        outputs are all that is kept, so the plain inference kernel gives them and nothing is replayed."""
+        if isinstance(m, nn.LSTM) and not only_h:
             done = _workspace_layer(m, layer, x, h0, c0[sl], recs)
             if done is not None:
                 return done
@@ -288,7 +291,8 @@ class Probe:
                 xd, hd = x.detach(), out[..., d * P:(d + 1) * P].detach()
                 if rec.reverse:
                     xd, hd = xd.flip(0), hd.flip(0)
-                rec.st = states(m, direction_params(m, layer, rec.reverse), xd, hd, rec.h0, rec.c0)
+                rec.st = {"h": hd} if only_h else states(m, direction_params(m, layer, rec.reverse), xd, hd,
+                                                          rec.h0, rec.c0)
         return out, h_n, c_n
 
     @staticmethod

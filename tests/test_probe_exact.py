@@ -206,11 +206,22 @@ def test_calls_with_carried_state_concatenate_along_time():
     assert torch.allclose(carried.trace["l1.c"], whole.trace["l1.c"], atol=1e-6)
 
 
-def test_kinds_limits_what_is_kept():
-    m = nn.LSTM(3, 4)
+def test_kinds_limits_what_is_kept(monkeypatch):
+    m = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
     with Probe(m, kinds=["c"]) as p:
-        m(torch.randn(5, 1, 3))
-    assert sorted(p.trace) == ["l0.c", "l0.h"]
+        m(x)
+    assert sorted(p.trace) == sorted(f"l{i}{r}.{k}" for i in (0, 1) for r in ("", "_reverse") for k in "ch")
+    with Probe(m) as full:
+        m(x)
+    # h alone: the plain kernel's outputs are the trace, nothing is read from a workspace or replayed
+    monkeypatch.setattr(workspace, "lstm_forward", lambda *a, **kw: pytest.fail("read a workspace"))
+    monkeypatch.setattr(replay, "lstm_states", lambda *a, **kw: pytest.fail("replayed the gates"))
+    with Probe(m, kinds=["h"]) as only:
+        m(x)
+    assert sorted(only.trace) == ["l0.h", "l0_reverse.h", "l1.h", "l1_reverse.h"]
+    for k in only.trace:
+        assert (only.trace[k] - full.trace[k]).abs().max() < 1e-6
 
 
 def test_state_gradients_without_touching_parameter_grads():
