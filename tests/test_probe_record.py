@@ -159,7 +159,12 @@ def test_nonfinite_states_are_flagged_not_silently_written(tmp_path):
     assert run.manifest["keys"]["body.1.l0.h"]["overflow"] > 0     # finite in float32, inf in float16
     with Probe(m) as p:             # statistics leave NaN and Inf out, unit by unit, across chunks
         m(encode("ab" * 20))
-    h = p.trace["1.l0.h"][0].double().numpy()
+    raw = p.trace["1.l0.h"][0]
+    counts = run.manifest["keys"]["body.1.l0.h"]
+    assert counts["nonfinite"] == int((~torch.isfinite(raw)).sum())
+    assert counts["overflow"] == int((torch.isfinite(raw) & torch.isinf(raw.half())).sum())
+    np.testing.assert_array_equal(np.asarray(run["body.1.l0.h"]), raw.half().numpy())   # NaN where NaN
+    h = raw.double().numpy()
     h[~np.isfinite(h)] = np.nan
     assert np.isnan(h).any() and not np.isnan(h).all()
     rows = run.units[run.units.key == "body.1.l0.h"].sort_values("index")
