@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from tqdm.auto import tqdm
 
-from probe import parse_key, recurrent_modules
+from probe import packed, parse_key, recurrent_modules
 from probe.keys import KINDS, family
 from probe.replay import direction_params, initial_state, run_layer, time_major, user_layout
 from zoo.errors import RnnscopeError
@@ -83,8 +84,8 @@ def _expand(mask, value, B: int, U: int, like: torch.Tensor):
 
 
 def _edited_forward(m: nn.Module, edits: dict, input, hx=None):
-    if isinstance(input, nn.utils.rnn.PackedSequence):
-        raise RnnscopeError("interventions do not take PackedSequence input", "pad the batch first")
+    if isinstance(input, PackedSequence):
+        return _edited_packed(m, edits, input, hx)
     kind = family(m)
     x, unbatched = time_major(m, input)
     D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
@@ -118,8 +119,48 @@ def _edited_forward(m: nn.Module, edits: dict, input, hx=None):
     return user_layout(m, layer_in, h_ns, c_ns, unbatched)
 
 
-def _step_direction(m, kind, p, x, h, c, ed):
-    """One direction of one layer, step by step, with edits. ``x [T, B, in]``. Returns
+def _edited_packed(m: nn.Module, edits: dict, seq: PackedSequence, hx):
+    """``_edited_forward`` for sequences of different lengths: unedited layers run fused on the
+    packed data; edited ones step through the padded batch (the reverse direction reversed within
+    each sequence), each sequence's state frozen past its end so its final state is its own."""
+    kind = family(m)
+    x_pad, lengths = pad_packed_sequence(seq)
+    T, B = x_pad.shape[:2]
+    D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
+    P = getattr(m, "proj_size", 0) or H
+    h0, c0 = initial_state(m, x_pad, hx, False)
+    rev, alive = packed.reversal(lengths, T), ~packed.past_end(lengths, T)
+    h_ns, c_ns = [], []
+    for layer in range(L):
+        sl = slice(layer * D, (layer + 1) * D)
+        mine = {k: v for k, v in edits.items() if k[0] == layer}
+        if not mine:
+            out, h_n, c_n = packed.run_layer(m, layer, seq, h0[sl], c0[sl] if c0 is not None else None)
+        else:
+            x_pad, outs, hs, cs = packed.padded(seq, T), [], [], []
+            for d in range(D):
+                ed = {k[2]: _expand(*v, B, H if k[2] != "h" else P, x_pad) for k, v in mine.items() if k[1] == (d == 1)}
+                xd = packed.reverse_time(x_pad, rev) if d == 1 else x_pad
+                o, hn, cn = _step_direction(m, kind, direction_params(m, layer, d == 1), xd, h0[layer * D + d],
+                                            c0[layer * D + d] if c0 is not None else None, ed, alive)
+                outs.append(packed.reverse_time(o, rev) if d == 1 else o)
+                hs.append(hn)
+                cs.append(cn)
+            out, h_n = packed.pack_like(torch.cat(outs, -1), seq), torch.stack(hs)
+            c_n = torch.stack(cs) if kind == "LSTM" else None
+        h_ns.append(h_n)
+        c_ns.append(c_n)
+        seq = out
+        if layer < L - 1 and m.dropout and m.training:
+            seq = PackedSequence(nn.functional.dropout(out.data, m.dropout, True), out.batch_sizes,
+                                 out.sorted_indices, out.unsorted_indices)
+    h_n = torch.cat(h_ns, 0)
+    return seq, ((h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n)
+
+
+def _step_direction(m, kind, p, x, h, c, ed, alive=None):
+    """One direction of one layer, step by step, with edits. ``x [T, B, in]``; ``alive [T, B]``
+    (packed input): where a sequence has ended its state is carried unchanged. Returns
     ``(out [T, B, P], h_T, c_T)``."""
     def put(k, v):
         if k in ed:
@@ -132,6 +173,7 @@ def _step_direction(m, kind, p, x, h, c, ed):
     H = m.hidden_size
     outs = []
     for t in range(x.shape[0]):
+        h_prev, c_prev = h, c
         a_h = nn.functional.linear(h, p.w_hh, b_hh)
         if kind == "LSTM":
             i, f, g, o = (pre[t] + a_h).chunk(4, -1)
@@ -151,6 +193,10 @@ def _step_direction(m, kind, p, x, h, c, ed):
             a = pre[t] + a_h
             h = torch.tanh(a) if m.nonlinearity == "tanh" else torch.relu(a)
         h = put("h", h)
+        if alive is not None:
+            keep = alive[t].unsqueeze(-1)
+            h = torch.where(keep, h, h_prev)
+            c = torch.where(keep, c, c_prev) if c is not None else None
         outs.append(h)
     return torch.stack(outs), h, c
 

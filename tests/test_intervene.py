@@ -93,3 +93,43 @@ def test_ablating_the_zoo_comment_cell_hurts_comments_more_than_random_cells():
     assert target["role"] == "target" and len(res) == 31
     assert target["beats_controls"] >= 0.9, res.head()
     assert target["effect"] > 2 * abs(target["effect_elsewhere"])       # specific to comments
+
+
+@pytest.mark.parametrize("arch,kw,targets", CASES)
+def test_edited_packed_sequences_match_the_reference_per_sequence(arch, kw, targets):
+    """PackedSequence input: each sequence's edited output and final state equal the float64
+    reference run with the same edits on that sequence alone (reverse direction from its own end)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    torch.manual_seed(1)
+    cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[arch]
+    m = cls(6, 9, num_layers=2, **kw).eval()
+    lengths, P = [5, 11, 2], kw.get("proj_size") or 9
+    B, T = len(lengths), max(lengths)
+    x = torch.randn(T, B, 6)
+    edits, ref_edits = {}, {}
+    for layer, rev, kind in targets:
+        U = P if kind == "h" else 9
+        mask, value = torch.rand(B, U) < 0.4, torch.randn(B, U)
+        edits[_key(layer, rev, kind)] = (mask, value)
+        ref_edits[(layer, rev, kind)] = (mask, value)
+    with Intervention(m, edits):
+        out, state = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    padded, _ = pad_packed_sequence(out)
+    h_n = state[0] if isinstance(state, tuple) else state
+    for b, n in enumerate(lengths):
+        xb = x[:n, b:b + 1] if not m.batch_first else x[:n, b:b + 1].transpose(0, 1)
+        one = {k: (mk[b:b + 1], v[b:b + 1]) for k, (mk, v) in ref_edits.items()}
+        ref_out, ref_states, _ = unrolled(m, xb, edits=one)
+        ref_out = ref_out if not m.batch_first else ref_out.transpose(0, 1)
+        assert torch.allclose(padded[:n, b:b + 1].double(), ref_out, atol=1e-5), b
+        for layer in range(2):
+            for d in range(2 if m.bidirectional else 1):
+                h = ref_states[(layer, d == 1, "h")][0]              # [n, P]
+                want = h[-1] if d == 0 else h[0]                     # the reverse direction ends at t = 0
+                got = h_n[layer * (2 if m.bidirectional else 1) + d, b]
+                assert torch.allclose(got.double(), want, atol=1e-5), (b, layer, d)
+                if isinstance(state, tuple):
+                    c = ref_states[(layer, d == 1, "c")][0]
+                    got_c = state[1][layer * (2 if m.bidirectional else 1) + d, b]
+                    assert torch.allclose(got_c.double(), c[-1] if d == 0 else c[0], atol=1e-5), (b, layer, d)
+    assert "forward" not in m.__dict__
