@@ -11,6 +11,8 @@ does not depend on them). Batch 1 x CHARS and batch 64 x 400. Rows, each the med
   plain forward+backward      summed next-char loss, backward with parameter grads: baseline
   probe grad                  Probe(grad=True): + grad_h (and grad_c) of every layer and step
   probe grad, frozen params   Probe(grad=True, param_grads=False): state gradients only
+Then the recurrent module alone on a PackedSequence (64 sequences of 200-400 steps): PyTorch's
+packed forward against the probe recording every kind.
 """
 from __future__ import annotations
 
@@ -109,6 +111,26 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
     return [(name, t, f"{t / (base_f if kind == 'forward' else base_b):.2f}x") for name, t, kind in rows]
 
 
+def bench_packed(rnn: torch.nn.Module, repeat: int) -> list[tuple[str, float, str]]:
+    """The recurrent module alone on a PackedSequence: 64 sequences of 200-400 steps."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(200, 401, (64,), generator=g)
+    seq = pack_padded_sequence(torch.randn(400, 64, rnn.input_size, generator=g), lengths, enforce_sorted=False)
+
+    def plain():
+        with torch.no_grad():
+            rnn(seq)
+
+    def probed():
+        with torch.no_grad(), Probe(rnn) as p:
+            rnn(seq)
+        assert len(p.trace) == 2 * len(KINDS[type(rnn).__name__])
+    base = timed(plain, repeat)
+    rows = [("plain packed forward", base), ("probe, every kind", timed(probed, repeat))]
+    return [(name, t, f"{t / base:.2f}x") for name, t in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=("lstm", "gru", "rnn"), default="lstm")
@@ -125,6 +147,9 @@ def main() -> None:
         print(f"\nbatch {shape[0]} x {shape[1]} steps")
         for name, t, ratio in bench(model, ids, args.repeat, args.arch == "lstm" and not args.no_naive):
             print(f"  {name:28s} {t:8.3f} s  {ratio:>7s}")
+    print(f"\nPackedSequence, batch 64 x 200-400 steps ({args.arch.upper()} module alone)")
+    for name, t, ratio in bench_packed(model.rnn, args.repeat):
+        print(f"  {name:28s} {t:8.3f} s  {ratio:>7s}")
 
 
 if __name__ == "__main__":

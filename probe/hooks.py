@@ -231,9 +231,11 @@ class Probe:
 
     def _packed_forward(self, name: str, m: nn.Module, seq: PackedSequence, hx):
         """Sequences of different lengths (``probe.packed``), padded: ``[batch, time, units]`` in the
-        caller's batch order, NaN past each sequence's end. Without state gradients each layer runs
-        fused on the packed data and its states are replayed; with them each direction runs
-        padded through ``RecordedDirection``, its final state taken at each sequence's own end."""
+        caller's batch order, NaN past each sequence's end. With grad mode off an LSTM on oneDNN
+        runs padded and is read from its workspace; otherwise, without state gradients, each layer
+        runs fused on the packed data and its states are replayed; with them each direction runs
+        padded through ``RecordedDirection``. Either padded way, each sequence's final state is
+        taken at its own end (``seq`` holds the layer input packed only while ``fresh``)."""
         kind = family(m)
         x_pad, lengths = pad_packed_sequence(seq)
         T, D, L = x_pad.shape[0], 2 if m.bidirectional else 1, m.num_layers
@@ -245,16 +247,25 @@ class Probe:
         differentiable = self.grad and torch.is_grad_enabled()
         if differentiable and not self.param_grads and not x_pad.requires_grad:
             x_pad = x_pad.detach().requires_grad_()
-        h_ns, c_ns = [], []
+        h_ns, c_ns, fresh = [], [], True
         for layer in range(L):
             sl = slice(layer * D, (layer + 1) * D)
             recs = [_Direction(m, layer, d == 1, h0[sl][d].detach(), c0[sl][d].detach() if c0 is not None else None)
                     for d in range(D)]
             for rec in recs:
                 rec.order, rec.gone, rec.ends = (rev if rec.reverse else None), gone, ends
-            if differentiable:
+            done = None
+            if kind == "LSTM" and not torch.is_grad_enabled():
+                # oneDNN does not take packed input; on the padded batch it is faster than PyTorch's
+                # packed kernel, and its workspace holds every gate (no graph: c_n is read, not traced)
+                done = _workspace_layer(m, layer, x_pad, h0[sl], c0[sl], recs)
+            if done is not None:
+                (out_pad, h_n, c_n), fresh = done, False
+            elif differentiable:
                 out_pad, h_n, c_n = self._differentiable_layer(m, layer, x_pad, h0[sl], c0, sl, recs)
+                fresh = False
             else:
+                seq = seq if fresh else packed.pack_like(x_pad, seq)
                 out, h_n, c_n = packed.run_layer(m, layer, seq, h0[sl], c0[sl] if c0 is not None else None)
                 out_pad = packed.padded(out, T)
                 with torch.no_grad():
@@ -262,17 +273,16 @@ class Probe:
                         xd, hd = rec.along(x_pad.detach()), rec.along(out_pad[..., d * P:(d + 1) * P].detach())
                         rec.st = {"h": hd} if self.kinds == {"h"} else states(
                             m, direction_params(m, layer, rec.reverse), xd, hd, rec.h0, rec.c0)
-                seq = out
+                seq, fresh = out, True
             self._keep(call, name, layer, kind, recs)
             h_ns.append(h_n)
             c_ns.append(c_n)
             x_pad = out_pad
             if layer < L - 1 and m.dropout and m.training:
-                x_pad = nn.functional.dropout(out_pad, m.dropout, True)
-                seq = packed.pack_like(x_pad, seq)
+                x_pad, fresh = nn.functional.dropout(out_pad, m.dropout, True), False
         self._end(name, kind, h_ns, c_ns)
         h_n = torch.cat(h_ns, 0)
-        output = packed.pack_like(x_pad, seq) if differentiable else seq     # the fused kernel's own
+        output = seq if fresh else packed.pack_like(x_pad, seq)     # fresh: the packed kernel's own
         return output, ((h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n)
 
     @staticmethod
@@ -312,19 +322,23 @@ class Probe:
 
 def _workspace_layer(m, layer, x, h0, c0, recs):
     """``Probe._plain_layer`` for an LSTM layer whose gates and cells oneDNN's workspace holds:
-    each direction through the fused kernel on its own (the reverse one on the flipped input, so
-    its states come in processing order), or None when the workspace cannot be read."""
+    each direction through the fused kernel on its own (the reverse one on its reversed input, so
+    its states come in processing order), or None when the workspace cannot be read. Padded packed
+    input (``rec.ends`` set, no graph): each sequence's final state is at its own end."""
     outs, h_ns, c_ns, sts = [], [], [], []
     for d, rec in enumerate(recs):
         p = direction_params(m, layer, rec.reverse)
-        xd = x.flip(0) if rec.reverse else x
+        xd = rec.along(x)
         if not workspace.usable(xd, p):
             return None
         res = workspace.lstm_forward(p, xd, h0[d], c0[d], graph=torch.is_grad_enabled())
         if res is None:
             return None
         out, h_n, c_n, st = res
-        outs.append(out.flip(0) if rec.reverse else out)
+        if rec.ends is not None:
+            seqs = torch.arange(out.shape[1])
+            h_n, c_n = out[rec.ends, seqs], st["c"][rec.ends, seqs]
+        outs.append(rec.along(out))
         h_ns.append(h_n)
         c_ns.append(c_n)
         sts.append(st)

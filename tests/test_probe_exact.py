@@ -390,10 +390,12 @@ def test_workspace_and_replay_agree_on_random_shapes(monkeypatch):
 
 @pytest.mark.parametrize("case", ["lstm", "gru-bidir", "rnn-tanh", "lstm-bidir-batchfirst", "lstm-proj"])
 @pytest.mark.parametrize("sort", [False, True])
-def test_packed_sequences_of_different_lengths(case, sort):
-    """PackedSequence input: outputs and final states are PyTorch's own; every recorded state of
+def test_packed_sequences_of_different_lengths(case, sort, lstm_paths):
+    """PackedSequence input: outputs and final states equal PyTorch's; every recorded state of
     sequence b over its own length equals the float64 reference run on that sequence alone (the
-    reverse direction starting from its own last element), and NaN past its end."""
+    reverse direction starting from its own last element), and NaN past its end. An LSTM runs
+    padded through oneDNN and is read from its workspace; the others run PyTorch's packed kernel."""
+    seen = lstm_paths(SPAN)
     torch.manual_seed(5)
     cls, kw = CASES[case]
     m = cls(5, 6, **{"num_layers": 2, **kw})
@@ -422,22 +424,27 @@ def test_packed_sequences_of_different_lengths(case, sort):
             want = ref[(k["layer"], k["reverse"], k["kind"])][0]
             assert (got[:n] - want).abs().max() < 1e-5, (key, b)
             assert torch.isnan(got[n:]).all(), (key, b)
+    _expect_path(m, seen, SPAN)
 
 
-def test_the_callers_own_backward_through_packed_input():
+@pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM])
+def test_the_callers_own_backward_through_packed_input(cls):
     torch.manual_seed(6)
-    m = nn.GRU(5, 6, num_layers=2, bidirectional=True)
+    m = cls(5, 6, num_layers=2, bidirectional=True)
     x = torch.randn(8, 3, 5, requires_grad=True)
 
     def grads():
-        out, h_n = m(pack_padded_sequence(x, [4, 8, 2], enforce_sorted=False))
+        out, state = m(pack_padded_sequence(x, [4, 8, 2], enforce_sorted=False))
         padded, _ = pad_packed_sequence(out)
+        h_n = state[0] if isinstance(state, tuple) else state
         loss = (padded * torch.linspace(-1, 1, 12)).sum() + h_n.square().sum()
+        if isinstance(state, tuple):
+            loss = loss + state[1].sin().sum()
         return torch.autograd.grad(loss, [x, *m.parameters()])
     want = grads()
     with Probe(m) as p:
         got = grads()
-    assert p.trace["l1_reverse.n"].shape == (3, 8, 6)
+    assert p.trace["l1_reverse.h"].shape == (3, 8, 6)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
 
