@@ -68,15 +68,20 @@ def loss_of(model, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
 
 
-def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list[tuple[str, float, str]]:
+def recording(module: torch.nn.Module, inp, keys: int, repeat: int) -> tuple[float, float]:
+    """Seconds for ``module(inp)`` under no_grad, plain and inside ``Probe(module)`` (every kind)."""
     def plain():
         with torch.no_grad():
-            model(ids)
+            module(inp)
 
     def probed():
-        with torch.no_grad(), Probe(model) as p:
-            model(ids)
-        assert len(p.trace) == 2 * len(KINDS[type(model.rnn).__name__])
+        with torch.no_grad(), Probe(module) as p:
+            module(inp)
+        assert len(p.trace) == keys
+    return timed(plain, repeat), timed(probed, repeat)
+
+
+def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list[tuple[str, float, str]]:
 
     def probed_h():
         with torch.no_grad(), Probe(model, kinds=["h"]) as p:
@@ -99,8 +104,8 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
             if "grad" in k:
                 p.trace[k]
 
-    base_f = timed(plain, repeat)
-    rows = [("plain forward", base_f, "forward"), ("probe, every kind", timed(probed, repeat), "forward"),
+    base_f, every = recording(model, ids, 2 * len(KINDS[type(model.rnn).__name__]), repeat)
+    rows = [("plain forward", base_f, "forward"), ("probe, every kind", every, "forward"),
             ("probe, h only", timed(probed_h, repeat), "forward")]
     if naive:
         rows.append(("naive cell loop", timed(cell_loop, max(1, repeat // 2)), "forward"))
@@ -117,18 +122,8 @@ def bench_packed(rnn: torch.nn.Module, repeat: int) -> list[tuple[str, float, st
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(200, 401, (64,), generator=g)
     seq = pack_padded_sequence(torch.randn(400, 64, rnn.input_size, generator=g), lengths, enforce_sorted=False)
-
-    def plain():
-        with torch.no_grad():
-            rnn(seq)
-
-    def probed():
-        with torch.no_grad(), Probe(rnn) as p:
-            rnn(seq)
-        assert len(p.trace) == 2 * len(KINDS[type(rnn).__name__])
-    base = timed(plain, repeat)
-    rows = [("plain packed forward", base), ("probe, every kind", timed(probed, repeat))]
-    return [(name, t, f"{t / base:.2f}x") for name, t in rows]
+    base, every = recording(rnn, seq, 2 * len(KINDS[type(rnn).__name__]), repeat)
+    return [(name, t, f"{t / base:.2f}x") for name, t in (("plain packed forward", base), ("probe, every kind", every))]
 
 
 def main() -> None:
