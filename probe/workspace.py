@@ -48,6 +48,8 @@ def _page(n: int) -> int:
 def _views(ws: torch.Tensor, T: int, B: int, I: int, H: int):
     """``(gates [T, B, 4H] in PyTorch's order i f g o, cells [T, B, H])``, views of the workspace
     ``ws`` (bytes); None when it is too small to hold the layout."""
+    if ws.numel() % 4 or ws.storage_offset() % 4:
+        return None
     f = ws.view(torch.float32)
     gld = _good_ld(4 * H)
     states = 2 * (T + 1) * B * _good_ld(max(I, H))          # [layer 0 (the input), layer 1][T + 1][B]
