@@ -88,9 +88,7 @@ def _edited_forward(m: nn.Module, edits: dict, input, hx=None):
         return _edited_packed(m, edits, input, hx)
     kind = family(m)
     x, unbatched = time_major(m, input)
-    D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
-    P = getattr(m, "proj_size", 0) or H
-    B = x.shape[1]
+    D, L = 2 if m.bidirectional else 1, m.num_layers
     h0, c0 = initial_state(m, x, hx, unbatched)
     layer_in, h_ns, c_ns = x, [], []
     for layer in range(L):
@@ -99,18 +97,8 @@ def _edited_forward(m: nn.Module, edits: dict, input, hx=None):
         if not mine:
             out, h_n, c_n = run_layer(m, layer, layer_in, (h0[sl], c0[sl]) if c0 is not None else h0[sl])
         else:
-            outs, hs, cs = [], [], []
-            for d in range(D):
-                rev = d == 1
-                ed = {k[2]: _expand(*v, B, H if k[2] != "h" else P, x) for k, v in mine.items() if k[1] == rev}
-                xd = layer_in.flip(0) if rev else layer_in
-                o, hn, cn = _step_direction(m, kind, direction_params(m, layer, rev), xd, h0[layer * D + d],
-                                            c0[layer * D + d] if c0 is not None else None, ed)
-                outs.append(o.flip(0) if rev else o)
-                hs.append(hn)
-                cs.append(cn)
-            out, h_n = torch.cat(outs, -1), torch.stack(hs)
-            c_n = torch.stack(cs) if kind == "LSTM" else None
+            out, h_n, c_n = _edited_layer(m, kind, layer, mine, layer_in, h0[sl], c0[sl] if c0 is not None else None,
+                                          lambda t: t.flip(0))
         h_ns.append(h_n)
         c_ns.append(c_n)
         layer_in = out
@@ -125,9 +113,8 @@ def _edited_packed(m: nn.Module, edits: dict, seq: PackedSequence, hx):
     each sequence), each sequence's state frozen past its end so its final state is its own."""
     kind = family(m)
     x_pad, lengths = pad_packed_sequence(seq)
-    T, B = x_pad.shape[:2]
-    D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
-    P = getattr(m, "proj_size", 0) or H
+    T = x_pad.shape[0]
+    D, L = 2 if m.bidirectional else 1, m.num_layers
     h0, c0 = initial_state(m, x_pad, hx, False)
     rev, alive = packed.reversal(lengths, T), ~packed.past_end(lengths, T)
     h_ns, c_ns = [], []
@@ -137,17 +124,10 @@ def _edited_packed(m: nn.Module, edits: dict, seq: PackedSequence, hx):
         if not mine:
             out, h_n, c_n = packed.run_layer(m, layer, seq, h0[sl], c0[sl] if c0 is not None else None)
         else:
-            x_pad, outs, hs, cs = packed.padded(seq, T), [], [], []
-            for d in range(D):
-                ed = {k[2]: _expand(*v, B, H if k[2] != "h" else P, x_pad) for k, v in mine.items() if k[1] == (d == 1)}
-                xd = packed.reverse_time(x_pad, rev) if d == 1 else x_pad
-                o, hn, cn = _step_direction(m, kind, direction_params(m, layer, d == 1), xd, h0[layer * D + d],
-                                            c0[layer * D + d] if c0 is not None else None, ed, alive)
-                outs.append(packed.reverse_time(o, rev) if d == 1 else o)
-                hs.append(hn)
-                cs.append(cn)
-            out, h_n = packed.pack_like(torch.cat(outs, -1), seq), torch.stack(hs)
-            c_n = torch.stack(cs) if kind == "LSTM" else None
+            out_pad, h_n, c_n = _edited_layer(m, kind, layer, mine, packed.padded(seq, T), h0[sl],
+                                              c0[sl] if c0 is not None else None,
+                                              lambda t: packed.reverse_time(t, rev), alive)
+            out = packed.pack_like(out_pad, seq)
         h_ns.append(h_n)
         c_ns.append(c_n)
         seq = out
@@ -156,6 +136,25 @@ def _edited_packed(m: nn.Module, edits: dict, seq: PackedSequence, hx):
                                  out.sorted_indices, out.unsorted_indices)
     h_n = torch.cat(h_ns, 0)
     return seq, ((h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n)
+
+
+def _edited_layer(m, kind, layer, mine, x, h0, c0, reverse, alive=None):
+    """One layer with edits ``mine`` (``{(layer, rev, kind): (mask, value)}``), each direction step
+    by step. ``x [T, B, in]``; ``h0, c0 [D, B, *]``; ``reverse(t)`` maps time order to the reverse
+    direction's processing order and back; ``alive`` as in ``_step_direction``.
+    Returns ``(out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)``."""
+    B, H = x.shape[1], m.hidden_size
+    P = getattr(m, "proj_size", 0) or H
+    outs, hs, cs = [], [], []
+    for d in range(2 if m.bidirectional else 1):
+        rev = d == 1
+        ed = {k[2]: _expand(*v, B, H if k[2] != "h" else P, x) for k, v in mine.items() if k[1] == rev}
+        o, hn, cn = _step_direction(m, kind, direction_params(m, layer, rev), reverse(x) if rev else x, h0[d],
+                                    c0[d] if c0 is not None else None, ed, alive)
+        outs.append(reverse(o) if rev else o)
+        hs.append(hn)
+        cs.append(cn)
+    return torch.cat(outs, -1), torch.stack(hs), (torch.stack(cs) if kind == "LSTM" else None)
 
 
 def _step_direction(m, kind, p, x, h, c, ed, alive=None):

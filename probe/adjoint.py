@@ -24,7 +24,7 @@ def _start(g: torch.Tensor, g_n: torch.Tensor | None) -> torch.Tensor:
     return torch.zeros_like(g[-1]) if g_n is None else g_n
 
 
-def _cell_injections(c_at, T: int) -> dict:
+def _cell_injections(c_at) -> dict:
     """``c_at = (ends [B], grad [B, H])`` as ``{step: (sequences, grad [k, H])}``."""
     if c_at is None:
         return {}
@@ -38,7 +38,7 @@ def lstm(p: DirectionParams, st: dict, h0, c0, g, gh_n=None, gc_n=None, c_at=Non
     own last step, in place of ``gc_n`` at the batch's last."""
     i, f, gg, o, c = st["i"], st["f"], st["g"], st["o"], st["c"]
     T, B, H = c.shape
-    inject = _cell_injections(c_at, T)
+    inject = _cell_injections(c_at)
     if B == 1 and inject:               # one sequence ends at the last step: the usual start
         (t, (_, gc_n)), inject = next(iter(inject.items())), {}
         assert t == T - 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import _VF
 
-from . import adjoint, gemm, workspace
+from . import adjoint, gemm, packed, workspace
 from .replay import DirectionParams, shift, states
 
 
@@ -48,9 +48,8 @@ class RecordedDirection(torch.autograd.Function):
             # detached: `out` itself becomes the Function's output and gets a grad_fn once we return
             rec.st = states(rec.module, p, x, out.detach(), h0, c0)
         if rec.ends is not None:        # packed input: each sequence's final state is at its own end
-            seqs = torch.arange(x.shape[1])
-            h_n = out[rec.ends, seqs]
-            c_n = rec.st["c"][rec.ends, seqs] if c_n is not None else None
+            h_n = packed.at_ends(out, rec.ends)
+            c_n = packed.at_ends(rec.st["c"], rec.ends) if c_n is not None else None
         ctx.rec, ctx.p = rec, p
         ctx.save_for_backward(x, h0)
         return out, h_n, (c_n if c_n is not None else h_n.new_zeros(0))

@@ -268,11 +268,7 @@ class Probe:
                 seq = seq if fresh else packed.pack_like(x_pad, seq)
                 out, h_n, c_n = packed.run_layer(m, layer, seq, h0[sl], c0[sl] if c0 is not None else None)
                 out_pad = packed.padded(out, T)
-                with torch.no_grad():
-                    for d, rec in enumerate(recs):
-                        xd, hd = rec.along(x_pad.detach()), rec.along(out_pad[..., d * P:(d + 1) * P].detach())
-                        rec.st = {"h": hd} if self.kinds == {"h"} else states(
-                            m, direction_params(m, layer, rec.reverse), xd, hd, rec.h0, rec.c0)
+                _replay(m, layer, x_pad, out_pad, recs, P, only_h=self.kinds == {"h"})
                 seq, fresh = out, True
             self._keep(call, name, layer, kind, recs)
             h_ns.append(h_n)
@@ -296,13 +292,7 @@ class Probe:
             if done is not None:
                 return done
         out, h_n, c_n = run_layer(m, layer, x, (h0, c0[sl]) if c0 is not None else h0)
-        with torch.no_grad():
-            for d, rec in enumerate(recs):
-                xd, hd = x.detach(), out[..., d * P:(d + 1) * P].detach()
-                if rec.reverse:
-                    xd, hd = xd.flip(0), hd.flip(0)
-                rec.st = {"h": hd} if only_h else states(m, direction_params(m, layer, rec.reverse), xd, hd,
-                                                          rec.h0, rec.c0)
+        _replay(m, layer, x, out, recs, P, only_h)
         return out, h_n, c_n
 
     @staticmethod
@@ -318,6 +308,16 @@ class Probe:
             c_ns.append(c_n)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         return out, torch.stack(h_ns), (torch.stack(c_ns) if c0 is not None else None)
+
+
+def _replay(m, layer, x, out, recs, P, only_h=False):
+    """Each direction's states replayed without a graph from the layer's input ``x`` and outputs
+    ``out [T, B, D*P]`` (time order; ``rec.along`` gives its processing order); only ``h`` with ``only_h``."""
+    with torch.no_grad():
+        for d, rec in enumerate(recs):
+            xd, hd = rec.along(x.detach()), rec.along(out[..., d * P:(d + 1) * P].detach())
+            rec.st = {"h": hd} if only_h else states(m, direction_params(m, layer, rec.reverse), xd, hd,
+                                                      rec.h0, rec.c0)
 
 
 def _workspace_layer(m, layer, x, h0, c0, recs):
@@ -336,8 +336,7 @@ def _workspace_layer(m, layer, x, h0, c0, recs):
             return None
         out, h_n, c_n, st = res
         if rec.ends is not None:
-            seqs = torch.arange(out.shape[1])
-            h_n, c_n = out[rec.ends, seqs], st["c"][rec.ends, seqs]
+            h_n, c_n = packed.at_ends(out, rec.ends), packed.at_ends(st["c"], rec.ends)
         outs.append(rec.along(out))
         h_ns.append(h_n)
         c_ns.append(c_n)

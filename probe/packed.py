@@ -34,6 +34,11 @@ def past_end(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.arange(T).unsqueeze(1) >= lengths.to(torch.long).unsqueeze(0)
 
 
+def at_ends(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``x [T, B, *]`` at each sequence's last step ``ends [B]``: ``[B, *]``."""
+    return x[ends, torch.arange(x.shape[1])]
+
+
 def run_layer(module: nn.Module, layer: int, seq: PackedSequence, h0: torch.Tensor, c0: torch.Tensor | None):
     """One layer of ``module`` on packed input. ``h0, c0 [D, B, *]`` in the caller's batch order.
     Returns ``(output PackedSequence, h_n, c_n or None)``, final states in the caller's order."""
