@@ -204,6 +204,9 @@ def test_calls_with_carried_state_concatenate_along_time():
         m(x[:, :5])
         m(x[:, 5:])
     assert torch.allclose(carried.trace["l1.c"], whole.trace["l1.c"], atol=1e-6)
+    with Probe(m, carry=True), pytest.raises(RnnscopeError, match="carried state has batch 2, this call has batch 3"):
+        m(x[:, :5])
+        m(torch.randn(3, 4, 4))
 
 
 def test_kinds_limits_what_is_kept(monkeypatch):
