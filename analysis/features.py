@@ -19,7 +19,7 @@ import pandas as pd
 from pygments.lexers import get_lexer_by_name
 from pygments.token import Comment, Keyword, Punctuation, String
 
-from zoo.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 
 TAB = 8
 ELISIONS = ("'tis", "'twas", "'twere", "'twill", "'twixt", "'tween", "'em", "'gainst", "'d ", "'s ", "'ll ")

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from probe import Probe, parse_key
-from zoo.errors import RnnscopeError
+from rnnscope.probe import Probe, parse_key
+from rnnscope.errors import RnnscopeError
 
 from .source import as_source
 

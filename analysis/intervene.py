@@ -24,10 +24,10 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from tqdm.auto import tqdm
 
-from probe import packed, parse_key, recurrent_modules
-from probe.keys import KINDS, family
-from probe.replay import direction_params, initial_state, run_layer, time_major, user_layout
-from zoo.errors import RnnscopeError
+from rnnscope.probe import packed, parse_key, recurrent_modules
+from rnnscope.probe.keys import KINDS, family
+from rnnscope.probe.replay import direction_params, initial_state, run_layer, time_major, user_layout
+from rnnscope.errors import RnnscopeError
 
 
 def _module_of(key: str, modules: dict) -> str:
@@ -298,7 +298,7 @@ def ablate(model: nn.Module, ids: torch.Tensor, units: list[str], positions: np.
 
 
 def _mean_state(model, ids, key) -> np.ndarray:
-    from probe import Probe
+    from rnnscope.probe import Probe
     with torch.no_grad(), Probe(model, kinds=[parse_key(key)["kind"]]) as p:
         model(ids)
     return p.trace[key][0].mean(0).numpy()

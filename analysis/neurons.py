@@ -28,8 +28,8 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from probe import parse_key
-from zoo.errors import RnnscopeError
+from rnnscope.probe import parse_key
+from rnnscope.errors import RnnscopeError
 
 from . import features as feats
 from . import kernels

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from probe import Run, model_checksum, open_run
-from zoo.errors import RnnscopeError
+from rnnscope.probe import Run, model_checksum, open_run
+from rnnscope.errors import RnnscopeError
 
 from .features import compute
 from .gates import GATES, gate_saturation
@@ -57,7 +57,7 @@ def read_table(run: Run, name: str) -> pd.DataFrame | None:
 def load_model(run: Run, checkpoint: str | None = None):
     """The Run's model, from ``checkpoint`` or the source it was probed from, checked against the
     checksum in the manifest. Returns ``(Checkpoint, None)`` or ``(None, why not)``."""
-    import zoo
+    from rnnscope import zoo
     spec = checkpoint or run.manifest["model"].get("source")
     if not spec or (not str(spec).startswith("zoo:") and not Path(spec).exists()):
         return None, f"the model is not at {spec!r}; pass --checkpoint"

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probe import Run, parse_key
-from zoo.errors import RnnscopeError
+from rnnscope.probe import Run, parse_key
+from rnnscope.errors import RnnscopeError
 
 CORPUS_LANGUAGE = {"linux": "c", "python": "python", "shakespeare": None}
 

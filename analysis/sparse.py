@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from zoo.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 
 from .neurons import feature_table
 from .source import as_source

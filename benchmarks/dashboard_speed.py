@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from browser import served, wait_for_model  # noqa: E402
-from dashboards.export import chromium_driver  # noqa: E402
+from rnnscope.dashboards.export import chromium_driver  # noqa: E402
 
 PAINT = """const done = arguments[arguments.length - 1];
 requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now())));"""

@@ -25,8 +25,8 @@ from scipy import signal, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import features, find_neurons  # noqa: E402
-from analysis.neurons import default_features  # noqa: E402
+from rnnscope.analysis import features, find_neurons  # noqa: E402
+from rnnscope.analysis.neurons import default_features  # noqa: E402
 
 
 def make_states(root: Path, steps: int, units: int, per_key: int = 512) -> dict:

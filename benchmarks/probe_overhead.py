@@ -23,9 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from probe import Probe
-from probe.keys import KINDS
-from zoo import Architecture, CharModel
+from rnnscope.probe import Probe
+from rnnscope.probe.keys import KINDS
+from rnnscope.zoo import Architecture, CharModel
 
 
 def timed(fn, repeat: int) -> float:

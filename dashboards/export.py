@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from bokeh.models import ColumnDataSource
 
-from analysis.report import read_table
-from probe import Run, open_run
-from zoo.errors import RnnscopeError
+from rnnscope.analysis.report import read_table
+from rnnscope.probe import Run, open_run
+from rnnscope.errors import RnnscopeError
 
 from .figures import colour_range, heatmap_figure, text_data, text_figure
 

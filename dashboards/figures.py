@@ -13,7 +13,7 @@ from bokeh.models import (ColorBar, ColumnDataSource, FixedTicker, HoverTool, Li
 from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
-from probe import parse_key
+from rnnscope.probe import parse_key
 
 TAB, WRAP = 8, 160
 BOUNDED = {"h", "g", "n", "i", "f", "o", "r", "z"}       # tanh or sigmoid: fixed -1..1

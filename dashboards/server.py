@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from probe import open_run
-from zoo.errors import RnnscopeError
+from rnnscope.probe import open_run
+from rnnscope.errors import RnnscopeError
 
 from .app import WINDOW, make_document
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from zoo.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 
 from . import packed, workspace
 from .autograd import RecordedDirection

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from numba import njit
 from tqdm import tqdm
 
-from zoo.checkpoint import Checkpoint
-from zoo.errors import RnnscopeError
+from rnnscope.zoo.checkpoint import Checkpoint
+from rnnscope.errors import RnnscopeError
 
 from .hooks import Probe
 from .keys import KINDS, family, parse_key

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zoo.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 
 FORMAT, FORMAT_VERSION = "rnnscope-run", 1
 

@@ -1,2 +1,44 @@
-"""rnnscope: look inside trained recurrent networks. The command line lives in ``rnnscope.cli``."""
+"""rnnscope: look inside trained recurrent networks.
+
+    import rnnscope as rs
+    ck = rs.load("zoo:lstm-linux")                 # a Checkpoint: .model, .vocab, .card, .name
+    with rs.Probe(ck.model, grad=True) as p: ...   # every state, gate and gradient in memory
+    run = rs.record(ck, text, "runs/x")            # the same, streamed into a Run on disk
+    run = rs.open_run("runs/x"); rs.find_neurons(run)
+
+The subpackages are ``rnnscope.probe``, ``rnnscope.analysis``, ``rnnscope.dashboards`` and
+``rnnscope.zoo``; the command line lives in ``rnnscope.cli``. Names are imported on first use, so
+``import rnnscope`` stays cheap and the bottom layer (``rnnscope.errors``) imports nothing above it.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_API = {
+    "RnnscopeError": "rnnscope.errors",
+    "load": "rnnscope.zoo", "Checkpoint": "rnnscope.zoo",
+    "Probe": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.probe", "Run": "rnnscope.probe",
+    "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.analysis",
+    "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",
+}
+__all__ = sorted(_API)
+
+
+_SUBPACKAGES = ("probe", "analysis", "dashboards", "zoo")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return import_module(f"rnnscope.{name}")
+    if name in _API:
+        value = getattr(import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rnnscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

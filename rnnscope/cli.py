@@ -11,7 +11,7 @@ from . import __version__
 
 def _zoo_list(args) -> None:
     import pandas as pd
-    from zoo import catalogue
+    from rnnscope.zoo import catalogue
     rows = catalogue()
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -22,8 +22,8 @@ def _zoo_list(args) -> None:
 
 
 def _zoo_corpus(args) -> None:
-    from zoo import corpus
-    from zoo.corpora import BUILDERS
+    from rnnscope.zoo import corpus
+    from rnnscope.zoo.corpora import BUILDERS
     if args.rebuild and not (args.deb or args.sdist):
         c = BUILDERS[args.name]()          # build anew from the registry
     else:
@@ -34,7 +34,7 @@ def _zoo_corpus(args) -> None:
 
 def _zoo_train(args) -> None:
     import torch
-    from zoo.train import config_from, train
+    from rnnscope.zoo.train import config_from, train
     if args.threads:
         torch.set_num_threads(args.threads)
     c = config_from(**vars(args))
@@ -45,9 +45,9 @@ def _zoo_train(args) -> None:
 
 
 def _probe(args) -> None:
-    import probe
-    import zoo
-    from zoo.errors import RnnscopeError
+    from rnnscope import probe
+    from rnnscope import zoo
+    from rnnscope.errors import RnnscopeError
     try:
         text = Path(args.text).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -67,8 +67,8 @@ def _probe(args) -> None:
 
 
 def _analyze(args) -> None:
-    from analysis.report import analyze, table_path, top_table
-    from probe import open_run
+    from rnnscope.analysis.report import analyze, table_path, top_table
+    from rnnscope.probe import open_run
     run = open_run(args.run)
     features = args.features.split(",") if args.features else None
     language = "auto" if args.language == "auto" else (None if args.language == "prose" else args.language)
@@ -87,13 +87,13 @@ def _analyze(args) -> None:
 
 
 def _serve(args) -> None:
-    from dashboards import serve
+    from rnnscope.dashboards import serve
     serve(args.run, port=args.port, host=args.host, show=args.show, window=args.window, origins=args.origin)
 
 
 def _export(args) -> None:
-    from dashboards import export, top_units_for, unit_figure, units_figure
-    from zoo.errors import RnnscopeError
+    from rnnscope.dashboards import export, top_units_for, unit_figure, units_figure
+    from rnnscope.errors import RnnscopeError
     chosen = [bool(args.unit), bool(args.units), bool(args.feature)]
     if sum(chosen) != 1:
         raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
@@ -202,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from zoo.errors import RnnscopeError
+    from rnnscope.errors import RnnscopeError
     try:
         args.func(args)
     except RnnscopeError as err:

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))   # tests/reference.py
 
-from zoo import Architecture, CharModel, Checkpoint, Vocab, save  # noqa: E402
+from rnnscope.zoo import Architecture, CharModel, Checkpoint, Vocab, save  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

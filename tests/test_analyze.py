@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.report import read_table
-from probe import open_run
+from rnnscope.analysis.report import read_table
+from rnnscope.probe import open_run
 from test_cli import one_line_error, rnnscope
-from zoo import Architecture, CharModel, Vocab, save
+from rnnscope.zoo import Architecture, CharModel, Vocab, save
 
 CODE = "if (a, b) {\n\t/* c d */\n\tx(\"e f\", g);\n}\n" * 60
 

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 
-import probe
-import zoo
+from rnnscope import probe
+from rnnscope import zoo
 
 FLOORS = {"lstm-linux": 1.40, "lstm-shakespeare": 1.70}
 

@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver():
-    from dashboards.export import chromium_driver
+    from rnnscope.dashboards.export import chromium_driver
     d = chromium_driver(console_log=True)
     yield d
     d.quit()
@@ -165,7 +165,7 @@ def test_exports_have_real_content(run_dir, tmp_path):
     rnnscope("export", run, "--units", "rnn.l0.c:1,rnn.l1.h:2", "--out", tmp_path / "h.html")
     page = (tmp_path / "h.html").read_text()
     assert "cdn.bokeh.org" not in page and "<script src=" not in page        # BokehJS inlined
-    from dashboards.export import chromium_driver
+    from rnnscope.dashboards.export import chromium_driver
     d = chromium_driver(console_log=True)
     try:
         d.get((tmp_path / "h.html").as_uri())

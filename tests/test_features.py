@@ -6,9 +6,9 @@ import tokenize
 import numpy as np
 import pytest
 
-import zoo
-from analysis import features as F
-from zoo import RnnscopeError
+from rnnscope import zoo
+from rnnscope.analysis import features as F
+from rnnscope.zoo import RnnscopeError
 
 C_TEXT = (zoo.SAMPLES / "linux.c").read_text()
 PY_TEXT = (zoo.SAMPLES / "python.py").read_text()

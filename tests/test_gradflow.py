@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.gradflow import gradient_decay, gradient_norms, half_lives
+from rnnscope.analysis.gradflow import gradient_decay, gradient_norms, half_lives
 from conftest import char_model
-from probe import record
+from rnnscope.probe import record
 from reference import unrolled
-from zoo.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 
 
 @pytest.mark.parametrize("arch", ["rnn", "lstm", "gru"])

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from conftest import char_model
-from analysis.intervene import Intervention, ablate, position_mask
+from rnnscope.analysis.intervene import Intervention, ablate, position_mask
 from reference import unrolled
-from zoo import load
-from zoo.errors import RnnscopeError
+from rnnscope.zoo import load
+from rnnscope.errors import RnnscopeError
 
 CASES = [
     ("lstm", {}, [(1, False, "c"), (0, False, "h")]),
@@ -77,8 +77,8 @@ def test_ablating_the_zoo_comment_cell_hurts_comments_more_than_random_cells():
     """On the shipped lstm-linux model: the cell that tracks comments, held at its mean, costs more loss on
     comment characters than most random cells of the same layer (which cell is found here, from the
     data, not hard-coded)."""
-    from analysis import features, find_neurons
-    from probe import Probe
+    from rnnscope.analysis import features, find_neurons
+    from rnnscope.probe import Probe
     ck = load("zoo:lstm-linux")
     text = open("zoo/samples/linux.c").read()[:6000]
     ids = ck.vocab.encode(text)

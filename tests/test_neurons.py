@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis import benjamini_hochberg, features, find_neurons
-from analysis.gates import gate_saturation
-from analysis.sparse import sparse_probe
-from zoo.errors import RnnscopeError
+from rnnscope.analysis import benjamini_hochberg, features, find_neurons
+from rnnscope.analysis.gates import gate_saturation
+from rnnscope.analysis.sparse import sparse_probe
+from rnnscope.errors import RnnscopeError
 
 TEXT = open("zoo/samples/linux.c").read()[:12000]
 

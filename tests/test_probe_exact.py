@@ -4,10 +4,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import zoo
-from probe import Probe, parse_key, replay, workspace
+from rnnscope import zoo
+from rnnscope.probe import Probe, parse_key, replay, workspace
 from reference import unrolled
-from zoo import RnnscopeError
+from rnnscope.zoo import RnnscopeError
 
 CASES = {
     "lstm": (nn.LSTM, {}),
@@ -277,7 +277,7 @@ def test_parameter_and_input_gradients_equal_pytorch_autograd(case, batch):
 
 
 def test_onednn_and_plain_linear_agree():
-    from probe import gemm
+    from rnnscope.probe import gemm
     torch.manual_seed(0)
     x, w, b = torch.randn(3000, 700), torch.randn(900, 700), torch.randn(900)     # big enough for oneDNN
     assert gemm.Linear(w, b).fast and x.numel() * 900 >= gemm.MIN_MACS
@@ -292,7 +292,7 @@ def test_onednn_and_plain_linear_agree():
 def test_onednn_paths_agree_with_float64():
     """The replay's packed weights with oneDNN's activation post-ops, and the weight gradients'
     oneDNN inner-product backward (wide operands) beside plain mm (narrow ones)."""
-    from probe import gemm
+    from rnnscope.probe import gemm
     torch.manual_seed(1)
     x, w, b = torch.randn(2048, 600), torch.randn(800, 600) / 25, torch.randn(800)
     pre = x.double() @ w.double().T + b.double()

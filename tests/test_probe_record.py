@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-import probe
-import zoo
+from rnnscope import probe
+from rnnscope import zoo
 from conftest import char_model
-from probe import Probe, open_run
-from zoo import RnnscopeError
+from rnnscope.probe import Probe, open_run
+from rnnscope.zoo import RnnscopeError
 
 TEXT = 'int main(void) {\n\tif (x) { puts("hi, (there)"); }\n\treturn 0;\n}\n' * 6
 
@@ -176,7 +176,7 @@ def test_nonfinite_states_are_flagged_not_silently_written(tmp_path):
 
 
 def test_refuses_when_the_disk_cannot_hold_the_run(tmp_path, tiny_vocab, monkeypatch):
-    import probe.recording as R
+    import rnnscope.probe.recording as R
     monkeypatch.setattr(R.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(RnnscopeError, match="needs .* GB but .* free"):
         probe.record(char_model("lstm", tiny_vocab), TEXT, tmp_path / "r", progress=False)

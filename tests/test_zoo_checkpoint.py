@@ -4,13 +4,13 @@ import pickle
 import pytest
 import torch
 
-import zoo
-from zoo import Architecture, CharModel, RnnscopeError
+from rnnscope import zoo
+from rnnscope.zoo import Architecture, CharModel, RnnscopeError
 
 
 def test_roundtrip_restores_weights_and_vocab(tiny_checkpoint, tiny_vocab):
     ck = zoo.load(tiny_checkpoint)
-    model, vocab = ck          # unpacks as (model, vocab)
+    model, vocab = ck.model, ck.vocab
     assert vocab == tiny_vocab and not model.training
     torch.manual_seed(0)
     again = CharModel(Architecture("lstm", len(tiny_vocab), 8, 16, 2))
@@ -69,7 +69,7 @@ def test_truncated_bare_safetensors_without_card(tiny_checkpoint, tiny_vocab):
 def test_plain_state_dict_with_user_architecture(tmp_path, tiny_vocab):
     m = CharModel(Architecture("gru", len(tiny_vocab), 8, 12, 1))
     torch.save(m.state_dict(), tmp_path / "m.pt")
-    model, vocab = zoo.load(tmp_path / "m.pt", arch="gru", vocab=tiny_vocab.chars, embed=8, hidden=12, layers=1)
+    model = zoo.load(tmp_path / "m.pt", arch="gru", vocab=tiny_vocab.chars, embed=8, hidden=12, layers=1).model
     assert torch.equal(model.rnn.weight_hh_l0, m.rnn.weight_hh_l0)
     with pytest.raises(RnnscopeError, match="bare weights file with no card"):
         zoo.load(tmp_path / "m.pt")
@@ -90,7 +90,7 @@ def test_pickled_code_is_never_run(tmp_path, tiny_vocab, capsys):
 
 def test_interrupted_save_leaves_the_old_checkpoint_intact(tiny_checkpoint, monkeypatch, tiny_vocab):
     before = (tiny_checkpoint / "weights.safetensors").read_bytes()
-    import zoo.checkpoint as C
+    import rnnscope.zoo.checkpoint as C
 
     def dies(tensors, path):
         open(path, "wb").write(b"half")

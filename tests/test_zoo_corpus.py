@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 
-import zoo.corpora as C
-from zoo import RnnscopeError
+import rnnscope.zoo.corpora as C
+from rnnscope.zoo import RnnscopeError
 
 
 def test_split_is_by_whole_file_and_deterministic():

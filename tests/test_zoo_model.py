@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zoo import Architecture, CharModel, RnnscopeError, matched_hidden, parameter_count
+from rnnscope.zoo import Architecture, CharModel, RnnscopeError, matched_hidden, parameter_count
 
 
 @pytest.mark.parametrize("arch", ["rnn", "lstm", "gru"])

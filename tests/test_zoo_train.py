@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-import zoo
-from zoo import RnnscopeError
-from zoo.corpora import _write_corpus
-from zoo.train import TrainConfig, learning_rate, train
+from rnnscope import zoo
+from rnnscope.zoo import RnnscopeError
+from rnnscope.zoo.corpora import _write_corpus
+from rnnscope.zoo.train import TrainConfig, learning_rate, train
 
 SAMPLE = (zoo.SAMPLES / "shakespeare.txt").read_text()
 TINY = dict(corpus="shakespeare", hidden=24, embed=8, batch=4, seq_len=16, val_every=20, checkpoint_every=10)

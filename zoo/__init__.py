@@ -1,7 +1,7 @@
 """Char-level RNN / LSTM / GRU models, the corpora they learn from, their trainer and checkpoints."""
 from .checkpoint import Checkpoint, load, save, shipped
 from .corpora import corpus
-from .errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 from .model import Architecture, CharModel, matched_hidden, parameter_count
 from .vocab import Vocab
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 from .model import Architecture, CharModel
 from .vocab import Vocab
 
@@ -31,14 +31,12 @@ SHIPPED = Path(__file__).parent / "checkpoints"
 
 @dataclass
 class Checkpoint:
-    """What ``load`` returns; unpacks as ``model, vocab = zoo.load(...)``."""
+    """What ``load`` returns: the model (``eval()`` mode), the vocabulary that encodes its text, its
+    card (architecture, corpus, training, losses) and its name."""
     model: CharModel
     vocab: Vocab
     card: dict = field(default_factory=dict)
     name: str = ""
-
-    def __iter__(self):
-        return iter((self.model, self.vocab))
 
 
 def sha256_file(path: Path) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 
 SPLITS = ("train", "val", "test")
 HELD_OUT_FRACTION = 0.10

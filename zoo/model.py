@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 
 ARCHS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 GATES_PER_ARCH = {"rnn": 1, "lstm": 4, "gru": 3}

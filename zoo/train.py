@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .corpora import Corpus, corpus as get_corpus
-from .errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 from .model import Architecture, CharModel, bits
 from .vocab import Vocab
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import RnnscopeError
+from rnnscope.errors import RnnscopeError
 
 
 @dataclass(frozen=True)
