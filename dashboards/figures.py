@@ -3,13 +3,15 @@ figures of Karpathy, Johnson & Fei-Fei 2015), and a units x time heatmap.
 
 Text is drawn as Bokeh ``text`` glyphs on a canvas, one per character, over ``rect`` glyphs coloured
 through a ``LinearColorMapper``: the characters never become HTML, so a text holding ``<script>`` is
-drawn, never run, and changing the unit changes one column of a ``ColumnDataSource``.
+drawn, never run, and changing the unit changes one column of a ``ColumnDataSource``. Control and
+bidi characters are drawn as ``⟨U+202E⟩`` so what is drawn is what is stored; every label that may
+hold a Run's strings is ``PlainText``, which Bokeh never typesets as TeX.
 """
 from __future__ import annotations
 
 import numpy as np
-from bokeh.models import (ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d,
-                          WheelPanTool)
+from bokeh.models import (ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, PlainText,
+                          Range1d, WheelPanTool)
 from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
@@ -17,8 +19,53 @@ from rnnscope.probe import parse_key
 
 TAB, WRAP = 8, 160
 BOUNDED = {"h", "g", "n", "i", "f", "o", "r", "z"}       # tanh or sigmoid: fixed -1..1
-PALETTE = tuple(reversed(RdBu11))                          # blue negative, white 0, red positive
+INK = "#111111"                   # the text colour, on every cell
+NAN_COLOUR = "#f0e442"            # yellow: on neither arm of the red-white-blue scale, and legible under INK
+
+
+def luminance(colour: str) -> float:
+    """WCAG relative luminance of ``#rrggbb``."""
+    c = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+    c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(c @ [0.2126, 0.7152, 0.0722])
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two colours (1..21; 4.5 is the minimum for body text)."""
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def _legible(colour: str, ratio: float = 5.0) -> str:
+    """``colour`` mixed with white just enough that INK on it reaches ``ratio``: RdBu's darkest ends
+    (navy, maroon) under black text read at 1.6:1; capped, they keep their hue and read at >= 5."""
+    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], np.float64)
+    for t in np.linspace(0, 1, 101):
+        mixed = "#" + "".join(f"{int(round(v)):02x}" for v in rgb + (255 - rgb) * t)
+        if contrast(mixed, INK) >= ratio:
+            return mixed
+    return "#ffffff"
+
+
+PALETTE = tuple(_legible(c) for c in reversed(RdBu11))     # blue negative, white 0, red positive
 SHOWN = {"\n": "\u21b5", "\t": " "}
+# Drawn as ⟨U+XXXX⟩: C0 controls (but \n, \t), DEL, C1, the bidi embeddings, overrides and isolates,
+# the directional marks, and the invisible separators and joiners, which would reorder or hide text.
+HIDDEN = frozenset([*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0), 0xad, 0x061c, 0x180e,
+                    *range(0x200b, 0x2010), *range(0x2028, 0x202f), *range(0x2060, 0x2070), 0xfeff,
+                    *range(0xfff9, 0xfffc)])
+
+
+def shown(ch: str) -> str:
+    """What is drawn for one stored character (``⟨U+202E⟩`` for a control or bidi character)."""
+    if ord(ch) in HIDDEN:
+        return f"\u27e8U+{ord(ch):04X}\u27e9"
+    return SHOWN.get(ch, ch)
+
+
+def plain(text: str) -> PlainText:
+    """A label Bokeh draws as written: a string holding ``$$`` would otherwise be typeset as TeX."""
+    return PlainText(text=text)
 COL, ROW = 9, 20                  # pixels per column and per line of text
 FONT, ADVANCE = "DejaVu Sans Mono, Liberation Mono, monospace", 0.6021   # advance width in em
 
@@ -37,15 +84,16 @@ def layout(text: str, start: int = 0) -> tuple[dict, dict]:
         if col >= WRAP:
             col, row = 0, row + 1
             rows.append([])
-        w = TAB - col % TAB if ch == "\t" else 1
+        drawn = shown(ch)
+        w = TAB - col % TAB if ch == "\t" else len(drawn)
         xs[i], ws[i], ys[i] = col + (w - 1) / 2, w, -row
-        rows[-1].append(" " * w if ch == "\t" else SHOWN.get(ch, ch))
+        rows[-1].append(" " * w if ch == "\t" else drawn)
         if ch == "\n":
             col, row = 0, row + 1
             rows.append([])
         else:
             col += w
-    cells = {"x": xs, "w": ws, "y": ys, "char": [SHOWN.get(c, c) for c in text],
+    cells = {"x": xs, "w": ws, "y": ys, "char": [shown(c) for c in text],
              "pos": np.arange(start, start + len(text))}
     lines = {"x": np.full(len(rows), -0.5), "y": -np.arange(len(rows), dtype=np.float64),
              "line": ["".join(r) for r in rows]}
@@ -73,20 +121,22 @@ def text_figure(source: ColumnDataSource, lines_source: ColumnDataSource, *, hal
     coloured by ``shade`` (the value over the unit's colour range, -1..1) through a fixed mapper: a
     new scale never relayouts the colour bar, whose ends read the scale ``half`` when given, else
     "-max" / "+max" (the dashboard prints the scale beside the unit)."""
-    mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1)
+    mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1, nan_color=NAN_COLOUR)
     n_lines = len(lines_source.data["y"])
     cols = max(int(max(source.data["x"] + source.data["w"] / 2, default=0)) + 1, 80)
-    shown = min(lines, n_lines)
-    p = figure(frame_width=COL * cols, frame_height=ROW * shown, title=title, name="text_plot",
-               x_range=Range1d(-0.5, cols - 0.5), y_range=Range1d(-shown + 0.5, 0.5),
+    rows = min(lines, n_lines)
+    p = figure(frame_width=COL * cols, frame_height=ROW * rows, name="text_plot",
+               x_range=Range1d(-0.5, cols - 0.5), y_range=Range1d(-rows + 0.5, 0.5),
                tools="pan,box_select,tap,reset", toolbar_location="above", output_backend="canvas",
                min_border_left=4, min_border_right=4)
+    p.title.text = plain(title)
     p.add_tools(WheelPanTool(dimension="height"))
     p.toolbar.active_scroll = p.tools[-1]
     cells = p.rect(x="x", y="y", width="w", height=1, source=source, line_color=None,
                    fill_color={"field": "shade", "transform": mapper})
     p.text(x="x", y="y", text="line", source=lines_source, text_font={"value": FONT},
-           text_font_size=f"{COL / ADVANCE:.2f}px", text_align="left", text_baseline="middle", text_color="#111111")
+           text_font_size=f"{COL / ADVANCE:.2f}px", text_align="left", text_baseline="middle", text_color=INK, name="text_ink")
+    cells.name = "text_cells"
     p.add_tools(HoverTool(renderers=[cells], tooltips=[("char", "@char"), ("position", "@pos"),
                                                        ("value", "@value{0.0000}"), ("next-char loss", "@loss{0.000}")]))
     p.axis.visible = False
@@ -99,13 +149,14 @@ def text_figure(source: ColumnDataSource, lines_source: ColumnDataSource, *, hal
 
 
 def shade(values: np.ndarray, half: float) -> np.ndarray:
-    return np.clip(np.nan_to_num(np.asarray(values, np.float32)) / half, -1, 1)
+    """``values`` over the colour range, clipped to -1..1; NaN stays NaN (the mapper's NAN_COLOUR)."""
+    return np.clip(np.asarray(values, np.float32) / half, -1, 1)
 
 
 def text_data(text: str, start: int, values: np.ndarray, loss: np.ndarray, half: float) -> tuple[dict, dict]:
     """``(cells, lines)`` for ``text_figure``'s two sources; colours span ``-half..half``."""
     cells, lines = layout(text, start)
-    cells["value"] = np.nan_to_num(np.asarray(values, np.float32))
+    cells["value"] = np.asarray(values, np.float32)        # NaN stays NaN: the hover prints "NaN"
     cells["shade"] = shade(values, half)
     cells["loss"] = np.asarray(loss, np.float32)
     return cells, lines
@@ -114,11 +165,12 @@ def text_data(text: str, start: int, values: np.ndarray, loss: np.ndarray, half:
 def heatmap_figure(matrix: np.ndarray, labels: list[str], start: int, *, width: int = 1400,
                    title: str = "", half: float | None = None) -> tuple[figure, ColumnDataSource, LinearColorMapper]:
     """``matrix [units, time]`` as an image, one row per unit (first on top), time from ``start``."""
-    mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1)
+    mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1, nan_color=NAN_COLOUR)
     src = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []})
-    p = figure(width=width, height=80 + 16 * max(len(labels), 4), title=title, name="heatmap",
+    p = figure(width=width, height=80 + 16 * max(len(labels), 4), name="heatmap",
                x_range=Range1d(start, start + 1), y_range=Range1d(0, max(len(labels), 1)),
                tools="xpan,xwheel_zoom,reset", toolbar_location="above")
+    p.title.text = plain(title)
     p.image(image="image", x="x", y="y", dw="dw", dh="dh", source=src, color_mapper=mapper)
     p.xaxis.axis_label = "character position"
     p.add_layout(ColorBar(color_mapper=mapper, width=12), "right")
@@ -130,7 +182,7 @@ def set_heatmap(p, src, mapper, matrix: np.ndarray, labels: list[str], start: in
     """Replace the heatmap's data in place (the dashboard calls this on every change). Each row is
     divided by its own unit's colour range (1 for bounded kinds), so a cell state at 40 and a gate at
     0.9 share one -1..1 scale."""
-    matrix = np.nan_to_num(np.asarray(matrix, np.float64)).reshape(len(labels), -1)
+    matrix = np.array(matrix, np.float64).reshape(len(labels), -1)       # NaN stays NaN: NAN_COLOUR
     T = max(matrix.shape[1], 1)
     for j, lab in enumerate(labels):
         key = lab.rsplit(":", 1)[0]
@@ -140,8 +192,8 @@ def set_heatmap(p, src, mapper, matrix: np.ndarray, labels: list[str], start: in
     p.x_range.update(start=start, end=start + T)
     p.y_range.update(start=0, end=max(len(labels), 1))
     p.height = 80 + int(np.clip(16 * len(labels), 64, 640))
-    shown = len(labels) <= 40                   # a whole layer gets no per-row labels: they would overlap
-    ticks = [len(labels) - 1 - j + 0.5 for j in range(len(labels))] if shown else []
+    labelled = len(labels) <= 40                 # a whole layer gets no per-row labels: they would overlap
+    ticks = [len(labels) - 1 - j + 0.5 for j in range(len(labels))] if labelled else []
     p.yaxis.ticker = FixedTicker(ticks=ticks)
-    p.yaxis.major_label_overrides = {t: lab for t, lab in zip(ticks, labels)}
-    p.yaxis.axis_label = None if shown else f"{len(labels)} units (top: index 0)"
+    p.yaxis.major_label_overrides = {t: plain(lab) for t, lab in zip(ticks, labels)}
+    p.yaxis.axis_label = None if labelled else plain(f"{len(labels)} units (top: index 0)")

@@ -1,19 +1,30 @@
-"""``rnnscope serve RUN``: the dashboard on a Bokeh server, bound to 127.0.0.1 unless told otherwise,
-with the websocket origin checked against the address it serves."""
+"""``rnnscope serve RUN``: the dashboard on a Bokeh server, bound to 127.0.0.1 unless told otherwise.
+Pages and the websocket answer only requests whose Host names this server (its address and port, or
+an ``--origin``), so a page on another name cannot reach it by rebinding that name's DNS to us; the
+websocket's Origin is checked against the same list."""
 from __future__ import annotations
 
 import socket
 
-from rnnscope.probe import open_run
 from rnnscope.errors import RnnscopeError
 
-from .app import WINDOW, make_document
+from .app import WINDOW, RunData, build, make_document
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    if not 0 < port < 65536:
+        raise RnnscopeError(f"port {port} is not a TCP port", "pass --port from 1 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise RnnscopeError(f"cannot resolve --host {host}", "pass an address of this machine, e.g. 127.0.0.1 or ::1") \
+            from None
+    family, *_, address = infos[0]
+    with socket.socket(family) as s:
         try:
-            s.bind((host, port))
+            s.bind(address)
         except PermissionError:
             raise RnnscopeError(f"no permission to listen on port {port}", "use a port above 1023") from None
         except OSError:
@@ -21,27 +32,65 @@ def _check_port(host: str, port: int) -> None:
                                 "the other server") from None
 
 
+def netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def allowed_hosts(host: str, port: int, origins: list[str] | None = None) -> list[str]:
+    """The ``HOST:PORT`` values a request's Host (and a websocket's Origin) may carry."""
+    names = [host] + (["localhost"] if host in LOOPBACK else [])
+    return [netloc(n, port) for n in names] + [o.lower() for o in origins or []]
+
+
+def guard_hosts(server, allowed: list[str]) -> None:
+    """Answer 403 to any request, page or websocket, whose Host is not in ``allowed``. Bokeh's server
+    checks only the websocket's Origin; its tornado application (``server._tornado``: Bokeh gives no
+    public handle) routes every request through ``find_handler``, so the check sits there."""
+    from tornado.web import ErrorHandler
+    app = server._tornado
+    route = app.find_handler
+    ok = {a.lower() for a in allowed}
+
+    def find_handler(request, **kwargs):
+        if (request.headers.get("Host") or "").lower() not in ok:
+            return app.get_handler_delegate(request, ErrorHandler, {"status_code": 403})
+        return route(request, **kwargs)
+    app.find_handler = find_handler
+
+
+def check_run(run_path, window: int) -> RunData:
+    """Open the Run and build one page from it, before binding: a Run the dashboard cannot show is
+    refused at start, in one line, instead of failing on every page."""
+    from bokeh.document import Document
+    data = RunData(run_path, window)
+    try:
+        build(Document(), data)
+    except RnnscopeError:
+        raise
+    except Exception as err:      # noqa: BLE001 -- a Run is untrusted: any failure is its problem, in one line
+        raise RnnscopeError(f"{data.run.path} cannot be shown: {type(err).__name__}: {str(err).splitlines()[0]}",
+                            "probe and analyze it again") from None
+    return data
+
+
 def serve(run_path, *, port: int = 5006, host: str = "127.0.0.1", show: bool = False, window: int = WINDOW,
           origins: list[str] | None = None, log=print) -> None:
-    """Serve the dashboard for one Run until interrupted. Browsers may open its websocket only from
-    ``host:port`` (and ``localhost:port`` for the loopback address) plus any ``origins`` given, e.g.
+    """Serve the dashboard for one Run until interrupted. Browsers may reach it only as ``host:port``
+    (and ``localhost:port`` for a loopback address) plus any ``origins`` given, e.g.
     ``myhost.lab:5006`` when serving on ``--host 0.0.0.0``."""
     from bokeh.application import Application
     from bokeh.application.handlers.function import FunctionHandler
     from bokeh.server.server import Server
 
-    run = open_run(run_path)                          # a missing or incomplete Run stops here
-    if not run.keys():
-        raise RnnscopeError(f"{run.path} holds no recorded keys", "probe again with some --kinds")
+    data = check_run(run_path, window)                 # a missing, broken or incomplete Run stops here
     _check_port(host, port)
-    origins = [f"{host}:{port}"] + ([f"localhost:{port}"] if host in ("127.0.0.1", "localhost") else []) \
-        + list(origins or [])
-    app = Application(FunctionHandler(lambda doc: make_document(doc, run.path, window)))
-    server = Server({"/": app}, port=port, address=host, allow_websocket_origin=origins,
+    allowed = allowed_hosts(host, port, origins)
+    app = Application(FunctionHandler(lambda doc: make_document(doc, data)))
+    server = Server({"/": app}, port=port, address=host, allow_websocket_origin=allowed,
                     num_procs=1, check_unused_sessions_milliseconds=5000, unused_session_lifetime_milliseconds=15000)
+    guard_hosts(server, allowed)
     server.start()
-    url = f"http://{host if ':' not in host else '[' + host + ']'}:{port}/"
-    log(f"serving {run.path} at {url} (Ctrl-C to stop)", flush=True)
+    log(f"serving {data.run.path} at http://{netloc(host, port)}/ (Ctrl-C to stop)", flush=True)
     if show:
         server.io_loop.add_callback(server.show, "/")
     try:

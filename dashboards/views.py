@@ -1,0 +1,170 @@
+"""The dashboard's views. Each reads the one ``Selection``, updates its own sources when the fields it
+shows change, and writes the selection when the user picks something in it; none reads another.
+
+Every text-bearing model that may hold a Run's strings is a ``Div`` with ``disable_math=True`` fed
+escaped HTML (``queries.esc``), a ``DataTable`` (its ``StringFormatter`` writes cells as text), or a
+canvas label given as ``PlainText``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from bokeh.layouts import column, row
+from bokeh.models import (Button, ColumnDataSource, DataTable, Div, Select, Spinner, StringFormatter,
+                          TableColumn)
+
+from . import queries as q
+from .figures import heatmap_figure, set_heatmap, text_figure
+
+HEAT = 2000              # characters in the heatmap (from the page's start)
+TOP = 20                 # units in a feature heatmap and in pattern-search results
+
+
+def div(text: str, **kw) -> Div:
+    """A Div that never typesets TeX: ``text`` must already be escaped."""
+    return Div(text=text, disable_math=True, **kw)
+
+
+def table(source: ColumnDataSource, columns: list[str], **kw) -> DataTable:
+    """Cells as plain text, numbers pre-formatted (``queries.fmt``): sorting them as strings would
+    mislead, so the rows keep the order the analysis ranked them in."""
+    return DataTable(source=source, sortable=False, columns=[TableColumn(field=c, title=c, formatter=StringFormatter())
+                                                             for c in columns], **kw)
+
+
+def on_row_click(source: ColumnDataSource, data, sel) -> None:
+    """Clicking a row whose ``unit`` the Run holds selects that unit."""
+    def pick(attr, old, new):
+        found = new and data.unit(source.data["unit"][new[0]])
+        if found:
+            sel.set(key=found[0], index=found[1])
+    source.selected.on_change("indices", pick)
+
+
+class Controls:
+    """Key, unit index and page: widgets that mirror the selection and write it."""
+
+    def __init__(self, data, sel):
+        self.data, self.sel = data, sel
+        self.key = Select(title="key", value=sel.key, options=data.keys, name="unit_key", width=180)
+        self.index = Spinner(title="unit index", low=0, high=data.units[sel.key] - 1, step=1, value=sel.index,
+                             name="unit_index", width=110)
+        self.start = Spinner(title="window start", low=0, high=max(len(data.text) - 1, 0),
+                             step=max(data.window // 2, 1), value=0, name="window_start", width=130)
+        prev, nxt = Button(label="\u25c0 page", width=80), Button(label="page \u25b6", width=80)
+        prev.on_click(lambda: self._page(-1))
+        nxt.on_click(lambda: self._page(+1))
+        self.key.on_change("value", lambda a, o, n: sel.set(key=n, index=min(sel.index, data.units[n] - 1)))
+        self.index.on_change("value", lambda a, o, n: sel.set(index=int(min(max(n or 0, 0), data.units[sel.key] - 1))))
+        self.start.on_change("value", lambda a, o, n: sel.set(start=q.page(len(data.text), int(n or 0), 1)[0]))
+        self.root = row(self.key, self.index, self.start, column(Div(height=12), row(prev, nxt)))
+        sel.watch(self.update)
+
+    def _page(self, step: int) -> None:
+        self.sel.set(start=q.page(len(self.data.text), self.sel.start + step * self.data.window, 1)[0])
+
+    def update(self, changed: set[str]) -> None:
+        self.index.high = self.data.units[self.sel.key] - 1
+        self.key.value, self.index.value, self.start.value = self.sel.key, self.sel.index, self.sel.start
+
+
+class TextView:
+    """The page of text coloured by the selected unit, and the info line above it."""
+
+    def __init__(self, data, sel):
+        self.data, self.sel = data, sel
+        s, e = data.span(sel)
+        cells, lines, self.half = q.text_cells(data.run, sel.key, sel.index, s, e)
+        self.source = ColumnDataSource(cells, name="text_source")
+        self.lines = ColumnDataSource(lines, name="lines_source")
+        self.info = div("", name="unit_info", width=700)
+        self.plot = text_figure(self.source, self.lines, title=str(data.run.path.name))
+        self._info()
+        sel.watch(self.update)
+
+    def update(self, changed: set[str]) -> None:
+        s, e = self.data.span(self.sel)
+        if "start" in changed or "document" in changed:
+            self.source.selected.indices = []
+            cells, lines, self.half = q.text_cells(self.data.run, self.sel.key, self.sel.index, s, e)
+            self.source.data, self.lines.data = cells, lines
+        elif changed & {"key", "index"}:
+            columns, self.half = q.recolour(self.data.run, self.sel.key, self.sel.index, s, e)
+            self.source.data.update(columns)               # two columns go out, the layout stays
+        self._info()
+
+    def _info(self) -> None:
+        s, e = self.data.span(self.sel)
+        self.info.text = q.unit_info(self.data.neurons, self.sel.unit, s, e, len(self.data.text), self.half)
+
+
+class HeatmapView:
+    """Units x time over the page: the whole selected key, or the top units for the selected feature."""
+
+    def __init__(self, data, sel):
+        self.data, self.sel = data, sel
+        modes = ["whole key"] + (["top units for feature"] if data.neurons is not None else [])
+        self.mode = Select(title="heatmap", value=modes[-1], options=modes, name="heat_mode", width=220)
+        self.plot, self.source, self.mapper = heatmap_figure(np.zeros((1, 1)), ["-"], 0)
+        self.mode.on_change("value", lambda a, o, n: self.update({"mode"}))
+        self.root = column(self.mode, self.plot)
+        self.update({"start"})
+        sel.watch(self.update)
+
+    def update(self, changed: set[str]) -> None:
+        whole = self.mode.value == "whole key"
+        if not changed & ({"start", "document", "mode"} | ({"key"} if whole else {"feature"})):
+            return
+        s, _ = self.data.span(self.sel)
+        e = min(len(self.data.text), s + HEAT)
+        units = ([f"{self.sel.key}:{i}" for i in range(self.data.units[self.sel.key])] if whole
+                 else [u for u in q.top_units(self.data.neurons, self.sel.feature, TOP) if self.data.unit(u)])
+        set_heatmap(self.plot, self.source, self.mapper, q.heat_matrix(self.data.run, units, s, e), units or ["-"], s)
+        what = (f"{len(units)} units of {self.sel.key}" if whole
+                else f"top {len(units)} units for {self.sel.feature} (pick the feature in the neurons tab)")
+        self.plot.title.text.text = f"{what}, characters {s:,}-{e:,}"      # a PlainText: never typeset
+
+
+class NeuronView:
+    """The neuron table for the selected feature; a click selects the row's unit."""
+
+    def __init__(self, data, sel):
+        if data.neurons is None:
+            self.root = div(q.missing_note("neuron table", f"rnnscope analyze {data.run.path}", data.why["neurons"]),
+                            width=900)
+            return
+        self.data, self.sel = data, sel
+        self.feature = Select(title="feature", value=sel.feature, options=data.features, name="feature_filter")
+        self.source = ColumnDataSource(q.neuron_rows(data.neurons, sel.feature), name="neuron_rows")
+        grid = table(self.source, q.NEURON_COLUMNS, name="neuron_table", width=900, height=420)
+        self.feature.on_change("value", lambda a, o, n: sel.set(feature=n))
+        on_row_click(self.source, data, sel)
+        self.root = column(self.feature, grid)
+        sel.watch(self.update)
+
+    def update(self, changed: set[str]) -> None:
+        if "feature" in changed:
+            self.feature.value = self.sel.feature
+            self.source.data = q.neuron_rows(self.data.neurons, self.sel.feature)
+
+
+class PatternView:
+    """Select a span of the text (box select): the units on inside it and off around it."""
+
+    def __init__(self, data, sel, text: TextView):
+        self.data, self.sel, self.text = data, sel, text
+        self.info = div("Select a span of the text (box select) to find the units that are on inside it and off "
+                        "around it.", width=900, name="pattern_info")
+        self.source = ColumnDataSource({c: [] for c in ("unit", "inside", "around", "score")}, name="pattern_rows")
+        grid = table(self.source, ["unit", "inside", "around", "score"], width=700, height=420, name="pattern_table")
+        on_row_click(self.source, data, sel)
+        text.source.selected.on_change("indices", lambda a, o, n: self.search(n))
+        self.root = column(self.info, grid)
+
+    def search(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        s, e = self.data.span(self.sel)
+        a, b = s + min(indices), min(e, s + max(indices) + 1)
+        rows = q.pattern_rows(self.data.run, q.pattern_keys(self.data.state_keys), s, e, a, b, TOP)
+        self.source.data = rows
+        self.info.text = q.pattern_note(self.data.text, a, b, len(rows["unit"]))
