@@ -62,13 +62,14 @@ def check_run(run_path, window: int) -> RunData:
     """Open the Run and build one page from it, before binding: a Run the dashboard cannot show is
     refused at start, in one line, instead of failing on every page."""
     from bokeh.document import Document
-    data = RunData(run_path, window)
     try:
+        data = RunData(run_path, window)
         build(Document(), data)
     except RnnscopeError:
         raise
     except Exception as err:      # noqa: BLE001 -- a Run is untrusted: any failure is its problem, in one line
-        raise RnnscopeError(f"{data.run.path} cannot be shown: {type(err).__name__}: {str(err).splitlines()[0]}",
+        first = (str(err).splitlines() or [""])[0]
+        raise RnnscopeError(f"{run_path} cannot be shown: {type(err).__name__}: {first}",
                             "probe and analyze it again") from None
     return data
 

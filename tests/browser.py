@@ -10,18 +10,18 @@ import urllib.request
 from contextlib import contextmanager
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 @contextmanager
-def served(run, *args):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rnnscope.cli", "serve", str(run), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/"
+def served(run, *args, host: str = "127.0.0.1"):
+    port = free_port(host)
+    proc = subprocess.Popen([sys.executable, "-m", "rnnscope.cli", "serve", str(run), "--port", str(port),
+                             "--host", host, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     try:
         deadline = time.time() + 60
         while True:
