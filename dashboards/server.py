@@ -50,6 +50,7 @@ def guard_hosts(server, allowed: list[str]) -> None:
     app = server._tornado
     route = app.find_handler
     ok = {a.lower() for a in allowed}
+    app.websocket_origins.update(ok)       # Bokeh's own list cannot be given an IPv6 "[::1]:port"
 
     def find_handler(request, **kwargs):
         if (request.headers.get("Host") or "").lower() not in ok:
@@ -87,7 +88,7 @@ def serve(run_path, *, port: int = 5006, host: str = "127.0.0.1", show: bool = F
     _check_port(host, port)
     allowed = allowed_hosts(host, port, origins)
     app = Application(FunctionHandler(lambda doc: make_document(doc, data)))
-    server = Server({"/": app}, port=port, address=host, allow_websocket_origin=allowed,
+    server = Server({"/": app}, port=port, address=host, allow_websocket_origin=[a for a in allowed if "[" not in a],
                     num_procs=1, check_unused_sessions_milliseconds=5000, unused_session_lifetime_milliseconds=15000)
     guard_hosts(server, allowed)
     server.start()

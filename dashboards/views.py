@@ -56,7 +56,7 @@ class Controls:
         self.key.on_change("value", lambda a, o, n: sel.set(key=n, index=min(sel.index, data.units[n] - 1)))
         self.index.on_change("value", lambda a, o, n: sel.set(index=int(min(max(n or 0, 0), data.units[sel.key] - 1))))
         self.start.on_change("value", lambda a, o, n: sel.set(start=q.page(len(data.text), int(n or 0), 1)[0]))
-        self.root = row(self.key, self.index, self.start, column(Div(height=12), row(prev, nxt)))
+        self.root = row(self.key, self.index, self.start, column(div("", height=12), row(prev, nxt)))
         sel.watch(self.update)
 
     def _page(self, step: int) -> None:
