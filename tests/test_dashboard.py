@@ -190,3 +190,22 @@ def test_export_refusals(run_dir, tmp_path):
     one_line_error(rnnscope("export", run_dir / "bare", "--feature", "in_comment", "--out", tmp_path / "x.png",
                             check=False), "no neuron table")
     assert not list(tmp_path.iterdir())
+
+
+def test_numbers_are_formatted_for_reading():
+    from rnnscope.dashboards.queries import fmt
+    assert [fmt(x) for x in (0.123456, 12.3456, 1234.5, 0.0123456, 0.00123456, 1.23456e-5, 3.0e-300, 0.0,
+                             -0.5, float("nan"))] == \
+        ["0.123", "12.3", "1.23e+03", "0.0123", "0.00123", "1.23e-05", "3.00e-300", "0", "-0.5", "NaN"]
+
+
+def test_selection_tells_watchers_what_changed_and_nothing_else():
+    from rnnscope.dashboards.state import Selection
+    sel, seen = Selection("rnn.l0.c", 3), []
+    sel.watch(seen.append)
+    sel.set(key="rnn.l0.c", index=3)                  # no change: a mirrored widget cannot loop
+    sel.set(index=4, start=100)
+    sel.set(feature="in_comment")
+    assert seen == [{"index", "start"}, {"feature"}] and sel.unit == "rnn.l0.c:4"
+    with pytest.raises(TypeError):
+        sel.set(colour="red")
