@@ -78,3 +78,19 @@ def wait_until(fn, timeout: float = 20, interval: float = 0.05):
             return v
         time.sleep(interval)
     raise TimeoutError("condition not met")
+
+
+def websocket_status(ws: str, origin: str):
+    """True when a websocket from ``origin`` opens at ``ws``, else the HTTP status it was refused with."""
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.ioloop import IOLoop
+    from tornado.websocket import websocket_connect
+
+    async def connect():
+        try:
+            conn = await websocket_connect(HTTPRequest(ws, headers={"Origin": origin}))
+            conn.close()
+            return True
+        except HTTPClientError as err:
+            return err.code
+    return IOLoop.current().run_sync(connect)

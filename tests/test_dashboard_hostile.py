@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from browser import column, free_port, get, served, set_prop, wait_for_model, wait_until
+from browser import column, free_port, get, served, set_prop, wait_for_model, wait_until, websocket_status
 from test_cli import one_line_error
 
 pytestmark = pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium and chromium-driver "
@@ -56,9 +56,16 @@ def encode(s: str) -> torch.Tensor:
 
 
 def module_name() -> str:
-    """The hostile module name, as far as the key grammar lets a module name go."""
-    from rnnscope.probe.keys import KEY
-    return MODULE if KEY.match(f"{MODULE}.l0.h") else "rnn"
+    """The hostile module name, as far as the key grammar lets a module name go (the store's grammar,
+    where there is one, allows only letters, digits and '_')."""
+    import importlib
+    grammars = []
+    for module in ("rnnscope.probe.keys", "rnnscope.store"):
+        try:
+            grammars.append(importlib.import_module(module).KEY)
+        except (ImportError, AttributeError):
+            pass
+    return MODULE if all(g.match(f"{MODULE}.l0.h") for g in grammars) else "rnn"
 
 
 @pytest.fixture(scope="module")
@@ -73,21 +80,24 @@ def hostile(tmp_path_factory):
     units = [f"{c}:{i}" for i in range(6)] + [f"{h}:{i}" for i in range(6)]
     n = len(units)
     bad = lambda i: PAYLOADS[i % len(PAYLOADS)]      # noqa: E731
+    # Keys, units and numbers as the tables' schema demands; every free string column hostile.
     neurons = pd.DataFrame({"unit": units, "key": [u.rsplit(":", 1)[0] for u in units],
                             "layer": 0, "kind": [bad(i) for i in range(n)],
                             "index": [int(u.rsplit(":", 1)[1]) for u in units],
                             "feature": [bad(i % 2) for i in range(n)], "metric": [bad(i + 2) for i in range(n)],
                             "direction": 1, "score": np.linspace(0.9, 0.1, n), "heldout_score": 0.5,
                             "q_value": np.geomspace(1e-9, 0.5, n), "strength": np.linspace(1, 0.1, n)})
-    neurons.loc[n - 1, "unit"] = bad(0)              # a unit name that is no unit at all
     gates = [k for k in keys if k.rsplit(".", 1)[1] in ("i", "f", "o")]
-    saturation = pd.DataFrame({"key": [bad(3)] * 4, "layer": [bad(0), bad(0), bad(1), bad(1)],
+    saturation = pd.DataFrame({"key": [gates[0], gates[0], gates[1], gates[1]], "layer": [0, 0, 1, 1],
                                "gate": [bad(2), "f", bad(4), "o"], "index": range(4),
-                               "unit": [f"{gates[0]}:0", bad(1), f"{gates[1]}:1", bad(3)],
+                               "unit": [f"{gates[0]}:0", f"{gates[0]}:1", f"{gates[1]}:2", f"{gates[1]}:3"],
                                "left": [0.1, 0.2, 0.3, 0.4], "right": [0.4, 0.3, 0.2, 0.1], "mean": 0.5})
-    decay = pd.DataFrame({"key": [bad(0)] * 3 + [bad(3)] * 3, "layer": 0, "kind": bad(1), "lag": [0, 1, 2] * 2,
+    grads = [k for k in keys if ".grad_" in k]
+    decay = pd.DataFrame({"key": [grads[0]] * 3 + [grads[1]] * 3, "layer": 0, "kind": bad(1), "lag": [0, 1, 2] * 2,
                           "mean": 1.0, "geo_mean": [1, 0.5, 0.25] * 2, "q10": 0.1, "q90": 2.0, "positions": 3})
-    lives = pd.DataFrame({"key": [bad(0), bad(3)], "layer": 0, "kind": bad(2), "half_life": [1.0, np.nan]})
+    lives = pd.DataFrame({"key": grads[:2], "layer": 0, "kind": bad(2), "slope_per_step": -0.5,
+                          "half_life": [1.0, np.nan], "fit_r2": 0.9, "lag_to_1pct": 7, "max_lag": 2,
+                          "exploding": False})
     (run.path / "analysis").mkdir(exist_ok=True)
     for name, t in (("neurons", neurons), ("saturation", saturation), ("grad_decay", decay), ("half_lives", lives)):
         t.to_parquet(run.path / "analysis" / f"{name}.parquet")
@@ -241,23 +251,9 @@ def test_ipv6_loopback_serves(hostile):
         port = int(url.rsplit(":", 1)[1].strip("/"))
         assert _http("::1", port, f"[::1]:{port}") == 200
         assert _http("::1", port, f"evil.example:{port}") == 403
-        assert _websocket(f"ws://[::1]:{port}/ws", f"http://[::1]:{port}") is True
-        assert _websocket(f"ws://[::1]:{port}/ws", "http://evil.example:80") == 403
+        assert websocket_status(f"ws://[::1]:{port}/ws", f"http://[::1]:{port}") is True
+        assert websocket_status(f"ws://[::1]:{port}/ws", "http://evil.example:80") == 403
 
-
-def _websocket(ws: str, origin: str):
-    from tornado.httpclient import HTTPClientError, HTTPRequest
-    from tornado.ioloop import IOLoop
-    from tornado.websocket import websocket_connect
-
-    async def connect():
-        try:
-            conn = await websocket_connect(HTTPRequest(ws, headers={"Origin": origin}))
-            conn.close()
-            return True
-        except HTTPClientError as err:
-            return err.code
-    return IOLoop.current().run_sync(connect)
 
 
 def test_broken_tables_are_refused_at_start_and_a_broken_page_shows_no_traceback(hostile, tmp_path):
