@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
+from . import argtypes as T
 
 
 def _zoo_list(args) -> None:
@@ -48,16 +50,10 @@ def _probe(args) -> None:
     from rnnscope import probe
     from rnnscope import zoo
     from rnnscope.errors import RnnscopeError
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RnnscopeError(f"text file {args.text} does not exist", "give --text an existing file") from None
-    except UnicodeDecodeError as err:
-        raise RnnscopeError(f"{args.text} is not UTF-8 text ({err.reason} at byte {err.start})",
-                            "convert it to UTF-8") from None
+    text = T.read_text(args.text)
     if args.max_chars:
         text = text[: args.max_chars]
-    kinds = args.kinds.split(",") if args.kinds else None
+    kinds = args.kinds or None
     run = probe.record(zoo.load(args.checkpoint), text, args.out, grad=args.grad, chunk=args.chunk,
                        horizon=args.horizon, kinds=kinds,
                        dtype=args.dtype, overwrite=args.overwrite, unk=args.unk, source=args.checkpoint)
@@ -70,7 +66,7 @@ def _analyze(args) -> None:
     from rnnscope.analysis.report import analyze, table_path, top_table
     from rnnscope.probe import open_run
     run = open_run(args.run)
-    features = args.features.split(",") if args.features else None
+    features = args.features or None
     language = "auto" if args.language == "auto" else (None if args.language == "prose" else args.language)
     out = analyze(run, features=features, language=language, heldout=args.heldout, shifts=args.shifts,
                   checkpoint=args.checkpoint, decay=not args.no_decay, max_lag=args.max_lag,
@@ -98,16 +94,32 @@ def _export(args) -> None:
     if sum(chosen) != 1:
         raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
                             "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".svg", ".html"):
+        raise RnnscopeError(f"{out} has no .png, .svg or .html extension", "name the output FILE.png, FILE.svg or "
+                            "FILE.html")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    if out.is_dir() or (out.is_symlink() and not out.is_file()):
+        raise RnnscopeError(f"{out} is a directory or a dangling link, not a file", "give a file name for --out")
     if args.unit:
         fig = unit_figure(args.run, args.unit, args.start, args.end)
     else:
-        units = args.units.split(",") if args.units else top_units_for(args.run, args.feature, args.top)
+        units = args.units if args.units else top_units_for(args.run, args.feature, args.top)
         fig = units_figure(args.run, units, args.start, args.end)
     print(f"wrote {export(fig, args.out)}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every rnnscope error is (problem — fix), exit 2."""
+
+    def error(self, message: str):
+        fix = "" if " — " in message else f" — see `{self.prog} --help`"
+        self.exit(2, f"rnnscope: error: {message}{fix}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnscope", description="Look inside trained recurrent networks: "
+    p = _Parser(prog="rnnscope", description="Look inside trained recurrent networks: "
                                 "states, gates and gradients of RNN / LSTM / GRU models, over their text.")
     p.add_argument("--version", action="version", version=f"rnnscope {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,15 +141,22 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("--arch", choices=["rnn", "lstm", "gru"], default="lstm")
     z.add_argument("--corpus", choices=["linux", "shakespeare", "python"], default="linux")
     z.add_argument("--out", required=True, help="output directory (weights.safetensors + card.json)")
+    whole, share, positive = T.int_at_least, T.fraction, T.positive_number
     for name, kind, default, help_ in [
-            ("layers", int, 2, "recurrent layers"), ("hidden", int, 256, "units per layer"),
-            ("embed", int, 64, "embedding width"), ("dropout", float, 0.0, "dropout between layers"),
-            ("batch", int, 64, "parallel streams"), ("seq-len", int, 100, "truncated BPTT length"),
-            ("steps", int, 3000, "optimizer steps"), ("lr", float, 2e-3, "peak learning rate"),
-            ("min-lr", float, 1e-4, "final learning rate (cosine)"), ("warmup", int, 100, "warmup steps"),
-            ("clip", float, 5.0, "gradient-norm clip"), ("val-every", int, 500, "validate every N steps"),
-            ("checkpoint-every", int, 250, "save resumable state every N steps"), ("seed", int, 0, "random seed"),
-            ("threads", int, 0, "torch threads (0: torch default)")]:
+            ("layers", whole(1, "--layers"), 2, "recurrent layers"), ("hidden", whole(1, "--hidden"), 256,
+                                                                     "units per layer"),
+            ("embed", whole(1, "--embed"), 64, "embedding width"),
+            ("dropout", T.int_or_share("--dropout"), 0.0, "dropout between layers"),
+            ("batch", whole(1, "--batch"), 64, "parallel streams"),
+            ("seq-len", whole(1, "--seq-len"), 100, "truncated BPTT length"),
+            ("steps", whole(1, "--steps"), 3000, "optimizer steps"), ("lr", positive("--lr"), 2e-3, "peak learning rate"),
+            ("min-lr", positive("--min-lr"), 1e-4, "final learning rate (cosine)"),
+            ("warmup", whole(0, "--warmup"), 100, "warmup steps"),
+            ("clip", positive("--clip"), 5.0, "gradient-norm clip"),
+            ("val-every", whole(1, "--val-every"), 500, "validate every N steps"),
+            ("checkpoint-every", whole(1, "--checkpoint-every"), 250, "save resumable state every N steps"),
+            ("seed", whole(0, "--seed"), 0, "random seed"),
+            ("threads", whole(0, "--threads"), 0, "torch threads (0: torch default)")]:
         z.add_argument(f"--{name}", type=kind, default=default, help=f"{help_} (default {default})")
     z.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam")
     z.add_argument("--fresh", action="store_true", help="discard a saved training state in OUT and start over")
@@ -145,57 +164,61 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="record every state, gate (and gradient) of a checkpoint over a text into a Run")
     pr.add_argument("checkpoint", help="a checkpoint directory or zoo:NAME (see `rnnscope zoo list`)")
-    pr.add_argument("--text", required=True, help="a UTF-8 text file")
+    pr.add_argument("--text", required=True, type=T.text_file,
+                    help="a UTF-8 text file (stored byte for byte: line endings are kept)")
     pr.add_argument("--out", required=True, help="the Run directory to write")
     pr.add_argument("--grad", action="store_true", help="also record dL/dh and dL/dc at every step")
     pr.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk dtype (default float16)")
-    pr.add_argument("--kinds", help="comma-separated state kinds to keep, e.g. h,c (default: all)")
-    pr.add_argument("--chunk", type=int, default=2048, help="characters per chunk (memory is bounded by it)")
-    pr.add_argument("--horizon", type=int, default=512,
+    pr.add_argument("--kinds", type=T.names, help="comma-separated state kinds to keep, e.g. h,c (default: all)")
+    pr.add_argument("--chunk", type=T.int_at_least(1, "--chunk"), default=2048, help="characters per chunk (memory is bounded by it)")
+    pr.add_argument("--horizon", type=T.int_at_least(0, "--horizon"), default=512,
                     help="with --grad: each step's gradient includes the losses of at least this many following "
                          "steps (default 512)")
     pr.add_argument("--unk", help="map characters outside the vocabulary to this one")
-    pr.add_argument("--max-chars", type=int, default=0, help="probe only the first N characters")
+    pr.add_argument("--max-chars", type=T.int_at_least(0, "--max-chars"), default=0,
+                    help="probe only the first N characters (0: all)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")
     pr.set_defaults(func=_probe)
 
     an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
     an.add_argument("run", help="a Run written by `rnnscope probe`")
-    an.add_argument("--features", help="comma-separated built-in features (default: those of the run's language)")
+    an.add_argument("--features", type=T.names, help="comma-separated built-in features (default: those of the run's language)")
     an.add_argument("--language", default="auto",
                     help="lexer for code features: c, python, ... or prose (default: from the checkpoint's corpus)")
-    an.add_argument("--heldout", type=float, default=0.3, help="share of the text, at its end, held out (default 0.3)")
-    an.add_argument("--shifts", type=int, default=16, help="circular shifts in the significance null (default 16)")
-    an.add_argument("--top", type=int, default=3, help="units printed per feature (default 3)")
+    an.add_argument("--heldout", type=T.fraction("--heldout"), default=0.3, help="share of the text, at its end, held out (default 0.3)")
+    an.add_argument("--shifts", type=T.int_at_least(1, "--shifts"), default=16, help="circular shifts in the significance null (default 16)")
+    an.add_argument("--top", type=T.int_at_least(1, "--top"), default=3, help="units printed per feature (default 3)")
     an.add_argument("--checkpoint", help="the model, if not where the run was probed from (for decay and ablation)")
     an.add_argument("--no-decay", action="store_true", help="skip the gradient decay curve")
-    an.add_argument("--max-lag", type=int, default=200, help="longest lag of the decay curve (default 200)")
+    an.add_argument("--max-lag", type=T.int_at_least(1, "--max-lag"), default=200, help="longest lag of the decay curve (default 200)")
     an.add_argument("--sparse", action="store_true", help="also fit L1 probes: how few units carry each feature")
     an.add_argument("--ablate", action="store_true",
                     help="also hold each binary feature's best unit at its mean and compare with random units")
-    an.add_argument("--controls", type=int, default=100, help="random units per ablation (default 100)")
+    an.add_argument("--controls", type=T.int_at_least(1, "--controls"), default=100, help="random units per ablation (default 100)")
     an.set_defaults(func=_analyze)
 
     sv = sub.add_parser("serve", help="the dashboard: the text coloured by any unit, the neuron table, heatmaps, "
                                       "gradient flow, gate saturation, pattern search")
     sv.add_argument("run", help="a Run written by `rnnscope probe` (and `rnnscope analyze`)")
-    sv.add_argument("--port", type=int, default=5006, help="port (default 5006)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=T.port, default=5006, help="port (default 5006)")
+    sv.add_argument("--host", type=T.host, default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only; ::1 for IPv6)")
     sv.add_argument("--show", action="store_true", help="open a browser on it")
     sv.add_argument("--origin", action="append", metavar="HOST:PORT",
                     help="also accept pages served as HOST:PORT (repeatable; for --host 0.0.0.0 behind a name)")
-    sv.add_argument("--window", type=int, default=10000, help="characters per page of text (default 10000)")
+    sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="characters per page of text (default 10000)")
     sv.set_defaults(func=_serve)
 
     ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html")
     ex.add_argument("run", help="a Run written by `rnnscope probe`")
-    ex.add_argument("--unit", help="KEY:INDEX: the text coloured by this unit")
-    ex.add_argument("--units", help="KEY:I,KEY:J,...: a heatmap of these units")
+    ex.add_argument("--unit", type=T.unit, help="KEY:INDEX: the text coloured by this unit")
+    ex.add_argument("--units", type=T.units, help="KEY:I,KEY:J,...: a heatmap of these units")
     ex.add_argument("--feature", help="a heatmap of the top units for this feature (needs `rnnscope analyze`)")
-    ex.add_argument("--top", type=int, default=10, help="with --feature: how many units (default 10)")
-    ex.add_argument("--start", type=int, default=0, help="first character (default 0)")
-    ex.add_argument("--end", type=int, help="last character, exclusive (default: 3,000 after --start)")
+    ex.add_argument("--top", type=T.int_at_least(1, "--top"), default=10, help="with --feature: how many units (default 10)")
+    ex.add_argument("--start", type=T.int_at_least(0, "--start"), default=0, help="first character (default 0)")
+    ex.add_argument("--end", type=T.int_at_least(1, "--end"), help="last character, exclusive (default: 3,000 after --start)")
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.set_defaults(func=_export)
     return p
 
@@ -211,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rnnscope: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:          # the disk filled, a permission was refused: the user's to fix
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"rnnscope: error: {err.strerror or err}{where} — free space or fix permissions, then run again",
+              file=sys.stderr)
+        return 2
+    except Exception as err:        # a bug in rnnscope: one line, the traceback only on request
+        if os.environ.get("RNNSCOPE_DEBUG"):
+            raise
+        first = (str(err).splitlines() or [""])[0][:200]
+        print(f"rnnscope: error: internal error {type(err).__name__}: {first} — this is a bug in rnnscope; "
+              "run again with RNNSCOPE_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return 3
     return 0
 
 

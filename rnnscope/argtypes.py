@@ -1,0 +1,158 @@
+"""Argument types for the command line: each turns one string into a checked value, or raises
+``argparse.ArgumentTypeError`` with the problem and the fix, which the parser prints as one line.
+
+Checks that need nothing but the argument live here, so a bad number or path is refused before any
+model is loaded or any file is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import stat
+from pathlib import Path
+
+# a unit: a state key (module.lN[_reverse].kind, see rnnscope.probe.keys) and an ASCII index
+UNIT = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?l[0-9]+(?:_reverse)?\.[a-z_]+:[0-9]+$", re.ASCII)
+
+
+def _bad(problem: str, fix: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"{problem} — {fix}")
+
+
+def _integer(text: str) -> int:
+    if not re.fullmatch(r"[+-]?[0-9]+", text.strip(), re.ASCII):
+        raise _bad(f"{text!r} is not a whole number", "write it in ASCII digits, e.g. 16")
+    return int(text)
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _bad(f"{text!r} is not a number", "write it as e.g. 0.3") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _bad(f"{text!r} is not a finite number", "give a finite number")
+    return value
+
+
+def int_at_least(low: int, what: str = "a number"):
+    """A whole number ``>= low``."""
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < low:
+            raise _bad(f"must be at least {low} (got {value})", f"give {low} or more")
+        return value
+    parse.__name__ = what          # argparse names the type in its messages
+    return parse
+
+
+def int_between(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if not low <= value <= high:
+            raise _bad(f"must be from {low} to {high} (got {value})", "give a value in that range")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+def fraction(what: str):
+    """A number strictly between 0 and 1."""
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not 0 < value < 1:
+            raise _bad(f"must be between 0 and 1 (got {value})", "give a share such as 0.3")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+def positive_number(what: str):
+    def parse(text: str) -> float:
+        value = _number(text)
+        if value <= 0:
+            raise _bad(f"must be above 0 (got {value})", "give a positive number")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+def int_or_share(what: str):
+    """A probability in [0, 1) (dropout)."""
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not 0 <= value < 1:
+            raise _bad(f"must be from 0 up to (not including) 1 (got {value})", "give e.g. 0.2")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+port = int_between(1, 65535, "port")
+
+
+def host(text: str) -> str:
+    """An address to bind: a name or IP that resolves on this machine (``::1`` and ``[::1]`` work)."""
+    name = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not name:
+        raise _bad("the host is empty", "give an address such as 127.0.0.1")
+    try:
+        socket.getaddrinfo(name, None)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise _bad(f"host {text!r} does not resolve", "give an address such as 127.0.0.1, ::1 or 0.0.0.0") from None
+    return name
+
+
+def text_file(text: str) -> Path:
+    """An existing regular file (not a directory, FIFO or device, which would hang or mislead)."""
+    path = Path(text)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise _bad(f"{text} does not exist", "give an existing text file") from None
+    except OSError as err:
+        raise _bad(f"{text} cannot be read ({err.strerror})", "give a readable text file") from None
+    if stat.S_ISDIR(mode):
+        raise _bad(f"{text} is a directory", "give a text file inside it")
+    if not stat.S_ISREG(mode):
+        raise _bad(f"{text} is not a regular file", "give a text file (not a pipe or device)")
+    if not os.access(path, os.R_OK):
+        raise _bad(f"{text} is not readable", "check its permissions")
+    return path
+
+
+def unit(text: str) -> str:
+    """``KEY:INDEX``, e.g. ``rnn.l0.c:12``; whether the Run has it is checked when the Run is open."""
+    if not UNIT.match(text):
+        raise _bad(f"{text!r} is not a unit", "write units as KEY:INDEX, e.g. rnn.l0.c:12")
+    return text
+
+
+def units(text: str) -> list[str]:
+    parts = [u.strip() for u in text.split(",")]
+    return [unit(u) for u in parts]
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated list of plain names (features, kinds)."""
+    parts = [p.strip() for p in text.split(",")]
+    for p in parts:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p, re.ASCII):
+            raise _bad(f"{p!r} is not a name", "give comma-separated names such as in_comment,column")
+    return parts
+
+
+def read_text(path: Path) -> str:
+    """The file's text exactly as stored: UTF-8, line endings untouched (``newline=''``), so the Run's
+    text and its checksum match the file byte for byte."""
+    from rnnscope.errors import RnnscopeError
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise RnnscopeError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
+                            "convert it to UTF-8") from None
+    except OSError as err:
+        raise RnnscopeError(f"{path} cannot be read ({err.strerror})", "give a readable text file") from None
