@@ -37,57 +37,37 @@ def _number(text: str) -> float:
     return value
 
 
-def int_at_least(low: int, what: str = "a number"):
-    """A whole number ``>= low``."""
-    def parse(text: str) -> int:
-        value = _integer(text)
-        if value < low:
-            raise _bad(f"must be at least {low} (got {value})", f"give {low} or more")
+def _checked(what: str, convert, ok, rule: str, fix: str):
+    """A type that converts with ``convert`` and accepts values where ``ok(value)``: 'must be {rule}'."""
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise _bad(f"must be {rule} (got {value})", fix)
         return value
     parse.__name__ = what          # argparse names the type in its messages
     return parse
 
 
+def int_at_least(low: int, what: str = "a number"):
+    return _checked(what, _integer, lambda v: v >= low, f"at least {low}", f"give {low} or more")
+
+
 def int_between(low: int, high: int, what: str):
-    def parse(text: str) -> int:
-        value = _integer(text)
-        if not low <= value <= high:
-            raise _bad(f"must be from {low} to {high} (got {value})", "give a value in that range")
-        return value
-    parse.__name__ = what
-    return parse
+    return _checked(what, _integer, lambda v: low <= v <= high, f"from {low} to {high}", "give a value in that range")
 
 
 def fraction(what: str):
     """A number strictly between 0 and 1."""
-    def parse(text: str) -> float:
-        value = _number(text)
-        if not 0 < value < 1:
-            raise _bad(f"must be between 0 and 1 (got {value})", "give a share such as 0.3")
-        return value
-    parse.__name__ = what
-    return parse
+    return _checked(what, _number, lambda v: 0 < v < 1, "between 0 and 1", "give a share such as 0.3")
 
 
 def positive_number(what: str):
-    def parse(text: str) -> float:
-        value = _number(text)
-        if value <= 0:
-            raise _bad(f"must be above 0 (got {value})", "give a positive number")
-        return value
-    parse.__name__ = what
-    return parse
+    return _checked(what, _number, lambda v: v > 0, "above 0", "give a positive number")
 
 
-def int_or_share(what: str):
+def probability(what: str):
     """A probability in [0, 1) (dropout)."""
-    def parse(text: str) -> float:
-        value = _number(text)
-        if not 0 <= value < 1:
-            raise _bad(f"must be from 0 up to (not including) 1 (got {value})", "give e.g. 0.2")
-        return value
-    parse.__name__ = what
-    return parse
+    return _checked(what, _number, lambda v: 0 <= v < 1, "from 0 up to (not including) 1", "give e.g. 0.2")
 
 
 port = int_between(1, 65535, "port")

@@ -146,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
             ("layers", whole(1, "--layers"), 2, "recurrent layers"), ("hidden", whole(1, "--hidden"), 256,
                                                                      "units per layer"),
             ("embed", whole(1, "--embed"), 64, "embedding width"),
-            ("dropout", T.int_or_share("--dropout"), 0.0, "dropout between layers"),
+            ("dropout", T.probability("--dropout"), 0.0, "dropout between layers"),
             ("batch", whole(1, "--batch"), 64, "parallel streams"),
             ("seq-len", whole(1, "--seq-len"), 100, "truncated BPTT length"),
             ("steps", whole(1, "--steps"), 3000, "optimizer steps"), ("lr", positive("--lr"), 2e-3, "peak learning rate"),
