@@ -65,6 +65,10 @@ def positive_number(what: str):
     return _checked(what, _number, lambda v: v > 0, "above 0", "give a positive number")
 
 
+def nonnegative_number(what: str):
+    return _checked(what, _number, lambda v: v >= 0, "0 or more", "give 0 or a positive number")
+
+
 def probability(what: str):
     """A probability in [0, 1) (dropout)."""
     return _checked(what, _number, lambda v: 0 <= v < 1, "from 0 up to (not including) 1", "give e.g. 0.2")
@@ -115,13 +119,26 @@ def units(text: str) -> list[str]:
     return [unit(u) for u in parts]
 
 
+def name(text: str) -> str:
+    """A plain name (a feature, a kind): letters, digits and underscores."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text.strip(), re.ASCII):
+        raise _bad(f"{text!r} is not a name", "give names such as in_comment or column")
+    return text.strip()
+
+
 def names(text: str) -> list[str]:
-    """A comma-separated list of plain names (features, kinds)."""
-    parts = [p.strip() for p in text.split(",")]
-    for p in parts:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p, re.ASCII):
-            raise _bad(f"{p!r} is not a name", "give comma-separated names such as in_comment,column")
-    return parts
+    """A comma-separated list of plain names."""
+    return [name(p) for p in text.split(",")]
+
+
+def clamp(text: str) -> str:
+    """``KEY:INDEX=VALUE`` with a finite number; the unit itself is checked against the model."""
+    unit_part, eq, value = text.rpartition("=")
+    if not eq:
+        raise _bad(f"{text!r} is not a clamp", "write KEY:INDEX=VALUE, e.g. rnn.l0.c:199=-3")
+    unit(unit_part)
+    _number(value)
+    return text
 
 
 def read_text(path: Path) -> str:

@@ -87,6 +87,49 @@ def _serve(args) -> None:
     serve(args.run, port=args.port, host=args.host, show=args.show, window=args.window, origins=args.origin)
 
 
+def _shown(text: str) -> str:
+    """A model's text for the terminal: control and bidi characters as escapes, so a vocabulary
+    holding ESC or U+202E cannot rewrite the screen or reorder what is shown."""
+    import unicodedata
+    return "".join(c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf") else f"\\u{ord(c):04x}"
+                   for c in text)
+
+
+def _generate(args) -> None:
+    from rnnscope import zoo
+    from rnnscope.analysis import features
+    from rnnscope.analysis.steer import feature_share, generate, parse_clamp
+    ck = zoo.load(args.checkpoint)
+    clamps = dict(parse_clamp(c) for c in args.clamp or [])
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    frame = generate(ck.model, ck.vocab, args.prime, args.length, clamps=clamps, seeds=seeds,
+                     temperature=args.temperature, progress=args.seeds * args.length > 20000)
+    if args.measure:
+        import warnings
+
+        def feature(text):
+            with warnings.catch_warnings():          # a sample without comments is constant: no warning
+                warnings.simplefilter("ignore")
+                return features.compute(text, [args.measure], args.language)[args.measure].to_numpy()
+        frame = feature_share(frame, args.prime, feature)
+    for seed, pair in frame.groupby("seed", sort=False):
+        for _, r in pair.iterrows():
+            if r["clamped"] or clamps:
+                label = f"clamped {', '.join(f'{u}={v:g}' for u, v in clamps.items())}" if r["clamped"] else "unclamped"
+                share = f"; {args.measure} {r['share']:.1%}" if args.measure else ""
+                print(f"--- seed {seed}, {label}{share}")
+                print(_shown(args.prime) + _shown(r["text"]))
+    if args.measure:
+        t = frame.groupby("clamped")["share"].agg(["mean", "std", "min", "max"])
+        print(f"\nshare of generated characters in {args.measure} over {len(seeds)} seeds "
+              f"({args.length} characters each):")
+        print(t.rename(index={False: "unclamped", True: "clamped"}).to_string(float_format=lambda v: f"{v:.3f}"))
+        if clamps and len(seeds) > 1:
+            d = frame[frame.clamped]["share"].to_numpy() - frame[~frame.clamped]["share"].to_numpy()
+            print(f"clamped - unclamped: {d.mean():+.3f} (seeds where clamped is higher: "
+                  f"{int((d > 0).sum())}/{len(d)}, lower: {int((d < 0).sum())})")
+
+
 def _export(args) -> None:
     from rnnscope.dashboards import export, top_units_for, unit_figure, units_figure
     from rnnscope.errors import RnnscopeError
@@ -208,6 +251,23 @@ def parser() -> argparse.ArgumentParser:
                     help="also accept pages served as HOST:PORT (repeatable; for --host 0.0.0.0 behind a name)")
     sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="characters per page of text (default 10000)")
     sv.set_defaults(func=_serve)
+
+    ge = sub.add_parser("generate", help="sample from a char language model with units clamped at every step, "
+                                         "beside the unclamped sample from the same random numbers")
+    ge.add_argument("checkpoint", help="a checkpoint directory or zoo:NAME")
+    ge.add_argument("--prime", required=True, help="the text to start from (characters of the model's vocabulary)")
+    ge.add_argument("--length", type=T.int_at_least(1, "--length"), default=300, help="characters to generate")
+    ge.add_argument("--clamp", action="append", type=T.clamp, metavar="KEY:I=VALUE",
+                    help="hold this unit at VALUE at every step (repeatable), e.g. rnn.l0.c:199=-3")
+    ge.add_argument("--seed", type=T.int_at_least(0, "--seed"), default=0, help="first random seed (default 0)")
+    ge.add_argument("--seeds", type=T.int_at_least(1, "--seeds"), default=1,
+                    help="how many seeds, from --seed on (default 1)")
+    ge.add_argument("--temperature", type=T.nonnegative_number("--temperature"), default=1.0,
+                    help="softmax temperature; 0 takes the most likely character (default 1)")
+    ge.add_argument("--measure", metavar="FEATURE", type=T.name,
+                    help="also report the share of generated characters where this feature is on, e.g. in_comment")
+    ge.add_argument("--language", default="c", help="lexer for --measure code features (default c)")
+    ge.set_defaults(func=_generate)
 
     ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html")
     ex.add_argument("run", help="a Run written by `rnnscope probe`")
