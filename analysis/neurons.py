@@ -254,7 +254,7 @@ def _feature_rows(key, name, is_bin, accs, parts, F, split, bad) -> pd.DataFrame
         "index": np.arange(U), "feature": name, "metric": "auc" if is_bin else "pearson", "direction": direction,
         "selection_score": sel[:, 0], "selection_spearman": sp, "selection_strength": sel_strength,
         "selection_p": st["p"], "heldout_score": held[:, 0], "heldout_spearman": hsp,
-        "heldout_strength": held_strength, "heldout_shifts": held.shape[1] - 1,
+        "heldout_strength": held_strength, "heldout_shifts": float(held.shape[1] - 1),
         "heldout_null_mean": np.where(is_bin, ht["null_mean"], direction * ht["null_mean"]),
         "heldout_null_std": ht["null_std"], "heldout_z": ht["z"], "heldout_p": ht["p"],
         "heldout_p_empirical": ht["p_empirical"], "heldout_q": np.nan})
@@ -263,19 +263,22 @@ def _feature_rows(key, name, is_bin, accs, parts, F, split, bad) -> pd.DataFrame
 def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[str], split: int, chunk: int) -> None:
     """Re-test the selected rows on the held-out part against every admissible circular shift (in
     place), reading only those units' columns, and give them their q-values."""
+    cols = ["heldout_shifts", "heldout_null_mean", "heldout_null_std", "heldout_z", "heldout_p", "heldout_p_empirical"]
     sel = table.index[table["selected"]]
+    found = {}
     for key, rows in table.loc[sel].groupby("key", sort=False):
         a = src.arrays[key]
         idx = np.unique(rows["index"].to_numpy())
         x = np.concatenate([np.asarray(a[s:min(len(a), s + chunk)])[:, idx]
                             for s in range(split, len(a), chunk)]).astype(np.float32)
         col = {u: j for j, u in enumerate(idx)}
-        for i, r in rows.iterrows():
-            f = F[r["feature"]].to_numpy(np.float64)[split:]
-            res = resolved_test(x[:, col[r["index"]]], f, r["feature"] in binary, int(r["direction"]))
-            table.loc[i, ["heldout_shifts", "heldout_null_std", "heldout_z", "heldout_p", "heldout_p_empirical"]] = \
-                [res["shifts"], res["null_std"], res["z"], res["p"], res["p_empirical"]]
-            table.loc[i, "heldout_null_mean"] = res["null_mean"] if r["metric"] == "auc" else r["direction"] * res["null_mean"]
+        for i, unit, name, d in zip(rows.index, rows["index"], rows["feature"], rows["direction"]):
+            r = resolved_test(x[:, col[unit]], F[name].to_numpy(np.float64)[split:], name in binary, int(d))
+            mean = r["null_mean"] if name in binary else d * r["null_mean"]      # as heldout_score is
+            found[i] = [r["shifts"], mean, r["null_std"], r["z"], r["p"], r["p_empirical"]]
+    if found:
+        table.loc[list(found), cols] = np.array(list(found.values()), np.float64)
+    table["heldout_shifts"] = table["heldout_shifts"].astype(np.int64)
     table.loc[sel, "heldout_q"] = benjamini_hochberg(table.loc[sel, "heldout_p"].to_numpy())
 
 
