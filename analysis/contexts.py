@@ -75,16 +75,12 @@ def top_contexts(run, k: int = 10, window: int = 40, text: str | None = None, *,
     if not isinstance(window, (int, np.integer)) or window < 1:
         raise RnnscopeError(f"window={window!r} holds no character", "use window >= 1")
     keys = list(keys) if keys is not None else src.state_keys
-    missing = [key for key in keys if key not in src.arrays]
-    if missing:
-        raise RnnscopeError(f"no key {missing[0]!r} in this source", f"use one of {', '.join(src.arrays)}")
+    for key in keys:
+        src.array(key)                  # every key checked before any work
     before, after = window - window // 4, window // 4
     frames = []
     for key in tqdm(keys, desc="contexts", unit="key", disable=not progress):
-        a = src.arrays[key]
-        if a.shape[0] != T:
-            raise RnnscopeError(f"{key} has {a.shape[0]} steps but the text has {T} characters",
-                                "analyse the text the Run was recorded on")
+        a = src.array(key)
         U = a.shape[1]
         sides = []
         for side, steps in _extremes(a, k, chunk).items():

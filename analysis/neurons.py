@@ -202,10 +202,7 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     parts = [(b, _Part(F.iloc[b[0]:b[1]].reset_index(drop=True), binary, shifts)) for b in bounds]
     frames = []
     for key in tqdm(keys, desc="neurons", unit="key", disable=not progress):
-        a = src.arrays[key]
-        if a.shape[0] != T:
-            raise RnnscopeError(f"{key} has {a.shape[0]} steps but the text has {T} characters",
-                                "analyse the text the Run was recorded on")
+        a = src.array(key)
         accs = _score_key(a, parts, chunk)
         bad = accs[0]["bad"] | accs[1]["bad"]
         for name in F.columns:
