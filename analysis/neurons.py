@@ -167,10 +167,11 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     - held-out part: ``heldout_score``, ``heldout_spearman``, ``heldout_strength``, ``heldout_shifts``,
       ``heldout_null_mean``, ``heldout_null_std``, ``heldout_z``, ``heldout_p``, ``heldout_p_empirical``,
       ``heldout_q``. The held-out p is one-sided, in the direction fixed on the selection part. For the
-      selected units the null is every admissible circular shift (``heldout_shifts`` close to the part's
-      length) and ``heldout_p`` is its rank p-value; ``heldout_q`` is Benjamini-Hochberg over the
-      selected units only, the family that was tested there (NaN for the others, whose ``heldout_p``
-      comes from the ``shifts`` streamed shifts and is a screen, not a claim);
+      selected units the null is every circular shift of the held-out part (``heldout_shifts`` = its
+      length - 1, one FFT each): ``heldout_p`` is the t-interval against it, ``heldout_p_empirical`` the
+      exact rank p-value (floored at 1 / length). ``heldout_q`` is Benjamini-Hochberg over the selected
+      units only, the family tested there; NaN for the others, whose ``heldout_p`` comes from the
+      ``shifts`` streamed shifts and is a screen, not a claim;
     - controls: ``control_score`` (held-out score of the best function of the current and previous
       character, fitted on the selection part) and ``selectivity`` = held-out score minus it (AUC or r,
       oriented like the unit);

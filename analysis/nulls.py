@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from .kernels import BIN_OF, float16_bits
+from .kernels import BIN_OF, BINS, float16_bits
 
 def shifted(col: np.ndarray, shifts: int) -> np.ndarray:
     """``[n] -> [n, 1 + shifts]``: the column, then circular shifts spread evenly over its length
@@ -53,7 +53,9 @@ def circular_scores(x: np.ndarray, f: np.ndarray, binary: bool) -> np.ndarray:
     Pearson r of ``x`` against ``np.roll(f, s)``. One FFT cross-correlation, O(n log n)."""
     n = len(x)
     if binary:
-        v = stats.rankdata(BIN_OF[float16_bits(x[:, None])[:, 0]])
+        b = BIN_OF[float16_bits(x[:, None])[:, 0]]
+        counts = np.bincount(b, minlength=BINS)
+        v = (np.cumsum(counts) - (counts - 1) / 2)[b]          # mid-ranks per bin, O(n), as kernels do
         g = f.astype(np.float64)
     else:
         v = x.astype(np.float64) - x.mean()
