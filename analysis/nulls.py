@@ -63,6 +63,8 @@ def circular_scores(x: np.ndarray, f: np.ndarray, binary: bool) -> np.ndarray:
     c = np.fft.irfft(np.fft.rfft(v) * np.conj(np.fft.rfft(g)), n)     # sum_t v[t] g[t - s mod n]
     if binary:
         n1 = f.sum()
+        if n1 == 0 or n1 == n:           # the feature never (or always) holds on this part: no AUC
+            return np.full(n, np.nan)
         return (c - n1 * (n1 + 1) / 2) / (n1 * (n - n1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return c / np.sqrt((v ** 2).sum() * (g ** 2).sum())
