@@ -11,8 +11,9 @@ Significance comes from circular shifts of the feature within each part: shiftin
 series' autocorrelation (a unit that drifts slowly and a feature that comes in long runs correlate
 by chance far more often than i.i.d. shuffles admit). Every unit gets ``shifts`` streamed shifts per
 part (a Student-t prediction interval, see ``nulls.shift_test``); the selected units are re-tested
-on the held-out part against every admissible shift (``nulls.resolved_test``), whose rank p-value
-resolves down to about one over the part's length. Benjamini-Hochberg runs over every unit and
+on the held-out part against every circular shift of it (``nulls.resolved_test``, one FFT each):
+the null's spread is then that of all lags rather than of 16 draws, and its exact rank p-value
+resolves down to one over the part's length. Benjamini-Hochberg runs over every unit and
 feature on the selection part, and over the selected units on the held-out part. Each feature also
 gets a control (``controls``): what the current and previous character alone reach on it.
 
