@@ -111,7 +111,8 @@ def _score_key(a, parts, chunk) -> list[dict]:
         for s in range(s0, e0, chunk):
             e = min(e0, s + chunk)
             raw = np.asarray(a[s:e])
-            x = np.empty((e - s, U), np.float32) if decode else np.ascontiguousarray(raw, np.float32)
+            # a float32 Run's rows come read-only from the memory map: copy, the kernel's buffer must be writable
+            x = np.empty((e - s, U), np.float32) if decode else np.array(raw, np.float32, order="C")
             r = np.empty((e - s, U), np.float32)
             kernels.ranks_and_sums(kernels.float16_bits(raw), x, decode, kernels.BIN_OF, kernels.VALUE_OF,
                                    mid, ref, r, s1, s2, bad)

@@ -216,3 +216,17 @@ def test_resolved_null_is_calibrated_on_autocorrelated_noise():
     assert 0.02 < (tab["heldout_p_empirical"] < 0.05).mean() < 0.08
     assert (tab["heldout_q"] < 0.05).mean() < 0.01
     assert 0.02 < (tab["selection_p"] < 0.05).mean() < 0.09      # the streamed selection-part null too
+
+
+def test_a_float32_run_is_scored_like_its_float16_twin(tmp_path, tiny_vocab):
+    """A float32 Run's rows come read-only from its memory map; the kernels once failed to compile on them."""
+    from conftest import char_model
+    from rnnscope.probe import record
+    text = 'int f(void) {\n\t/* a "b" */\n\tif (x) { puts("hi"); }\n\treturn 0;\n}\n' * 8
+    ck = char_model("lstm", tiny_vocab.__class__(tiny_vocab.chars + "/*"), hidden=8)
+    r32 = record(ck, text, tmp_path / "r32", dtype="float32", progress=False)
+    r16 = record(ck, text, tmp_path / "r16", dtype="float16", progress=False)
+    a = find_neurons(r32, ["in_comment"], shifts=4, progress=False).set_index(["unit", "feature"])
+    b = find_neurons(r16, ["in_comment"], shifts=4, progress=False).set_index(["unit", "feature"])
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a["selection_score"], b.loc[a.index, "selection_score"], atol=0.02)
