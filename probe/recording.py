@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,8 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
             stats, bad = _stream(model, ids, w, layout, grad=grad, chunk=chunk, horizon=horizon, kinds=kinds,
                                  loss=loss, dtype=dtype, progress=progress)
             w.units(pd.concat([stats[k].frame(k) for k in layout], ignore_index=True))
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():       # all NaN (a model producing NaN): the mean is NaN, said below
+                warnings.simplefilter("ignore", RuntimeWarning)
                 mean_loss = float(np.nanmean(w.read_loss())) if T > 1 else float("nan")
             flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
             for k, v in flagged.items():

@@ -2,7 +2,7 @@
 
 ``RunWriter(out, text, overwrite=...)`` checks ``out`` before anything is written (a file, a link,
 ``.``, a path under a file, or a directory that is not a Run is refused), removes what killed
-writers left behind, and fills ``.NAME.partial-PID``; ``commit(manifest)`` swaps it in. The swap
+writers left behind, and fills ``.NAME.partial-PID-XXXX``; ``commit(manifest)`` swaps it in. The swap
 holds a lock on the parent directory, so two writers of one output never interleave, and uses an
 atomic exchange where the kernel has one: the output is a whole Run at every instant, and the
 old Run is deleted under the partial's name, which the next writer clears if a kill interrupts.
@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -105,17 +106,17 @@ def check_out(out, overwrite: bool) -> Path:
 
 
 def clean_stale(out: Path, log=print) -> list[Path]:
-    """Remove ``.NAME.partial-PID`` directories whose writer is gone (a SIGKILLed probe), and say so.
+    """Remove ``.NAME.partial-PID[-XXXX]`` directories whose writer is gone (a SIGKILLed probe), and say so.
     An old Run moved aside by a swap that was killed half-way is put back if nothing replaced it."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.partial-(old-)?(\d+)$")
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)(?:-\w+)?(\.old)?$")
     gone = []
     if not out.parent.is_dir():
         return gone
     for p in sorted(out.parent.iterdir()):
         m = pattern.match(p.name)
-        if not m or int(m[2]) == os.getpid() or _alive(int(m[2])) or not p.is_dir() or p.is_symlink():
+        if not m or int(m[1]) == os.getpid() or _alive(int(m[1])) or not p.is_dir() or p.is_symlink():
             continue
-        if m[1] and not out.exists() and not out.is_symlink():
+        if m[2] and not out.exists() and not out.is_symlink():
             os.rename(p, out)
             log(f"probe: restored {out} from {p.name}, left by a probe killed while replacing it")
             continue
@@ -157,9 +158,9 @@ class RunWriter:
         self.chars = len(text)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(self.out, log)
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        (self.tmp / "states").mkdir(parents=True)
+        # unique per writer (two writers may share a process); the PID tells a later writer whether it is stale
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-{os.getpid()}-", dir=self.out.parent))
+        (self.tmp / "states").mkdir()
         with open(self.tmp / "text.txt", "wb") as f:     # bytes: CR and CRLF are kept as they are
             f.write(self.data)
         self.rows: list[NpyRows] = []
@@ -223,7 +224,7 @@ class RunWriter:
             elif _exchange(self.tmp, self.out):
                 shutil.rmtree(self.tmp)                 # the old Run, now under the partial's name
             else:
-                old = self.out.parent / f".{self.out.name}.partial-old-{os.getpid()}"
+                old = self.tmp.with_name(self.tmp.name + ".old")
                 os.rename(self.out, old)
                 try:
                     os.rename(self.tmp, self.out)
