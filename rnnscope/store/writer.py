@@ -160,9 +160,13 @@ class RunWriter:
         clean_stale(self.out, log)
         # unique per writer (two writers may share a process); the PID tells a later writer whether it is stale
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-{os.getpid()}-", dir=self.out.parent))
-        (self.tmp / "states").mkdir()
-        with open(self.tmp / "text.txt", "wb") as f:     # bytes: CR and CRLF are kept as they are
-            f.write(self.data)
+        try:
+            (self.tmp / "states").mkdir()
+            with open(self.tmp / "text.txt", "wb") as f:     # bytes: CR and CRLF are kept as they are
+                f.write(self.data)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self.rows: list[NpyRows] = []
         self.done = False
 
