@@ -200,6 +200,8 @@ BROKEN = {
     "keys a list": (lambda r: _manifest(r, lambda m: m.update(keys=["rnn.l0.h"])), "lacks keys"),
     "units a string": (lambda r: _manifest(r, lambda m: m["keys"]["rnn.l0.h"].update(units="6")), "malformed"),
     "text missing": (lambda r: _manifest(r, lambda m: m.pop("text")), "text.chars"),
+    "card_name a number": (lambda r: _manifest(r, lambda m: m["model"].update(card_name=7)), "card_name"),
+    "module not an object": (lambda r: _manifest(r, lambda m: m["model"]["modules"].update(rnn=5)), "modules"),
     "chars a float": (lambda r: _manifest(r, lambda m: m["text"].update(chars=float(T))), "text.chars"),
     "dtype int8": (lambda r: _manifest(r, lambda m: m.update(dtype="int8")), "dtype"),
     "states int8": (lambda r: _rewrite_npy(r / "states/rnn.l0.h.npy", np.zeros((T, U), np.int8)), "holds int8"),
