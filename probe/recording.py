@@ -198,8 +198,12 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
     model.eval()
     try:
         layout = _layout(model, ids, grad, kinds)
-        for k in layout:
-            split_key(k)                # a module name the store cannot hold as a file name is refused here
+        for k in layout:                # a module name the store cannot hold as a file name is refused here
+            try:
+                split_key(k)
+            except RnnscopeError:
+                raise RnnscopeError(f"the state key {k[:80]!r} cannot name a file in a Run",
+                                    "name recurrent submodules with letters, digits and _ only") from None
         itemsize, T = np.dtype(DTYPES[dtype]).itemsize, len(text)
         need = T * sum(layout.values()) * itemsize + T * 4 + len(text.encode())
         free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
