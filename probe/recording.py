@@ -106,6 +106,17 @@ class _UnitStats:
                              "min": np.where(seen, self.lo, np.nan), "max": np.where(seen, self.hi, np.nan)})
 
 
+def _identity(model, mods: dict, card: dict, source: str) -> dict:
+    """The manifest's ``model``: where it came from, its checksum, and each recurrent module's shape."""
+    def text_or_none(v):        # a card is someone else's JSON: only strings go into the manifest
+        return v if isinstance(v, str) else None
+    return {"source": str(source), "class": type(model).__name__, "checksum": model_checksum(model),
+            "card_name": text_or_none(card.get("name")), "weights_sha256": text_or_none(card.get("weights_sha256")),
+            "modules": {n: {"type": family(m), "layers": m.num_layers, "hidden": m.hidden_size,
+                            "bidirectional": m.bidirectional, "proj_size": getattr(m, "proj_size", 0)}
+                        for n, m in mods.items()}}
+
+
 def _layout(model, ids, grad, kinds) -> dict[str, int]:
     """Key -> units, from a one-step dry run."""
     with Probe(model, grad=grad, kinds=kinds, param_grads=False) as p:
@@ -224,11 +235,7 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
                 print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that overflow "
                       f"{dtype}; flagged in the manifest")
             w.commit({
-                "model": {"source": source, "class": type(model).__name__, "checksum": model_checksum(model),
-                          "card_name": card.get("name"), "weights_sha256": card.get("weights_sha256"),
-                          "modules": {n: {"type": family(m), "layers": m.num_layers, "hidden": m.hidden_size,
-                                          "bidirectional": m.bidirectional,
-                                          "proj_size": getattr(m, "proj_size", 0)} for n, m in mods.items()}},
+                "model": _identity(model, mods, card, source),
                 "vocab": vocab.chars if vocab else None, "unk": unk,
                 "kinds": sorted({split_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,
                 "grad_horizon": horizon if grad else None,
