@@ -9,19 +9,19 @@
     RUN/analysis/ablation.parquet      ablate of each binary feature's best unit (with --ablate)
     RUN/analysis/summary.json          what ran, with which settings, and what was skipped and why
 
-Each table is written beside its final name and renamed, so a reader never sees half a table.
+The tables are read and written by the Run store (``rnnscope.store.tables``): each is written
+beside its final name and renamed, never through a link, and checked against its schema on read.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from rnnscope.probe import Run, model_checksum, open_run
 from rnnscope.errors import RnnscopeError
+from rnnscope.probe import Run, model_checksum, open_run
+from rnnscope.store import read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
 
 from .features import compute
 from .gates import GATES, gate_saturation
@@ -34,32 +34,12 @@ from .sparse import sparse_probe
 TABLES = ("neurons", "sparse", "saturation", "grad_norms", "grad_decay", "half_lives", "ablation")
 
 
-def table_path(run: Run, name: str) -> Path:
-    return run.path / "analysis" / f"{name}.parquet"
-
-
-def write_table(run: Run, name: str, frame: pd.DataFrame) -> Path:
-    path = table_path(run, name)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    frame.attrs = {}
-    frame.to_parquet(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def read_table(run: Run, name: str) -> pd.DataFrame | None:
-    """A table ``analyze`` wrote, or None when it has not been run (or had no data for it)."""
-    path = table_path(run, name)
-    return pd.read_parquet(path) if path.exists() else None
-
-
 def load_model(run: Run, checkpoint: str | None = None):
     """The Run's model, from ``checkpoint`` or the source it was probed from, checked against the
     checksum in the manifest. Returns ``(Checkpoint, None)`` or ``(None, why not)``."""
     from rnnscope import zoo
     spec = checkpoint or run.manifest["model"].get("source")
-    if not spec or (not str(spec).startswith("zoo:") and not Path(spec).exists()):
+    if not isinstance(spec, str) or not spec or (not spec.startswith("zoo:") and not Path(spec).exists()):
         return None, f"the model is not at {spec!r}; pass --checkpoint"
     ck = zoo.load(spec)
     if model_checksum(ck.model) != run.manifest["model"]["checksum"]:
@@ -137,9 +117,7 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
         write_table(run, name, frame)
     summary = {"tables": sorted(out), "skipped": skipped, "heldout": heldout, "shifts": shifts,
                "language": src.language, "exploding_steps": exploding}
-    tmp = run.path / "analysis" / f".summary.json.{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run.path / "analysis" / "summary.json")
+    write_json(run, "summary", summary)
     out["summary"] = summary
     return out
 

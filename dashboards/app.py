@@ -18,7 +18,7 @@ from bokeh.models import (Button, ColumnDataSource, DataTable, Div, NumberFormat
 from bokeh.palettes import Category10
 from bokeh.plotting import figure
 
-from rnnscope.analysis.report import read_table
+from rnnscope.store import read_table
 from rnnscope.probe import open_run, parse_key
 
 from .figures import colour_range, heatmap_figure, set_heatmap, shade, text_data, text_figure
