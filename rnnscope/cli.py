@@ -66,20 +66,45 @@ def _analyze(args) -> None:
     from rnnscope.analysis.report import analyze, table_path, top_table
     from rnnscope.probe import open_run
     run = open_run(args.run)
+    if args.unit:
+        _unit_contexts(run, args.unit, args.contexts or 10)
+        return
     features = args.features or None
     language = "auto" if args.language == "auto" else (None if args.language == "prose" else args.language)
     out = analyze(run, features=features, language=language, heldout=args.heldout, shifts=args.shifts,
                   checkpoint=args.checkpoint, decay=not args.no_decay, max_lag=args.max_lag,
-                  sparse=args.sparse, ablation=args.ablate, controls=args.controls)
-    print(f"\ntop units per feature (score on the first {1 - args.heldout:.0%} of the text, "
-          f"heldout_score on the rest; q: Benjamini-Hochberg over all units and features)")
+                  sparse=args.sparse, ablation=args.ablate, controls=args.controls, contexts=args.contexts)
+    tests = out["summary"]["neuron_tests"]
+    print(f"\ntop units per feature, ranked on the first {1 - args.heldout:.0%} of the text (selection_*), "
+          f"estimated on the rest (heldout_*); selection_q: Benjamini-Hochberg over "
+          f"{tests.get('tests', 'all')} unit x feature tests, heldout_q over the selected units; "
+          "selectivity: held-out score minus a control that sees only the current and previous character")
     print(top_table(out["neurons"], args.top))
     if "half_lives" in out:
         print("\ngradient half-life through time (steps):")
-        print(out["half_lives"][["key", "half_life", "lag_to_1pct", "exploding"]].to_string(index=False))
+        print(out["half_lives"][["key", "half_life", "lag_to_1pct", "exploding", "nonfinite"]].to_string(index=False))
+    for key, n in (out["summary"]["nonfinite_gradient_steps"] or {}).items():
+        if n:
+            print(f"warning: {key} is NaN or infinite at {n:,} steps")
     for name, why in out["summary"]["skipped"].items():
         print(f"skipped {name}: {why}")
-    print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(run, 'x').parent}")
+    print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(run, 'neurons').parent}")
+
+
+def _unit_contexts(run, unit: str, k: int) -> None:
+    """``analyze RUN --unit KEY:I``: that unit's top and bottom contexts, from the Run's table or
+    computed for its key alone."""
+    from rnnscope.analysis.contexts import top_contexts
+    from rnnscope.analysis.report import read_table, unit_contexts
+    from rnnscope.errors import RnnscopeError
+    key, index = unit.rsplit(":", 1)
+    if key not in run.keys() or int(index) >= run[key].shape[1]:
+        raise RnnscopeError(f"the Run has no unit {unit}", f"use a key of {', '.join(run.keys()[:6])}, ... "
+                            "with an index below its width")
+    table = read_table(run, "contexts")
+    if table is None or unit not in set(table["unit"]) or table["rank"].max() + 1 < k:
+        table = top_contexts(run, k=min(k, len(run)), keys=[key], progress=False)
+    print(unit_contexts(table, unit, k))
 
 
 def _serve(args) -> None:
@@ -237,6 +262,9 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--sparse", action="store_true", help="also fit L1 probes: how few units carry each feature")
     an.add_argument("--ablate", action="store_true",
                     help="also hold each binary feature's best unit at its mean and compare with random units")
+    an.add_argument("--contexts", type=T.int_at_least(0, "--contexts"), default=10,
+                    help="top and bottom contexts kept per unit (default 10; 0: none)")
+    an.add_argument("--unit", type=T.unit, help="print this unit's top and bottom contexts (KEY:INDEX) and stop")
     an.add_argument("--controls", type=T.int_at_least(1, "--controls"), default=100, help="random units per ablation (default 100)")
     an.set_defaults(func=_analyze)
 

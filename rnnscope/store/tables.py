@@ -21,12 +21,13 @@ from rnnscope.errors import RnnscopeError
 from .files import atomic_write, inside, regular_file
 from .format import KEY, UNIT
 
-S, I, F, B = "string", "integer", "float", "bool"
+S, I, F, B, FL = "string", "integer", "float", "bool", "floats"
 _TYPES = {S: (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view),
           I: (pa.types.is_integer, pa.types.is_floating),            # floating: a whole column may hold NaN
-          F: (pa.types.is_floating, pa.types.is_integer), B: (pa.types.is_boolean,)}
+          F: (pa.types.is_floating, pa.types.is_integer), B: (pa.types.is_boolean,),
+          FL: (lambda t: pa.types.is_list(t) and pa.types.is_floating(t.value_type),)}
 _ANY = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_null,
-        *_TYPES[S])
+        *_TYPES[S], *_TYPES[FL])
 
 UNITS_SCHEMA = {"unit": S, "key": S, "index": I, "module": S, "layer": I, "reverse": B, "kind": S,
                 "mean": F, "std": F, "min": F, "max": F}
@@ -40,6 +41,8 @@ SCHEMAS = {
                    "positions": I},
     "half_lives": {"key": S, "layer": I, "kind": S, "slope_per_step": F, "half_life": F, "fit_r2": F,
                    "lag_to_1pct": I, "max_lag": I, "exploding": B},
+    "contexts": {"unit": S, "key": S, "index": I, "side": S, "rank": I, "step": I, "value": F, "start": I,
+                 "offset": I, "context": S, "values": FL},
     "ablation": {"units": S, "role": S, "mode": S, "effect": F, "effect_elsewhere": F, "effect_size": F,
                  "p_value": F, "beats_controls": F, "feature": S},
 }
