@@ -28,7 +28,7 @@ from tqdm import tqdm
 from rnnscope.zoo.checkpoint import Checkpoint
 from rnnscope.errors import RnnscopeError
 
-from .hooks import Probe
+from .recorder import Probe
 from .keys import KINDS, family, parse_key
 from .run import FORMAT, FORMAT_VERSION, key_file, open_run
 
