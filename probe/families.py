@@ -88,6 +88,7 @@ KINDS = {f.name: f.kinds for f in FAMILIES.values()}
 GRAD_KINDS = {f.name: f.grad_kinds for f in FAMILIES.values()}
 # subclasses first: nn.LSTM and nn.GRU are not nn.RNN subclasses today, but order says which wins
 _CLASSES = ((nn.LSTM, LSTM), (nn.GRU, GRU), (nn.RNN, RNN))
+MODULES = tuple(cls for cls, _ in _CLASSES)     # the module classes the probe and the engine take
 
 
 def of(module: nn.Module) -> Family:

@@ -5,7 +5,7 @@ import re
 
 from torch import nn
 
-from .families import GRAD_KINDS, KINDS, family  # noqa: F401  (the kinds by family live in families)
+from .families import GRAD_KINDS, KINDS, MODULES, family  # noqa: F401  (the kinds by family live in families)
 
 KEY = re.compile(r"^(?:(?P<module>.+)\.)?l(?P<layer>\d+)(?P<reverse>_reverse)?\.(?P<kind>\w+)$")
 
@@ -25,4 +25,4 @@ def parse_key(key: str) -> dict:
 
 def recurrent_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> every nn.RNN / nn.LSTM / nn.GRU inside ``model`` (the model itself is named '')."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.RNN, nn.LSTM, nn.GRU))}
+    return {name: m for name, m in model.named_modules() if isinstance(m, MODULES)}
