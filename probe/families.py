@@ -1,8 +1,9 @@
 """One table per recurrent family: what a new RNN variant has to say, in one place.
 
-Each ``Family`` holds the state kinds it records, the gradients it records, its gate count, the
-fused PyTorch kernel that runs it, the replay of its gates from a layer's outputs, its adjoint
-recurrence, and the cell equations of one step that an edited layer runs (``probe.engine``).
+Each ``Family`` holds its gates in PyTorch's order (and so the state kinds and gradients it
+records), whether it has a cell state, the fused PyTorch kernel that runs it, the replay of its
+gates from a layer's outputs, its adjoint recurrence, and the cell equations of one step that an
+edited layer runs (``probe.engine``).
 Everything else (the layer engine, the recorder, the interventions) asks this table.
 """
 from __future__ import annotations
@@ -18,22 +19,29 @@ from . import adjoint, replay
 
 @dataclass(frozen=True)
 class Family:
-    """``kinds``: recorded state kinds (``h`` first); ``grad_kinds``: recorded gradients;
-    ``gates``: rows of ``w_ih`` per hidden unit; ``cell_state``: whether the state is ``(h, c)``;
-    ``kernel(module)``: the ``_VF`` function; ``replay(p, x, h, h0, c0)``: the states of one
-    direction from its outputs ``h [T, B, P]``; ``adjoint(module, p, st, h0, c0, grad_out,
-    grad_h_n, grad_c_n, c_at)``: ``probe.adjoint``'s dict; ``cell(module, p, pre, h, c, put)``: one
-    step from ``pre = W_ih x_t + b_ih`` with every state and gate passed through ``put(kind, value)``
-    (the edit), returning ``(h before its edit, c or None)``."""
+    """``gate_order``: the gates in PyTorch's row blocks of ``w_ih``/``w_hh`` (each ``H`` rows);
+    ``cell_state``: whether the state is ``(h, c)``; ``kernel(module)``: the ``_VF`` function;
+    ``replay(p, x, h, h0, c0)``: the states of one direction from its outputs ``h [T, B, P]``
+    (``probe.replay``); ``adjoint(module, p, st, h0, c0, grad_out, grad_h_n, grad_c_n, c_at)``:
+    ``probe.adjoint``'s dict; ``cell(module, p, pre, h, c, put)``: one step from
+    ``pre = W_ih x_t + b_ih`` with every gate and the cell passed through ``put(kind, value)`` (the
+    edits) as soon as it is computed, returning ``(h before its edit, c or None)``."""
     name: str
-    kinds: tuple[str, ...]
-    grad_kinds: tuple[str, ...]
-    gates: int
+    gate_order: str
     cell_state: bool
     kernel: Callable
     replay: Callable
     adjoint: Callable
     cell: Callable
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The recorded state kinds: ``h``, the cell, the gates."""
+        return ("h", *("c" if self.cell_state else ""), *self.gate_order)
+
+    @property
+    def grad_kinds(self) -> tuple[str, ...]:
+        return ("grad_h", "grad_c") if self.cell_state else ("grad_h",)
 
 
 def _lstm_cell(m, p, pre, h, c, put):
@@ -63,20 +71,20 @@ def _rnn_cell(m, p, pre, h, c, put):
 # the replay and adjoint entries look their functions up when called, so a test that swaps one
 # out (monkeypatch) is seen
 LSTM = Family(
-    "LSTM", ("h", "c", "i", "f", "g", "o"), ("grad_h", "grad_c"), 4, True,
+    "LSTM", "ifgo", True,
     kernel=lambda m: _VF.lstm,
     replay=lambda p, x, h, h0, c0: replay.lstm_states(p, x, h, h0, c0),
     adjoint=lambda m, p, st, h0, c0, grad_out, grad_h_n, grad_c_n, c_at:
         adjoint.lstm(p, st, h0, c0, grad_out, grad_h_n, grad_c_n, c_at),
     cell=_lstm_cell)
 GRU = Family(
-    "GRU", ("h", "r", "z", "n"), ("grad_h",), 3, False,
+    "GRU", "rzn", False,
     kernel=lambda m: _VF.gru,
     replay=lambda p, x, h, h0, c0: replay.gru_states(p, x, h, h0),
     adjoint=lambda m, p, st, h0, c0, grad_out, grad_h_n, grad_c_n, c_at: adjoint.gru(p, st, h0, grad_out, grad_h_n),
     cell=_gru_cell)
 RNN = Family(
-    "RNN", ("h",), ("grad_h",), 1, False,
+    "RNN", "", False,
     kernel=lambda m: _VF.rnn_tanh if m.nonlinearity == "tanh" else _VF.rnn_relu,
     replay=lambda p, x, h, h0, c0: {"h": h},
     adjoint=lambda m, p, st, h0, c0, grad_out, grad_h_n, grad_c_n, c_at:
