@@ -28,8 +28,8 @@ from rnnscope.store import DTYPES, RunWriter, check_out, open_run, split_key
 from rnnscope.store.writer import text_bytes
 from rnnscope.zoo.checkpoint import Checkpoint
 
-from .hooks import Probe
 from .keys import KINDS, family
+from .recorder import Probe
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 OVERFLOW = {"float16": 65520.0, "float32": np.inf}    # |x| from which the stored value is Inf
 
