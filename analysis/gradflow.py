@@ -25,8 +25,10 @@ from .source import as_source
 
 
 def gradient_norms(run, *, text: str | None = None, chunk: int = 65536, explode: float = 100.0) -> pd.DataFrame:
-    """``[time]`` rows, one column per gradient key: the L2 norm over units at each step. Steps whose
-    norm exceeds ``explode`` times that key's median are listed in ``frame.attrs['exploding']``."""
+    """``[time]`` rows, one column per gradient key: the L2 norm over units at each step (NaN where a
+    gradient is NaN or infinite: it stays visible, never 0). Steps whose norm exceeds ``explode`` times
+    that key's median (over finite steps) are counted in ``frame.attrs['exploding']``, non-finite ones
+    in ``frame.attrs['nonfinite']``."""
     src = as_source(run, text)
     keys = src.need({"grad_h", "grad_c"}, "gradient norms", "record with `rnnscope probe ... --grad`")
     cols = {}
@@ -35,20 +37,25 @@ def gradient_norms(run, *, text: str | None = None, chunk: int = 65536, explode:
         out = np.empty(a.shape[0], np.float64)
         for s in range(0, a.shape[0], chunk):
             x = np.asarray(a[s:s + chunk], np.float64)
-            out[s:s + len(x)] = np.sqrt((x * x).sum(1))
+            with np.errstate(over="ignore", invalid="ignore"):
+                n = np.sqrt((x * x).sum(1))
+            out[s:s + len(x)] = np.where(np.isfinite(n), n, np.nan)
         cols[key] = out
     frame = pd.DataFrame(cols)
     frame.index.name = "step"
     med = frame.median()
     frame.attrs["exploding"] = {k: int((frame[k] > explode * med[k]).sum()) for k in keys}
+    frame.attrs["nonfinite"] = {k: int((~np.isfinite(frame[k].to_numpy())).sum()) for k in keys}
     return frame
 
 
 def gradient_decay(model: nn.Module, ids: torch.Tensor, *, positions: int = 512, max_lag: int = 200,
                    warmup: int = 50, batch: int = 64, seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """``ids [1, time]`` (a char model's input, logits ``[batch, time, vocab]`` out). Returns one row
-    per (key, lag): ``key, layer, kind, lag, mean, geo_mean, q10, q90, positions``: statistics over the
-    sampled positions of ``||dL_t / dstate_{t-lag}||``."""
+    per (key, lag): ``key, layer, kind, lag, mean, geo_mean, q10, q90, positions, nonfinite``:
+    statistics over the sampled positions of ``||dL_t / dstate_{t-lag}||``. A position whose norm is
+    NaN or infinite makes that lag's statistics NaN and is counted in ``nonfinite``: a model that
+    produces NaN gets NaN, never a number that looks like a measurement."""
     T = ids.shape[1]
     W = warmup + max_lag + 1
     if T < W + 1:
@@ -83,22 +90,33 @@ def gradient_decay(model: nn.Module, ids: torch.Tensor, *, positions: int = 512,
         for lag in range(n.shape[1]):
             col, lc = n[:, lag], logs[:, lag]
             rows.append({"key": key, "layer": info["layer"], "kind": info["kind"], "lag": lag,
-                         "mean": col.mean(), "geo_mean": float(np.exp(lc[np.isfinite(lc)].mean()))
-                         if np.isfinite(lc).any() else 0.0,
-                         "q10": np.quantile(col, 0.1), "q90": np.quantile(col, 0.9), "positions": len(col)})
+                         **_lag_stats(col, lc), "positions": len(col),
+                         "nonfinite": int((~np.isfinite(col)).sum())})
     return pd.DataFrame(rows)
+
+
+def _lag_stats(col: np.ndarray, logs: np.ndarray) -> dict:
+    """Mean, geometric mean and 10/90% quantiles of one lag's norms over positions; all NaN when any
+    norm is NaN or infinite. The geometric mean is over the positive norms (0 when none is)."""
+    if not np.isfinite(col).all():
+        return dict.fromkeys(("mean", "geo_mean", "q10", "q90"), np.nan)
+    return {"mean": col.mean(), "geo_mean": float(np.exp(logs[np.isfinite(logs)].mean())) if np.isfinite(logs).any() else 0.0,
+            "q10": np.quantile(col, 0.1), "q90": np.quantile(col, 0.9)}
 
 
 def half_lives(curve: pd.DataFrame, *, start: int = 1, stat: str = "geo_mean") -> pd.DataFrame:
     """Per key: the slope of ``log(stat)`` against lag (least squares over lags >= ``start``), the
     half-life ``ln 2 / -slope`` in steps (inf when the norm does not fall), the first lag at which the
-    norm is below 1% of its value at ``start``, and ``exploding`` when it grows instead."""
+    norm is below 1% of its value at ``start``, and ``exploding`` when it grows instead. A curve holding
+    NaN or infinite norms is not fitted: ``nonfinite`` is True, its half-life and slope are NaN, and
+    ``exploding`` is True when a norm overflowed to infinity."""
     rows = []
     for key, g in curve.groupby("key", sort=False):
         g = g[g["lag"] >= start]
         y = g[stat].to_numpy()
+        nonfinite = bool((~np.isfinite(y)).any())
         ok = np.isfinite(y) & (y > 0)
-        if ok.sum() < 2:
+        if nonfinite or ok.sum() < 2:
             slope, r2 = np.nan, np.nan
         else:
             lag, ly = g["lag"].to_numpy()[ok], np.log(y[ok])
@@ -107,7 +125,9 @@ def half_lives(curve: pd.DataFrame, *, start: int = 1, stat: str = "geo_mean") -
             r2 = 1 - resid.var() / ly.var() if ly.var() > 0 else np.nan
         below = np.nonzero(y < 0.01 * y[0])[0] if len(y) else []
         rows.append({"key": key, "layer": int(g["layer"].iloc[0]), "kind": g["kind"].iloc[0],
-                     "slope_per_step": slope, "half_life": (np.log(2) / -slope) if slope < 0 else np.inf,
+                     "slope_per_step": slope, "half_life": np.nan if np.isnan(slope) else
+                     (np.log(2) / -slope) if slope < 0 else np.inf,
                      "fit_r2": r2, "lag_to_1pct": int(g["lag"].iloc[below[0]]) if len(below) else None,
-                     "max_lag": int(g["lag"].max()), "exploding": bool(slope > 0 or (y > 1e3 * y[0]).any())})
+                     "max_lag": int(g["lag"].max()), "nonfinite": nonfinite,
+                     "exploding": bool(np.isposinf(y).any() or slope > 0 or (y > 1e3 * y[0]).any())})
     return pd.DataFrame(rows)

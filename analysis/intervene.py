@@ -1,33 +1,30 @@
 """Causal check: edit units during the real forward pass of the unmodified model.
 
-``Intervention(model, edits)`` overrides, for the duration of a ``with`` block, the forward of each
-recurrent module that an edit touches (an instance attribute, removed on exit; the weights are the
-module's own). Layers without edits run through the fused kernel; an edited layer runs one step at a
-time, because an edit at step t changes every later step: the input projection is still one batched
-product, the recurrence is the textbook cell, and after each step the edited units are replaced:
+``Intervention(model, edits)`` registers, for the duration of a ``with`` block, its edits with the
+layer engine of each recurrent module that an edit touches (``rnnscope.probe.engine``; the weights
+are the module's own). Layers without edits run through the fused kernel; an edited layer runs one
+step at a time, because an edit at step t changes every later step: the input projection is still
+one batched product, the recurrence is the family's cell (``rnnscope.probe.families``), and each
+edited state is replaced as soon as it is computed:
 
     c_t <- where(mask_c, value_c, c_t)     then     h_t = o_t * tanh(c_t)      (LSTM)
     h_t <- where(mask_h, value_h, h_t)                                          (every family)
     gates (i f g o / r z n) are replaced right after their nonlinearity.
 
 Masks and values are ``[batch, units]``: each batch element may edit different units, which is how
-``ablate`` runs a unit and its random controls in one batched pass.
+``ablate`` runs a unit and its random controls in one batched pass. A ``Probe`` inside or around
+the block records the edited model: its states, gates and gradients.
 """
 from __future__ import annotations
-
-from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from tqdm.auto import tqdm
 
-from rnnscope.probe import packed, parse_key, recurrent_modules
-from rnnscope.probe.keys import KINDS, family
-from rnnscope.probe.replay import direction_params, initial_state, run_layer, time_major, user_layout
 from rnnscope.errors import RnnscopeError
+from rnnscope.probe import engine, families, parse_key, recurrent_modules
 
 
 def _module_of(key: str, modules: dict) -> str:
@@ -51,153 +48,21 @@ class Intervention:
         for key, (mask, value) in edits.items():
             name = _module_of(key, self.modules)
             m, info = self.modules[name], parse_key(key)
-            if info["kind"] not in KINDS[family(m)]:
-                raise RnnscopeError(f"{key}: a {family(m)} has no state {info['kind']!r}",
-                                    f"edit one of {', '.join(KINDS[family(m)])}")
+            family = families.of(m)
+            if info["kind"] not in family.kinds:
+                raise RnnscopeError(f"{key}: a {family.name} has no state {info['kind']!r}",
+                                    f"edit one of {', '.join(family.kinds)}")
             if info["layer"] >= m.num_layers or (info["reverse"] and not m.bidirectional):
                 raise RnnscopeError(f"{key}: {name or '<model>'} has no such layer or direction",
                                     f"it has {m.num_layers} layer(s){', bidirectional' if m.bidirectional else ''}")
             self.edits.setdefault(name, {})[(info["layer"], info["reverse"], info["kind"])] = (mask, value)
 
     def __enter__(self) -> "Intervention":
-        taken = [n for n in self.edits if "forward" in self.modules[n].__dict__]
-        if taken:
-            raise RnnscopeError(f"module {taken[0] or '<model>'} already has an instance-level forward "
-                                "(a Probe or another Intervention?)", "nest the intervention outside, not inside")
-        for name in self.edits:
-            m = self.modules[name]
-            m.forward = partial(_edited_forward, m, self.edits[name])
+        engine.join({n: self.modules[n] for n in self.edits}, self, self.edits)
         return self
 
     def __exit__(self, *exc) -> None:
-        for name in self.edits:
-            self.modules[name].__dict__.pop("forward", None)
-
-
-def _expand(mask, value, B: int, U: int, like: torch.Tensor):
-    mask = torch.as_tensor(mask, dtype=torch.bool, device=like.device)
-    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if mask.shape[-1] != U or mask.dim() > 2 or (mask.dim() == 2 and mask.shape[0] not in (1, B)):
-        raise RnnscopeError(f"an edit mask has shape {list(mask.shape)} for {U} units and batch {B}",
-                            f"give a bool mask of shape [{U}] or [{B}, {U}]")
-    return mask.expand(B, U), value.expand(B, U) if value.dim() else value.expand(B, U)
-
-
-def _edited_forward(m: nn.Module, edits: dict, input, hx=None):
-    if isinstance(input, PackedSequence):
-        return _edited_packed(m, edits, input, hx)
-    kind = family(m)
-    x, unbatched = time_major(m, input)
-    D, L = 2 if m.bidirectional else 1, m.num_layers
-    h0, c0 = initial_state(m, x, hx, unbatched)
-    layer_in, h_ns, c_ns = x, [], []
-    for layer in range(L):
-        sl = slice(layer * D, (layer + 1) * D)
-        mine = {k: v for k, v in edits.items() if k[0] == layer}
-        if not mine:
-            out, h_n, c_n = run_layer(m, layer, layer_in, (h0[sl], c0[sl]) if c0 is not None else h0[sl])
-        else:
-            out, h_n, c_n = _edited_layer(m, kind, layer, mine, layer_in, h0[sl], c0[sl] if c0 is not None else None,
-                                          lambda t: t.flip(0))
-        h_ns.append(h_n)
-        c_ns.append(c_n)
-        layer_in = out
-        if layer < L - 1 and m.dropout and m.training:
-            layer_in = nn.functional.dropout(out, m.dropout, True)
-    return user_layout(m, layer_in, h_ns, c_ns, unbatched)
-
-
-def _edited_packed(m: nn.Module, edits: dict, seq: PackedSequence, hx):
-    """``_edited_forward`` for sequences of different lengths: unedited layers run fused on the
-    packed data; edited ones step through the padded batch (the reverse direction reversed within
-    each sequence), each sequence's state frozen past its end so its final state is its own."""
-    kind = family(m)
-    x_pad, lengths = pad_packed_sequence(seq)
-    T = x_pad.shape[0]
-    D, L = 2 if m.bidirectional else 1, m.num_layers
-    h0, c0 = initial_state(m, x_pad, hx, False)
-    rev, alive = packed.reversal(lengths, T), ~packed.past_end(lengths, T)
-    h_ns, c_ns = [], []
-    for layer in range(L):
-        sl = slice(layer * D, (layer + 1) * D)
-        mine = {k: v for k, v in edits.items() if k[0] == layer}
-        if not mine:
-            out, h_n, c_n = packed.run_layer(m, layer, seq, h0[sl], c0[sl] if c0 is not None else None)
-        else:
-            out_pad, h_n, c_n = _edited_layer(m, kind, layer, mine, packed.padded(seq, T), h0[sl],
-                                              c0[sl] if c0 is not None else None,
-                                              lambda t: packed.reverse_time(t, rev), alive)
-            out = packed.pack_like(out_pad, seq)
-        h_ns.append(h_n)
-        c_ns.append(c_n)
-        seq = out
-        if layer < L - 1 and m.dropout and m.training:
-            seq = PackedSequence(nn.functional.dropout(out.data, m.dropout, True), out.batch_sizes,
-                                 out.sorted_indices, out.unsorted_indices)
-    h_n = torch.cat(h_ns, 0)
-    return seq, ((h_n, torch.cat(c_ns, 0)) if kind == "LSTM" else h_n)
-
-
-def _edited_layer(m, kind, layer, mine, x, h0, c0, reverse, alive=None):
-    """One layer with edits ``mine`` (``{(layer, rev, kind): (mask, value)}``), each direction step
-    by step. ``x [T, B, in]``; ``h0, c0 [D, B, *]``; ``reverse(t)`` maps time order to the reverse
-    direction's processing order and back; ``alive`` as in ``_step_direction``.
-    Returns ``(out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)``."""
-    B, H = x.shape[1], m.hidden_size
-    P = getattr(m, "proj_size", 0) or H
-    outs, hs, cs = [], [], []
-    for d in range(2 if m.bidirectional else 1):
-        rev = d == 1
-        ed = {k[2]: _expand(*v, B, H if k[2] != "h" else P, x) for k, v in mine.items() if k[1] == rev}
-        o, hn, cn = _step_direction(m, kind, direction_params(m, layer, rev), reverse(x) if rev else x, h0[d],
-                                    c0[d] if c0 is not None else None, ed, alive)
-        outs.append(reverse(o) if rev else o)
-        hs.append(hn)
-        cs.append(cn)
-    return torch.cat(outs, -1), torch.stack(hs), (torch.stack(cs) if kind == "LSTM" else None)
-
-
-def _step_direction(m, kind, p, x, h, c, ed, alive=None):
-    """One direction of one layer, step by step, with edits. ``x [T, B, in]``; ``alive [T, B]``
-    (packed input): where a sequence has ended its state is carried unchanged. Returns
-    ``(out [T, B, P], h_T, c_T)``."""
-    def put(k, v):
-        if k in ed:
-            mask, value = ed[k]
-            return torch.where(mask, value, v)
-        return v
-
-    pre = nn.functional.linear(x, p.w_ih, p.b_ih)                 # the input side for every step at once
-    b_hh = p.b_hh
-    H = m.hidden_size
-    outs = []
-    for t in range(x.shape[0]):
-        h_prev, c_prev = h, c
-        a_h = nn.functional.linear(h, p.w_hh, b_hh)
-        if kind == "LSTM":
-            i, f, g, o = (pre[t] + a_h).chunk(4, -1)
-            i, f = put("i", torch.sigmoid(i)), put("f", torch.sigmoid(f))
-            g, o = put("g", torch.tanh(g)), put("o", torch.sigmoid(o))
-            c = put("c", f * c + i * g)
-            h = o * torch.tanh(c)
-            if p.w_hr is not None:
-                h = h @ p.w_hr.T
-        elif kind == "GRU":
-            a_x = pre[t]
-            r = put("r", torch.sigmoid(a_x[:, :H] + a_h[:, :H]))
-            z = put("z", torch.sigmoid(a_x[:, H:2 * H] + a_h[:, H:2 * H]))
-            n = put("n", torch.tanh(a_x[:, 2 * H:] + r * a_h[:, 2 * H:]))
-            h = (1 - z) * n + z * h
-        else:
-            a = pre[t] + a_h
-            h = torch.tanh(a) if m.nonlinearity == "tanh" else torch.relu(a)
-        h = put("h", h)
-        if alive is not None:
-            keep = alive[t].unsqueeze(-1)
-            h = torch.where(keep, h, h_prev)
-            c = torch.where(keep, c, c_prev) if c is not None else None
-        outs.append(h)
-    return torch.stack(outs), h, c
+        engine.leave({n: self.modules[n] for n in self.edits}, self)
 
 
 def position_mask(text: str, feature: np.ndarray, continuous_at: str = "\n") -> np.ndarray:
@@ -273,9 +138,9 @@ def ablate(model: nn.Module, ids: torch.Tensor, units: list[str], positions: np.
         with torch.no_grad():
             base = loss_fn(model(ids), ids)[0]
             deltas = []
-            for g in tqdm(range(0, len(sets), group), desc=f"ablate {units[0]}", unit="group",
-                          disable=not progress):
-                mk = masks[g:g + group]
+            for start in tqdm(range(0, len(sets), group), desc=f"ablate {units[0]}", unit="group",
+                              disable=not progress):
+                mk = masks[start:start + group]
                 with Intervention(model, {key: (mk, fill.expand_as(mk))}):
                     edited = loss_fn(model(ids.expand(len(mk), -1)), ids.expand(len(mk), -1))
                 deltas.append(edited - base)

@@ -1,16 +1,21 @@
-"""Neuron search: which units track which feature, how strongly on text they were not selected on,
-and how surely, against a null that keeps the autocorrelation of both series.
+"""Neuron search: which units track which feature, chosen on one part of the text and reported on
+another, against a null that keeps the autocorrelation of both series.
 
 Every unit of every state key is scored against every feature: ROC-AUC for binary features,
-Pearson (and Spearman) r for continuous ones. The text is split in two: the first part
-(``1 - heldout``) is where a unit would be *selected*, the later part where its score is *checked*.
-Significance is computed on the held-out part from ``shifts`` circular shifts of the feature
-within that part: shifting keeps each series' autocorrelation (a unit that drifts slowly and a
-feature that comes in long runs correlate by chance far more often than i.i.d. shuffles admit).
-The p-value treats the shifted scores as a Gaussian sample of the null: a Student-t prediction
-interval with ``shifts - 1`` degrees of freedom (the sd itself is estimated from few draws, so a
-Gaussian tail would be anti-conservative); the empirical rank p-value, bounded below by
-``1 / (shifts + 1)``, is reported beside it; Benjamini-Hochberg q-values run across all units and features.
+Pearson (and Spearman) r for continuous ones. The text is split in two. Units are ranked and
+selected on the first part (``1 - heldout``) only: by strength there, then by significance there.
+The later part is never a sort key; it gives the estimate reported for the selected units (ranking
+on it would make it a selected score again, the winner's curse the split exists to avoid).
+
+Significance comes from circular shifts of the feature within each part: shifting keeps each
+series' autocorrelation (a unit that drifts slowly and a feature that comes in long runs correlate
+by chance far more often than i.i.d. shuffles admit). Every unit gets ``shifts`` streamed shifts per
+part (a Student-t prediction interval, see ``nulls.shift_test``); the selected units are re-tested
+on the held-out part against every circular shift of it (``nulls.resolved_test``, one FFT each):
+the null's spread is then that of all lags rather than of 16 draws, and its exact rank p-value
+resolves down to one over the part's length. Benjamini-Hochberg runs over every unit and
+feature on the selection part, and over the selected units on the held-out part. Each feature also
+gets a control (``controls``): what the current and previous character alone reach on it.
 
 Everything streams in chunks of rows with sufficient statistics, so a Run is never loaded whole:
 pass 1 accumulates sums, products with the (shifted) feature columns, and a per-unit histogram of
@@ -33,7 +38,9 @@ from rnnscope.errors import RnnscopeError
 
 from . import features as feats
 from . import kernels
+from .controls import character_controls
 from .kernels import BINS
+from .nulls import resolved_test, shift_test, shifted
 from .source import Source, as_source
 
 
@@ -54,14 +61,6 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return q
 
 
-def _shifted(col: np.ndarray, shifts: int) -> np.ndarray:
-    """``[n] -> [n, 1 + shifts]``: the column, then circular shifts spread evenly over its length
-    (each at least ``n / (shifts + 1)`` steps, far past any local autocorrelation)."""
-    n = len(col)
-    offs = [0] + [int(round(n * (k + 1) / (shifts + 1))) for k in range(shifts)]
-    return np.stack([np.roll(col, o) for o in offs], 1)
-
-
 class _Part:
     """Label columns for one part of the text, and which columns belong to which feature."""
 
@@ -72,7 +71,7 @@ class _Part:
         for name in F.columns:
             f = F[name].to_numpy(np.float64)
             if name in binary:
-                rcols.append(_shifted(f, shifts))
+                rcols.append(shifted(f, shifts))
                 self.slots[name] = ("r", sum(c.shape[1] for c in rcols) - shifts - 1)
             else:
                 fz = f - f.mean()
@@ -82,7 +81,7 @@ class _Part:
                 rk -= rk.mean()
                 rnorm = np.sqrt((rk ** 2).sum())
                 rk = rk / rnorm if rnorm > 0 else rk * np.nan
-                xcols.append(_shifted(fz, shifts))
+                xcols.append(shifted(fz, shifts))
                 self.slots[name] = ("x", sum(c.shape[1] for c in xcols) - shifts - 1)
                 rcols.append(rk[:, None])
                 self.slots[name + "\0rank"] = ("r", sum(c.shape[1] for c in rcols) - 1)
@@ -112,7 +111,8 @@ def _score_key(a, parts, chunk) -> list[dict]:
         for s in range(s0, e0, chunk):
             e = min(e0, s + chunk)
             raw = np.asarray(a[s:e])
-            x = np.empty((e - s, U), np.float32) if decode else np.ascontiguousarray(raw, np.float32)
+            # a float32 Run's rows come read-only from the memory map: copy, the kernel's buffer must be writable
+            x = np.empty((e - s, U), np.float32) if decode else np.array(raw, np.float32, order="C")
             r = np.empty((e - s, U), np.float32)
             kernels.ranks_and_sums(kernels.float16_bits(raw), x, decode, kernels.BIN_OF, kernels.VALUE_OF,
                                    mid, ref, r, s1, s2, bad)
@@ -150,79 +150,136 @@ def _width(part: _Part, name: str) -> int:
 
 
 def find_neurons(run, features=None, *, text: str | None = None, language="auto", keys=None,
-                 heldout: float = 0.3, shifts: int = 16, chunk: int = 16384, progress: bool = True) -> pd.DataFrame:
-    """Score every unit of every state key against every feature.
+                 heldout: float = 0.3, shifts: int = 16, select: int = 10, chunk: int = 16384,
+                 progress: bool = True) -> pd.DataFrame:
+    """Score every unit of every state key against every feature; select on one part, report on the other.
 
     ``run``: a ``probe.Run`` or an in-memory trace (with ``text``). ``features``: built-in names or a
     dict name -> ``text -> array[time]``; default: the built-ins that suit the text's language.
-    Returns one row per (unit, feature), sorted by held-out strength, with columns ``unit, key,
-    layer, kind, index, feature, metric, direction, score, heldout_score, spearman, heldout_spearman,
-    null_mean, null_std, z, p_value, p_empirical, q_value, strength``.
+    ``select``: how many units per feature are carried to the held-out test.
+
+    Returns one row per (unit, feature), sorted within the table by ``selection_strength`` (then
+    ``selection_p``): the order never looks at the held-out part. Columns, by the part they come from:
+
+    - ``unit, key, layer, kind, index, feature, metric`` (``auc`` or ``pearson``), ``direction``;
+    - selection part (first ``1 - heldout``): ``selection_score``, ``selection_spearman``,
+      ``selection_strength``, ``selection_p`` (two-sided, ``shifts`` circular shifts, t-interval),
+      ``selection_q`` (Benjamini-Hochberg over every unit and feature tested), ``selected`` (among the
+      first ``select`` of its feature);
+    - held-out part: ``heldout_score``, ``heldout_spearman``, ``heldout_strength``, ``heldout_shifts``,
+      ``heldout_null_mean``, ``heldout_null_std``, ``heldout_z``, ``heldout_p``, ``heldout_p_empirical``,
+      ``heldout_q``. The held-out p is one-sided, in the direction fixed on the selection part. For the
+      selected units the null is every circular shift of the held-out part (``heldout_shifts`` = its
+      length - 1, one FFT each): ``heldout_p`` is the t-interval against it, ``heldout_p_empirical`` the
+      exact rank p-value (floored at 1 / length). ``heldout_q`` is Benjamini-Hochberg over the selected
+      units only, the family tested there; NaN for the others, whose ``heldout_p`` comes from the
+      ``shifts`` streamed shifts and is a screen, not a claim;
+    - controls: ``control_score`` (held-out score of the best function of the current and previous
+      character, fitted on the selection part) and ``selectivity`` = held-out score minus it (AUC or r,
+      oriented like the unit);
+    - kept for older readers: ``score`` = ``selection_score``, ``spearman`` = ``selection_spearman``,
+      ``strength`` = ``selection_strength``, ``p_value`` = ``heldout_p``, ``q_value`` = ``heldout_q``.
+
+    ``frame.attrs``: ``units_tested``, ``features_tested``, ``tests`` (their product, the
+    ``selection_q`` family), ``selected`` (the ``heldout_q`` family), ``split`` (first held-out step),
+    ``shifts``.
 
     A unit's ``direction`` is chosen on the selection part: for AUC, -1 means the unit is *lower*
-    inside the feature, and ``score`` / ``heldout_score`` are the AUC of the unit so oriented (so
-    always >= 0.5 on the selection part, and below 0.5 held out only if the unit flips). ``strength``
-    is the held-out effect in that direction: ``2 * (AUC - 0.5)`` or ``direction * r``, in [-1, 1].
+    inside the feature, and both scores are the AUC of the unit so oriented (so always >= 0.5 on the
+    selection part, and below 0.5 held out only if the unit flips). A strength is the effect in that
+    direction: ``2 * (AUC - 0.5)`` or ``direction * r``, in [-1, 1].
     """
     src = as_source(run, text, language)
     F, binary = feature_table(src, features)
     keys = list(keys) if keys is not None else src.state_keys
     if not keys:
         raise RnnscopeError("nothing to score: the source has no state keys", "record states, not only gradients")
+    if select < 1:
+        raise RnnscopeError(f"select={select} carries no unit to the held-out test", "use select >= 1")
     T = len(src.text)
     split = int(round(T * (1 - heldout)))
     if not 0.0 < heldout < 1.0 or split < 10 or T - split < 10:
         raise RnnscopeError(f"cannot split {T} characters with heldout={heldout}",
                             "use 0 < heldout < 1 and a text of at least a few hundred characters")
     bounds = [(0, split), (split, T)]
-    parts = [(b, _Part(F.iloc[b[0]:b[1]].reset_index(drop=True), binary, shifts if i else 0))
-             for i, b in enumerate(bounds)]
+    parts = [(b, _Part(F.iloc[b[0]:b[1]].reset_index(drop=True), binary, shifts)) for b in bounds]
     frames = []
     for key in tqdm(keys, desc="neurons", unit="key", disable=not progress):
-        a = src.arrays[key]
-        if a.shape[0] != T:
-            raise RnnscopeError(f"{key} has {a.shape[0]} steps but the text has {T} characters",
-                                "analyse the text the Run was recorded on")
+        a = src.array(key)
         accs = _score_key(a, parts, chunk)
         bad = accs[0]["bad"] | accs[1]["bad"]
-        info = parse_key(key)
         for name in F.columns:
-            is_bin = name in binary
-            disc = _scores(accs[0], parts[0][1], F.iloc[:split], name, is_bin)[:, 0]
-            held = _scores(accs[1], parts[1][1], F.iloc[split:], name, is_bin)
-            obs, null = held[:, 0], held[:, 1:]
-            if is_bin:
-                sp = hsp = np.full(len(obs), np.nan)
-            else:
-                sp = _spearman(accs[0], parts[0][1], name)
-                hsp = _spearman(accs[1], parts[1][1], name)
-            mu, sd = null.mean(1), null.std(1, ddof=1) if null.shape[1] > 1 else np.full(len(obs), np.nan)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                z = (obs - mu) / sd
-                p_emp = (1 + (np.abs(null - mu[:, None]) >= np.abs(obs - mu)[:, None]).sum(1)) / (1 + null.shape[1])
-            # sd comes from only ``shifts`` draws: a Student-t prediction interval, not a Gaussian tail
-            k = null.shape[1]
-            p = 2 * stats.t.sf(np.abs(z) / np.sqrt(1 + 1 / k), max(k - 1, 1))
-            for arr in (disc, obs, sp, hsp, z, p, p_emp):
-                arr[bad] = np.nan
-            if is_bin:   # orient each unit on the selection part: AUC 0.02 is a unit that is off inside
-                direction = np.where(disc < 0.5, -1, 1)
-                flip = direction < 0
-                disc, obs, mu = np.where(flip, 1 - disc, disc), np.where(flip, 1 - obs, obs), np.where(flip, 1 - mu, mu)
-                z = z * direction
-            else:
-                direction = np.where(disc < 0, -1, 1)
-            frames.append(pd.DataFrame({
-                "unit": [f"{key}:{i}" for i in range(len(obs))], "key": key, "layer": info["layer"],
-                "kind": info["kind"], "index": np.arange(len(obs)), "feature": name,
-                "metric": "auc" if is_bin else "pearson", "direction": direction, "score": disc, "heldout_score": obs,
-                "spearman": sp, "heldout_spearman": hsp, "null_mean": mu, "null_std": sd, "z": z,
-                "p_value": p, "p_empirical": p_emp}))
+            frames.append(_feature_rows(key, name, name in binary, accs, parts, F, split, bad))
     table = pd.concat(frames, ignore_index=True)
-    table["q_value"] = benjamini_hochberg(table["p_value"].to_numpy())
-    table["strength"] = np.where(table["metric"] == "auc", 2 * (table["heldout_score"] - 0.5),
-                                 table["heldout_score"] * table["direction"])
-    return table.sort_values("strength", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    table["selection_q"] = benjamini_hochberg(table["selection_p"].to_numpy())
+    table = table.sort_values(["selection_strength", "selection_p"], ascending=[False, True],
+                              na_position="last", kind="stable").reset_index(drop=True)
+    table["selected"] = table.groupby("feature", sort=False).cumcount() < select
+    table.loc[table["selection_strength"].isna(), "selected"] = False
+    _resolve_selected(table, src, F, binary, split, chunk)
+    table = table.merge(character_controls(src.text, F, binary, split), on="feature", how="left")
+    oriented = np.where(table["metric"] == "auc", table["heldout_score"], table["heldout_strength"])
+    table["selectivity"] = oriented - table["control_score"]
+    table = table.assign(score=table["selection_score"], spearman=table["selection_spearman"],
+                         strength=table["selection_strength"], p_value=table["heldout_p"],
+                         q_value=table["heldout_q"])
+    table.attrs.update(units_tested=int(sum(src.arrays[k].shape[1] for k in keys)), features_tested=F.shape[1],
+                       tests=len(table), selected=int(table["selected"].sum()), split=split, shifts=shifts)
+    return table
+
+
+def _feature_rows(key, name, is_bin, accs, parts, F, split, bad) -> pd.DataFrame:
+    """One key's rows for one feature: scores on both parts, oriented on the selection part, each
+    with its streamed shift test."""
+    sel = _scores(accs[0], parts[0][1], F.iloc[:split], name, is_bin)
+    held = _scores(accs[1], parts[1][1], F.iloc[split:], name, is_bin)
+    sel[bad], held[bad] = np.nan, np.nan
+    if is_bin:   # orient each unit on the selection part: AUC 0.02 is a unit that is off inside
+        direction = np.where(sel[:, 0] < 0.5, -1, 1)
+        flip = (direction < 0)[:, None]
+        sel, held = np.where(flip, 1 - sel, sel), np.where(flip, 1 - held, held)
+        sel_strength, held_strength = 2 * (sel[:, 0] - 0.5), 2 * (held[:, 0] - 0.5)
+        sp = hsp = np.full(len(sel), np.nan)
+    else:
+        direction = np.where(sel[:, 0] < 0, -1, 1)
+        sel_strength, held_strength = direction * sel[:, 0], direction * held[:, 0]
+        sp, hsp = (np.where(bad, np.nan, _spearman(acc, part, name)) for acc, (_, part) in zip(accs, parts))
+    oriented = (lambda m: m) if is_bin else (lambda m: direction[:, None] * m)
+    st = shift_test(oriented(sel), two_sided=True)
+    ht = shift_test(oriented(held), two_sided=False)
+    U = len(sel)
+    info = parse_key(key)
+    return pd.DataFrame({
+        "unit": [f"{key}:{i}" for i in range(U)], "key": key, "layer": info["layer"], "kind": info["kind"],
+        "index": np.arange(U), "feature": name, "metric": "auc" if is_bin else "pearson", "direction": direction,
+        "selection_score": sel[:, 0], "selection_spearman": sp, "selection_strength": sel_strength,
+        "selection_p": st["p"], "heldout_score": held[:, 0], "heldout_spearman": hsp,
+        "heldout_strength": held_strength, "heldout_shifts": float(held.shape[1] - 1),
+        "heldout_null_mean": np.where(is_bin, ht["null_mean"], direction * ht["null_mean"]),
+        "heldout_null_std": ht["null_std"], "heldout_z": ht["z"], "heldout_p": ht["p"],
+        "heldout_p_empirical": ht["p_empirical"], "heldout_q": np.nan})
+
+
+def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[str], split: int, chunk: int) -> None:
+    """Re-test the selected rows on the held-out part against every admissible circular shift (in
+    place), reading only those units' columns, and give them their q-values."""
+    cols = ["heldout_shifts", "heldout_null_mean", "heldout_null_std", "heldout_z", "heldout_p", "heldout_p_empirical"]
+    sel = table.index[table["selected"]]
+    found = {}
+    for key, rows in table.loc[sel].groupby("key", sort=False):
+        a = src.arrays[key]
+        idx = np.unique(rows["index"].to_numpy())
+        x = np.concatenate([np.asarray(a[s:min(len(a), s + chunk)])[:, idx]
+                            for s in range(split, len(a), chunk)]).astype(np.float32)
+        col = {u: j for j, u in enumerate(idx)}
+        for i, unit, name, d in zip(rows.index, rows["index"], rows["feature"], rows["direction"]):
+            r = resolved_test(x[:, col[unit]], F[name].to_numpy(np.float64)[split:], name in binary, int(d))
+            mean = r["null_mean"] if name in binary else d * r["null_mean"]      # as heldout_score is
+            found[i] = [r["shifts"], mean, r["null_std"], r["z"], r["p"], r["p_empirical"]]
+    if found:
+        table.loc[list(found), cols] = np.array(list(found.values()), np.float64)
+    table["heldout_shifts"] = table["heldout_shifts"].astype(np.int64)
+    table.loc[sel, "heldout_q"] = benjamini_hochberg(table.loc[sel, "heldout_p"].to_numpy())
 
 
 def _spearman(acc: dict, part: _Part, name: str) -> np.ndarray:
@@ -264,8 +321,9 @@ def default_features(language: str | None) -> list[str]:
 
 
 def top_units(table: pd.DataFrame, k: int = 3) -> pd.DataFrame:
-    """The ``k`` strongest units per feature (by held-out strength)."""
-    top = table.dropna(subset=["strength"]).sort_values("strength", ascending=False, kind="stable")
+    """The ``k`` strongest units per feature, ranked on the selection part only (strength, then p)."""
+    top = table.dropna(subset=["selection_strength"]).sort_values(
+        ["selection_strength", "selection_p"], ascending=[False, True], kind="stable")
     top = top.groupby("feature", sort=False).head(k)
     order = {f: i for i, f in enumerate(top["feature"].unique())}
     return top.sort_values("feature", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)

@@ -1,6 +1,7 @@
 """``rnnscope analyze RUN``: every analysis the Run's data allows, written into the Run as Parquet.
 
     RUN/analysis/neurons.parquet       find_neurons: every unit x feature
+    RUN/analysis/contexts.parquet      top_contexts: each unit's top and bottom steps with their text
     RUN/analysis/sparse.parquet        sparse_probe path per feature (with --sparse)
     RUN/analysis/saturation.parquet    gate_saturation (when gates were recorded)
     RUN/analysis/grad_norms.parquet    gradient_norms per step (when recorded with --grad)
@@ -9,20 +10,21 @@
     RUN/analysis/ablation.parquet      ablate of each binary feature's best unit (with --ablate)
     RUN/analysis/summary.json          what ran, with which settings, and what was skipped and why
 
-Each table is written beside its final name and renamed, so a reader never sees half a table.
+The tables are read and written by the Run store (``rnnscope.store.tables``): each is written
+beside its final name and renamed, never through a link, and checked against its schema on read.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from rnnscope.probe import Run, model_checksum, open_run
 from rnnscope.errors import RnnscopeError
+from rnnscope.probe import Run, model_checksum, open_run
+from rnnscope.store import inside, read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
 
+from .contexts import top_contexts
 from .features import compute
 from .gates import GATES, gate_saturation
 from .gradflow import gradient_decay, gradient_norms, half_lives
@@ -31,27 +33,7 @@ from .neurons import find_neurons, top_units
 from .source import as_source
 from .sparse import sparse_probe
 
-TABLES = ("neurons", "sparse", "saturation", "grad_norms", "grad_decay", "half_lives", "ablation")
-
-
-def table_path(run: Run, name: str) -> Path:
-    return run.path / "analysis" / f"{name}.parquet"
-
-
-def write_table(run: Run, name: str, frame: pd.DataFrame) -> Path:
-    path = table_path(run, name)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    frame.attrs = {}
-    frame.to_parquet(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def read_table(run: Run, name: str) -> pd.DataFrame | None:
-    """A table ``analyze`` wrote, or None when it has not been run (or had no data for it)."""
-    path = table_path(run, name)
-    return pd.read_parquet(path) if path.exists() else None
+TABLES = ("neurons", "contexts", "sparse", "saturation", "grad_norms", "grad_decay", "half_lives", "ablation")
 
 
 def load_model(run: Run, checkpoint: str | None = None):
@@ -59,7 +41,7 @@ def load_model(run: Run, checkpoint: str | None = None):
     checksum in the manifest. Returns ``(Checkpoint, None)`` or ``(None, why not)``."""
     from rnnscope import zoo
     spec = checkpoint or run.manifest["model"].get("source")
-    if not spec or (not str(spec).startswith("zoo:") and not Path(spec).exists()):
+    if not isinstance(spec, str) or not spec or (not spec.startswith("zoo:") and not Path(spec).exists()):
         return None, f"the model is not at {spec!r}; pass --checkpoint"
     ck = zoo.load(spec)
     if model_checksum(ck.model) != run.manifest["model"]["checksum"]:
@@ -71,9 +53,11 @@ def load_model(run: Run, checkpoint: str | None = None):
 def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts: int = 16,
             checkpoint: str | None = None, decay: bool = True, max_lag: int = 200, positions: int = 512,
             sparse: bool = False, ablation: bool = False, controls: int = 100, ablate_chars: int = 20000,
-            progress: bool = True, log=print) -> dict:
+            contexts: int = 10, context_window: int = 40, progress: bool = True, log=print) -> dict:
     """Run what the Run supports, write the tables, return ``{name: DataFrame}``."""
     run = run if isinstance(run, Run) else open_run(run)
+    for name in (*TABLES, "summary"):          # a table that cannot be written is refused before the work
+        inside(run.path, f"analysis/{name}.{'json' if name == 'summary' else 'parquet'}", write=True)
     src = as_source(run, language=language)
     out, skipped = {}, {}
     ck = None
@@ -97,12 +81,14 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
         types = {m["type"] for m in run.manifest["model"].get("modules", {}).values()}
         skipped["saturation"] = ("a plain RNN has no gates" if types == {"RNN"}
                                  else "no gates recorded (probe without --kinds)")
+    if contexts:
+        out["contexts"] = top_contexts(run, k=contexts, window=context_window, progress=progress)
     if src.grad_keys:
         norms = gradient_norms(run)
-        exploding = norms.attrs["exploding"]
+        exploding, nonfinite = norms.attrs["exploding"], norms.attrs["nonfinite"]
         out["grad_norms"] = norms.reset_index()
     else:
-        exploding = None
+        exploding = nonfinite = None
         skipped["grad_norms"] = "no gradients recorded (probe with --grad)"
     if decay and ck is not None:
         ids = ck.vocab.encode(run.text, unk=run.manifest.get("unk"))
@@ -135,16 +121,39 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
             out["ablation"] = pd.concat(rows, ignore_index=True)
     for name, frame in out.items():
         write_table(run, name, frame)
+    tested = {k: v for k, v in out["neurons"].attrs.items() if isinstance(v, (int, float, str))}
     summary = {"tables": sorted(out), "skipped": skipped, "heldout": heldout, "shifts": shifts,
-               "language": src.language, "exploding_steps": exploding}
-    tmp = run.path / "analysis" / f".summary.json.{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run.path / "analysis" / "summary.json")
+               "language": src.language, "neuron_tests": tested, "exploding_steps": exploding,
+               "nonfinite_gradient_steps": nonfinite}
+    write_json(run, "summary", summary)
     out["summary"] = summary
     return out
 
 
 def top_table(neurons: pd.DataFrame, k: int = 3) -> str:
-    """The printed table: the ``k`` strongest units per feature."""
-    t = top_units(neurons, k)[["feature", "unit", "metric", "direction", "score", "heldout_score", "q_value"]]
+    """The printed table: the ``k`` units per feature ranked first on the selection part, with their
+    held-out estimate and the control task's score."""
+    cols = ["feature", "unit", "metric", "direction", "selection_score", "selection_q", "heldout_score",
+            "heldout_q", "selectivity"]
+    t = top_units(neurons, k)[[c for c in cols if c in neurons]]
     return t.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+
+
+def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
+    """The printed top and bottom contexts of one unit: each window with the step's character
+    bracketed, control characters escaped so the terminal shows what is stored."""
+    rows = contexts[contexts["unit"] == unit]
+    if rows.empty:
+        raise RnnscopeError(f"no contexts for {unit}", "check the unit (KEY:INDEX) against run.keys()")
+    lines = []
+    for side, g in rows.groupby("side", sort=False):
+        lines.append(f"{side} {min(k, len(g))} of {unit}:")
+        for _, r in g.sort_values("rank").head(k).iterrows():
+            c, o = r["context"], int(r["offset"])
+            shown = _escape(c[:o]) + "[" + _escape(c[o:o + 1]) + "]" + _escape(c[o + 1:])
+            lines.append(f"  {r['value']:+9.3f}  step {int(r['step']):>8,d}  {shown}")
+    return "\n".join(lines)
+
+
+def _escape(text: str) -> str:
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)

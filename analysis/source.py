@@ -33,6 +33,16 @@ class Source:
     def grad_keys(self) -> list[str]:
         return [k for k in self.arrays if parse_key(k)["kind"].startswith("grad_")]
 
+    def array(self, key: str):
+        """``[time, units]`` of ``key``, checked to have one step per character of the text."""
+        if key not in self.arrays:
+            raise RnnscopeError(f"no key {key!r} in this source", f"use one of {', '.join(self.arrays)}")
+        a = self.arrays[key]
+        if a.shape[0] != len(self.text):
+            raise RnnscopeError(f"{key} has {a.shape[0]} steps but the text has {len(self.text)} characters",
+                                "analyse the text the Run was recorded on")
+        return a
+
     def need(self, kinds: set[str], what: str, fix: str) -> list[str]:
         keys = [k for k in self.arrays if parse_key(k)["kind"] in kinds]
         if not keys:

@@ -90,7 +90,7 @@ def main() -> None:
         naive = (time.perf_counter() - t0) / few * args.units
         print(f"\nneuron search: {args.steps:,} steps x {args.units:,} units x {len(names)} features "
               f"({table.feature.nunique()} non-constant on this text: {len(table):,} unit-feature pairs, "
-              f"16 shifted nulls each, held-out split)")
+              f"16 shifted nulls on each part, the {table.attrs['selected']} selected re-tested against every shift)")
         print(f"{'':32s}{'seconds':>10s}{'ratio':>8s}")
         print(f"{'one plain read of every value':32s}{read:10.1f}{1.0:8.2f}")
         print(f"{'find_neurons (target < 60 s)':32s}{search:10.1f}{search / read:8.2f}")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnscope.probe import Probe
-from rnnscope.probe.keys import KINDS
+from rnnscope.probe.families import KINDS
 from rnnscope.zoo import Architecture, CharModel
 
 

@@ -15,7 +15,7 @@ import traceback
 from bokeh.layouts import column, row
 from bokeh.models import TabPanel, Tabs
 
-from rnnscope.analysis.report import read_table
+from rnnscope.store import read_table
 from rnnscope.probe import open_run, parse_key
 
 from rnnscope.errors import RnnscopeError

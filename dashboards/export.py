@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from bokeh.models import ColumnDataSource
 
-from rnnscope.analysis.report import read_table
+from rnnscope.store import read_table
 from rnnscope.probe import Run, open_run
 from rnnscope.errors import RnnscopeError
 

@@ -10,24 +10,18 @@ refusal to run RNN backward in eval mode never arises.
 from __future__ import annotations
 
 import torch
-from torch import _VF
 
-from . import adjoint, gemm, packed, workspace
-from .replay import DirectionParams, shift, states
+from . import families, gemm, packed, workspace
+from .replay import DirectionParams, shift
 
 
 def fused_direction(module, p: DirectionParams, x, h0, c0):
     """``x [T,B,in]`` (processing order) through the fused kernel for one direction of one layer:
     ``(out [T,B,P], h_n [B,P], c_n [B,H] or None)``."""
     w = [p.w_ih, p.w_hh] + ([p.b_ih, p.b_hh] if p.b_ih is not None else []) + ([p.w_hr] if p.w_hr is not None else [])
-    args = (p.b_ih is not None, 1, 0.0, False, False, False)
-    kind = type(module).__name__
-    if kind == "LSTM":
-        out, h_n, c_n = _VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), w, *args)
-        return out, h_n[0], c_n[0]
-    fn = _VF.gru if kind == "GRU" else _VF.rnn_tanh if module.nonlinearity == "tanh" else _VF.rnn_relu
-    out, h_n = fn(x, h0.unsqueeze(0), w, *args)
-    return out, h_n[0], None
+    out, h_n, c_n = families.fused(module, x, h0.unsqueeze(0), None if c0 is None else c0.unsqueeze(0), w,
+                                   p.b_ih is not None, False)
+    return out, h_n[0], (c_n[0] if c_n is not None else None)
 
 
 class RecordedDirection(torch.autograd.Function):
@@ -46,7 +40,7 @@ class RecordedDirection(torch.autograd.Function):
         else:
             out, h_n, c_n = fused_direction(rec.module, p, x, h0, c0)
             # detached: `out` itself becomes the Function's output and gets a grad_fn once we return
-            rec.st = states(rec.module, p, x, out.detach(), h0, c0)
+            rec.st = families.of(rec.module).replay(p, x, out.detach(), h0, c0)
         if rec.ends is not None:        # packed input: each sequence's final state is at its own end
             h_n = packed.at_ends(out, rec.ends)
             c_n = packed.at_ends(rec.st["c"], rec.ends) if c_n is not None else None
@@ -55,20 +49,15 @@ class RecordedDirection(torch.autograd.Function):
         return out, h_n, (c_n if c_n is not None else h_n.new_zeros(0))
 
     @staticmethod
-    def backward(ctx, g_out, g_hn, g_cn):
+    def backward(ctx, grad_out, grad_h_n, grad_c_n):
         rec, p = ctx.rec, ctx.p
         x, h0 = ctx.saved_tensors
-        kind = type(rec.module).__name__
+        family = families.of(rec.module)
         c_at = None
         if rec.ends is not None:        # the final states' gradients enter at each sequence's end
-            g_out = g_out.index_put((rec.ends, torch.arange(len(rec.ends))), g_hn, accumulate=True)
-            g_hn, c_at, g_cn = None, ((rec.ends, g_cn) if kind == "LSTM" else None), None
-        if kind == "LSTM":
-            a = adjoint.lstm(p, rec.st, h0, rec.c0, g_out, g_hn, g_cn, c_at)
-        elif kind == "GRU":
-            a = adjoint.gru(p, rec.st, h0, g_out, g_hn)
-        else:
-            a = adjoint.rnn(p, rec.st, g_out, g_hn, rec.module.nonlinearity == "relu")
+            grad_out = grad_out.index_put((rec.ends, torch.arange(len(rec.ends))), grad_h_n, accumulate=True)
+            grad_h_n, c_at, grad_c_n = None, ((rec.ends, grad_c_n) if family.cell_state else None), None
+        a = family.adjoint(rec.module, p, rec.st, h0, rec.c0, grad_out, grad_h_n, grad_c_n, c_at)
         rec.add_grads({k: a[k] for k in ("grad_h", "grad_c") if k in a})
         need = ctx.needs_input_grad
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731

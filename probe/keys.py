@@ -5,16 +5,9 @@ import re
 
 from torch import nn
 
-KINDS = {"LSTM": ("h", "c", "i", "f", "g", "o"), "GRU": ("h", "r", "z", "n"), "RNN": ("h",)}
-GRAD_KINDS = {"LSTM": ("grad_h", "grad_c"), "GRU": ("grad_h",), "RNN": ("grad_h",)}
+from .families import GRAD_KINDS, KINDS, MODULES, family  # noqa: F401  (the kinds by family live in families)
+
 KEY = re.compile(r"^(?:(?P<module>.+)\.)?l(?P<layer>\d+)(?P<reverse>_reverse)?\.(?P<kind>\w+)$")
-
-
-def family(module: nn.Module) -> str:
-    for cls, name in ((nn.LSTM, "LSTM"), (nn.GRU, "GRU"), (nn.RNN, "RNN")):
-        if isinstance(module, cls):
-            return name
-    raise TypeError(f"{type(module).__name__} is not nn.RNN, nn.LSTM or nn.GRU")
 
 
 def state_key(module: str, layer: int, reverse: bool, kind: str) -> str:
@@ -32,4 +25,4 @@ def parse_key(key: str) -> dict:
 
 def recurrent_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> every nn.RNN / nn.LSTM / nn.GRU inside ``model`` (the model itself is named '')."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.RNN, nn.LSTM, nn.GRU))}
+    return {name: m for name, m in model.named_modules() if isinstance(m, MODULES)}

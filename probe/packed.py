@@ -10,9 +10,10 @@ Positions past a sequence's end hold NaN: there is no state there.
 from __future__ import annotations
 
 import torch
-from torch import _VF, nn
+from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from . import families
 from .replay import layer_weights
 
 
@@ -45,14 +46,9 @@ def run_layer(module: nn.Module, layer: int, seq: PackedSequence, h0: torch.Tens
     order, back = seq.sorted_indices, seq.unsorted_indices
     sort = (lambda s: s) if order is None else (lambda s: s.index_select(1, order))  # noqa: E731
     unsort = (lambda s: s) if back is None else (lambda s: s.index_select(1, back))  # noqa: E731
-    rest = (layer_weights(module, layer), module.bias, 1, 0.0, module.training, module.bidirectional)
-    c_n = None
-    if isinstance(module, nn.LSTM):
-        out, h_n, c_n = _VF.lstm(seq.data, seq.batch_sizes, (sort(h0), sort(c0)), *rest)
-    else:
-        fn = _VF.gru if isinstance(module, nn.GRU) else (
-            _VF.rnn_tanh if module.nonlinearity == "tanh" else _VF.rnn_relu)
-        out, h_n = fn(seq.data, seq.batch_sizes, sort(h0), *rest)
+    out, h_n, c_n = families.fused(module, seq.data, sort(h0), None if c0 is None else sort(c0),
+                                   layer_weights(module, layer), module.bias, module.bidirectional,
+                                   module.training, seq.batch_sizes)
     packed = PackedSequence(out, seq.batch_sizes, order, back)
     return packed, unsort(h_n), (unsort(c_n) if c_n is not None else None)
 

@@ -12,10 +12,8 @@ on the state at t, so with ``horizon >= len(text)`` the gradients equal those of
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
-from datetime import datetime, timezone
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +23,13 @@ import torch.nn.functional as F
 from numba import njit
 from tqdm import tqdm
 
-from rnnscope.zoo.checkpoint import Checkpoint
 from rnnscope.errors import RnnscopeError
+from rnnscope.store import DTYPES, RunWriter, check_out, open_run, split_key
+from rnnscope.store.writer import text_bytes
+from rnnscope.zoo.checkpoint import Checkpoint
 
-from .hooks import Probe
-from .keys import KINDS, family, parse_key
-from .run import FORMAT, FORMAT_VERSION, key_file, open_run
-
-DTYPES = {"float16": np.float16, "float32": np.float32}
+from .keys import KINDS, family
+from .recorder import Probe
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 OVERFLOW = {"float16": 65520.0, "float32": np.inf}    # |x| from which the stored value is Inf
 
@@ -57,26 +54,6 @@ def _logits(output) -> torch.Tensor:
 def _next_char_loss(output, targets: torch.Tensor) -> torch.Tensor:
     logits = _logits(output)[0, : len(targets)]
     return F.cross_entropy(logits.float(), targets, reduction="none")
-
-
-class _NpyWriter:
-    """Rows appended to a ``.npy`` file with ``os.pwrite``. NumPy writes the header; rows go
-    through the page cache without being mapped into this process, so RSS stays flat however long
-    the text is (writing through ``np.memmap`` would keep every dirty page resident)."""
-
-    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
-        header = np.lib.format.open_memmap(path, "w+", dtype, shape)
-        self.offset, self.row = header.offset, int(np.prod(shape[1:], dtype=np.int64)) * header.itemsize
-        del header
-        self.fd = os.open(path, os.O_WRONLY)
-
-    def write(self, start: int, rows: np.ndarray) -> None:
-        os.pwrite(self.fd, np.ascontiguousarray(rows).tobytes(), self.offset + start * self.row)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 @njit(cache=True, boundscheck=False)
@@ -121,12 +98,23 @@ class _UnitStats:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(seen, self.s / self.n, np.nan)
             var = np.maximum(self.ss / self.n - mean ** 2, 0)
-        parts = parse_key(key)
+        parts = split_key(key)
         return pd.DataFrame({"unit": [f"{key}:{i}" for i in range(len(mean))], "key": key,
                              "index": np.arange(len(mean)), "module": parts["module"], "layer": parts["layer"],
                              "reverse": parts["reverse"], "kind": parts["kind"], "mean": mean,
                              "std": np.where(seen, np.sqrt(var), np.nan),
                              "min": np.where(seen, self.lo, np.nan), "max": np.where(seen, self.hi, np.nan)})
+
+
+def _identity(model, mods: dict, card: dict, source: str) -> dict:
+    """The manifest's ``model``: where it came from, its checksum, and each recurrent module's shape."""
+    def text_or_none(v):        # a card is someone else's JSON: only strings go into the manifest
+        return v if isinstance(v, str) else None
+    return {"source": str(source), "class": type(model).__name__, "checksum": model_checksum(model),
+            "card_name": text_or_none(card.get("name")), "weights_sha256": text_or_none(card.get("weights_sha256")),
+            "modules": {n: {"type": family(m), "layers": m.num_layers, "hidden": m.hidden_size,
+                            "bidirectional": m.bidirectional, "proj_size": getattr(m, "proj_size", 0)}
+                        for n, m in mods.items()}}
 
 
 def _layout(model, ids, grad, kinds) -> dict[str, int]:
@@ -136,6 +124,44 @@ def _layout(model, ids, grad, kinds) -> dict[str, int]:
         if grad:
             _logits(out).sum().backward()
         return {k: p.trace[k].shape[-1] for k in p.trace}
+
+
+def _stream(model, ids, w: RunWriter, layout: dict[str, int], *, grad, chunk, horizon, kinds, loss, dtype,
+            progress):
+    """The streaming loop: chunk by chunk, the state carried, each chunk's rows written to ``w``.
+    Returns per-key running statistics and NaN/Inf/overflow counts."""
+    T = ids.shape[1]
+    arrays = {k: w.states(k, u) for k, u in layout.items()}
+    losses = w.loss()
+    stats = {k: _UnitStats(u) for k, u in layout.items()}
+    bad = {k: {"nonfinite": 0, "overflow": 0} for k in layout}
+    targets_all = ids[0, 1:]
+    with tqdm(total=T, unit="ch", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
+            Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
+        for s in range(0, T, chunk):
+            e = min(T, s + chunk)
+            ahead = min(T, e + horizon) if grad else e      # read ahead: the gradient's horizon
+            with torch.set_grad_enabled(grad):
+                output = model(ids[:, s:ahead])
+                targets = targets_all[s:ahead]
+                step_loss = loss(output, targets) if loss else _next_char_loss(output, targets)
+                if grad and len(step_loss):
+                    step_loss.sum().backward()
+            if ahead > e:
+                p.carry_from(e - s - 1)                     # the next chunk starts where this one ends
+            chunk_loss = np.full(e - s, np.nan, np.float32)
+            kept = step_loss.detach()[: e - s]
+            chunk_loss[: len(kept)] = kept.numpy()
+            losses.write(s, chunk_loss)
+            for k in layout:
+                a = p.trace[k][0, : e - s].detach()
+                arrays[k].write(s, a.to(TORCH_DTYPES[dtype]).numpy())    # torch's F16C conversion
+                nonfinite, overflow = stats[k].add(a.numpy(), OVERFLOW[dtype])
+                bad[k]["nonfinite"] += nonfinite
+                bad[k]["overflow"] += overflow
+            p.calls.clear()      # bounded memory: this chunk is on disk
+            bar.update(e - s)
+    return stats, bad
 
 
 def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int = 2048, horizon: int = 512,
@@ -160,10 +186,13 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
         raise RnnscopeError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     if not text:
         raise RnnscopeError("the text is empty", "give a text of at least one character")
+    if grad and len(text) < 2:      # the loss at a step is the next character's: one character has none
+        raise RnnscopeError("gradients need at least two characters (a one-character text has no next-character "
+                            "loss)", "give a longer text, or probe without --grad")
     if chunk < 1 or horizon < 0:
         raise RnnscopeError(f"chunk must be >= 1 and horizon >= 0 (got {chunk}, {horizon})", "fix --chunk/--horizon")
-    if out.exists() and not overwrite:
-        raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    check_out(out, overwrite)          # before the model runs: a bad --out costs nothing
+    text_bytes(text)
     ids = encode(text)
     if ids.dim() != 2 or ids.shape != (1, len(text)):
         raise RnnscopeError(f"encode gave ids of shape {list(ids.shape)} for {len(text)} characters",
@@ -178,92 +207,44 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
                             f"pass --chunk {len(text)} (or more) to probe it in one pass")
     was_training = model.training
     model.eval()
-    layout = _layout(model, ids, grad, kinds)
-    itemsize, T = np.dtype(DTYPES[dtype]).itemsize, len(text)
-    need = T * sum(layout.values()) * itemsize + T * 4 + len(text.encode())
-    free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
-    print(f"probe: {len(layout)} keys, {sum(layout.values()):,} units x {T:,} steps in {dtype}: "
-          f"{need / 1e6:,.1f} MB ({sum(layout.values()) * itemsize / 1e3:.1f} KB per character)")
-    if need * 1.05 > free:
-        raise RnnscopeError(f"the run needs {need / 1e9:.2f} GB but {out.parent} has {free / 1e9:.2f} GB free",
-                            "record fewer --kinds, use --dtype float16, a shorter text, or another disk")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "states").mkdir(parents=True)
-    arrays, losses = {}, None
     try:
-        arrays = {k: _NpyWriter(tmp / key_file(k), DTYPES[dtype], (T, u)) for k, u in layout.items()}
-        losses = _NpyWriter(tmp / "loss.npy", np.float32, (T,))
-        stats = {k: _UnitStats(u) for k, u in layout.items()}
-        bad = {k: {"nonfinite": 0, "overflow": 0} for k in layout}
-        targets_all = ids[0, 1:]
-        with tqdm(total=T, unit="ch", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
-                Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
-            for s in range(0, T, chunk):
-                e = min(T, s + chunk)
-                ahead = min(T, e + horizon) if grad else e      # read ahead: the gradient's horizon
-                with torch.set_grad_enabled(grad):
-                    output = model(ids[:, s:ahead])
-                    targets = targets_all[s:ahead]
-                    step_loss = loss(output, targets) if loss else _next_char_loss(output, targets)
-                    if grad and len(step_loss):
-                        step_loss.sum().backward()
-                if ahead > e:
-                    p.carry_from(e - s - 1)                     # the next chunk starts where this one ends
-                chunk_loss = np.full(e - s, np.nan, np.float32)
-                kept = step_loss.detach()[: e - s]
-                chunk_loss[: len(kept)] = kept.numpy()
-                losses.write(s, chunk_loss)
-                for k in layout:
-                    a = p.trace[k][0, : e - s].detach()
-                    arrays[k].write(s, a.to(TORCH_DTYPES[dtype]).numpy())    # torch's F16C conversion
-                    nonfinite, overflow = stats[k].add(a.numpy(), OVERFLOW[dtype])
-                    bad[k]["nonfinite"] += nonfinite
-                    bad[k]["overflow"] += overflow
-                p.calls.clear()      # bounded memory: this chunk is on disk
-                bar.update(e - s)
-        for w in (*arrays.values(), losses):
-            w.close()
-        (tmp / "text.txt").write_text(text, encoding="utf-8")
-        pd.concat([stats[k].frame(k) for k in layout], ignore_index=True).to_parquet(tmp / "units.parquet")
-        mean_loss = float(np.nanmean(np.load(tmp / "loss.npy"))) if T > 1 else float("nan")
-        flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
-        for k, v in flagged.items():
-            print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that overflow "
-                  f"{dtype}; flagged in the manifest")
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"source": source, "class": type(model).__name__, "checksum": model_checksum(model),
-                      "card_name": card.get("name"), "weights_sha256": card.get("weights_sha256"),
-                      "modules": {n: {"type": family(m), "layers": m.num_layers, "hidden": m.hidden_size,
-                                      "bidirectional": m.bidirectional,
-                                      "proj_size": getattr(m, "proj_size", 0)} for n, m in mods.items()}},
-            "vocab": vocab.chars if vocab else None, "unk": unk,
-            "text": {"chars": T, "sha256": hashlib.sha256(text.encode()).hexdigest()},
-            "dtype": dtype, "kinds": sorted({parse_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,
-            "grad_horizon": horizon if grad else None,
-            "loss": {"mean_nats": mean_loss, "bits_per_char": mean_loss / np.log(2)},
-            "keys": {k: {"units": u, "file": key_file(k), **bad[k]} for k, u in layout.items()},
-            "nonfinite": bool(flagged),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
+        layout = _layout(model, ids, grad, kinds)
+        for k in layout:                # a module name the store cannot hold as a file name is refused here
+            try:
+                split_key(k)
+            except RnnscopeError:
+                raise RnnscopeError(f"the state key {k[:80]!r} cannot name a file in a Run",
+                                    "name recurrent submodules with letters, digits and _ only") from None
+        itemsize, T = np.dtype(DTYPES[dtype]).itemsize, len(text)
+        need = T * sum(layout.values()) * itemsize + T * 4 + len(text.encode())
+        free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
+        print(f"probe: {len(layout)} keys, {sum(layout.values()):,} units x {T:,} steps in {dtype}: "
+              f"{need / 1e6:,.1f} MB ({sum(layout.values()) * itemsize / 1e3:.1f} KB per character)")
+        if need * 1.05 > free:
+            raise RnnscopeError(f"the run needs {need / 1e9:.2f} GB but {out.parent} has {free / 1e9:.2f} GB free",
+                                "record fewer --kinds, use --dtype float16, a shorter text, or another disk")
+        with RunWriter(out, text, dtype=dtype, overwrite=overwrite) as w:
+            stats, bad = _stream(model, ids, w, layout, grad=grad, chunk=chunk, horizon=horizon, kinds=kinds,
+                                 loss=loss, dtype=dtype, progress=progress)
+            w.units(pd.concat([stats[k].frame(k) for k in layout], ignore_index=True))
+            with warnings.catch_warnings():       # all NaN (a model producing NaN): the mean is NaN, said below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean_loss = float(np.nanmean(w.read_loss())) if T > 1 else float("nan")
+            flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
+            for k, v in flagged.items():
+                print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that overflow "
+                      f"{dtype}; flagged in the manifest")
+            w.commit({
+                "model": _identity(model, mods, card, source),
+                "vocab": vocab.chars if vocab else None, "unk": unk,
+                "kinds": sorted({split_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,
+                "grad_horizon": horizon if grad else None,
+                "loss": {"mean_nats": mean_loss, "bits_per_char": mean_loss / np.log(2)},
+                "keys": {k: {"units": u, **bad[k]} for k, u in layout.items()},
+                "nonfinite": bool(flagged),
+            })
     except KeyboardInterrupt:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise RnnscopeError(f"interrupted: no run was written to {out}", "run the probe again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
-        for w in (*arrays.values(), *([losses] if losses else [])):
-            w.close()
         model.train(was_training)
     return open_run(out)

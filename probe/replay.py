@@ -7,14 +7,14 @@ is the linear recurrence ``c_t = f_t * c_{t-1} + i_t * g_t``, a cheap elementwis
 LSTM on oneDNN skips the replay: its gates are in the kernel's workspace, ``probe.workspace``.)
 
 Everything here is in the time-major layout ``[time, batch, units]``, one direction at a time;
-the hook module converts from and to the user's layout.
+``probe.engine`` converts from and to the user's layout.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import _VF, nn
+from torch import nn
 
 from . import gemm
 from .scan import cell_scan
@@ -41,23 +41,6 @@ def layer_weights(module: nn.Module, layer: int) -> list[torch.Tensor]:
     """The module's flat weights for one layer, both directions, in the order ``_VF`` expects."""
     names = [n for n in module._flat_weights_names if n.split("_l")[-1].split("_")[0] == str(layer)]
     return [getattr(module, n) for n in names]
-
-
-def run_layer(module: nn.Module, layer: int, x: torch.Tensor, hx):
-    """One layer through the fused kernel. ``x [T, B, in]``; ``hx`` is ``h0`` or ``(h0, c0)`` with
-    ``[D, B, *]``. Returns ``(out [T, B, D*P], h_n, c_n or None)``."""
-    w = layer_weights(module, layer)
-    args = (module.bias, 1, 0.0, module.training, module.bidirectional, False)
-    if isinstance(module, nn.LSTM):
-        out, h_n, c_n = _VF.lstm(x, hx, w, *args)
-        return out, h_n, c_n
-    if isinstance(module, nn.GRU):
-        out, h_n = _VF.gru(x, hx, w, *args)
-    elif module.nonlinearity == "tanh":
-        out, h_n = _VF.rnn_tanh(x, hx, w, *args)
-    else:
-        out, h_n = _VF.rnn_relu(x, hx, w, *args)
-    return out, h_n, None
 
 
 CHUNK_ROWS = 1024    # rows (steps x batch) per replayed matrix product: small enough that its
@@ -143,42 +126,3 @@ def gru_states(p: DirectionParams, x, h, h0) -> dict[str, torch.Tensor]:
         hn[t0:t1] = lin_hn(xh[..., x.shape[-1]:])
         torch.tanh(lin_xn(x[t0:t1]).addcmul_(r[t0:t1], hn[t0:t1]), out=n[t0:t1])
     return {"h": h, "r": r, "z": z, "n": n, "_hn": hn}
-
-
-def states(module: nn.Module, p: DirectionParams, x, h, h0, c0=None) -> dict[str, torch.Tensor]:
-    if isinstance(module, nn.LSTM):
-        return lstm_states(p, x, h, h0, c0)
-    if isinstance(module, nn.GRU):
-        return gru_states(p, x, h, h0)
-    return {"h": h}
-
-
-def time_major(m: nn.Module, input: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The module's input in ``[time, batch, features]``, and whether it came unbatched."""
-    unbatched = input.dim() == 2
-    return (input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if m.batch_first else input)), unbatched
-
-
-def initial_state(m: nn.Module, x: torch.Tensor, hx, unbatched: bool):
-    """``(h0 [L*D, B, P], c0 [L*D, B, H] or None)``: the caller's, or zeros."""
-    lstm = isinstance(m, nn.LSTM)
-    D, L, H = 2 if m.bidirectional else 1, m.num_layers, m.hidden_size
-    P = getattr(m, "proj_size", 0) or H
-    if hx is None:
-        return x.new_zeros(L * D, x.shape[1], P), (x.new_zeros(L * D, x.shape[1], H) if lstm else None)
-    h0, c0 = hx if lstm else (hx, None)
-    if unbatched:
-        h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
-    return h0, c0
-
-
-def user_layout(m: nn.Module, output: torch.Tensor, h_ns: list, c_ns: list, unbatched: bool):
-    """Per-layer final states and the time-major output, back in the module's own return layout."""
-    h_n = torch.cat(h_ns, 0)
-    state = (h_n, torch.cat(c_ns, 0)) if isinstance(m, nn.LSTM) else h_n
-    if unbatched:
-        output = output.squeeze(1)
-        state = tuple(s.squeeze(1) for s in state) if isinstance(state, tuple) else state.squeeze(1)
-    elif m.batch_first:
-        output = output.transpose(0, 1)
-    return output, state

@@ -33,15 +33,15 @@ def compiled(*tensors: torch.Tensor) -> bool:
 
 
 @njit(cache=True, boundscheck=False, inline="always")
-def _lstm_adjoint_t(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a):
+def _lstm_adjoint_t(t, grad_out, i, f, g_gate, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a):
     """Step ``t`` of the LSTM adjoint, its coefficients computed from the gates on the fly (a
     precomputed table of them cost more than the whole loop)."""
     B, H = next_c.shape
     for b in range(B):
         for j in range(H):
-            it, ft, gt, ot, tct = i[t, b, j], f[t, b, j], gg[t, b, j], o[t, b, j], tc[t, b, j]
+            it, ft, gt, ot, tct = i[t, b, j], f[t, b, j], g_gate[t, b, j], o[t, b, j], tc[t, b, j]
             c_prev = c[t - 1, b, j] if t > 0 else c0[b, j]
-            gh = g[t, b, j] + next_h[b, j]                      # dL/dh_t
+            gh = grad_out[t, b, j] + next_h[b, j]               # dL/dh_t
             gc = next_c[b, j] + gh * ot * (1 - tct * tct)       # dL/dc_t
             grad_h[t, b, j] = gh
             grad_c[t, b, j] = gc
@@ -53,21 +53,21 @@ def _lstm_adjoint_t(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c
 
 
 @njit(cache=True, boundscheck=False)
-def _lstm_adjoint(g, i, f, gg, o, tc, c, c0, w_hh, next_h, next_c, grad_h, grad_c, d_a):
+def _lstm_adjoint(grad_out, i, f, g_gate, o, tc, c, c0, w_hh, next_h, next_c, grad_h, grad_c, d_a):
     T, B, H = grad_c.shape
     for t in range(T - 1, -1, -1):
-        _lstm_adjoint_t(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a)
+        _lstm_adjoint_t(t, grad_out, i, f, g_gate, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a)
         next_h[:, :] = np.dot(d_a[t].reshape(B, 4 * H), w_hh)
 
 
 @njit(cache=True, boundscheck=False)
-def _lstm_adjoint_step(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a):
-    _lstm_adjoint_t(t, g, i, f, gg, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a)
+def _lstm_adjoint_step(t, grad_out, i, f, g_gate, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a):
+    _lstm_adjoint_t(t, grad_out, i, f, g_gate, o, tc, c, c0, next_h, next_c, grad_h, grad_c, d_a)
 
 
-def lstm_adjoint(g, i, f, gg, o, c, c0, w_hh, next_h, next_c, back_hh=None, inject=None):
-    """The LSTM adjoint loop of ``probe.adjoint.lstm`` (no projection), compiled. ``g [T,B,H]`` is the
-    gradient arriving at the outputs; ``i f gg o c [T,B,H]`` the recorded states (views are fine).
+def lstm_adjoint(grad_out, i, f, g_gate, o, c, c0, w_hh, next_h, next_c, back_hh=None, inject=None):
+    """The LSTM adjoint loop of ``probe.adjoint.lstm`` (no projection), compiled. ``grad_out [T,B,H]`` is the
+    gradient arriving at the outputs; ``i f g_gate o c [T,B,H]`` the recorded states (views are fine).
     Without ``back_hh`` the whole loop is one compiled call (best for one sequence); with it, each
     step's elementwise part is compiled and ``next_h = back_hh(d_a[t])`` runs in between (oneDNN's
     batched product wins from batch 2 up). ``inject``: ``{step: (sequences, grad)}`` added to the
@@ -78,7 +78,7 @@ def lstm_adjoint(g, i, f, gg, o, c, c0, w_hh, next_h, next_c, back_hh=None, inje
     d_a = torch.empty(T, B, 4, H, dtype=c.dtype)
     tc = torch.tanh(c)
     nh, nc = (t.detach().clone(memory_format=torch.contiguous_format) for t in (next_h, next_c))
-    args = [_np(t) for t in (g, i, f, gg, o, tc, c, c0.to(c.dtype))]
+    args = [_np(t) for t in (grad_out, i, f, g_gate, o, tc, c, c0.to(c.dtype))]
     out = [_np(t) for t in (grad_h, grad_c, d_a)]
     if back_hh is None:
         assert not inject, "the whole-loop path takes its cell gradient in next_c"
@@ -95,7 +95,7 @@ def lstm_adjoint(g, i, f, gg, o, c, c0, w_hh, next_h, next_c, back_hh=None, inje
 
 
 @njit(cache=True, boundscheck=False, inline="always")
-def _gru_adjoint_t(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h):
+def _gru_adjoint_t(t, grad_out, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h):
     """Step ``t`` of the GRU adjoint (PyTorch's convention, ``n = tanh(x_n + r * hn)``), its
     coefficients computed from the gates on the fly. ``next_h`` gets the part through ``z``."""
     B, H = next_h.shape
@@ -103,7 +103,7 @@ def _gru_adjoint_t(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h):
         for j in range(H):
             rt, zt, nt, hnt = r[t, b, j], z[t, b, j], n[t, b, j], hn[t, b, j]
             h_prev = h[t - 1, b, j] if t > 0 else h0[b, j]
-            gh = g[t, b, j] + next_h[b, j]                      # dL/dh_t
+            gh = grad_out[t, b, j] + next_h[b, j]               # dL/dh_t
             grad_h[t, b, j] = gh
             d_n = gh * (1 - zt) * (1 - nt * nt)                  # n's pre-activation
             d_r = d_n * hnt * rt * (1 - rt)
@@ -118,25 +118,25 @@ def _gru_adjoint_t(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h):
 
 
 @njit(cache=True, boundscheck=False)
-def _gru_adjoint(g, r, z, n, hn, h, h0, w_hh, next_h, grad_h, d_x, d_h):
+def _gru_adjoint(grad_out, r, z, n, hn, h, h0, w_hh, next_h, grad_h, d_x, d_h):
     T, B, H = grad_h.shape
     for t in range(T - 1, -1, -1):
-        _gru_adjoint_t(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h)
+        _gru_adjoint_t(t, grad_out, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h)
         next_h += np.dot(d_h[t].reshape(B, 3 * H), w_hh)
 
 
 @njit(cache=True, boundscheck=False)
-def _gru_adjoint_step(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h):
-    _gru_adjoint_t(t, g, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h)
+def _gru_adjoint_step(t, grad_out, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h):
+    _gru_adjoint_t(t, grad_out, r, z, n, hn, h, h0, next_h, grad_h, d_x, d_h)
 
 
 @njit(cache=True, boundscheck=False)
-def _rnn_adjoint(g, k, w_hh, next_h, grad_h, d_a):
+def _rnn_adjoint(grad_out, k, w_hh, next_h, grad_h, d_a):
     T, B, H = grad_h.shape
     for t in range(T - 1, -1, -1):
         for b in range(B):
             for j in range(H):
-                gh = g[t, b, j] + next_h[b, j]
+                gh = grad_out[t, b, j] + next_h[b, j]
                 grad_h[t, b, j] = gh
                 d_a[t, b, j] = gh * k[t, b, j]
         next_h[:, :] = np.dot(d_a[t], w_hh)
@@ -146,14 +146,14 @@ def _np(x: torch.Tensor):
     return x.detach().numpy()
 
 
-def gru_adjoint(g, r, z, n, hn, h, h0, w_hh, next_h, back_hh=None):
+def gru_adjoint(grad_out, r, z, n, hn, h, h0, w_hh, next_h, back_hh=None):
     """``probe.adjoint.gru``'s loop compiled, as ``lstm_adjoint`` (``back_hh``: oneDNN does each step's
     product). Returns ``grad_h [T,B,H], d_x, d_h [T,B,3,H], h0-grad [B,H]``."""
     T, B, H = h.shape
     grad_h = torch.empty(T, B, H, dtype=h.dtype)
     d_x, d_h = torch.empty(T, B, 3, H, dtype=h.dtype), torch.empty(T, B, 3, H, dtype=h.dtype)
     nh = next_h.detach().clone(memory_format=torch.contiguous_format)
-    args = [_np(t) for t in (g, r, z, n, hn, h, h0.to(h.dtype))]
+    args = [_np(t) for t in (grad_out, r, z, n, hn, h, h0.to(h.dtype))]
     out = [_np(t) for t in (grad_h, d_x, d_h)]
     if back_hh is None:
         _gru_adjoint(*args, _np(w_hh.detach().contiguous()), _np(nh), *out)
@@ -164,11 +164,11 @@ def gru_adjoint(g, r, z, n, hn, h, h0, w_hh, next_h, back_hh=None):
     return grad_h, d_x, d_h, nh
 
 
-def rnn_adjoint(g, k, w_hh, next_h):
+def rnn_adjoint(grad_out, k, w_hh, next_h):
     """``probe.adjoint.rnn``'s loop in one compiled call: ``grad_h, d_a [T,B,H], h0-grad``."""
-    grad_h, d_a = torch.empty(k.shape, dtype=g.dtype), torch.empty(k.shape, dtype=g.dtype)
+    grad_h, d_a = torch.empty(k.shape, dtype=grad_out.dtype), torch.empty(k.shape, dtype=grad_out.dtype)
     nh = next_h.detach().clone().contiguous()
-    _rnn_adjoint(_np(g), _np(k), _np(w_hh.detach().contiguous()), _np(nh), _np(grad_h), _np(d_a))
+    _rnn_adjoint(_np(grad_out), _np(k), _np(w_hh.detach().contiguous()), _np(nh), _np(grad_h), _np(d_a))
     return grad_h, d_a, nh
 
 
@@ -180,8 +180,8 @@ def cell_scan(a: torch.Tensor, c0: torch.Tensor, out: torch.Tensor) -> torch.Ten
         prev = c0.detach().to(out.dtype).clone(memory_format=torch.contiguous_format)
         _scan(_np(a), prev.numpy(), _np(out))
         return prev
-    i, f, g = a[..., :H], a[..., H:2 * H], a[..., 3 * H:]
+    i, f, g_gate = a[..., :H], a[..., H:2 * H], a[..., 3 * H:]
     prev = c0
     for t in range(len(out)):
-        prev = torch.addcmul(i[t] * g[t], f[t], prev, out=out[t])
+        prev = torch.addcmul(i[t] * g_gate[t], f[t], prev, out=out[t])
     return prev

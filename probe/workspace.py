@@ -60,12 +60,12 @@ def _views(ws: torch.Tensor, T: int, B: int, I: int, H: int):
     return f[:T * B * gld].view(T, B, gld)[..., :4 * H], f[start:start + T * B * H].view(T, B, H)
 
 
-def _consistent(g: torch.Tensor, c: torch.Tensor, c0: torch.Tensor, out: torch.Tensor) -> bool:
+def _consistent(gates: torch.Tensor, c: torch.Tensor, c0: torch.Tensor, out: torch.Tensor) -> bool:
     T, H = len(c), c.shape[-1]
     for t in sorted({0, T // 2, T - 1}):
-        i, f, gg, o = (g[t, :, k * H:(k + 1) * H] for k in range(4))
+        i, f, g_gate, o = (gates[t, :, k * H:(k + 1) * H] for k in range(4))
         prev = c0 if t == 0 else c[t - 1]
-        if not (torch.allclose(f * prev + i * gg, c[t], rtol=1e-4, atol=1e-5)
+        if not (torch.allclose(f * prev + i * g_gate, c[t], rtol=1e-4, atol=1e-5)
                 and torch.allclose(o * torch.tanh(c[t]), out[t], rtol=1e-4, atol=1e-5)):
             return False
     return True
@@ -88,14 +88,14 @@ def lstm_forward(p, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, graph: 
         out, h_n, c_n, ws = _OP(*args, False, [], _LSTM, H, 1, bias, False, False, True)
     views = _views(ws, T, B, I, H) if ws.numel() else None
     if views is not None:
-        g, c = views
+        gates, c = views
         if graph:       # autograd saved the workspace for the kernel's own backward: leave it as it is
             c = torch.cat([c[:T - 1], c_n.detach()])
         else:           # the last cell goes to c_n only; its slot is ours to fill
             c[T - 1] = c_n[0].detach()
-        if _consistent(g, c, c0.detach(), out.detach()):
+        if _consistent(gates, c, c0.detach(), out.detach()):
             st = {"h": out.detach(), "c": c}
-            st.update({k: g[..., n * H:(n + 1) * H] for n, k in enumerate("ifgo")})
+            st.update({k: gates[..., n * H:(n + 1) * H] for n, k in enumerate("ifgo")})
             return out, h_n[0], c_n[0], st
     if not _warned:
         _warned = True

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
+from . import argtypes as T
 
 
 def _zoo_list(args) -> None:
@@ -48,16 +50,10 @@ def _probe(args) -> None:
     from rnnscope import probe
     from rnnscope import zoo
     from rnnscope.errors import RnnscopeError
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RnnscopeError(f"text file {args.text} does not exist", "give --text an existing file") from None
-    except UnicodeDecodeError as err:
-        raise RnnscopeError(f"{args.text} is not UTF-8 text ({err.reason} at byte {err.start})",
-                            "convert it to UTF-8") from None
+    text = T.read_text(args.text)
     if args.max_chars:
         text = text[: args.max_chars]
-    kinds = args.kinds.split(",") if args.kinds else None
+    kinds = args.kinds or None
     run = probe.record(zoo.load(args.checkpoint), text, args.out, grad=args.grad, chunk=args.chunk,
                        horizon=args.horizon, kinds=kinds,
                        dtype=args.dtype, overwrite=args.overwrite, unk=args.unk, source=args.checkpoint)
@@ -70,25 +66,93 @@ def _analyze(args) -> None:
     from rnnscope.analysis.report import analyze, table_path, top_table
     from rnnscope.probe import open_run
     run = open_run(args.run)
-    features = args.features.split(",") if args.features else None
+    if args.unit:
+        _unit_contexts(run, args.unit, args.contexts or 10)
+        return
+    features = args.features or None
     language = "auto" if args.language == "auto" else (None if args.language == "prose" else args.language)
     out = analyze(run, features=features, language=language, heldout=args.heldout, shifts=args.shifts,
                   checkpoint=args.checkpoint, decay=not args.no_decay, max_lag=args.max_lag,
-                  sparse=args.sparse, ablation=args.ablate, controls=args.controls)
-    print(f"\ntop units per feature (score on the first {1 - args.heldout:.0%} of the text, "
-          f"heldout_score on the rest; q: Benjamini-Hochberg over all units and features)")
+                  sparse=args.sparse, ablation=args.ablate, controls=args.controls, contexts=args.contexts)
+    tests = out["summary"]["neuron_tests"]
+    print(f"\ntop units per feature, ranked on the first {1 - args.heldout:.0%} of the text (selection_*), "
+          f"estimated on the rest (heldout_*); selection_q: Benjamini-Hochberg over "
+          f"{tests.get('tests', 'all')} unit x feature tests, heldout_q over the selected units; "
+          "selectivity: held-out score minus a control that sees only the current and previous character")
     print(top_table(out["neurons"], args.top))
     if "half_lives" in out:
         print("\ngradient half-life through time (steps):")
-        print(out["half_lives"][["key", "half_life", "lag_to_1pct", "exploding"]].to_string(index=False))
+        print(out["half_lives"][["key", "half_life", "lag_to_1pct", "exploding", "nonfinite"]].to_string(index=False))
+    for key, n in (out["summary"]["nonfinite_gradient_steps"] or {}).items():
+        if n:
+            print(f"warning: {key} is NaN or infinite at {n:,} steps")
     for name, why in out["summary"]["skipped"].items():
         print(f"skipped {name}: {why}")
-    print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(run, 'x').parent}")
+    print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(run, 'neurons').parent}")
+
+
+def _unit_contexts(run, unit: str, k: int) -> None:
+    """``analyze RUN --unit KEY:I``: that unit's top and bottom contexts, from the Run's table or
+    computed for its key alone."""
+    from rnnscope.analysis.contexts import top_contexts
+    from rnnscope.analysis.report import read_table, unit_contexts
+    from rnnscope.errors import RnnscopeError
+    key, index = unit.rsplit(":", 1)
+    if key not in run.keys() or int(index) >= run[key].shape[1]:
+        raise RnnscopeError(f"the Run has no unit {unit}", f"use a key of {', '.join(run.keys()[:6])}, ... "
+                            "with an index below its width")
+    table = read_table(run, "contexts")
+    if table is None or unit not in set(table["unit"]) or table["rank"].max() + 1 < k:
+        table = top_contexts(run, k=min(k, len(run)), keys=[key], progress=False)
+    print(unit_contexts(table, unit, k))
 
 
 def _serve(args) -> None:
     from rnnscope.dashboards import serve
     serve(args.run, port=args.port, host=args.host, show=args.show, window=args.window, origins=args.origin)
+
+
+def _shown(text: str) -> str:
+    """A model's text for the terminal: control and bidi characters as escapes, so a vocabulary
+    holding ESC or U+202E cannot rewrite the screen or reorder what is shown."""
+    import unicodedata
+    return "".join(c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf") else f"\\u{ord(c):04x}"
+                   for c in text)
+
+
+def _generate(args) -> None:
+    from rnnscope import zoo
+    from rnnscope.analysis import features
+    from rnnscope.analysis.steer import feature_share, generate, parse_clamp
+    ck = zoo.load(args.checkpoint)
+    clamps = dict(parse_clamp(c) for c in args.clamp or [])
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    frame = generate(ck.model, ck.vocab, args.prime, args.length, clamps=clamps, seeds=seeds,
+                     temperature=args.temperature, progress=args.seeds * args.length > 20000)
+    if args.measure:
+        import warnings
+
+        def feature(text):
+            with warnings.catch_warnings():          # a sample without comments is constant: no warning
+                warnings.simplefilter("ignore")
+                return features.compute(text, [args.measure], args.language)[args.measure].to_numpy()
+        frame = feature_share(frame, args.prime, feature)
+    for seed, pair in frame.groupby("seed", sort=False):
+        for _, r in pair.iterrows():
+            if r["clamped"] or clamps:
+                label = f"clamped {', '.join(f'{u}={v:g}' for u, v in clamps.items())}" if r["clamped"] else "unclamped"
+                share = f"; {args.measure} {r['share']:.1%}" if args.measure else ""
+                print(f"--- seed {seed}, {label}{share}")
+                print(_shown(args.prime) + _shown(r["text"]))
+    if args.measure:
+        t = frame.groupby("clamped")["share"].agg(["mean", "std", "min", "max"])
+        print(f"\nshare of generated characters in {args.measure} over {len(seeds)} seeds "
+              f"({args.length} characters each):")
+        print(t.rename(index={False: "unclamped", True: "clamped"}).to_string(float_format=lambda v: f"{v:.3f}"))
+        if clamps and len(seeds) > 1:
+            d = frame[frame.clamped]["share"].to_numpy() - frame[~frame.clamped]["share"].to_numpy()
+            print(f"clamped - unclamped: {d.mean():+.3f} (seeds where clamped is higher: "
+                  f"{int((d > 0).sum())}/{len(d)}, lower: {int((d < 0).sum())})")
 
 
 def _export(args) -> None:
@@ -98,16 +162,32 @@ def _export(args) -> None:
     if sum(chosen) != 1:
         raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
                             "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".svg", ".html"):
+        raise RnnscopeError(f"{out} has no .png, .svg or .html extension", "name the output FILE.png, FILE.svg or "
+                            "FILE.html")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    if out.is_dir() or (out.is_symlink() and not out.is_file()):
+        raise RnnscopeError(f"{out} is a directory or a dangling link, not a file", "give a file name for --out")
     if args.unit:
         fig = unit_figure(args.run, args.unit, args.start, args.end)
     else:
-        units = args.units.split(",") if args.units else top_units_for(args.run, args.feature, args.top)
+        units = args.units if args.units else top_units_for(args.run, args.feature, args.top)
         fig = units_figure(args.run, units, args.start, args.end)
     print(f"wrote {export(fig, args.out)}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every rnnscope error is (problem — fix), exit 2."""
+
+    def error(self, message: str):
+        fix = "" if " — " in message else f" — see `{self.prog} --help`"
+        self.exit(2, f"rnnscope: error: {message}{fix}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnscope", description="Look inside trained recurrent networks: "
+    p = _Parser(prog="rnnscope", description="Look inside trained recurrent networks: "
                                 "states, gates and gradients of RNN / LSTM / GRU models, over their text.")
     p.add_argument("--version", action="version", version=f"rnnscope {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,15 +209,22 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("--arch", choices=["rnn", "lstm", "gru"], default="lstm")
     z.add_argument("--corpus", choices=["linux", "shakespeare", "python"], default="linux")
     z.add_argument("--out", required=True, help="output directory (weights.safetensors + card.json)")
+    whole, share, positive = T.int_at_least, T.fraction, T.positive_number
     for name, kind, default, help_ in [
-            ("layers", int, 2, "recurrent layers"), ("hidden", int, 256, "units per layer"),
-            ("embed", int, 64, "embedding width"), ("dropout", float, 0.0, "dropout between layers"),
-            ("batch", int, 64, "parallel streams"), ("seq-len", int, 100, "truncated BPTT length"),
-            ("steps", int, 3000, "optimizer steps"), ("lr", float, 2e-3, "peak learning rate"),
-            ("min-lr", float, 1e-4, "final learning rate (cosine)"), ("warmup", int, 100, "warmup steps"),
-            ("clip", float, 5.0, "gradient-norm clip"), ("val-every", int, 500, "validate every N steps"),
-            ("checkpoint-every", int, 250, "save resumable state every N steps"), ("seed", int, 0, "random seed"),
-            ("threads", int, 0, "torch threads (0: torch default)")]:
+            ("layers", whole(1, "--layers"), 2, "recurrent layers"), ("hidden", whole(1, "--hidden"), 256,
+                                                                     "units per layer"),
+            ("embed", whole(1, "--embed"), 64, "embedding width"),
+            ("dropout", T.probability("--dropout"), 0.0, "dropout between layers"),
+            ("batch", whole(1, "--batch"), 64, "parallel streams"),
+            ("seq-len", whole(1, "--seq-len"), 100, "truncated BPTT length"),
+            ("steps", whole(1, "--steps"), 3000, "optimizer steps"), ("lr", positive("--lr"), 2e-3, "peak learning rate"),
+            ("min-lr", positive("--min-lr"), 1e-4, "final learning rate (cosine)"),
+            ("warmup", whole(0, "--warmup"), 100, "warmup steps"),
+            ("clip", positive("--clip"), 5.0, "gradient-norm clip"),
+            ("val-every", whole(1, "--val-every"), 500, "validate every N steps"),
+            ("checkpoint-every", whole(1, "--checkpoint-every"), 250, "save resumable state every N steps"),
+            ("seed", whole(0, "--seed"), 0, "random seed"),
+            ("threads", whole(0, "--threads"), 0, "torch threads (0: torch default)")]:
         z.add_argument(f"--{name}", type=kind, default=default, help=f"{help_} (default {default})")
     z.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam")
     z.add_argument("--fresh", action="store_true", help="discard a saved training state in OUT and start over")
@@ -145,57 +232,81 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="record every state, gate (and gradient) of a checkpoint over a text into a Run")
     pr.add_argument("checkpoint", help="a checkpoint directory or zoo:NAME (see `rnnscope zoo list`)")
-    pr.add_argument("--text", required=True, help="a UTF-8 text file")
+    pr.add_argument("--text", required=True, type=T.text_file,
+                    help="a UTF-8 text file (stored byte for byte: line endings are kept)")
     pr.add_argument("--out", required=True, help="the Run directory to write")
     pr.add_argument("--grad", action="store_true", help="also record dL/dh and dL/dc at every step")
     pr.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk dtype (default float16)")
-    pr.add_argument("--kinds", help="comma-separated state kinds to keep, e.g. h,c (default: all)")
-    pr.add_argument("--chunk", type=int, default=2048, help="characters per chunk (memory is bounded by it)")
-    pr.add_argument("--horizon", type=int, default=512,
+    pr.add_argument("--kinds", type=T.names, help="comma-separated state kinds to keep, e.g. h,c (default: all)")
+    pr.add_argument("--chunk", type=T.int_at_least(1, "--chunk"), default=2048, help="characters per chunk (memory is bounded by it)")
+    pr.add_argument("--horizon", type=T.int_at_least(0, "--horizon"), default=512,
                     help="with --grad: each step's gradient includes the losses of at least this many following "
                          "steps (default 512)")
     pr.add_argument("--unk", help="map characters outside the vocabulary to this one")
-    pr.add_argument("--max-chars", type=int, default=0, help="probe only the first N characters")
+    pr.add_argument("--max-chars", type=T.int_at_least(0, "--max-chars"), default=0,
+                    help="probe only the first N characters (0: all)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")
     pr.set_defaults(func=_probe)
 
     an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
     an.add_argument("run", help="a Run written by `rnnscope probe`")
-    an.add_argument("--features", help="comma-separated built-in features (default: those of the run's language)")
+    an.add_argument("--features", type=T.names, help="comma-separated built-in features (default: those of the run's language)")
     an.add_argument("--language", default="auto",
                     help="lexer for code features: c, python, ... or prose (default: from the checkpoint's corpus)")
-    an.add_argument("--heldout", type=float, default=0.3, help="share of the text, at its end, held out (default 0.3)")
-    an.add_argument("--shifts", type=int, default=16, help="circular shifts in the significance null (default 16)")
-    an.add_argument("--top", type=int, default=3, help="units printed per feature (default 3)")
+    an.add_argument("--heldout", type=T.fraction("--heldout"), default=0.3, help="share of the text, at its end, held out (default 0.3)")
+    an.add_argument("--shifts", type=T.int_at_least(1, "--shifts"), default=16, help="circular shifts in the significance null (default 16)")
+    an.add_argument("--top", type=T.int_at_least(1, "--top"), default=3, help="units printed per feature (default 3)")
     an.add_argument("--checkpoint", help="the model, if not where the run was probed from (for decay and ablation)")
     an.add_argument("--no-decay", action="store_true", help="skip the gradient decay curve")
-    an.add_argument("--max-lag", type=int, default=200, help="longest lag of the decay curve (default 200)")
+    an.add_argument("--max-lag", type=T.int_at_least(1, "--max-lag"), default=200, help="longest lag of the decay curve (default 200)")
     an.add_argument("--sparse", action="store_true", help="also fit L1 probes: how few units carry each feature")
     an.add_argument("--ablate", action="store_true",
                     help="also hold each binary feature's best unit at its mean and compare with random units")
-    an.add_argument("--controls", type=int, default=100, help="random units per ablation (default 100)")
+    an.add_argument("--contexts", type=T.int_at_least(0, "--contexts"), default=10,
+                    help="top and bottom contexts kept per unit (default 10; 0: none)")
+    an.add_argument("--unit", type=T.unit, help="print this unit's top and bottom contexts (KEY:INDEX) and stop")
+    an.add_argument("--controls", type=T.int_at_least(1, "--controls"), default=100, help="random units per ablation (default 100)")
     an.set_defaults(func=_analyze)
 
     sv = sub.add_parser("serve", help="the dashboard: the text coloured by any unit, the neuron table, heatmaps, "
                                       "gradient flow, gate saturation, pattern search")
     sv.add_argument("run", help="a Run written by `rnnscope probe` (and `rnnscope analyze`)")
-    sv.add_argument("--port", type=int, default=5006, help="port (default 5006)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=T.port, default=5006, help="port (default 5006)")
+    sv.add_argument("--host", type=T.host, default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only; ::1 for IPv6)")
     sv.add_argument("--show", action="store_true", help="open a browser on it")
     sv.add_argument("--origin", action="append", metavar="HOST:PORT",
                     help="also accept pages served as HOST:PORT (repeatable; for --host 0.0.0.0 behind a name)")
-    sv.add_argument("--window", type=int, default=10000, help="characters per page of text (default 10000)")
+    sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="characters per page of text (default 10000)")
     sv.set_defaults(func=_serve)
+
+    ge = sub.add_parser("generate", help="sample from a char language model with units clamped at every step, "
+                                         "beside the unclamped sample from the same random numbers")
+    ge.add_argument("checkpoint", help="a checkpoint directory or zoo:NAME")
+    ge.add_argument("--prime", required=True, help="the text to start from (characters of the model's vocabulary)")
+    ge.add_argument("--length", type=T.int_at_least(1, "--length"), default=300, help="characters to generate")
+    ge.add_argument("--clamp", action="append", type=T.clamp, metavar="KEY:I=VALUE",
+                    help="hold this unit at VALUE at every step (repeatable), e.g. rnn.l0.c:199=-3")
+    ge.add_argument("--seed", type=T.int_at_least(0, "--seed"), default=0, help="first random seed (default 0)")
+    ge.add_argument("--seeds", type=T.int_at_least(1, "--seeds"), default=1,
+                    help="how many seeds, from --seed on (default 1)")
+    ge.add_argument("--temperature", type=T.nonnegative_number("--temperature"), default=1.0,
+                    help="softmax temperature; 0 takes the most likely character (default 1)")
+    ge.add_argument("--measure", metavar="FEATURE", type=T.name,
+                    help="also report the share of generated characters where this feature is on, e.g. in_comment")
+    ge.add_argument("--language", default="c", help="lexer for --measure code features (default c)")
+    ge.set_defaults(func=_generate)
 
     ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html")
     ex.add_argument("run", help="a Run written by `rnnscope probe`")
-    ex.add_argument("--unit", help="KEY:INDEX: the text coloured by this unit")
-    ex.add_argument("--units", help="KEY:I,KEY:J,...: a heatmap of these units")
+    ex.add_argument("--unit", type=T.unit, help="KEY:INDEX: the text coloured by this unit")
+    ex.add_argument("--units", type=T.units, help="KEY:I,KEY:J,...: a heatmap of these units")
     ex.add_argument("--feature", help="a heatmap of the top units for this feature (needs `rnnscope analyze`)")
-    ex.add_argument("--top", type=int, default=10, help="with --feature: how many units (default 10)")
-    ex.add_argument("--start", type=int, default=0, help="first character (default 0)")
-    ex.add_argument("--end", type=int, help="last character, exclusive (default: 3,000 after --start)")
+    ex.add_argument("--top", type=T.int_at_least(1, "--top"), default=10, help="with --feature: how many units (default 10)")
+    ex.add_argument("--start", type=T.int_at_least(0, "--start"), default=0, help="first character (default 0)")
+    ex.add_argument("--end", type=T.int_at_least(1, "--end"), help="last character, exclusive (default: 3,000 after --start)")
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.set_defaults(func=_export)
     return p
 
@@ -211,6 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rnnscope: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:          # the disk filled, a permission was refused: the user's to fix
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"rnnscope: error: {err.strerror or err}{where} — free space or fix permissions, then run again",
+              file=sys.stderr)
+        return 2
+    except Exception as err:        # a bug in rnnscope: one line, the traceback only on request
+        if os.environ.get("RNNSCOPE_DEBUG"):
+            raise
+        first = (str(err).splitlines() or [""])[0][:200]
+        print(f"rnnscope: error: internal error {type(err).__name__}: {first} — this is a bug in rnnscope; "
+              "run again with RNNSCOPE_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return 3
     return 0
 
 

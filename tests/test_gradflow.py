@@ -59,3 +59,31 @@ def test_decay_needs_a_long_enough_text(tiny_vocab):
     ck = char_model("gru", tiny_vocab)
     with pytest.raises(RnnscopeError, match="needs at least"):
         gradient_decay(ck.model, tiny_vocab.encode("abc" * 10), max_lag=50, progress=False)
+
+
+def test_a_nan_model_gives_nan_gradients_not_numbers(tmp_path, tiny_vocab):
+    """A model whose weights hold NaN: the decay curve and the half-life say so (NaN, flagged), never
+    'inf, not exploding'; per-step norms are NaN, counted in attrs, not 0."""
+    ck = char_model("lstm", tiny_vocab)
+    with torch.no_grad():
+        ck.model.rnn.weight_hh_l0[3, 2] = float("nan")
+    ids = tiny_vocab.encode(("if (a, b) { c; }\n" * 6)[:90])
+    curve = gradient_decay(ck.model, ids, positions=4, max_lag=20, warmup=4, progress=False)
+    assert curve["nonfinite"].gt(0).any() and curve["geo_mean"].isna().any()
+    hl = half_lives(curve)
+    assert hl["nonfinite"].any()
+    assert hl.loc[hl["nonfinite"], "half_life"].isna().all()
+    run = record(ck, "if (a) { b; }\n" * 10, tmp_path / "nan", grad=True, dtype="float32", progress=False)
+    norms = gradient_norms(run)
+    # every step but the last (whose top-layer h no loss reaches) is NaN, and counted as such
+    assert norms.iloc[:-1].isna().all().all()
+    assert all(v >= len(norms) - 1 for v in norms.attrs["nonfinite"].values())
+
+
+def test_half_life_of_an_overflowing_curve_is_exploding_and_nan():
+    lags = np.arange(0, 10)
+    y = np.exp(lags.astype(float))
+    y[-1] = np.inf
+    curve = pd.DataFrame({"key": "rnn.l0.grad_h", "layer": 0, "kind": "grad_h", "lag": lags, "geo_mean": y})
+    hl = half_lives(curve).iloc[0]
+    assert hl["nonfinite"] and hl["exploding"] and np.isnan(hl["half_life"])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rnnscope.analysis import benjamini_hochberg, features, find_neurons
+from rnnscope.analysis import benjamini_hochberg, features, find_neurons, top_units
+from rnnscope.analysis.nulls import circular_scores
 from rnnscope.analysis.gates import gate_saturation
 from rnnscope.analysis.sparse import sparse_probe
 from rnnscope.errors import RnnscopeError
@@ -134,3 +135,98 @@ def test_sparse_probe_finds_the_planted_unit_first():
     first = path[path.n_units > 0].iloc[0]
     assert first["units"].split(",")[0] == "rnn.l0.h:0"
     assert path["heldout_score"].max() > 0.8 and path.attrs["units_needed"] <= 3
+
+
+def _ar1(T, U, rho, rng):
+    e = rng.normal(size=(T, U))
+    h = np.zeros_like(e)
+    for t in range(1, T):
+        h[t] = rho * h[t - 1] + e[t]
+    return h
+
+
+def test_selection_never_looks_at_the_heldout_part():
+    """Issue 15: one unit tracks in_comment over the whole text; 40 decoys track it only on the
+    held-out part (noise before), more strongly there. Ranked by held-out score a decoy would win;
+    ranked on the selection part the tracking unit comes first, and its held-out score is reported."""
+    T = len(TEXT)
+    split = int(round(T * 0.7))
+    rng = np.random.default_rng(3)
+    f = features.in_comment(TEXT).astype(float)
+    h = rng.normal(size=(T, 41))
+    h[:, 0] += 0.8 * f
+    h[split:, 1:] += 2.5 * f[split:, None]
+    tab = find_neurons({"rnn.l0.h": h.astype(np.float32)}, ["in_comment"], text=TEXT, select=5, progress=False)
+    assert tab.loc[tab["heldout_score"].idxmax(), "unit"] != "rnn.l0.h:0"      # a decoy is best held out
+    assert tab.iloc[0]["unit"] == "rnn.l0.h:0"
+    assert top_units(tab, 1).iloc[0]["unit"] == "rnn.l0.h:0"
+    first = tab.iloc[0]
+    assert first["selection_q"] < 1e-3 and first["heldout_q"] < 1e-3 and first["selected"]
+    assert first["score"] == first["selection_score"] and first["q_value"] == first["heldout_q"]
+    decoys = tab[tab["unit"] != "rnn.l0.h:0"]
+    assert (decoys["selection_q"] > 0.05).mean() > 0.9        # they know nothing where they were selected
+    assert tab.attrs["units_tested"] == 41 and tab.attrs["features_tested"] == 1 and tab.attrs["tests"] == 41
+    assert tab.attrs["selected"] == 5 and tab["selected"].sum() == 5 and tab["heldout_q"].notna().sum() == 5
+
+
+def test_circular_scores_match_rolled_features():
+    rng = np.random.default_rng(0)
+    n = 1001
+    x = rng.normal(size=n).astype(np.float32)
+    y = (rng.uniform(size=n) < 0.3).astype(float)
+    c = rng.normal(size=n)
+    auc, r = circular_scores(x, y, True), circular_scores(x, c, False)
+    x16 = x.astype(np.float16).astype(np.float64)          # the search ranks at float16 resolution
+    for s in (0, 1, 17, 500, 1000):
+        assert auc[s] == pytest.approx(_auc(x16, np.roll(y, s)), abs=2e-3)
+        assert r[s] == pytest.approx(np.corrcoef(x, np.roll(c, s))[0, 1], abs=1e-9)
+
+
+def test_stronger_units_never_get_worse_q_values():
+    """Planted units of known strength on the same slowly drifting noise: the selected units' held-out
+    p (every admissible circular shift) is monotone in strength and resolves far below the 1/17 that
+    16 shifts allow."""
+    rng = np.random.default_rng(4)
+    T = len(TEXT)
+    f = features.in_comment(TEXT).astype(float)
+    c = features.column(TEXT).astype(float)
+    a = np.linspace(0.0, 6.0, 13)
+    noise = _ar1(T, 1, 0.9, rng)
+    h = np.concatenate([noise + a * f[:, None], noise + a * c[:, None] / 40], 1).astype(np.float32)
+    tab = find_neurons({"rnn.l0.h": h}, {"in_comment": features.in_comment, "column": features.column},
+                       text=TEXT, select=26, progress=False).set_index(["unit", "feature"])
+    for name, offset in (("in_comment", 0), ("column", 13)):
+        rows = tab.loc[[(f"rnn.l0.h:{offset + i}", name) for i in range(13)]]
+        assert (rows["heldout_shifts"] > 3000).all()
+        assert (np.diff(rows["heldout_q"].to_numpy()) <= 0).all()
+        assert (np.diff(rows["heldout_p"].to_numpy()) <= 0).all()
+        assert rows["heldout_p"].iloc[-1] < 1e-6 and rows["heldout_p_empirical"].iloc[-1] < 1 / 3000
+        assert rows["heldout_p"].iloc[0] > 0.05
+
+
+def test_resolved_null_is_calibrated_on_autocorrelated_noise():
+    """The full-shift null given to selected units keeps the ~5% false-positive rate on AR(1) 0.98
+    units that know nothing (every unit selected here, so every row gets it)."""
+    rng = np.random.default_rng(1)
+    T, U = len(TEXT), 300
+    h = _ar1(T, U, 0.98, rng).astype(np.float32)
+    tab = find_neurons({"rnn.l0.h": h}, ["in_comment", "column", "indent"], text=TEXT, select=U, progress=False)
+    assert tab["selected"].all() and (tab["heldout_shifts"] > 3000).all()
+    assert 0.02 < (tab["heldout_p"] < 0.05).mean() < 0.08
+    assert 0.02 < (tab["heldout_p_empirical"] < 0.05).mean() < 0.08
+    assert (tab["heldout_q"] < 0.05).mean() < 0.01
+    assert 0.02 < (tab["selection_p"] < 0.05).mean() < 0.09      # the streamed selection-part null too
+
+
+def test_a_float32_run_is_scored_like_its_float16_twin(tmp_path, tiny_vocab):
+    """A float32 Run's rows come read-only from its memory map; the kernels once failed to compile on them."""
+    from conftest import char_model
+    from rnnscope.probe import record
+    text = 'int f(void) {\n\t/* a "b" */\n\tif (x) { puts("hi"); }\n\treturn 0;\n}\n' * 8
+    ck = char_model("lstm", tiny_vocab.__class__(tiny_vocab.chars + "/*"), hidden=8)
+    r32 = record(ck, text, tmp_path / "r32", dtype="float32", progress=False)
+    r16 = record(ck, text, tmp_path / "r16", dtype="float16", progress=False)
+    a = find_neurons(r32, ["in_comment"], shifts=4, progress=False).set_index(["unit", "feature"])
+    b = find_neurons(r16, ["in_comment"], shifts=4, progress=False).set_index(["unit", "feature"])
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a["selection_score"], b.loc[a.index, "selection_score"], atol=0.02)

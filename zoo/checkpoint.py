@@ -11,15 +11,18 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rnnscope.errors import RnnscopeError
+from rnnscope.store import atomic_write, regular_file
+from rnnscope.store.files import read_bytes
+
 from .model import Architecture, CharModel
 from .vocab import Vocab
 
@@ -27,6 +30,8 @@ FORMAT = "rnnscope-checkpoint"
 FORMAT_VERSION = 1
 CARD, WEIGHTS = "card.json", "weights.safetensors"
 SHIPPED = Path(__file__).parent / "checkpoints"
+CARD_LIMIT = 16 << 20       # a card is names, sizes and a vocabulary: kilobytes
+RESTORE = "restore the checkpoint from its source or retrain it"
 
 
 @dataclass
@@ -45,19 +50,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a kill never leaves half a file where a good one was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(model: CharModel, vocab: Vocab, card: dict, out: Path) -> Path:
@@ -90,42 +82,37 @@ def _resolve(spec: str | os.PathLike) -> tuple[Path, str]:
     path = Path(spec)
     if not path.exists():
         raise RnnscopeError(f"checkpoint {spec} does not exist", "give a checkpoint directory, a file, or zoo:NAME")
+    if not path.is_dir():       # a FIFO or a device would block or never end: only regular files are read
+        regular_file(path, "checkpoint", "give a checkpoint directory, a weights file, or zoo:NAME")
     return path, spec
 
 
 def _read_card(path: Path) -> dict:
+    data = read_bytes(path / CARD, "the checkpoint card", RESTORE, CARD_LIMIT)
     try:
-        card = json.loads((path / CARD).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        card = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise RnnscopeError(f"{path / CARD} is corrupt ({type(err).__name__})",
                             "restore the checkpoint from its source or retrain it") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise RnnscopeError(f"{path / CARD} is not an rnnscope checkpoint card", "point at a checkpoint directory")
-    if card.get("format_version", 0) > FORMAT_VERSION:
+    version = card.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RnnscopeError(f"{path / CARD} has no valid format_version", RESTORE)
+    if version > FORMAT_VERSION:
         raise RnnscopeError(f"{path} has checkpoint format {card['format_version']}, newer than this rnnscope "
                             f"reads ({FORMAT_VERSION})", "upgrade rnnscope")
     return card
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)   # never unpickle code
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise RnnscopeError(f"{path} is corrupt or truncated ({str(err).splitlines()[0][:120]})",
-                            "restore the file from its source or retrain it") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RnnscopeError(f"{path} does not hold a state_dict of tensors", "save it with torch.save(model.state_dict())")
-    return state
+def _shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """The state_dict shapes of ``CharModel(arch)``, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in CharModel(arch).state_dict().items()}
 
 
-def _build(arch: Architecture, state: dict[str, torch.Tensor], source: str) -> CharModel:
-    model = CharModel(arch)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
+def _check_shapes(arch: Architecture, got: dict[str, tuple[int, ...]], source: str) -> None:
+    expected = _shapes(arch)
     if expected != got:
         missing = sorted(set(expected) - set(got))
         wrong = [k for k in expected if k in got and expected[k] != got[k]]   # model order: first layer first
@@ -135,34 +122,70 @@ def _build(arch: Architecture, state: dict[str, torch.Tensor], source: str) -> C
         raise RnnscopeError(f"{source} does not match architecture {arch.arch} "
                             f"{arch.layers}x{arch.hidden} (embed {arch.embed}, vocab {arch.vocab_size}): {detail}",
                             "give the architecture the weights were trained with")
+
+
+def _read_weights(path: Path, arch: Architecture, source: str) -> dict[str, torch.Tensor]:
+    """The weights, their shapes checked against ``arch`` first: a safetensors file from its header
+    alone, before any tensor is read."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                _check_shapes(arch, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, source)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)   # never unpickle code
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise RnnscopeError(f"{path} is corrupt or truncated ({str(err).splitlines()[0][:120]})",
+                            "restore the file from its source or retrain it") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RnnscopeError(f"{path} does not hold a state_dict of tensors", "save it with torch.save(model.state_dict())")
+    _check_shapes(arch, {k: tuple(v.shape) for k, v in state.items()}, source)
+    return state
+
+
+def _build(arch: Architecture, vocab: Vocab, weights: Path, source: str) -> CharModel:
+    if len(vocab) != arch.vocab_size:
+        raise RnnscopeError(f"{source}: the vocabulary has {len(vocab)} characters but the architecture says "
+                            f"vocab_size {arch.vocab_size}", "give the vocabulary the model was trained with")
+    state = _read_weights(weights, arch, source)         # shapes checked before the model is built
+    model = CharModel(arch)
     model.load_state_dict(state)
     return model.eval()
 
 
 def load(spec: str | os.PathLike, *, arch: str | None = None, vocab: str | None = None,
-         embed: int | None = None, hidden: int | None = None, layers: int | None = None) -> Checkpoint:
+         embed: int | None = None, hidden: int | None = None, layers: int | None = None,
+         verify: bool = True) -> Checkpoint:
     """Load ``zoo:NAME``, a checkpoint directory, or a bare weights file (``.safetensors`` or a
-    PyTorch state_dict) with its architecture given as keyword arguments."""
+    PyTorch state_dict) with its architecture given as keyword arguments.
+
+    A directory's weights are checked against the SHA-256 on its card; a card without one is
+    refused unless ``verify=False`` is passed (then no checksum is checked at all).
+    """
     path, source = _resolve(spec)
     if path.is_dir():
         card = _read_card(path)
         weights = path / WEIGHTS
-        if not weights.exists():
-            raise RnnscopeError(f"{weights} is missing", "restore the checkpoint from its source or retrain it")
-        if card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
-            raise RnnscopeError(f"{weights} is corrupt or truncated: its SHA-256 does not match the card",
-                                "restore the checkpoint from its source or retrain it")
+        regular_file(weights, "the weights file", RESTORE)
+        if verify:
+            sha = card.get("weights_sha256")
+            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise RnnscopeError(f"{path / CARD} has no valid weights_sha256, so its weights cannot be verified",
+                                    f"{RESTORE}, or load it unverified with load(..., verify=False)")
+            if sha256_file(weights) != sha:
+                raise RnnscopeError(f"{weights} is corrupt or truncated: its SHA-256 does not match the card", RESTORE)
         try:
             a = Architecture(**card["architecture"])
             v = Vocab(card["vocab"])
         except (KeyError, TypeError) as err:
-            raise RnnscopeError(f"{path / CARD} lacks a valid architecture or vocab ({err})",
+            raise RnnscopeError(f"{path / CARD} lacks a valid architecture or vocab ({str(err)[:80]})",
                                 "restore the checkpoint from its source") from None
-        name = source[4:] if source.startswith("zoo:") else card.get("name", path.name)
-        return Checkpoint(_build(a, _read_weights(weights), source), v, card, name)
+        name = source[4:] if source.startswith("zoo:") else str(card.get("name", path.name))
+        return Checkpoint(_build(a, v, weights, source), v, card, name)
     if None in (arch, vocab, hidden, layers):
         raise RnnscopeError(f"{path} is a bare weights file with no card",
                             "give its architecture: arch=, vocab=, hidden=, layers= (and embed=)")
     v = Vocab(vocab)
     a = Architecture(arch, len(v), embed or hidden, hidden, layers)
-    return Checkpoint(_build(a, _read_weights(path), source), v, {"name": path.stem}, path.stem)
+    return Checkpoint(_build(a, v, path, source), v, {"name": path.stem}, path.stem)

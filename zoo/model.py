@@ -15,6 +15,11 @@ from rnnscope.errors import RnnscopeError
 
 ARCHS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 GATES_PER_ARCH = {"rnn": 1, "lstm": 4, "gru": 3}
+# Bounds on a card's sizes, far above any char model (the zoo's are 2 x 512) but low enough that a
+# careless or hostile card cannot ask for tens of GB before its weights are even looked at: an LSTM
+# layer of 16384 units holds 2.1e9 weights (8.6 GB in float32), so the count is capped there too.
+LIMITS = {"vocab_size": 1 << 20, "embed": 16384, "hidden": 16384, "layers": 64}
+MAX_PARAMS = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -27,11 +32,22 @@ class Architecture:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise RnnscopeError(f"unknown architecture {self.arch!r}", f"use one of {', '.join(ARCHS)}")
-        for name in ("vocab_size", "embed", "hidden", "layers"):
-            if int(getattr(self, name)) < 1:
-                raise RnnscopeError(f"architecture field {name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.arch, str) or self.arch not in ARCHS:
+            raise RnnscopeError(f"unknown architecture {str(self.arch)[:40]!r}", f"use one of {', '.join(ARCHS)}")
+        fix = "give the architecture the weights were trained with"
+        for name, top in LIMITS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):       # "256", 256.7 and True are not sizes
+                raise RnnscopeError(f"architecture field {name} must be a whole number, got {str(v)[:40]!r}", fix)
+            if not 1 <= v <= top:
+                raise RnnscopeError(f"architecture field {name} must be >= 1 and <= {top}, got {v}", fix)
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise RnnscopeError(f"architecture field dropout must be a number in [0, 1), got {str(d)[:40]!r}", fix)
+        if parameter_count(self) > MAX_PARAMS:
+            raise RnnscopeError(f"architecture {self.arch} {self.layers}x{self.hidden} (embed {self.embed}, vocab "
+                                f"{self.vocab_size}) has {parameter_count(self):,} parameters, more than {MAX_PARAMS:,}",
+                                fix)
 
     def to_dict(self) -> dict:
         return asdict(self)

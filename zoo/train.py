@@ -19,6 +19,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .corpora import Corpus, corpus as get_corpus
 from rnnscope.errors import RnnscopeError
+from rnnscope.store import atomic_write
 from .model import Architecture, CharModel, bits
 from .vocab import Vocab
 
@@ -106,9 +107,9 @@ def _save_state(out: Path, model, opt, state, rng: torch.Tensor, progress: dict)
     tensors["rng"] = rng
     d = out / STATE_DIR
     name = f"state-{progress['step']:08d}.safetensors"
-    checkpoint.atomic_write(d / name, lambda p: save_file(tensors, str(p)))
+    atomic_write(d / name, lambda p: save_file(tensors, str(p)))
     progress = dict(progress, state_file=name, state_sha=checkpoint.sha256_file(d / name))
-    checkpoint.atomic_write(d / "progress.json", lambda p: p.write_text(json.dumps(progress)))
+    atomic_write(d / "progress.json", lambda p: p.write_text(json.dumps(progress)))
     for old in d.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -169,7 +170,7 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
     if resuming:
         state, progress = _load_state(out, model, opt)
     else:
-        checkpoint.atomic_write(saved_config, lambda p: p.write_text(json.dumps(asdict(c))))
+        atomic_write(saved_config, lambda p: p.write_text(json.dumps(asdict(c))))
 
     def save_progress():
         # the RNG as it stood when the step about to run began (an interrupted step drew from it)

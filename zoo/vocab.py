@@ -13,8 +13,9 @@ class Vocab:
     chars: str
 
     def __post_init__(self):
-        if not self.chars or len(set(self.chars)) != len(self.chars):
-            raise RnnscopeError("vocabulary must be non-empty with no repeated characters")
+        if not isinstance(self.chars, str) or not self.chars or len(set(self.chars)) != len(self.chars):
+            raise RnnscopeError("vocabulary must be a non-empty string with no repeated characters",
+                                "give the vocabulary the model was trained with, one character per id")
 
     def __len__(self) -> int:
         return len(self.chars)

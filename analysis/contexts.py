@@ -1,0 +1,103 @@
+"""What a unit does, read off the text where it is most on and most off: its top-k and bottom-k
+steps, each with the text around it and the unit's value at every character of that window.
+
+Needs no feature, so it is the first thing to read about a unit nobody has a hypothesis for. A Run
+is streamed in chunks of rows; each unit keeps a running top-k, so memory stays ``[k + chunk, units]``
+whatever the Run's length.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from rnnscope.errors import RnnscopeError
+
+from .source import as_source
+
+
+def _keep_largest(best_v: np.ndarray, best_s: np.ndarray, vals: np.ndarray, steps: np.ndarray, k: int):
+    """Merge a chunk into the running top-k. ``best_* [k, units]`` in step order, ``vals [rows, units]``,
+    ``steps [rows]`` all later than any kept one. Among equal values the earliest steps stay (so the
+    answer does not depend on the chunk size); the result is again in step order."""
+    cand_v = np.concatenate([best_v, vals])
+    cand_s = np.concatenate([best_s, np.broadcast_to(steps[:, None], vals.shape)])
+    thr = np.partition(cand_v, len(cand_v) - k, axis=0)[len(cand_v) - k]        # k-th largest per unit
+    above = cand_v > thr
+    tie = cand_v == thr
+    keep = above | (tie & (np.cumsum(tie, 0) <= k - above.sum(0)))
+    U = vals.shape[1]
+    return cand_v.T[keep.T].reshape(U, k).T, cand_s.T[keep.T].reshape(U, k).T
+
+
+def _extremes(a, k: int, chunk: int) -> dict[str, np.ndarray]:
+    """``a [time, units]`` -> ``{"top": steps [k, units], "bottom": ...}``, strongest first. NaN never
+    ranks above a number."""
+    T = a.shape[0]
+
+    def rows(s, e, sign):
+        v = sign * np.asarray(a[s:e], np.float32)
+        v[np.isnan(v)] = -np.inf
+        return v
+
+    out = {}
+    for side, sign in (("top", 1.0), ("bottom", -1.0)):
+        best_v = rows(0, k, sign)                   # seeded with the first k steps (k <= T): no placeholders
+        best_s = np.broadcast_to(np.arange(k)[:, None], best_v.shape)
+        for s in range(k, T, chunk):
+            e = min(T, s + chunk)
+            best_v, best_s = _keep_largest(best_v, best_s, rows(s, e, sign), np.arange(s, e), k)
+        order = np.lexsort((best_s, -best_v), axis=0)                 # value first, then earliest step
+        out[side] = np.take_along_axis(best_s, order, 0)
+    return out
+
+
+def top_contexts(run, k: int = 10, window: int = 40, text: str | None = None, *, keys=None,
+                 chunk: int = 16384, progress: bool = True) -> pd.DataFrame:
+    """For every unit of every state key (or of ``keys``), the ``k`` steps where it is highest and the
+    ``k`` where it is lowest, with the text around each.
+
+    ``run``: a ``probe.Run`` or an in-memory trace ``key -> [time, units]`` with its ``text``. The
+    window holds ``window`` characters: the step's own character and the ``window - window // 4``
+    - 1 before it (what the unit has read), and ``window // 4`` after; shorter at the text's ends.
+
+    Returns one row per (unit, side, rank): ``unit, key, index, side`` (``top`` / ``bottom``),
+    ``rank`` (0 = most extreme), ``step, value, start`` (first character of the window), ``offset``
+    (the step's position in it), ``context`` (the window's text) and ``values`` (float32, the unit's
+    value at each character of the window). Equal values rank by the earlier step.
+    """
+    src = as_source(run, text)
+    T = len(src.text)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise RnnscopeError(f"k={k!r} asks for no contexts", "use k >= 1")
+    if k > T:
+        raise RnnscopeError(f"k={k} is larger than the text ({T} characters)", f"use k <= {T}")
+    if not isinstance(window, (int, np.integer)) or window < 1:
+        raise RnnscopeError(f"window={window!r} holds no character", "use window >= 1")
+    keys = list(keys) if keys is not None else src.state_keys
+    for key in keys:
+        src.array(key)                  # every key checked before any work
+    before, after = window - window // 4, window // 4
+    frames = []
+    for key in tqdm(keys, desc="contexts", unit="key", disable=not progress):
+        a = src.array(key)
+        U = a.shape[1]
+        sides = []
+        for side, steps in _extremes(a, k, chunk).items():
+            steps = steps.T.ravel()                                    # unit-major: [units * k]
+            unit = np.repeat(np.arange(U), k)
+            start = np.maximum(steps - before + 1, 0)
+            end = np.minimum(steps + after + 1, T)
+            rows = np.minimum(start[:, None] + np.arange(window), T - 1)
+            order = np.argsort(rows, axis=None, kind="stable")        # read the memory map in step order
+            flat = np.empty(rows.size, np.float32)
+            flat[order] = np.asarray(a[rows.ravel()[order], unit.repeat(window)[order]], np.float32)
+            vals = flat.reshape(rows.shape)
+            sides.append(pd.DataFrame({
+                "unit": [f"{key}:{u}" for u in unit], "key": key, "index": unit, "side": side,
+                "rank": np.tile(np.arange(k), U), "step": steps, "value": vals[np.arange(len(steps)), steps - start],
+                "start": start, "offset": steps - start,
+                "context": [src.text[s:e] for s, e in zip(start, end)],
+                "values": [v[:e - s] for v, s, e in zip(vals, start, end)]}))
+        frames.append(pd.concat(sides).sort_values("index", kind="stable"))      # unit by unit, top first
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,155 @@
+"""Argument types for the command line: each turns one string into a checked value, or raises
+``argparse.ArgumentTypeError`` with the problem and the fix, which the parser prints as one line.
+
+Checks that need nothing but the argument live here, so a bad number or path is refused before any
+model is loaded or any file is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import stat
+from pathlib import Path
+
+# a unit: a state key (module.lN[_reverse].kind, see rnnscope.probe.keys) and an ASCII index
+UNIT = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?l[0-9]+(?:_reverse)?\.[a-z_]+:[0-9]+$", re.ASCII)
+
+
+def _bad(problem: str, fix: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"{problem} — {fix}")
+
+
+def _integer(text: str) -> int:
+    if not re.fullmatch(r"[+-]?[0-9]+", text.strip(), re.ASCII):
+        raise _bad(f"{text!r} is not a whole number", "write it in ASCII digits, e.g. 16")
+    return int(text)
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _bad(f"{text!r} is not a number", "write it as e.g. 0.3") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _bad(f"{text!r} is not a finite number", "give a finite number")
+    return value
+
+
+def _checked(what: str, convert, ok, rule: str, fix: str):
+    """A type that converts with ``convert`` and accepts values where ``ok(value)``: 'must be {rule}'."""
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise _bad(f"must be {rule} (got {value})", fix)
+        return value
+    parse.__name__ = what          # argparse names the type in its messages
+    return parse
+
+
+def int_at_least(low: int, what: str = "a number"):
+    return _checked(what, _integer, lambda v: v >= low, f"at least {low}", f"give {low} or more")
+
+
+def int_between(low: int, high: int, what: str):
+    return _checked(what, _integer, lambda v: low <= v <= high, f"from {low} to {high}", "give a value in that range")
+
+
+def fraction(what: str):
+    """A number strictly between 0 and 1."""
+    return _checked(what, _number, lambda v: 0 < v < 1, "between 0 and 1", "give a share such as 0.3")
+
+
+def positive_number(what: str):
+    return _checked(what, _number, lambda v: v > 0, "above 0", "give a positive number")
+
+
+def nonnegative_number(what: str):
+    return _checked(what, _number, lambda v: v >= 0, "0 or more", "give 0 or a positive number")
+
+
+def probability(what: str):
+    """A probability in [0, 1) (dropout)."""
+    return _checked(what, _number, lambda v: 0 <= v < 1, "from 0 up to (not including) 1", "give e.g. 0.2")
+
+
+port = int_between(1, 65535, "port")
+
+
+def host(text: str) -> str:
+    """An address to bind: a name or IP that resolves on this machine (``::1`` and ``[::1]`` work)."""
+    name = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not name:
+        raise _bad("the host is empty", "give an address such as 127.0.0.1")
+    try:
+        socket.getaddrinfo(name, None)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise _bad(f"host {text!r} does not resolve", "give an address such as 127.0.0.1, ::1 or 0.0.0.0") from None
+    return name
+
+
+def text_file(text: str) -> Path:
+    """An existing regular file (not a directory, FIFO or device, which would hang or mislead)."""
+    path = Path(text)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise _bad(f"{text} does not exist", "give an existing text file") from None
+    except OSError as err:
+        raise _bad(f"{text} cannot be read ({err.strerror})", "give a readable text file") from None
+    if stat.S_ISDIR(mode):
+        raise _bad(f"{text} is a directory", "give a text file inside it")
+    if not stat.S_ISREG(mode):
+        raise _bad(f"{text} is not a regular file", "give a text file (not a pipe or device)")
+    if not os.access(path, os.R_OK):
+        raise _bad(f"{text} is not readable", "check its permissions")
+    return path
+
+
+def unit(text: str) -> str:
+    """``KEY:INDEX``, e.g. ``rnn.l0.c:12``; whether the Run has it is checked when the Run is open."""
+    if not UNIT.match(text):
+        raise _bad(f"{text!r} is not a unit", "write units as KEY:INDEX, e.g. rnn.l0.c:12")
+    return text
+
+
+def units(text: str) -> list[str]:
+    parts = [u.strip() for u in text.split(",")]
+    return [unit(u) for u in parts]
+
+
+def name(text: str) -> str:
+    """A plain name (a feature, a kind): letters, digits and underscores."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text.strip(), re.ASCII):
+        raise _bad(f"{text!r} is not a name", "give names such as in_comment or column")
+    return text.strip()
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated list of plain names."""
+    return [name(p) for p in text.split(",")]
+
+
+def clamp(text: str) -> str:
+    """``KEY:INDEX=VALUE`` with a finite number; the unit itself is checked against the model."""
+    unit_part, eq, value = text.rpartition("=")
+    if not eq:
+        raise _bad(f"{text!r} is not a clamp", "write KEY:INDEX=VALUE, e.g. rnn.l0.c:199=-3")
+    unit(unit_part)
+    _number(value)
+    return text
+
+
+def read_text(path: Path) -> str:
+    """The file's text exactly as stored: UTF-8, line endings untouched (``newline=''``), so the Run's
+    text and its checksum match the file byte for byte."""
+    from rnnscope.errors import RnnscopeError
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise RnnscopeError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
+                            "convert it to UTF-8") from None
+    except OSError as err:
+        raise RnnscopeError(f"{path} cannot be read ({err.strerror})", "give a readable text file") from None

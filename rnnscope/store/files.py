@@ -1,0 +1,77 @@
+"""Files on disk: the one atomic write, paths kept inside a Run, and reads that cannot hang.
+
+Everything read from a Run or a checkpoint is someone else's input: a path in it is never
+followed out of its directory, a file is opened only once it is known to be a regular file (a
+FIFO or a device would block or never end), and nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from rnnscope.errors import RnnscopeError
+
+
+def atomic_write(path, write) -> Path:
+    """Call ``write(tmp_path)`` on a file beside ``path``, then rename it over ``path``: a kill at any
+    instant leaves either the old file or the new one, never half of one, and no temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def inside(root, relative: str, *, write: bool = False) -> Path:
+    """``root / relative``, refused unless it stays inside ``root`` once every link is resolved.
+
+    With ``write``, no existing part of the path below ``root`` may be a symbolic link at all, so
+    nothing is ever written through one (a Run whose ``analysis/`` points elsewhere).
+    """
+    root = Path(root)
+    parts = Path(relative).parts
+    if not parts or Path(relative).is_absolute() or ".." in parts or "\0" in relative:
+        raise RnnscopeError(f"{root}: the path {relative!r} leaves the Run", "the Run is damaged or hostile; "
+                            "record it again with `rnnscope probe`")
+    target = root.joinpath(*parts)
+    if write:
+        for i in range(1, len(parts) + 1):
+            part = root.joinpath(*parts[:i])
+            if part.is_symlink():
+                raise RnnscopeError(f"{part} is a symbolic link inside the Run; rnnscope does not write through one",
+                                    "replace the link with a real directory or file")
+    real_root = root.resolve()
+    if not target.resolve().is_relative_to(real_root):
+        raise RnnscopeError(f"{target} points outside the Run ({target.resolve()})",
+                            "the Run is damaged or hostile; record it again with `rnnscope probe`")
+    return target
+
+
+def regular_file(path, what: str, fix: str) -> os.stat_result:
+    """``os.stat`` of ``path``, refused with one line unless it is a regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise RnnscopeError(f"{what} {path} is missing", fix) from None
+    except OSError as err:
+        raise RnnscopeError(f"{what} {path} cannot be read ({err.strerror})", fix) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RnnscopeError(f"{what} {path} is not a regular file", fix)
+    return st
+
+
+def read_bytes(path, what: str, fix: str, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them (a manifest or card is small)."""
+    st = regular_file(path, what, fix)
+    if st.st_size > limit:
+        raise RnnscopeError(f"{what} {path} is {st.st_size:,} bytes, more than the {limit:,} it can be", fix)
+    with open(path, "rb") as f:
+        return f.read(limit + 1)

@@ -1,0 +1,116 @@
+"""The Run's on-disk format: the manifest's fields and types, state keys, and ``.npy`` headers.
+
+The same checks run when a Run is written and when it is opened, so rnnscope never writes a Run
+it would refuse to read. Each failure is one line naming the file and what is wrong with it.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from rnnscope.errors import RnnscopeError
+
+FORMAT, FORMAT_VERSION = "rnnscope-run", 1
+DTYPES = {"float16": np.float16, "float32": np.float32}
+# {module}.l{layer}[_reverse].{kind}: the module is a dotted name of identifier-like segments (a
+# Sequential's children are digits), so a key is never a path (no '/', '..' or NUL can match)
+KEY = re.compile(r"^(?:(?P<module>[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.)?"
+                 r"l(?P<layer>\d{1,4})(?P<reverse>_reverse)?\.(?P<kind>[A-Za-z][A-Za-z0-9_]*)$")
+UNIT = re.compile(KEY.pattern[:-1] + r":\d{1,9}$")
+RECORD = "record it again with `rnnscope probe`"
+
+
+def key_file(key: str) -> str:
+    return f"states/{key}.npy"
+
+
+def split_key(key: str) -> dict:
+    """``'rnn.l1_reverse.c' -> {module: 'rnn', layer: 1, reverse: True, kind: 'c'}``; a key that does
+    not follow the grammar is refused."""
+    m = KEY.match(key) if isinstance(key, str) else None
+    if not m:
+        raise RnnscopeError(f"{str(key)[:80]!r} is not a state key like 'rnn.l0.c'",
+                            "state keys are {module}.l{layer}[_reverse].{kind}")
+    return {"module": m["module"] or "", "layer": int(m["layer"]), "reverse": bool(m["reverse"]), "kind": m["kind"]}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_manifest(m, where) -> None:
+    """Refuse a manifest whose fields are missing or of the wrong type, before anything uses them."""
+    def bad(problem):
+        raise RnnscopeError(f"{where}/manifest.json {problem}", RECORD)
+    if not isinstance(m, dict):
+        raise RnnscopeError(f"{where} is not an rnnscope run (manifest.json is not a JSON object)",
+                            "point at a directory written by `rnnscope probe`")
+    if m.get("format") != FORMAT:
+        raise RnnscopeError(f"{where} is not an rnnscope run (manifest.json has no format {FORMAT!r})",
+                            "point at a directory written by `rnnscope probe`")
+    version = m.get("format_version")
+    if not _is_int(version) or version < 1:
+        bad(f"has no valid format_version (got {str(version)[:40]!r})")
+    if version > FORMAT_VERSION:
+        raise RnnscopeError(f"{where} has run format {version}, newer than this rnnscope reads ({FORMAT_VERSION})",
+                            "upgrade rnnscope")
+    if m.get("complete") is not True:
+        raise RnnscopeError(f"{where} is an incomplete run (the probe was interrupted)", "run `rnnscope probe` again")
+    text = m.get("text")
+    if not isinstance(text, dict) or not _is_int(text.get("chars")) or text["chars"] < 1:
+        bad("lacks text.chars, a whole number of characters >= 1")
+    if not isinstance(text.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", text["sha256"]):
+        bad("lacks text.sha256, the checksum of text.txt")
+    if m.get("dtype") not in DTYPES:
+        bad(f"has dtype {str(m.get('dtype'))[:40]!r}, not one of {', '.join(DTYPES)}")
+    keys = m.get("keys")
+    if not isinstance(keys, dict) or not keys:
+        bad("lacks keys, an object of state keys")
+    for key, info in keys.items():
+        if not KEY.match(key):
+            bad(f"has key {key[:80]!r}, which is not a state key like 'rnn.l0.c'")
+        if (not isinstance(info, dict) or not _is_int(info.get("units")) or info["units"] < 1
+                or info.get("file", key_file(key)) != key_file(key)
+                or not all(_is_int(info.get(c, 0)) and info.get(c, 0) >= 0 for c in ("nonfinite", "overflow"))):
+            bad(f"has a malformed entry for key {key!r} (units, file, nonfinite, overflow)")
+    model = m.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("checksum"), str):
+        bad("lacks model.checksum")
+    modules = model.get("modules", {})
+    if (not all(isinstance(model.get(f), (str, type(None))) for f in ("source", "card_name", "weights_sha256"))
+            or not isinstance(modules, dict)
+            or not all(isinstance(v, dict) and isinstance(v.get("type"), str) for v in modules.values())):
+        bad("has a malformed model.source, card_name, weights_sha256 or modules")
+    for field in ("vocab", "unk"):
+        if not isinstance(m.get(field), (str, type(None))):
+            bad(f"has a {field} that is not a string")
+    if not isinstance(m.get("grad", False), bool):
+        bad("has a grad flag that is not true or false")
+
+
+def check_npy(f, path, shape: tuple[int, ...], dtype) -> int:
+    """Read and check the header of the open ``.npy`` file ``f`` (never its data, never a pickle):
+    ``shape``, ``dtype``, C order, and a size of exactly header + data. Returns the data's offset."""
+    def bad(problem):
+        raise RnnscopeError(f"{path} {problem}", RECORD)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            bad(f"has .npy format version {version}, which rnnscope does not write")
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
+        bad(f"is not a readable .npy file ({str(err).splitlines()[0][:100] if str(err) else type(err).__name__})")
+    if got_dtype != np.dtype(dtype) or got_dtype.hasobject:
+        bad(f"holds {got_dtype}, expected {np.dtype(dtype)}")
+    if tuple(got_shape) != tuple(shape) or fortran:
+        bad(f"has shape {list(got_shape)}{' (Fortran order)' if fortran else ''}, expected {list(shape)}")
+    offset = f.tell()
+    size = f.seek(0, 2)
+    need = offset + int(np.prod(shape, dtype=np.int64)) * got_dtype.itemsize
+    if size != need:
+        bad(f"is {size:,} bytes, expected {need:,} for its header and {list(shape)} {got_dtype}")
+    return offset

@@ -1,0 +1,146 @@
+"""The Run's tables: ``RUN/units.parquet`` and ``RUN/analysis/{name}.parquet``, checked against a schema.
+
+A table from someone else's Run reaches the dashboards' widgets, so it is data only: every column
+named in its schema must be there with its type, other columns may only be numbers, booleans or
+strings, and ``key`` / ``unit`` values must be state keys and units. A table that fails is refused
+with one line naming the table and the column (rather than shown half-right): ``rnnscope analyze``
+writes it again. Tables are written beside their final name and renamed, never through a link.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rnnscope.errors import RnnscopeError
+
+from .files import atomic_write, inside, regular_file
+from .format import KEY, UNIT
+
+S, I, F, B, FL = "string", "integer", "float", "bool", "floats"
+_TYPES = {S: (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view),
+          I: (pa.types.is_integer, pa.types.is_floating),            # floating: a whole column may hold NaN
+          F: (pa.types.is_floating, pa.types.is_integer), B: (pa.types.is_boolean,),
+          FL: (lambda t: pa.types.is_list(t) and pa.types.is_floating(t.value_type),)}
+_ANY = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_null,
+        *_TYPES[S], *_TYPES[FL])
+
+UNITS_SCHEMA = {"unit": S, "key": S, "index": I, "module": S, "layer": I, "reverse": B, "kind": S,
+                "mean": F, "std": F, "min": F, "max": F}
+SCHEMAS = {
+    "neurons": {"unit": S, "key": S, "layer": I, "kind": S, "index": I, "feature": S, "metric": S, "direction": I,
+                "score": F, "heldout_score": F, "q_value": F, "strength": F},
+    "sparse": {"feature": S, "lam": F, "n_units": I, "metric": S, "heldout_score": F, "units": S},
+    "saturation": {"key": S, "layer": I, "gate": S, "index": I, "unit": S, "left": F, "right": F, "mean": F},
+    "grad_norms": {"step": I},                  # and one float column per gradient key
+    "grad_decay": {"key": S, "layer": I, "kind": S, "lag": I, "mean": F, "geo_mean": F, "q10": F, "q90": F,
+                   "positions": I},
+    "half_lives": {"key": S, "layer": I, "kind": S, "slope_per_step": F, "half_life": F, "fit_r2": F,
+                   "lag_to_1pct": I, "max_lag": I, "exploding": B},
+    "contexts": {"unit": S, "key": S, "index": I, "side": S, "rank": I, "step": I, "value": F, "start": I,
+                 "offset": I, "context": S, "values": FL},
+    "ablation": {"units": S, "role": S, "mode": S, "effect": F, "effect_elsewhere": F, "effect_size": F,
+                 "p_value": F, "beats_controls": F, "feature": S},
+}
+NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+ANALYZE = "run `rnnscope analyze RUN` again"
+
+
+def _schema_of(name: str) -> dict:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise RnnscopeError(f"{str(name)[:40]!r} is not a table name", f"use one of {', '.join(SCHEMAS)}")
+    return SCHEMAS.get(name, {})
+
+
+def _check(schema: pa.Schema, want: dict, where) -> None:
+    got = {f.name: f.type for f in schema if f.name != "__index_level_0__"}
+    for col, kind in want.items():
+        if col not in got:
+            raise RnnscopeError(f"{where} lacks the column {col!r}", ANALYZE)
+        if not (pa.types.is_null(got[col]) or any(ok(got[col]) for ok in _TYPES[kind])):
+            raise RnnscopeError(f"{where}: column {col!r} holds {got[col]}, expected {kind}", ANALYZE)
+    for col, typ in got.items():
+        if not any(ok(typ) for ok in _ANY):
+            raise RnnscopeError(f"{where}: column {str(col)[:40]!r} holds {typ}, not numbers, booleans or text",
+                                ANALYZE)
+
+
+def check_schema(path: Path, want: dict) -> None:
+    """Check a Parquet file's schema (its footer only) against ``want``: column -> kind."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise RnnscopeError(f"{path} is not a readable Parquet table ({str(err).splitlines()[0][:100]})",
+                            ANALYZE) from None
+    _check(schema, want, path)
+
+
+def _check_values(frame: pd.DataFrame, where, name: str = "") -> None:
+    """``key`` and ``unit`` columns (and ``grad_norms``' column names) must be state keys and units."""
+    for col, pattern in (("key", KEY), ("unit", UNIT)):
+        if col in frame:
+            values = frame[col].dropna().astype(str)
+            bad = values[~values.str.match(pattern.pattern)]
+            if len(bad):
+                raise RnnscopeError(f"{where}: {col} {str(bad.iloc[0])[:60]!r} is not a state {col}", ANALYZE)
+    if name == "grad_norms":
+        for col in frame.columns:
+            if col != "step" and not (KEY.match(str(col)) and pd.api.types.is_float_dtype(frame[col])):
+                raise RnnscopeError(f"{where}: column {str(col)[:60]!r} is not a gradient key of floats", ANALYZE)
+
+
+def read_parquet(path: Path, want: dict, name: str = "") -> pd.DataFrame:
+    check_schema(path, want)
+    try:
+        frame = pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError, TypeError) as err:
+        raise RnnscopeError(f"{path} is not a readable Parquet table ({str(err).splitlines()[0][:100]})",
+                            ANALYZE) from None
+    _check_values(frame, path, name)
+    return frame
+
+
+def write_parquet(path: Path, frame: pd.DataFrame, want: dict, name: str = "") -> Path:
+    """Write ``frame`` atomically after checking it against the schema the reader will apply."""
+    frame = frame.copy(deep=False)
+    frame.attrs = {}
+    table = pa.Table.from_pandas(frame)
+    _check(table.schema, want, f"the {name or path.stem} table")
+    _check_values(frame, f"the {name or path.stem} table", name)
+    return atomic_write(path, lambda p: pq.write_table(table, p))
+
+
+def _root(run) -> Path:
+    return Path(getattr(run, "path", run))
+
+
+def table_path(run, name: str) -> Path:
+    """``RUN/analysis/{name}.parquet``, refused if it leads out of the Run."""
+    _schema_of(name)
+    return inside(_root(run), f"analysis/{name}.parquet")
+
+
+def write_table(run, name: str, frame: pd.DataFrame) -> Path:
+    want = _schema_of(name)
+    path = inside(_root(run), f"analysis/{name}.parquet", write=True)
+    return write_parquet(path, frame, want, name)
+
+
+def read_table(run, name: str) -> pd.DataFrame | None:
+    """A table ``analyze`` wrote, or None when it has not been run (or had no data for it)."""
+    path = table_path(run, name)
+    if not path.exists():
+        return None
+    regular_file(path, "the analysis table", ANALYZE)
+    return read_parquet(path, _schema_of(name), name)
+
+
+def write_json(run, name: str, value: dict) -> Path:
+    """``RUN/analysis/{name}.json``, atomically, never through a link."""
+    _schema_of(name)
+    path = inside(_root(run), f"analysis/{name}.json", write=True)
+    return atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=1), encoding="utf-8"))

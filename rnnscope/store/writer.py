@@ -1,0 +1,240 @@
+"""Writing a Run: beside its final name, then swapped in whole, and only ever over a Run.
+
+``RunWriter(out, text, overwrite=...)`` checks ``out`` before anything is written (a file, a link,
+``.``, a path under a file, or a directory that is not a Run is refused), removes what killed
+writers left behind, and fills ``.NAME.partial-PID-XXXX``; ``commit(manifest)`` swaps it in. The swap
+holds a lock on the parent directory, so two writers of one output never interleave, and uses an
+atomic exchange where the kernel has one: the output is a whole Run at every instant, and the
+old Run is deleted under the partial's name, which the next writer clears if a kill interrupts.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rnnscope.errors import RnnscopeError
+
+from .files import inside
+from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, key_file
+from .run import is_run
+from .tables import UNITS_SCHEMA, write_parquet
+
+try:
+    import fcntl
+except ImportError:          # Windows: no advisory locks; the swap is still checked, just not serialised
+    fcntl = None
+
+
+class NpyRows:
+    """Rows appended to a ``.npy`` file with ``os.pwrite``. NumPy writes the header; rows go
+    through the page cache without being mapped into this process, so RSS stays flat however long
+    the text is (writing through ``np.memmap`` would keep every dirty page resident). Values are
+    written as given: NaN and Inf stay NaN and Inf."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        header = np.lib.format.open_memmap(path, "w+", dtype, shape)
+        self.offset, self.row = header.offset, int(np.prod(shape[1:], dtype=np.int64)) * header.itemsize
+        self.dtype = np.dtype(dtype)
+        del header
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
+        os.pwrite(self.fd, data, self.offset + start * self.row)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def text_bytes(text: str) -> bytes:
+    """The text as ``text.txt`` stores it: UTF-8, byte for byte (no newline translation)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RnnscopeError(f"the text holds {text[err.start]!r} at {err.start}, which UTF-8 cannot store",
+                            "remove unpaired surrogates from the text") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
+
+
+def check_out(out, overwrite: bool) -> Path:
+    """Refuse an output that is not a new path, an empty directory, or (with ``overwrite``) a Run.
+    Nothing is written: every refusal leaves the disk as it was."""
+    out = Path(out)
+    choose = "choose another --out"
+    if out.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise RnnscopeError(f"--out {out} is the current directory or above it", "name a new directory for the Run")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise RnnscopeError(f"--out {out} is under {parent}, which is not a directory", choose)
+            break
+    if out.is_symlink():
+        raise RnnscopeError(f"--out {out} is a symbolic link; rnnscope does not write through one", choose)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise RnnscopeError(f"--out {out} is an existing file, not a Run", choose)
+    if not overwrite:
+        raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    if any(out.iterdir()) and not is_run(out):
+        raise RnnscopeError(f"{out} is not a Run (no rnnscope manifest.json), so --overwrite will not replace it",
+                            f"{choose}, or move that directory away yourself")
+    return out
+
+
+def clean_stale(out: Path, log=print) -> list[Path]:
+    """Remove ``.NAME.partial-PID[-XXXX]`` directories whose writer is gone (a SIGKILLed probe), and say so.
+    An old Run moved aside by a swap that was killed half-way is put back if nothing replaced it."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)(?:-\w+)?(\.old)?$")
+    gone = []
+    if not out.parent.is_dir():
+        return gone
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.match(p.name)
+        if not m or int(m[1]) == os.getpid() or _alive(int(m[1])) or not p.is_dir() or p.is_symlink():
+            continue
+        if m[2] and not out.exists() and not out.is_symlink():
+            os.rename(p, out)
+            log(f"probe: restored {out} from {p.name}, left by a probe killed while replacing it")
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    if gone:
+        log(f"probe: removed {len(gone)} unfinished run(s) left by a killed probe: {', '.join(p.name for p in gone)}")
+    return gone
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux's renameat2(RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False            # an old kernel, or a file system without exchange: fall back
+    raise OSError(err, os.strerror(err), str(b))
+
+
+class RunWriter:
+    """``with RunWriter(out, text) as w:`` fill ``w.states(...)``, ``w.loss()``, ``w.units(frame)``, then
+    ``w.commit(manifest)``. Leaving the block without a commit removes the partial Run."""
+
+    def __init__(self, out, text: str, *, dtype: str = "float16", overwrite: bool = False, log=print):
+        self.out, self.overwrite, self.dtype, self.log = check_out(out, overwrite), overwrite, dtype, log
+        self.data = text_bytes(text)
+        self.chars = len(text)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.out, log)
+        # unique per writer (two writers may share a process); the PID tells a later writer whether it is stale
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-{os.getpid()}-", dir=self.out.parent))
+        try:
+            (self.tmp / "states").mkdir()
+            with open(self.tmp / "text.txt", "wb") as f:     # bytes: CR and CRLF are kept as they are
+                f.write(self.data)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        self.rows: list[NpyRows] = []
+        self.done = False
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if not self.done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def close(self) -> None:
+        for r in self.rows:
+            r.close()
+
+    def states(self, key: str, units: int) -> NpyRows:
+        """The row writer of ``states/{key}.npy`` ``[chars, units]`` in the Run's dtype."""
+        self.rows.append(NpyRows(inside(self.tmp, key_file(key), write=True), DTYPES[self.dtype],
+                                 (self.chars, units)))
+        return self.rows[-1]
+
+    def loss(self) -> NpyRows:
+        self.rows.append(NpyRows(self.tmp / "loss.npy", np.float32, (self.chars,)))
+        return self.rows[-1]
+
+    def read_loss(self) -> np.ndarray:
+        return np.load(self.tmp / "loss.npy", mmap_mode="r", allow_pickle=False)
+
+    def units(self, frame: pd.DataFrame) -> None:
+        write_parquet(self.tmp / "units.parquet", frame, UNITS_SCHEMA, "units")
+
+    def commit(self, manifest: dict) -> Path:
+        """Write the manifest (format, text checksum, files filled in here) and swap the Run in."""
+        self.close()
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest,
+                    "text": {"chars": self.chars, "sha256": hashlib.sha256(self.data).hexdigest(),
+                             "newlines": "as stored"},
+                    "dtype": self.dtype}
+        manifest["keys"] = {k: {**v, "file": key_file(k)} for k, v in manifest["keys"].items()}
+        check_manifest(manifest, self.tmp)
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        self._swap()
+        self.done = True
+        return self.out
+
+    def _swap(self) -> None:
+        fd = os.open(self.out.parent, os.O_RDONLY)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)          # one swap at a time in this directory
+            try:
+                check_out(self.out, self.overwrite)     # again: another writer may have been first
+            except RnnscopeError as err:
+                raise RnnscopeError(f"{err.problem} (written by another process while this probe ran)",
+                                    err.fix) from None
+            if not self.out.exists():
+                os.rename(self.tmp, self.out)
+            elif _exchange(self.tmp, self.out):
+                shutil.rmtree(self.tmp)                 # the old Run, now under the partial's name
+            else:
+                old = self.tmp.with_name(self.tmp.name + ".old")
+                os.rename(self.out, old)
+                try:
+                    os.rename(self.tmp, self.out)
+                except BaseException:
+                    os.rename(old, self.out)            # put the old Run back
+                    raise
+                shutil.rmtree(old)
+        finally:
+            os.close(fd)

@@ -1,0 +1,153 @@
+"""The Run store on its own: the format, the writer's swap, the one atomic write, the key grammar.
+
+A v1 Run is built here by hand, file by file, as the code before the store wrote it: the store
+must keep reading it, and what its writer produces must match the same layout.
+"""
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rnnscope import store
+from rnnscope.errors import RnnscopeError
+from rnnscope.store import writer as W
+
+KEYS = {"rnn.l0.h": 3, "rnn.l0.c": 3}
+TEXT = "ab\ncd\n"
+
+
+def units_frame() -> pd.DataFrame:
+    return pd.DataFrame([{"unit": f"{k}:{i}", "key": k, "index": i, "module": "rnn", "layer": 0, "reverse": False,
+                          "kind": k[-1], "mean": 0.0, "std": 1.0, "min": -1.0, "max": 1.0}
+                         for k, u in KEYS.items() for i in range(u)])
+
+
+def handmade_v1_run(path, text=TEXT):
+    """A Run laid out as format version 1 was written before the store existed."""
+    (path / "states").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for key, units in KEYS.items():
+        np.save(path / f"states/{key}.npy", rng.standard_normal((len(text), units)).astype(np.float16))
+    np.save(path / "loss.npy", np.append(rng.random(len(text) - 1), np.nan).astype(np.float32))
+    (path / "text.txt").write_text(text, encoding="utf-8")
+    units_frame().to_parquet(path / "units.parquet")
+    manifest = {"format": "rnnscope-run", "format_version": 1, "complete": True, "created": "2026-01-01T00:00:00+00:00",
+                "model": {"source": "zoo:lstm-linux", "class": "CharModel", "checksum": "0" * 64, "card_name": "x",
+                          "weights_sha256": "1" * 64, "modules": {"rnn": {"type": "LSTM", "layers": 1, "hidden": 3,
+                                                                          "bidirectional": False, "proj_size": 0}}},
+                "vocab": "\nabcd", "unk": None, "text": {"chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()},
+                "dtype": "float16", "kinds": ["c", "h"], "grad": False, "chunk": 2048, "grad_horizon": None,
+                "loss": {"mean_nats": 1.0, "bits_per_char": 1.4},
+                "keys": {k: {"units": u, "file": f"states/{k}.npy", "nonfinite": 0, "overflow": 0} for k, u in KEYS.items()},
+                "nonfinite": False}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+def write_run(out, text=TEXT, *, overwrite=False, rows=None):
+    """A Run through the store's writer, states filled with ``rows`` (default: a ramp)."""
+    with store.RunWriter(out, text, dtype="float32", overwrite=overwrite, log=lambda s: None) as w:
+        for key, units in KEYS.items():
+            data = rows if rows is not None else np.arange(len(text) * units, dtype=np.float32).reshape(-1, units)
+            w.states(key, units).write(0, data)
+        w.loss().write(0, np.zeros(len(text), np.float32))
+        w.units(units_frame())
+        return w.commit({"model": {"checksum": "0" * 64}, "vocab": None, "unk": None,
+                         "keys": {k: {"units": u, "nonfinite": 0, "overflow": 0} for k, u in KEYS.items()}})
+
+
+def test_a_v1_run_written_before_the_store_still_opens(tmp_path):
+    run = store.open_run(handmade_v1_run(tmp_path / "old"))
+    assert run.text == TEXT and sorted(run.keys()) == sorted(KEYS) and run["rnn.l0.c"].shape == (6, 3)
+    assert len(run.units) == 6 and np.isnan(run.loss[-1])
+
+
+def test_the_writer_lays_out_what_the_reader_checks(tmp_path):
+    out = write_run(tmp_path / "r")
+    run = store.open_run(out)
+    np.testing.assert_array_equal(run["rnn.l0.h"], np.arange(18, dtype=np.float32).reshape(6, 3))
+    assert run.manifest["text"]["sha256"] == hashlib.sha256((out / "text.txt").read_bytes()).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_nan_and_inf_rows_are_written_as_they_are(tmp_path):
+    rows = np.array([[np.nan, np.inf, -np.inf]] * len(TEXT), np.float32)
+    run = store.open_run(write_run(tmp_path / "r", rows=rows))
+    got = np.asarray(run["rnn.l0.c"])
+    assert np.isnan(got[:, 0]).all() and (got[:, 1] == np.inf).all() and (got[:, 2] == -np.inf).all()
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
+def test_replacing_a_run_leaves_one_whole_run_and_nothing_beside_it(tmp_path, monkeypatch, exchange):
+    write_run(tmp_path / "r")
+    if not exchange:        # a kernel or file system without RENAME_EXCHANGE
+        monkeypatch.setattr(W, "_exchange", lambda a, b: False)
+    write_run(tmp_path / "r", "xyz\r\n", overwrite=True)
+    assert store.open_run(tmp_path / "r").text == "xyz\r\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_a_swap_killed_half_way_gets_the_old_run_put_back(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    old = handmade_v1_run(tmp_path / f".r.partial-{proc.pid}-abc.old")     # moved aside, then the kill
+    said = []
+    store.clean_stale(tmp_path / "r", log=said.append)
+    assert store.open_run(tmp_path / "r").text == TEXT and not old.exists() and "restored" in said[0]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "f.json"
+    target.write_text("old")
+
+    def dies(p):
+        p.write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        store.atomic_write(target, dies)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    store.atomic_write(target, lambda p: p.write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+@pytest.mark.parametrize("key", ["rnn.l0.c", "l0.h", "encoder.lstm.l1_reverse.grad_h", "body.1.l0.h"])
+def test_the_key_grammar_takes_pytorch_names(key):
+    assert store.split_key(key)["kind"] == key.rsplit(".", 1)[1]
+
+
+@pytest.mark.parametrize("key", ["../x.l0.h", "a/b.l0.h", "rnn.l0.h\0", "rnn..l0.h", ".l0.h", "rnn.l0.", "rnn.h",
+                                 "rnn.l0.h/../../x", 7])
+def test_the_key_grammar_refuses_anything_path_like(key):
+    with pytest.raises(RnnscopeError, match="not a state key"):
+        store.split_key(key)
+
+
+@pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a/../../x", "a\0b", ""])
+def test_inside_refuses_paths_that_leave_the_run(tmp_path, rel):
+    with pytest.raises(RnnscopeError, match="leaves the Run"):
+        store.inside(tmp_path, rel)
+
+
+def test_a_table_that_breaks_its_schema_is_never_written(tmp_path):
+    out = write_run(tmp_path / "r")
+    frame = pd.DataFrame({"key": ["rnn.l0.h"], "layer": [0], "kind": ["h"], "slope_per_step": ["steep"],
+                          "half_life": [1.0], "fit_r2": [1.0], "lag_to_1pct": [3], "max_lag": [9], "exploding": [False]})
+    with pytest.raises(RnnscopeError, match="slope_per_step.*expected float"):
+        store.write_table(out, "half_lives", frame)
+    assert not (out / "analysis" / "half_lives.parquet").exists()
+    store.write_table(out, "half_lives", frame.assign(slope_per_step=0.5))
+    pd.testing.assert_frame_equal(store.read_table(out, "half_lives"), frame.assign(slope_per_step=0.5),
+                                  check_dtype=False)
+    with pytest.raises(RnnscopeError, match="not a table name"):
+        store.table_path(out, "../neurons")
+
+
+def test_the_old_import_paths_still_work():
+    from rnnscope.analysis import report
+    from rnnscope.probe import Run, open_run
+    assert Run is store.Run and open_run is store.open_run
+    assert report.read_table is store.read_table and report.write_table is store.write_table
