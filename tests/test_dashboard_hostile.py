@@ -262,7 +262,7 @@ def test_broken_tables_are_refused_at_start_and_a_broken_page_shows_no_traceback
     (broken / "analysis" / "neurons.parquet").write_bytes(b"not parquet <script>")
     proc = subprocess.run([sys.executable, "-m", "rnnscope.cli", "serve", str(broken), "--port", str(free_port())],
                           capture_output=True, text=True, timeout=120)      # a server that starts fails here
-    one_line_error(proc, "cannot be shown")
+    one_line_error(proc, str(broken))                                # refused in one line, at start
     gone = tmp_path / "gone"
     shutil.copytree(hostile.path, gone)
     with served(gone) as (url, _):
