@@ -5,6 +5,7 @@
     with rs.Probe(ck.model, grad=True) as p: ...   # every state, gate and gradient in memory
     run = rs.record(ck, text, "runs/x")            # the same, streamed into a Run on disk
     run = rs.open_run("runs/x"); rs.find_neurons(run)
+    rs.show(run, "rnn.l0.c:199")                   # in Jupyter: the text coloured by that unit, inline
 
 The subpackages are ``rnnscope.probe``, ``rnnscope.analysis``, ``rnnscope.dashboards`` and
 ``rnnscope.zoo``; the command line lives in ``rnnscope.cli``. Names are imported on first use, so
@@ -23,6 +24,7 @@ _API = {
     "Probe": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.probe", "Run": "rnnscope.probe",
     "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.analysis",
     "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",
+    "show": "rnnscope.dashboards.notebook",
 }
 __all__ = sorted(_API)
 

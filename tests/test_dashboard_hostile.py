@@ -285,3 +285,15 @@ def test_notebook_html_inlines_bokehjs_and_escapes_the_text(hostile):
     for payload in PAYLOADS[:3]:
         assert payload not in page                                        # only ever as escaped JSON data
     assert "U+202E" in page and "\u202e" not in page                   # drawn visibly, not as an override
+
+
+def test_jupyter_show_and_run_repr_escape_everything(hostile):
+    import rnnscope as rs
+    key = next(k for k in hostile.keys() if k.endswith(".c"))
+    view = rs.show(hostile, f"{key}:3")
+    page = view._repr_html_()
+    assert "Bokeh.embed" in page and all(p not in page for p in PAYLOADS[:3])
+    summary = hostile._repr_html_()
+    assert key in summary and "<script" not in summary and "<img" not in summary
+    with pytest.raises(rs.RnnscopeError):
+        rs.show(hostile, f"{key}:99999")       # a bad unit fails at the call, not later at display

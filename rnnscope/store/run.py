@@ -42,6 +42,18 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}: {len(self)} chars, {len(self.keys())} keys, {self.manifest['dtype']})"
 
+    def _repr_html_(self) -> str:
+        """Jupyter: what the Run holds, every string from it escaped (``rs.show`` draws a unit)."""
+        from html import escape
+        rows = "".join(f"<tr><td><code>{escape(k)}</code></td><td>{v['units']}</td></tr>"
+                       for k, v in list(self.manifest["keys"].items())[:64])
+        more = len(self.manifest["keys"]) - 64
+        return (f"<p><b>Run</b> <code>{escape(str(self.path))}</code>: {len(self):,} characters, "
+                f"{len(self.keys())} keys, {escape(str(self.manifest['dtype']))}</p>"
+                f"<table><tr><th>key</th><th>units</th></tr>{rows}</table>"
+                + (f"<p>... and {more} more keys</p>" if more > 0 else "")
+                + "<p>Draw a unit with <code>rnnscope.show(run, KEY:INDEX)</code>.</p>")
+
     def __len__(self) -> int:
         return self.manifest["text"]["chars"]
 
