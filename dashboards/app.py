@@ -23,10 +23,10 @@ from rnnscope.errors import RnnscopeError
 from .plots import GradientView, SaturationView
 from .queries import checked, esc, page
 from .state import Selection
-from .views import Controls, HeatmapView, NeuronView, PatternView, TextView, div
+from .views import Controls, ContextsView, HeatmapView, NeuronView, PatternView, TextView, div
 
 WINDOW = 10000           # characters on one page of text
-TABLES = ("neurons", "saturation", "grad_decay", "half_lives")
+TABLES = ("neurons", "contexts", "saturation", "grad_decay", "half_lives")
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +76,7 @@ def build(doc, data: RunData):
     sel = data.first_selection()
     controls, text = Controls(data, sel), TextView(data, sel)
     views = [("heatmap", HeatmapView(data, sel)), ("neurons", NeuronView(data, sel)),
+             ("top contexts", ContextsView(data, sel)),
              ("gradient flow", GradientView(data, sel)), ("gate saturation", SaturationView(data, sel)),
              ("pattern search", PatternView(data, sel, text))]
     tabs = Tabs(tabs=[TabPanel(child=v.root, title=t) for t, v in views], name="views")

@@ -19,7 +19,10 @@ from .figures import colour_range, shade, shown, text_data
 
 # The columns each view reads; a table without them is shown as missing, never as a traceback.
 SCHEMA = {"neurons": {"unit": "O", "key": "O", "index": "iu", "feature": "O", "metric": "O", "direction": None,
-                      "score": "f", "heldout_score": "f", "q_value": "f", "strength": "f"},
+                      "selection_score": "f", "selection_q": "f", "heldout_score": "f", "heldout_q": "f",
+                      "selectivity": "f", "strength": "f"},
+          "contexts": {"unit": "O", "side": "O", "rank": "iu", "step": "iu", "value": "f", "offset": "iu",
+                       "context": "O"},
           "saturation": {"layer": None, "gate": None, "unit": "O", "left": "f", "right": "f"},
           "grad_decay": {"key": "O", "lag": "iuf", "geo_mean": "f"},
           "half_lives": {"key": "O", "half_life": "f"}}
@@ -89,12 +92,26 @@ def unit_info(neurons: pd.DataFrame | None, unit: str, s: int, e: int, n: int, h
         if len(hit):
             r = hit.iloc[0]
             found = (f" &middot; best feature <b>{esc(r['feature'])}</b>: {esc(r['metric'])} "
-                     f"{fmt(r['heldout_score'])} held out, q={fmt(r['q_value'])}")
+                     f"{fmt(r['selection_score'])} on selection (q={fmt(r['selection_q'])}), "
+                     f"{fmt(r['heldout_score'])} held out, selectivity {fmt(r['selectivity'])}")
     return (f"<b>{esc(unit)}</b> &middot; characters {s:,}&ndash;{e:,} of {n:,}"
             f" &middot; colour scale &plusmn;{fmt(half)}{found}")
 
 
-NEURON_COLUMNS = ["unit", "feature", "metric", "direction", "score", "heldout_score", "q_value"]
+NEURON_COLUMNS = ["unit", "feature", "metric", "direction", "selection_score", "selection_q", "heldout_score",
+                  "heldout_q", "selectivity"]
+CONTEXT_COLUMNS = ["side", "rank", "value", "step", "context"]
+
+
+def context_rows(contexts: pd.DataFrame, unit: str) -> dict:
+    """The selected unit's top and bottom contexts: the step's character in brackets, control and bidi
+    characters made visible (the table writes cells as plain text), numbers as ``fmt`` strings."""
+    t = contexts[contexts["unit"] == unit].sort_values(["side", "rank"], ascending=[False, True])
+    shown_context = ["".join(shown(ch) for ch in c[:o]) + "[" + "".join(shown(ch) for ch in c[o:o + 1]) + "]"
+                     + "".join(shown(ch) for ch in c[o + 1:]) for c, o in zip(t["context"], t["offset"])]
+    return {"side": [str(v) for v in t["side"]], "rank": [str(int(v)) for v in t["rank"]],
+            "value": [fmt(v) for v in t["value"]], "step": [str(int(v)) for v in t["step"]],
+            "context": shown_context}
 
 
 def neuron_rows(neurons: pd.DataFrame, feature: str, limit: int = 2000) -> dict:

@@ -168,3 +168,30 @@ class PatternView:
         rows = q.pattern_rows(self.data.run, q.pattern_keys(self.data.state_keys), s, e, a, b, TOP)
         self.source.data = rows
         self.info.text = q.pattern_note(self.data.text, a, b, len(rows["unit"]))
+
+
+class ContextsView:
+    """The selected unit's top and bottom contexts (``rnnscope analyze`` writes them); a click on a row
+    pages the text to that step."""
+
+    def __init__(self, data, sel):
+        self.data, self.sel = data, sel
+        contexts = data.tables.get("contexts")
+        if contexts is None:
+            self.root = div(q.missing_note("top contexts", f"rnnscope analyze {data.run.path}",
+                                           data.why.get("contexts")), width=900)
+            return
+        self.source = ColumnDataSource(q.context_rows(contexts, sel.unit), name="context_rows")
+        grid = table(self.source, q.CONTEXT_COLUMNS, name="context_table", width=900, height=420)
+        self.source.selected.on_change("indices", lambda a, o, n: self._jump(n))
+        self.root = grid
+        sel.watch(self.update)
+
+    def _jump(self, rows: list[int]) -> None:
+        if rows:
+            step = int(self.source.data["step"][rows[0]])
+            self.sel.set(start=max(0, step - self.data.window // 2))
+
+    def update(self, changed: set[str]) -> None:
+        if changed & {"key", "index"}:
+            self.source.data = q.context_rows(self.data.tables["contexts"], self.sel.unit)

@@ -93,6 +93,31 @@ def test_neuron_table_click_selects_the_unit(run_dir, driver):
         assert not _errors(driver)
 
 
+def test_top_contexts_follow_the_selected_unit_and_a_click_pages_to_the_step(run_dir, driver):
+    from rnnscope.probe import open_run
+    run = open_run(run_dir / "run")
+    with served(run_dir / "run", "--window", "400") as (url, _):
+        _open(driver, url)
+        wait_for_model(driver, "context_rows")
+        key, index = get(driver, "unit_key", "value"), get(driver, "unit_index", "value")
+        values = np.asarray(run[key][:, index], np.float64)
+        sides = column(driver, "context_rows", "side")
+        steps = [int(v) for v in column(driver, "context_rows", "step")]
+        top = [st for sd, st in zip(sides, steps) if sd == "top"]
+        assert top[0] == int(np.argmax(values)) and len(top) == 10    # the unit's highest step comes first
+        assert all("[" in c for c in column(driver, "context_rows", "context"))
+        set_prop(driver, "unit_index", "value", (index + 1) % 256)
+        wait_until(lambda: [int(v) for v in column(driver, "context_rows", "step")] != steps)
+        new_top = int(column(driver, "context_rows", "step")[0])
+        assert new_top == int(np.argmax(np.asarray(run[key][:, (index + 1) % 256], np.float64)))
+        rows = [int(v) for v in column(driver, "context_rows", "step")]
+        far = next(i for i, st in enumerate(rows) if st > 400)     # a step beyond the first page
+        driver.execute_script("Bokeh.documents[0].get_model_by_name('context_rows').selected.indices = arguments[0]",
+                              [far])
+        wait_until(lambda: get(driver, "window_start", "value") == rows[far] - 200)
+        assert not _errors(driver)
+
+
 def test_pattern_search_ranks_units_for_a_selected_span(run_dir, driver):
     with served(run_dir / "run") as (url, _):
         _open(driver, url)

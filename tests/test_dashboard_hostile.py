@@ -86,7 +86,14 @@ def hostile(tmp_path_factory):
                             "index": [int(u.rsplit(":", 1)[1]) for u in units],
                             "feature": [bad(i % 2) for i in range(n)], "metric": [bad(i + 2) for i in range(n)],
                             "direction": 1, "score": np.linspace(0.9, 0.1, n), "heldout_score": 0.5,
-                            "q_value": np.geomspace(1e-9, 0.5, n), "strength": np.linspace(1, 0.1, n)})
+                            "q_value": np.geomspace(1e-9, 0.5, n), "strength": np.linspace(1, 0.1, n),
+                            "selection_score": np.linspace(0.9, 0.1, n), "selection_q": np.geomspace(1e-9, 0.5, n),
+                            "heldout_q": np.geomspace(1e-8, 0.9, n), "selectivity": 0.05})
+    contexts = pd.DataFrame({"unit": [units[0]] * 4, "key": units[0].rsplit(":", 1)[0], "index": 0,
+                             "side": ["top", "top", "bottom", "bottom"], "rank": [0, 1, 0, 1], "step": [3, 5, 7, 9],
+                             "value": [1.0, 0.5, -0.5, -1.0], "start": 0, "offset": [3, 5, 7, 9],
+                             "context": [bad(i) + "\u202e" for i in range(4)],
+                             "values": [np.zeros(len(bad(i)) + 1, np.float32) for i in range(4)]})
     gates = [k for k in keys if k.rsplit(".", 1)[1] in ("i", "f", "o")]
     saturation = pd.DataFrame({"key": [gates[0], gates[0], gates[1], gates[1]], "layer": [0, 0, 1, 1],
                                "gate": [bad(2), "f", bad(4), "o"], "index": range(4),
@@ -99,7 +106,8 @@ def hostile(tmp_path_factory):
                           "half_life": [1.0, np.nan], "fit_r2": 0.9, "lag_to_1pct": 7, "max_lag": 2,
                           "exploding": False})
     (run.path / "analysis").mkdir(exist_ok=True)
-    for name, t in (("neurons", neurons), ("saturation", saturation), ("grad_decay", decay), ("half_lives", lives)):
+    for name, t in (("neurons", neurons), ("contexts", contexts), ("saturation", saturation), ("grad_decay", decay),
+                    ("half_lives", lives)):
         t.to_parquet(run.path / "analysis" / f"{name}.parquet")
     return run
 
@@ -161,7 +169,9 @@ def test_no_payload_runs_or_typesets_in_any_view(hostile, driver):
         wait_for_model(driver, "neuron_rows")
         info = wait_until(lambda: get(driver, "unit_info", "text"))
         assert "&lt;" in info and "<img" not in info                     # escaped, not stripped
-        for tab in range(5):
+        shown = column(driver, "context_rows", "context")                 # hostile contexts: plain text
+        assert any("onerror=" in c for c in shown) and all("\u202e" not in c for c in shown)
+        for tab in range(6):
             set_prop(driver, "views", "active", tab)
             time.sleep(0.4)
             _safe(driver)
@@ -183,7 +193,7 @@ def test_no_payload_runs_or_typesets_in_any_view(hostile, driver):
         assert "$$\\href" in note and "<a " not in note
         _select(driver, "pattern_rows", [0])
         wait_until(lambda: f"{get(driver, 'unit_key', 'value')}:{get(driver, 'unit_index', 'value')}" == rows[0])
-        set_prop(driver, "views", "active", 4)
+        set_prop(driver, "views", "active", 5)
         time.sleep(0.5)
         _safe(driver)
 
