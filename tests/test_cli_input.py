@@ -89,3 +89,19 @@ def test_an_internal_error_is_one_line_not_a_traceback(monkeypatch, capsys):
     code = cli.main([])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "internal error ZeroDivisionError: division by zero" in err[0], err
+
+
+def test_probe_stores_crlf_and_cr_text_byte_for_byte(tmp_path, tiny_checkpoint, capsys):
+    """The command line reads --text with line endings untouched, so the Run's text and its
+    checksum are the file's (universal newlines used to turn CRLF into LF on the way in)."""
+    import hashlib
+
+    from rnnscope.probe import open_run
+    raw = b"int a;\r\nif (b) {\r\n\tc;\r}\n"
+    (tmp_path / "t.c").write_bytes(raw)
+    assert main(["probe", str(tiny_checkpoint), "--text", str(tmp_path / "t.c"), "--out", str(tmp_path / "run"),
+                 "--unk", " "]) == 0
+    run = open_run(tmp_path / "run")
+    assert run.text.encode() == raw and len(run) == len(raw.decode())
+    assert (tmp_path / "run" / "text.txt").read_bytes() == raw
+    assert run.manifest["text"]["sha256"] == hashlib.sha256(raw).hexdigest()
