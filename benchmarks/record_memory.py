@@ -15,7 +15,8 @@ import sys
 import tempfile
 
 CHILD = r"""
-import json, resource, sys, time, zoo, probe
+import json, resource, sys, time
+from rnnscope import probe, zoo
 n, kinds, grad, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3] == "1", sys.argv[4]
 base = (zoo.SAMPLES / "linux.c").read_text()
 text = (base * (n // len(base) + 1))[:n]

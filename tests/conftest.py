@@ -31,3 +31,12 @@ def tiny_checkpoint(tmp_path, tiny_vocab) -> Path:
 def char_model(arch: str, vocab: Vocab, hidden: int = 16, seed: int = 0) -> Checkpoint:
     torch.manual_seed(seed)
     return Checkpoint(CharModel(Architecture(arch, len(vocab), 8, hidden, 2)).eval(), vocab, {"name": arch}, arch)
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """Headless Chromium through selenium (the browser tests skip themselves where it is missing)."""
+    from rnnscope.dashboards.export import chromium_driver
+    d = chromium_driver(console_log=True)
+    yield d
+    d.quit()

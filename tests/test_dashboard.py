@@ -31,14 +31,6 @@ def run_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def driver():
-    from rnnscope.dashboards.export import chromium_driver
-    d = chromium_driver(console_log=True)
-    yield d
-    d.quit()
-
-
 def _open(driver, url):
     """Load the app, after dropping the console messages of earlier pages (whose servers have gone)."""
     driver.get("about:blank")

@@ -112,14 +112,6 @@ def hostile(tmp_path_factory):
     return run
 
 
-@pytest.fixture(scope="module")
-def driver():
-    from rnnscope.dashboards.export import chromium_driver
-    d = chromium_driver(console_log=True)
-    yield d
-    d.quit()
-
-
 # Every element, shadow roots included (Bokeh renders inside them), that the text could have made.
 INJECTED = """const out = [];
 const walk = (root) => { for (const el of root.querySelectorAll('*')) {
