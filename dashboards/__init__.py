@@ -1,5 +1,8 @@
 """dashboards: the Bokeh server app over a Run (``rnnscope serve``) and heatmap export to PNG, SVG
 and standalone HTML (``rnnscope export``)."""
+if __name__ != "rnnscope.dashboards":      # run from the repository root, ``import dashboards`` finds this folder
+    raise ImportError("this folder is rnnscope.dashboards, not a top-level 'dashboards' package: "
+                      "use `from rnnscope import dashboards` (pip install -e . first)")
 from .export import export, top_units_for, unit_figure, units_figure
 
 __all__ = ["export", "top_units_for", "unit_figure", "units_figure", "serve"]

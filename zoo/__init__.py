@@ -1,4 +1,7 @@
 """Char-level RNN / LSTM / GRU models, the corpora they learn from, their trainer and checkpoints."""
+if __name__ != "rnnscope.zoo":      # run from the repository root, ``import zoo`` finds this folder
+    raise ImportError("this folder is rnnscope.zoo, not a top-level 'zoo' package: "
+                      "use `from rnnscope import zoo` (pip install -e . first)")
 from .checkpoint import Checkpoint, load, save, shipped
 from .corpora import corpus
 from rnnscope.errors import RnnscopeError
