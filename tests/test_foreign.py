@@ -1,0 +1,192 @@
+"""Recurrent models rnnscope did not train (tests/foreign/), each probed and checked against the
+float64 reference: the whole model run in float64 with every recurrent module replaced by the
+unrolled loop of tests/reference.py, so states, and gradients of the model's own loss through its
+own head, come from code that shares nothing with rnnscope's."""
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnscope.probe import Probe, parse_key
+from reference import unrolled
+
+sys.path.insert(0, str(Path(__file__).parent / "foreign"))
+import foreign_kit as kit  # noqa: E402
+
+FOREIGN = Path(__file__).parent / "foreign"
+# spec file, the function whose subject has a loss, the sample probed and where in it (not the start, which they trained on most)
+SHAPES = {
+    "word_lm": ("word_lm.py", "load", "shakespeare.txt", 9000),
+    "tagger": ("tagger.py", "load_with_loss", "shakespeare.txt", 9000),
+    "subword": ("subword.py", "load", "shakespeare.txt", 9000),
+    "pooled": ("pooled.py", "load_with_loss", "python.py", 3000),
+    "seq2seq": ("seq2seq.py", "load", "python.py", 3000),
+}
+
+
+def spec(name: str, fn: str | None = None):
+    """The subject a spec file's function returns (default: the one SHAPES names)."""
+    return getattr(kit.load_file(FOREIGN / f"{name}.py"), fn or SHAPES[name][1])()
+
+
+def text_of(name: str, chars: int = 300) -> str:
+    _, _, sample, at = SHAPES[name]
+    return kit.sample(sample)[at: at + chars]
+
+
+def ids_of(encoder, text: str) -> torch.Tensor:
+    """ids [1, T] from any of the encoder shapes the spec files use (phase 1: before probe.encoders)."""
+    if hasattr(encoder, "encode"):
+        return encoder.encode(text)[0]
+    try:
+        return torch.tensor([encoder(text, return_offsets_mapping=True)["input_ids"]])
+    except TypeError:
+        return encoder(text)
+
+
+def forward(subject, model, ids):
+    return subject.call(model, ids) if subject.call else model(ids)
+
+
+def total_loss(subject, output, ids) -> torch.Tensor:
+    """The scalar whose gradients the probe and the reference both take."""
+    if subject.loss == "auto":
+        return F.cross_entropy(output[0, :-1], ids[0, 1:], reduction="sum")
+    return subject.loss(output, ids[0]).sum()
+
+
+def final_state(m, states):
+    """h_n (and c_n) ``[layers * directions, B, units]`` from the reference's per-step states."""
+    D = 2 if m.bidirectional else 1
+    last = lambda kind: torch.stack([states[(layer, d == 1, kind)][:, 0 if d else -1]  # noqa: E731
+                                     for layer in range(m.num_layers) for d in range(D)])
+    return (last("h"), last("c")) if isinstance(m, torch.nn.LSTM) else last("h")
+
+
+def reference(subject, ids, grad: bool):
+    """``{module: (states, deltas)}`` from the float64 model whose recurrent modules are the unrolled loop."""
+    m64 = copy.deepcopy(subject.model).double()
+    refs = {}
+
+    def hook(name):
+        def replace(mod, args, kwargs, output):
+            hx = args[1] if len(args) > 1 else kwargs.get("hx")
+            out, states, deltas = unrolled(mod, args[0], hx, perturb=grad)
+            refs[name] = (states, deltas)
+            return out, final_state(mod, states)
+        return replace
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in m64.named_modules()
+               if isinstance(m, (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU))]
+    try:
+        output = forward(subject, m64, ids)
+        if grad:
+            total_loss(subject, output, ids).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return refs
+
+
+def assert_matches(trace, refs, grad: bool):
+    """Every recorded key against the reference: states 1e-5 (relative above 1), gradients 1e-4 of their
+    largest value (they pass through the model's float32 head, softmax included)."""
+    assert set(refs) == {parse_key(k)["module"] for k in trace}
+    for key in trace:
+        k = parse_key(key)
+        states, deltas = refs[k["module"]]
+        got = torch.as_tensor(trace[key]).double()
+        if k["kind"].startswith("grad_"):
+            want = deltas[(k["layer"], k["reverse"], k["kind"][5:])].grad
+            assert ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)) < 1e-4, key
+        else:
+            want = states[(k["layer"], k["reverse"], k["kind"])]
+            assert ((got - want).abs() / want.abs().clamp_min(1)).max() < 1e-5, key
+        assert got.shape == want.shape, key
+    assert grad == any(parse_key(k)["kind"].startswith("grad_") for k in trace)
+
+
+def probe(subject, ids, grad: bool):
+    with Probe(subject.model, grad=grad) as p:
+        output = forward(subject, subject.model, ids)
+        if grad:
+            total_loss(subject, output, ids).backward()
+    return p.trace
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_probe_matches_reference(name):
+    subject = spec(name)
+    ids = ids_of(subject.encoder, text_of(name))
+    states_only = probe(subject, ids, grad=False)
+    assert_matches(states_only, reference(subject, ids, grad=False), grad=False)
+    if subject.loss is not None:
+        assert_matches(probe(subject, ids, grad=True), reference(subject, ids, grad=True), grad=True)
+
+
+def test_states_only_subjects_have_no_loss():
+    """The tagger's [1, T, 2] and the pooled classifier's [1, 3] outputs are not next-token logits."""
+    tagger, pooled = spec("tagger", "load"), spec("pooled", "load")
+    assert tagger.loss is None and pooled.loss is None
+    assert forward(tagger, tagger.model, ids_of(tagger.encoder, "To be, or not")).shape == (1, 13, 2)
+    assert pooled.model(ids_of(pooled.encoder, "int main(void)")).shape == (1, 3)
+
+
+def test_trained_models_learned_their_task():
+    """Seconds of training on the shipped samples: each model beats chance on a part of the text."""
+    tagger = spec("tagger")
+    text = text_of("tagger", 2000)
+    ids = ids_of(tagger.encoder, text)
+    tags = tagger.model(ids).argmax(-1)[0]
+    want = torch.tensor([c.isalpha() and not (text[i + 1: i + 2] or " ").isalpha() for i, c in enumerate(text)])
+    assert (tags == want.long()).float().mean() > 0.9
+    pooled = spec("pooled")
+    guesses = [pooled.model(ids_of(pooled.encoder, kit.sample(s)[-400:])).argmax().item()
+               for s in ("shakespeare.txt", "linux.c", "python.py")]
+    assert guesses == [0, 1, 2]
+
+
+def test_word_tokenizer_spans_cover_each_word():
+    tok = spec("word_lm").encoder
+    text = "  KING HENRY\tIV,\n\nwhat zzqx  "
+    ids, spans = tok.encode(text)
+    assert [text[s:e] for s, e in spans] == text.split()
+    assert ids.shape == (1, len(spans)) and ids[0, -1] == 0      # 'zzqx' is not in the vocabulary: <unk>
+
+
+def test_subword_offsets_like_hugging_face():
+    tok = spec("subword").encoder
+    text = "What say you, Falstaff?"
+    out = tok(text, return_offsets_mapping=True)
+    offsets = out["offset_mapping"]
+    assert offsets[0] == offsets[-1] == (0, 0) and len(offsets) == len(out["input_ids"])
+    assert "".join(text[s:e] for s, e in offsets[1:-1]) == text
+    assert any(e - s > 1 for s, e in offsets)                      # real subwords, not only characters
+    assert np.all(np.diff([s for s, _ in offsets[1:-1]]) > 0)
+
+
+def test_torchscript_archive_is_the_trained_model(tmp_path):
+    """The archive, loaded back, computes what the eager model does; the eager model probes exactly."""
+    module = kit.load_file(FOREIGN / "torchscript_gru.py")
+    path = module.save_archive(tmp_path)
+    archive = torch.jit.load(str(path))
+    assert not any(isinstance(m, torch.nn.GRU) for m in archive.modules())   # only ScriptModules inside
+    ids = module.CODEC(kit.sample("linux.c")[5000:5300])
+    torch.testing.assert_close(archive(ids), module.trained()(ids), rtol=0, atol=0)
+    eager = copy.copy(module.load())
+    eager.model = module.trained()
+    assert_matches(probe(eager, ids, grad=True), reference(eager, ids, grad=True), grad=True)
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_seq2seq_records_one_module(part):
+    subject = getattr(kit.load_file(FOREIGN / "seq2seq.py"), f"{part}_only")()
+    assert subject.modules == [part]
+    ids = ids_of(subject.encoder, text_of("seq2seq", 120))
+    trace = probe(subject, ids, grad=False)
+    ref = reference(subject, ids, grad=False)
+    assert {parse_key(k)["module"] for k in trace} == {"encoder", "decoder"}     # Probe itself records both
+    assert_matches(trace, ref, grad=False)
