@@ -3,7 +3,7 @@
 SPEC is one of
   * ``zoo:NAME`` or a checkpoint directory: a zoo ``Checkpoint`` (``rnnscope.zoo.load``, unchanged);
   * ``path/to/file.py:fn`` or ``package.module:fn`` (the uvicorn convention): ``fn()`` returns a
-    ``Subject`` or ``(model, encode[, loss])``. Loading a Python file runs its code, as importing does;
+    ``Subject``, ``(model, encode[, loss])``, or the model alone (its encoder given apart). Loading a Python file runs its code, as importing does;
   * ``model.pt``, a TorchScript archive (``torch.jit.save``), with its encoder given apart
     (``encoder=``, ``--encoder file.py:fn``) or wrapped by a spec function;
   * ``weights.pt@file.py:build`` or ``weights.safetensors@pkg.mod:build``: ``build()`` makes the model
@@ -31,7 +31,7 @@ from .subject import Subject
 from . import torchscript
 
 ARCHIVES = (".pt", ".pth", ".ts", ".ptl", ".jit", ".zip")
-PROTOCOL = "return a Subject or a tuple (model, encode[, loss])"
+PROTOCOL = "return a Subject, a tuple (model, encode[, loss]), or the model alone (then give --encoder)"
 
 
 def load(spec, *, encoder=None):
@@ -82,7 +82,7 @@ def resolve(spec: str, option: str):
         value = getattr(value, part)
     if not callable(value):
         raise RnnscopeError(f"{where}:{attr} is a {type(value).__name__}, not a function",
-                            f"name a function that takes no arguments and will {PROTOCOL}")
+                            "name a function defined there")
     return value
 
 
@@ -155,6 +155,8 @@ def as_subject(value, spec: str) -> Subject:
         subject = value
     elif isinstance(value, tuple | list) and len(value) in (2, 3):
         subject = Subject(value[0], value[1], *(value[2:]))
+    elif isinstance(value, nn.Module):        # the model alone: its encoder comes apart (--encoder)
+        subject = Subject(value)
     else:
         raise RnnscopeError(f"{spec} returned {type(value).__name__}", PROTOCOL)
     if isinstance(subject.model, torch.jit.ScriptModule):
@@ -179,8 +181,7 @@ def _with_weights(weights: str, builder: str, spec: str) -> Subject:
     path = Path(weights)
     _existing(path, "the weights file")
     state = read_weights(path)
-    built = call(resolve(builder, "--model"), builder)
-    subject = as_subject(built if isinstance(built, Subject | tuple | list) else (built, None), builder)
+    subject = as_subject(call(resolve(builder, "--model"), builder), builder)
     model = subject.model
     expected = model.state_dict()
     for key, value in expected.items():
