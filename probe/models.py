@@ -31,6 +31,7 @@ from .subject import Subject
 from . import torchscript
 
 ARCHIVES = (".pt", ".pth", ".ts", ".ptl", ".jit", ".zip")
+WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
 PROTOCOL = "return a Subject, a tuple (model, encode[, loss]), or the model alone (then give --encoder)"
 
 
@@ -39,8 +40,9 @@ def load(spec, *, encoder=None):
     docstring). ``encoder``: the encoder of a bare TorchScript archive, or one replacing the spec's."""
     from rnnscope import zoo
     spec = str(spec)
-    if "@" in spec:
-        subject = _with_weights(*spec.split("@", 1), spec)
+    weights, at, builder = spec.partition("@")
+    if at and Path(weights).suffix.lower() in WEIGHTS:     # (an "@" elsewhere may be part of a folder's name)
+        subject = _with_weights(weights, builder, spec)
     elif Path(spec).suffix.lower() in ARCHIVES and ":" not in Path(spec).name:
         subject = Subject(archive(Path(spec)), name=Path(spec).stem, source=spec)
     elif spec.startswith("zoo:") or ":" not in spec:

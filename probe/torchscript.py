@@ -124,7 +124,7 @@ class Replayed(nn.Module):
         if not self._eager:
             raise RnnscopeError("the TorchScript archive holds no nn.RNN / nn.LSTM / nn.GRU module",
                                 "rnnscope records recurrent modules: script a model that has one")
-        self._holding = holding
+        self._holding, self._shapes = holding, {}
 
     def _attach(self, name: str, m: nn.Module) -> None:
         if not name:
@@ -146,7 +146,7 @@ class Replayed(nn.Module):
         return self.archive.state_dict(*args, **kwargs)
 
     def forward(self, *args):
-        return _Replay(self._eager, self._holding).graph(self.archive.graph, [self.archive, *args])
+        return _Replay(self._eager, self._holding, self._shapes).graph(self.archive.graph, [self.archive, *args])
 
 
 def _function_graph(call):
@@ -194,8 +194,8 @@ def _fill(shape, flat: list):
 class _Replay:
     """Runs a TorchScript graph node by node (see the module docstring)."""
 
-    def __init__(self, eager: dict[int, nn.Module], holding: set[int]):
-        self.eager, self.holding = eager, holding
+    def __init__(self, eager: dict[int, nn.Module], holding: set[int], shapes: dict):
+        self.eager, self.holding, self.shapes = eager, holding, shapes     # shapes: kept between calls
 
     def graph(self, graph, args: list):
         """The graph's result (TorchScript graphs return one value; a tuple is built inside)."""
@@ -249,7 +249,9 @@ class _Replay:
     def call(self, obj, method: str, args: list):
         if id(obj) in self.eager:                           # the rebuilt module: a Probe may have patched it
             out, state = self.eager[id(obj)](*args)
-            shape = _returned(getattr(obj, method).graph)
+            if (id(obj), method) not in self.shapes:
+                self.shapes[id(obj), method] = _returned(getattr(obj, method).graph)
+            shape = self.shapes[id(obj), method]
             if shape is None:                               # scripted: the module's own return, as eager
                 return out, state
             flat = [out, *(state if isinstance(state, tuple) else (state,))]    # the kernel's outputs
