@@ -232,3 +232,24 @@ def test_weights_with_a_builder_never_unpickle_and_check_keys_and_shapes(spec, t
     fails(f"{tmp_path / 'trap.pt'}@{spec}:build_lstm", "is not a weights-only state_dict")
     assert not (tmp_path / "hit").exists()
     fails(f"{tmp_path / 'nope.pt'}@{spec}:build_lstm", "weights file")
+
+
+@pytest.mark.parametrize("make", [lambda: nn.LSTM(3, 6, 2, proj_size=4, bidirectional=True),
+                                  lambda: nn.RNN(3, 5, 2, nonlinearity="relu", batch_first=True),
+                                  lambda: nn.GRU(3, 4, bias=False)], ids=["lstm-proj-bi", "rnn-relu", "gru-nobias"])
+@pytest.mark.parametrize("trace", [False, True], ids=["script", "trace"])
+def test_every_family_and_layout_is_rebuilt_exactly(make, trace, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(make()).eval()
+    x = torch.randn(2, 5, 3)
+    torch.jit.save(torch.jit.trace(model, x) if trace else torch.jit.script(model), str(tmp_path / "m.pt"))
+    archive = torch.jit.load(str(tmp_path / "m.pt"))
+    replayed = models.archive(tmp_path / "m.pt")
+    with Probe(replayed) as p:
+        out = replayed(x)
+    flat = lambda o: [t for v in o for t in (flat(v) if isinstance(v, tuple) else [v])]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(out), flat(archive(x)), strict=True))
+    _, ref, _ = unrolled(model[0], x)
+    for (layer, rev, kind), want in ref.items():
+        got = p.trace[f"0.l{layer}{'_reverse' if rev else ''}.{kind}"].double()
+        assert (got - want).abs().max() < 1e-5
