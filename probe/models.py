@@ -35,11 +35,15 @@ WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
 PROTOCOL = "return a Subject, a tuple (model, encode[, loss]), or the model alone (then give --encoder)"
 
 
-def load(spec, *, encoder=None):
+def load(spec, *, encoder=None, **zoo_options):
     """A ``Checkpoint`` for ``zoo:NAME`` or a checkpoint directory, else a ``Subject`` (see the module
-    docstring). ``encoder``: the encoder of a bare TorchScript archive, or one replacing the spec's."""
+    docstring). ``encoder``: the encoder of a bare TorchScript archive, or one replacing the spec's.
+    ``zoo_options`` (``verify=``, or ``arch=, vocab=, hidden=, layers=, embed=`` for a bare zoo
+    weights file) go to ``rnnscope.zoo.load`` as before."""
     from rnnscope import zoo
     spec = str(spec)
+    if zoo_options:
+        return zoo.load(spec, **zoo_options)
     weights, at, builder = spec.partition("@")
     if at and Path(weights).suffix.lower() in WEIGHTS:     # (an "@" elsewhere may be part of a folder's name)
         subject = _with_weights(weights, builder, spec)

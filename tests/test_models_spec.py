@@ -253,3 +253,13 @@ def test_every_family_and_layout_is_rebuilt_exactly(make, trace, tmp_path):
     for (layer, rev, kind), want in ref.items():
         got = p.trace[f"0.l{layer}{'_reverse' if rev else ''}.{kind}"].double()
         assert (got - want).abs().max() < 1e-5
+
+
+def test_zoo_options_still_reach_the_zoo_loader(tiny_checkpoint, tiny_vocab, tmp_path):
+    import rnnscope as rs
+    from rnnscope.zoo import load as zoo_load
+    ck = zoo_load(tiny_checkpoint)
+    torch.save(ck.model.state_dict(), tmp_path / "m.pt")
+    bare = rs.load(tmp_path / "m.pt", arch="lstm", vocab=tiny_vocab.chars, embed=8, hidden=16, layers=2)
+    assert all(torch.equal(a, b) for a, b in zip(bare.model.state_dict().values(), ck.model.state_dict().values()))
+    assert rs.load(tiny_checkpoint, verify=False).vocab.chars == tiny_vocab.chars
