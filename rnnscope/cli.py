@@ -57,10 +57,21 @@ def _probe(args) -> None:
     if not spec:
         raise RnnscopeError("no model given", "pass --model SPEC (zoo:NAME, a checkpoint directory, file.py:fn, "
                                               "package.module:fn, model.pt or weights.pt@file.py:build)")
-    subject = models.load(spec, encoder=models.encoder(args.encoder) if args.encoder else None)
+    encoder = models.encoder(args.encoder) if args.encoder else None
+    subject = models.load(spec, encoder=encoder)
     if getattr(subject, "encoder", True) is None:
         raise RnnscopeError(f"{spec} comes with no encoder", "pass --encoder file.py:fn, where fn() returns one")
-    modules = models.choose(subject.model, args.modules) if args.modules else None
+    # only what was asked for goes to record: its own defaults (loss "auto", every module, a state reset
+    # at each document, the subject's encoder) stand otherwise
+    asked = {}
+    if args.modules:
+        asked["modules"] = models.choose(subject.model, args.modules)
+    if args.loss:
+        asked["loss"] = models.loss(args.loss)
+    if args.carry:
+        asked["carry"] = True
+    if encoder is not None:          # (a Subject holds it already; a zoo checkpoint's vocabulary gives way)
+        asked["encode"] = encoder
     if args.text.is_file() and args.text.suffix.lower() != ".jsonl":
         texts = T.read_text(args.text)          # one document, stored byte for byte
         if args.max_chars:
@@ -70,11 +81,9 @@ def _probe(args) -> None:
             raise RnnscopeError("--max-chars cuts one text file", "give a text file, or leave --max-chars out")
         from rnnscope.probe.corpus import read_documents
         texts = read_documents(args.text)
-    # only what was asked for: record's own defaults (loss "auto", every module, reset per document) stand
-    asked = {"loss": models.loss(args.loss) if args.loss else None, "modules": modules, "carry": args.carry or None}
     run = probe.record(subject, texts, args.out, grad=args.grad, chunk=args.chunk, horizon=args.horizon,
                        kinds=args.kinds or None, dtype=args.dtype, overwrite=args.overwrite, unk=args.unk,
-                       source=spec, **{k: v for k, v in asked.items() if v is not None or (k == "loss" and args.loss)})
+                       source=spec, **asked)
     loss = run.manifest["loss"]
     per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
     steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
