@@ -84,8 +84,10 @@ class RNNModel(nn.Module):
 
 
 def call(model: RNNModel, ids: torch.Tensor) -> torch.Tensor:
-    """How rnnscope runs the model: ids ``[1, T]`` -> log-probabilities ``[1, T, V]`` (the next-token loss)."""
-    out, _ = model(ids.t(), model.init_hidden(1))
+    """How rnnscope runs the model: ids ``[1, T]`` -> log-probabilities ``[1, T, V]`` (the next-token loss).
+    The hidden state is None, not ``init_hidden``'s zeros: rnnscope feeds a long document in chunks and
+    carries the state from one to the next only into a call that brings no state of its own."""
+    out, _ = model(ids.t(), None)
     return out.transpose(0, 1)
 
 

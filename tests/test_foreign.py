@@ -190,3 +190,83 @@ def test_seq2seq_records_one_module(part):
     ref = reference(subject, ids, grad=False)
     assert {parse_key(k)["module"] for k in trace} == {"encoder", "decoder"}     # Probe itself records both
     assert_matches(trace, ref, grad=False)
+
+
+# ---- through the command line: rnnscope probe --model tests/foreign/NAME.py:fn, over several documents ----
+
+from rnnscope import cli  # noqa: E402
+from rnnscope.probe import open_run  # noqa: E402
+from rnnscope.probe.encoders import as_encoder  # noqa: E402
+
+# Run name -> (spec file, function, extra `rnnscope probe` options); each over three documents
+RUNS = {
+    "word_lm": ("word_lm", "load", ["--grad"]),
+    "tagger": ("tagger", "load", []),
+    "tagger-loss": ("tagger", "load", ["--grad", "--loss", f"{FOREIGN}/tagger.py:tag_loss"]),
+    "subword": ("subword", "load", ["--grad"]),
+    "pooled": ("pooled", "load", []),
+    "pooled-loss": ("pooled", "load", ["--grad", "--loss", f"{FOREIGN}/pooled.py:shakespeare_loss"]),
+    "torchscript": ("torchscript_gru", "load", ["--grad"]),
+    "seq2seq-encoder": ("seq2seq", "load", ["--grad", "--modules", "encoder"]),
+    "seq2seq-decoder": ("seq2seq", "load", ["--grad", "--modules", "decoder"]),
+}
+SAMPLE_OF = {"word_lm": "shakespeare.txt", "tagger": "shakespeare.txt", "subword": "shakespeare.txt",
+             "pooled": "python.py", "torchscript_gru": "linux.c", "seq2seq": "python.py"}
+
+
+def documents(folder: Path, sample: str) -> Path:
+    """Three documents from the middle of a shipped sample, as a directory of files (read in name order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = kit.sample(sample)
+    for i, (at, n) in enumerate([(6000, 240), (9000, 180), (12000, 300)]):
+        (folder / f"doc{i}.txt").write_text(text[at: at + n])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every Run, probed once through the command line (float32 on disk, so the reference check is tight)."""
+    root = tmp_path_factory.mktemp("foreign")
+    made = {}
+    for name, (file, fn, options) in RUNS.items():
+        docs = documents(root / f"docs-{SAMPLE_OF[file]}", SAMPLE_OF[file])
+        out = root / name
+        code = cli.main(["probe", "--model", f"{FOREIGN}/{file}.py:{fn}", "--text", str(docs), "--out", str(out),
+                         "--dtype", "float32", *options])
+        assert code == 0, name
+        made[name] = out
+    return made
+
+
+def loss_of(options: list[str]):
+    """The loss a Run was recorded with: the spec's own, or the --loss function."""
+    if "--loss" not in options:
+        return None
+    path, fn = options[options.index("--loss") + 1].rsplit(":", 1)
+    return getattr(kit.load_file(Path(path)), fn)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_cli_run_matches_reference_document_by_document(runs, name):
+    """Each document's steps against the reference run on that document alone (the state resets)."""
+    file, fn, options = RUNS[name]
+    subject = copy.copy(spec(file, fn))
+    if name == "torchscript":                # the reference needs the eager model the archive was made from
+        subject.model = kit.load_file(FOREIGN / "torchscript_gru.py").trained()
+    subject.loss = loss_of(options) or subject.loss
+    grad = "--grad" in options
+    run = open_run(runs[name])
+    docs = run.documents
+    assert list(docs["name"]) == ["doc0.txt", "doc1.txt", "doc2.txt"]
+    encoder = as_encoder(subject.encoder)
+    recorded = {parse_key(k)["module"] for k in run.keys()}
+    if "--modules" in options:
+        assert recorded == {options[options.index("--modules") + 1]}
+    for doc in docs.itertuples():
+        text = run.text[doc.char_start: doc.char_end]
+        ids, spans = encoder.encode(text)
+        assert np.array_equal(run.spans[doc.step_start: doc.step_end],
+                              np.where(spans >= 0, spans + doc.char_start, -1))
+        ref = reference(subject, ids[None], grad=grad)
+        trace = {k: torch.from_numpy(np.array(run[k][doc.step_start: doc.step_end]))[None] for k in run.keys()}
+        assert_matches(trace, {m: ref[m] for m in recorded}, grad=grad)

@@ -21,6 +21,21 @@ def sample(name: str, chars: int | None = None) -> str:
     return text if chars is None else text[:chars]
 
 
+_TRAINED: dict = {}
+
+
+def once(fn):
+    """``@once def trained()``: the model is trained once per process, even when its spec file is
+    imported twice (by the tests and again by ``rnnscope.load``, each under its own module name)."""
+    key = (Path(fn.__code__.co_filename).name, fn.__qualname__)
+
+    def cached():
+        if key not in _TRAINED:
+            _TRAINED[key] = fn()
+        return _TRAINED[key]
+    return cached
+
+
 def load_file(path: Path):
     """Import a Python file by path once per process (the way a spec file is loaded)."""
     name = f"_rnnscope_foreign_{path.stem}"

@@ -1,7 +1,6 @@
 """4. An LSTM inside a custom module, read by attention pooling into one output per sequence: which
 shipped sample (Shakespeare, Linux C, Python) a snippet comes from. Trained for 60 updates."""
 import sys
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ def shakespeare_loss(output, ids):
     return -torch.log_softmax(output[0], -1)[0]
 
 
-@cache
+@kit.once
 def trained() -> Classifier:
     texts = [CODEC(kit.sample(s))[0] for s in SOURCES]
     draws = [kit.windows(t, 40, 8) for t in texts]

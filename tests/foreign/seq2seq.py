@@ -2,7 +2,6 @@
 and rebuilds the text one character at a time (teacher forcing). Recorded module by module
 (--modules encoder, --modules decoder). Trained for 80 updates on lines of Python."""
 import sys
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ def copy_loss(output, ids):
     return F.cross_entropy(output[0], ids, reduction="none")
 
 
-@cache
+@kit.once
 def trained() -> Seq2Seq:
     ids = CODEC(kit.sample("python.py"))[0]
     return kit.fit(Seq2Seq(len(CODEC)), kit.windows(ids, 24, 16),

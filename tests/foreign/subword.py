@@ -2,7 +2,6 @@
 offsets as Hugging Face tokenizers do (special tokens at (0, 0)); its head predicts the next subword
 (so the default next-token loss applies). Trained for 60 updates."""
 import sys
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ class Encoder(nn.Module):
         return self.head(self.lstm(self.embed(ids))[0])
 
 
-@cache
+@kit.once
 def trained() -> Encoder:
     ids = torch.tensor(TOKENIZER(kit.sample("shakespeare.txt"))["input_ids"])
     return kit.fit(Encoder(len(TOKENIZER)), kit.windows(ids, 32, 16), kit.next_token, steps=60)

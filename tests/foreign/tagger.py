@@ -1,7 +1,6 @@
 """2. A bidirectional char tagger with a per-step 2-way output: is this character the last letter of a
 word? (It needs the next character, so the reverse direction matters.) Trained for 80 updates."""
 import sys
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ def tag_loss(output, ids):
     return F.cross_entropy(output[0], word_ends(ids), reduction="none")
 
 
-@cache
+@kit.once
 def trained() -> Tagger:
     ids = CODEC(kit.sample("shakespeare.txt"))[0]
     return kit.fit(Tagger(len(CODEC)), kit.windows(ids, 48, 16),

@@ -2,7 +2,6 @@
 and loaded back with torch.jit.load, so rnnscope sees only the archive. Trained for 40 updates."""
 import tempfile
 import sys
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ class CharGRU(nn.Module):
         return self.head(out)
 
 
-@cache
+@kit.once
 def trained() -> CharGRU:
     """The eager model the archive is made from (the tests' reference)."""
     return kit.fit(CharGRU(len(CODEC)), kit.windows(CODEC(kit.sample("linux.c"))[0], 32, 8), kit.next_token, steps=40)
@@ -40,7 +39,7 @@ def save_archive(folder) -> Path:
     return path
 
 
-@cache
+@kit.once
 def archive() -> Path:
     return save_archive(tempfile.mkdtemp(prefix="rnnscope-torchscript-"))
 

@@ -2,7 +2,6 @@
 decoder, sequence-first with its own hidden state) with its own whitespace tokenizer: the README's
 examples/word_lstm.py, trained for 60 updates instead of a minute."""
 import sys
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # loaded by path: imp
 import foreign_kit as kit  # noqa: E402
 
 
-@cache
+@kit.once
 def trained():
     """(the example's module, model, tokenizer), trained once per process."""
     example = kit.load_file(kit.EXAMPLES / "word_lstm.py")
