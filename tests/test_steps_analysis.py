@@ -267,3 +267,36 @@ def test_sparse_probe_and_patterns_and_decay_windows_on_steps():
     b = src.step_bounds[src.step_document[ends]]
     assert (ends - 29 >= b[:, 0]).all() and (ends + 1 < b[:, 1]).all()
     assert len(ends) == sum(max(0, e - s - 30) for s, e in src.step_bounds)
+
+
+def test_analyze_a_word_level_run_of_several_documents(tmp_path):
+    """A format 2 Run on disk (words, BOS/EOS, 6 documents) through ``analyze``: the tables come out
+    on steps, equal to the in-memory Source's, with whole documents held out."""
+    from rnnscope import store
+    from rnnscope.analysis.report import analyze, read_table
+    from rnnscope.probe import open_run
+    src = planted(n_docs=6, words=200)
+    h = np.asarray(src.arrays["rnn.l0.h"])
+    d = src.documents
+    docs = store.documents_frame(d["name"], np.r_[d["char_start"], d["char_end"].iloc[-1]],
+                                 np.r_[d["step_start"], d["step_end"].iloc[-1]])
+    with store.RunWriter(tmp_path / "run", src.text, spans=src.spans, documents=docs, dtype="float32",
+                         log=lambda s: None) as w:
+        w.states("rnn.l0.h", 6).write(0, h)
+        w.units(pd.DataFrame([{"unit": f"rnn.l0.h:{i}", "key": "rnn.l0.h", "index": i, "module": "rnn", "layer": 0,
+                               "reverse": False, "kind": "h", "mean": 0.0, "std": 1.0, "min": -1.0, "max": 1.0}
+                              for i in range(6)]))
+        w.commit({"model": {"checksum": "0" * 64}, "vocab": None, "unk": None, "loss": None,
+                  "keys": {"rnn.l0.h": {"units": 6, "nonfinite": 0, "overflow": 0}}})
+    run = open_run(tmp_path / "run")
+    out = analyze(run, features=["in_double_quotes", "column"], language=None, shifts=4, decay=False,
+                  contexts=3, context_window=8, progress=False, log=lambda s: None)
+    neurons = read_table(run, "neurons")
+    direct = find_neurons(src, ["in_double_quotes", "column"], language=None, shifts=4, progress=False)
+    assert neurons["heldout_score"].to_numpy() == pytest.approx(direct["heldout_score"].to_numpy(), abs=1e-12)
+    assert out["neurons"].attrs["heldout_documents"] == ["doc4", "doc5"]
+    assert out["summary"]["neuron_tests"]["scored_steps"] == 6 * 200
+    top = neurons[neurons["feature"] == "in_double_quotes"].iloc[0]
+    assert top["unit"] == "rnn.l0.h:0" and top["heldout_q"] < 1e-3
+    ctx = read_table(run, "contexts")
+    assert (ctx["context"].str.len() > 0).all() and src.has_text[ctx["step"]].all()
