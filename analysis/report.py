@@ -155,8 +155,8 @@ def top_table(neurons: pd.DataFrame, k: int = 3) -> str:
 
 
 def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
-    """The printed top and bottom contexts of one unit: each window with the step's character
-    bracketed, control characters escaped so the terminal shows what is stored."""
+    """The printed top and bottom contexts of one unit: each window with the step's token (a
+    character on a char Run) bracketed, control characters escaped so the terminal shows what is stored."""
     rows = contexts[contexts["unit"] == unit]
     if rows.empty:
         raise RnnscopeError(f"no contexts for {unit}", "check the unit (KEY:INDEX) against run.keys()")
@@ -165,7 +165,9 @@ def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
         lines.append(f"{side} {min(k, len(g))} of {unit}:")
         for _, r in g.sort_values("rank").head(k).iterrows():
             c, o = r["context"], int(r["offset"])
-            shown = _escape(c[:o]) + "[" + _escape(c[o:o + 1]) + "]" + _escape(c[o + 1:])
+            a, b = (int(r["token_start"]), int(r["token_end"])) if "token_start" in r else (o, o + 1)
+            a, b = (a, b) if a >= 0 else (len(c), len(c))        # a step without text: empty brackets
+            shown = _escape(c[:a]) + "[" + _escape(c[a:b]) + "]" + _escape(c[b:])
             lines.append(f"  {r['value']:+9.3f}  step {int(r['step']):>8,d}  {shown}")
     return "\n".join(lines)
 

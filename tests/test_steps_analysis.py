@@ -300,3 +300,11 @@ def test_analyze_a_word_level_run_of_several_documents(tmp_path):
     assert top["unit"] == "rnn.l0.h:0" and top["heldout_q"] < 1e-3
     ctx = read_table(run, "contexts")
     assert (ctx["context"].str.len() > 0).all() and src.has_text[ctx["step"]].all()
+
+
+def test_printed_contexts_bracket_the_whole_token():
+    from rnnscope.analysis.report import unit_contexts
+    src = word_source({"a": "one two three four five six seven\n"},
+                      lambda s: {"rnn.l0.h": np.arange(s.steps, dtype=np.float32)[:, None]})
+    printed = unit_contexts(top_contexts(src, k=1, window=4, progress=False), "rnn.l0.h:0")
+    assert "five six [seven]" in printed and "[one]" in printed        # top: the last word; bottom: the first
