@@ -270,3 +270,36 @@ def test_cli_run_matches_reference_document_by_document(runs, name):
         ref = reference(subject, ids[None], grad=grad)
         trace = {k: torch.from_numpy(np.array(run[k][doc.step_start: doc.step_end]))[None] for k in run.keys()}
         assert_matches(trace, {m: ref[m] for m in recorded}, grad=grad)
+
+
+# ---- rnnscope analyze on each shape's Run of steps ----
+
+import pandas as pd  # noqa: E402
+
+ANALYZED = {"word_lm": "prose", "tagger-loss": "prose", "subword": "prose", "pooled-loss": "python",
+            "torchscript": "c", "seq2seq-decoder": "python"}
+
+
+@pytest.fixture(scope="module")
+def analyzed(runs):
+    for name, language in ANALYZED.items():
+        assert cli.main(["analyze", str(runs[name]), "--language", language, "--shifts", "4", "--contexts", "3",
+                         "--no-decay"]) == 0, name
+    return runs
+
+
+@pytest.mark.parametrize("name", sorted(ANALYZED))
+def test_analyze_reads_steps(analyzed, name):
+    """Units come from the Run's keys, each context brackets its step's whole token (a word, a subword, a
+    character) and never a BOS/EOS step, and the gradient norms are the recorded gradients' norms."""
+    run = open_run(analyzed[name])
+    tables = analyzed[name] / "analysis"
+    neurons = pd.read_parquet(tables / "neurons.parquet")
+    assert len(neurons) and set(neurons["key"]) <= set(run.keys())
+    contexts = pd.read_parquet(tables / "contexts.parquet")
+    assert len(contexts) and run.has_text[contexts["step"]].all()
+    for row in contexts.itertuples():
+        assert row.context[row.token_start: row.token_end] == run.tokens(row.step, row.step + 1)[0]
+    norms = pd.read_parquet(tables / "grad_norms.parquet")
+    for key in (k for k in run.keys() if parse_key(k)["kind"].startswith("grad_")):
+        np.testing.assert_allclose(norms[key], np.linalg.norm(np.asarray(run[key], np.float64), axis=1), rtol=1e-5)
