@@ -223,7 +223,7 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
         if need * 1.05 > free:
             raise RnnscopeError(f"the run needs {need / 1e9:.2f} GB but {out.parent} has {free / 1e9:.2f} GB free",
                                 "record fewer --kinds, use --dtype float16, a shorter text, or another disk")
-        with RunWriter(out, text, dtype=dtype, overwrite=overwrite) as w:
+        with RunWriter(out, text, ids=ids[0].numpy(), dtype=dtype, overwrite=overwrite) as w:
             stats, bad = _stream(model, ids, w, layout, grad=grad, chunk=chunk, horizon=horizon, kinds=kinds,
                                  loss=loss, dtype=dtype, progress=progress)
             w.units(pd.concat([stats[k].frame(k) for k in layout], ignore_index=True))
@@ -239,7 +239,8 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
                 "vocab": vocab.chars if vocab else None, "unk": unk,
                 "kinds": sorted({split_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,
                 "grad_horizon": horizon if grad else None,
-                "loss": {"mean_nats": mean_loss, "bits_per_char": mean_loss / np.log(2)},
+                "loss": {"kind": "user" if loss else "next-token", "mean_nats": mean_loss,
+                         "bits_per_char": mean_loss / np.log(2)},
                 "keys": {k: {"units": u, **bad[k]} for k, u in layout.items()},
                 "nonfinite": bool(flagged),
             })
