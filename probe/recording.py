@@ -175,8 +175,8 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                 with torch.set_grad_enabled(grad):
                     output = call(model, x[:, s:ahead])
                     per_step, total = step_loss.window(output, s, ahead) if step_loss else (None, None)
-                    if grad and total is not None:
-                        total.backward()
+                    if grad:        # a window without a loss (a document's last step alone) has zero gradients
+                        (total if total is not None else first_tensor(output).float().sum() * 0).backward()
                 if ahead > e:
                     p.carry_from(e - s - 1)             # the next chunk starts where this one ends
                 if step_loss:
