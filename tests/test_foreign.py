@@ -303,3 +303,60 @@ def test_analyze_reads_steps(analyzed, name):
     norms = pd.read_parquet(tables / "grad_norms.parquet")
     for key in (k for k in run.keys() if parse_key(k)["kind"].startswith("grad_")):
         np.testing.assert_allclose(norms[key], np.linalg.norm(np.asarray(run[key], np.float64), axis=1), rtol=1e-5)
+
+
+# ---- rnnscope serve (a real browser) and rnnscope export on each shape's Run ----
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+from browser import column, get, served, set_prop, wait_for_model, wait_until  # noqa: E402
+
+
+def plain_piece(text: str) -> str:
+    """The longest stretch of letters, digits and spaces in ``text``: found verbatim in a page's JSON."""
+    return max(re.findall(r"[A-Za-z0-9 ]+", text), key=len).strip()
+
+
+@pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium and chromium-driver")
+@pytest.mark.parametrize("name", sorted(ANALYZED))
+def test_serve_pages_the_second_document_coloured_by_steps(analyzed, driver, name):
+    """Pick document 1: every character drawn is that document's, each coloured by the value of the step
+    whose span covers it, in the Run, and steps without text (BOS, EOS) are marked cells."""
+    run = open_run(analyzed[name])
+    doc = run.documents.iloc[1]
+    text = run.text[doc.char_start: doc.char_end]
+    with served(analyzed[name]) as (url, _):
+        driver.get("about:blank")
+        driver.get_log("browser")
+        driver.get(url)
+        wait_for_model(driver, "text_source")
+        assert len(get(driver, "document", "options")) == 3
+        set_prop(driver, "document", "value", "1")
+        wait_until(lambda: plain_piece(text) in "".join(column(driver, "lines_source", "line")))
+        chars, steps, pos, values = (column(driver, "text_source", c) for c in ("char", "step", "pos", "value"))
+        drawn = [(c, p) for c, p in zip(chars, pos) if p >= 0]
+        assert [p for _, p in drawn] == list(range(doc.char_start, doc.char_end))    # each character, once
+        assert all(c == run.text[p] for c, p in drawn if not run.text[p].isspace())   # (whitespace drawn as marks)
+        key, index = get(driver, "unit_key", "value"), get(driver, "unit_index", "value")
+        assert key in run.keys()
+        for c, t, p, v in zip(chars, steps, pos, values):
+            if t >= 0:
+                assert doc.step_start <= t < doc.step_end
+                assert p < 0 or run.spans[t, 0] <= p < run.spans[t, 1]
+                assert v == pytest.approx(float(run[key][t, index]), rel=1e-6, abs=1e-7)
+        marked = [t for t, p in zip(steps, pos) if p < 0 and t >= 0]
+        assert sorted(marked) == [t for t in range(doc.step_start, doc.step_end) if not run.has_text[t]]
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+@pytest.mark.parametrize("name", sorted(ANALYZED))
+def test_export_draws_one_document(analyzed, tmp_path, name):
+    run = open_run(analyzed[name])
+    key = run.keys()[0]
+    out = tmp_path / "doc.html"
+    assert cli.main(["export", str(analyzed[name]), "--unit", f"{key}:1", "--document", "2", "--out", str(out)]) == 0
+    page = out.read_text()
+    doc = run.documents.iloc
+    assert plain_piece(run.text[doc[2].char_start: doc[2].char_end]) in page
+    assert plain_piece(run.text[doc[0].char_start: doc[0].char_end]) not in page
