@@ -25,7 +25,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent / "zoo" / "samples" / "shakespeare.txt"
-OUT = Path(os.environ.get("WORD_LSTM_DIR", "runs/word_lstm"))    # where train() saves and load() reads
+
+
+def where() -> Path:
+    """Where the model is saved and loaded: $WORD_LSTM_DIR, else runs/word_lstm."""
+    return Path(os.environ.get("WORD_LSTM_DIR", "runs/word_lstm"))
+
 UNK = "<unk>"
 
 
@@ -120,7 +125,8 @@ def train(text: str, seconds: float = 60.0, steps: int | None = None, bptt: int 
     return model.eval(), tok
 
 
-def save(model: RNNModel, tok: WordTokenizer, out: Path = OUT) -> Path:
+def save(model: RNNModel, tok: WordTokenizer, out: Path | None = None) -> Path:
+    out = out or where()
     out.mkdir(parents=True, exist_ok=True)
     # tied weights share storage: safetensors keeps one copy, so save the untied state and re-tie on load
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "decoder.weight"}
@@ -129,10 +135,10 @@ def save(model: RNNModel, tok: WordTokenizer, out: Path = OUT) -> Path:
     return out
 
 
-def load(out: Path | str = OUT):
+def load(out: Path | str | None = None):
     """The spec function for ``rnnscope probe --model examples/word_lstm.py:load``."""
     from rnnscope.probe.subject import Subject
-    out = Path(out)
+    out = Path(out or where())
     if not (out / "model.safetensors").is_file():
         from rnnscope.errors import RnnscopeError
         raise RnnscopeError(f"no trained model in {out}", "run `python examples/word_lstm.py` first "

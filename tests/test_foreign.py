@@ -182,14 +182,15 @@ def test_torchscript_archive_is_the_trained_model(tmp_path):
 
 
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
-def test_seq2seq_records_one_module(part):
+def test_seq2seq_subject_names_the_module_to_record(tmp_path, part):
+    """A Subject's own ``modules`` picks what record keeps (the command line's --modules is tested below)."""
+    from rnnscope.probe import record
     subject = getattr(kit.load_file(FOREIGN / "seq2seq.py"), f"{part}_only")()
-    assert subject.modules == [part]
+    run = record(subject, text_of("seq2seq", 120), tmp_path / part, dtype="float32", progress=False)
+    assert {parse_key(k)["module"] for k in run.keys()} == {part}
     ids = ids_of(subject.encoder, text_of("seq2seq", 120))
-    trace = probe(subject, ids, grad=False)
-    ref = reference(subject, ids, grad=False)
-    assert {parse_key(k)["module"] for k in trace} == {"encoder", "decoder"}     # Probe itself records both
-    assert_matches(trace, ref, grad=False)
+    assert_matches({k: torch.from_numpy(np.array(run[k]))[None] for k in run.keys()},
+                   {part: reference(subject, ids, grad=False)[part]}, grad=False)
 
 
 # ---- through the command line: rnnscope probe --model tests/foreign/NAME.py:fn, over several documents ----
@@ -360,3 +361,29 @@ def test_export_draws_one_document(analyzed, tmp_path, name):
     doc = run.documents.iloc
     assert plain_piece(run.text[doc[2].char_start: doc[2].char_end]) in page
     assert plain_piece(run.text[doc[0].char_start: doc[0].char_end]) not in page
+
+
+# ---- examples/word_lstm.py, the README's "Your own model" ----
+
+def test_word_lstm_example_saves_loads_and_probes(tmp_path, monkeypatch, capsys):
+    """Trained (a few updates), saved with safetensors (tied weights kept tied), loaded by its spec
+    function through the command line, and recorded one step per word."""
+    example = kit.load_file(kit.EXAMPLES / "word_lstm.py")
+    monkeypatch.setenv("WORD_LSTM_DIR", str(tmp_path / "model"))
+    assert cli.main(["probe", "--model", f"{kit.EXAMPLES}/word_lstm.py:load", "--text", str(kit.SAMPLES /
+                     "shakespeare.txt"), "--out", str(tmp_path / "none")]) == 2
+    assert "run `python examples/word_lstm.py` first" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    model, tok = example.train(kit.sample("shakespeare.txt", 4000), steps=3, log=None)
+    example.save(model, tok)
+    loaded = example.load().model
+    assert loaded.decoder.weight is loaded.encoder.weight
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    text = tmp_path / "text.txt"
+    text.write_text(kit.sample("shakespeare.txt", 600))
+    assert cli.main(["probe", "--model", f"{kit.EXAMPLES}/word_lstm.py:load", "--text", str(text), "--out",
+                     str(tmp_path / "run"), "--kinds", "h"]) == 0
+    run = open_run(tmp_path / "run")
+    assert run.tokens() == text.read_text().split() and run.manifest["encoder"]["kind"] == "spans"
+    assert run.loss is not None and np.isfinite(run.loss[:-1]).all()
