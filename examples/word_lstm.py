@@ -137,10 +137,9 @@ def save(model: RNNModel, tok: WordTokenizer, out: Path | None = None) -> Path:
 
 def load(out: Path | str | None = None):
     """The spec function for ``rnnscope probe --model examples/word_lstm.py:load``."""
-    from rnnscope.probe.subject import Subject
+    from rnnscope import RnnscopeError, Subject
     out = Path(out or where())
     if not (out / "model.safetensors").is_file():
-        from rnnscope.errors import RnnscopeError
         raise RnnscopeError(f"no trained model in {out}", "run `python examples/word_lstm.py` first "
                                                          "(or set WORD_LSTM_DIR to where it saved one)")
     tok = WordTokenizer(json.loads((out / "vocab.json").read_text()))

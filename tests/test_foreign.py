@@ -3,6 +3,7 @@ float64 reference: the whole model run in float64 with every recurrent module re
 unrolled loop of tests/reference.py, so states, and gradients of the model's own loss through its
 own head, come from code that shares nothing with rnnscope's."""
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -361,6 +362,32 @@ def test_export_draws_one_document(analyzed, tmp_path, name):
     doc = run.documents.iloc
     assert plain_piece(run.text[doc[2].char_start: doc[2].char_end]) in page
     assert plain_piece(run.text[doc[0].char_start: doc[0].char_end]) not in page
+
+
+def test_word_lm_in_small_chunks_is_one_sequence(tmp_path):
+    """The example's call passes no state of its own, so a document fed 16 words at a time carries it
+    from chunk to chunk: the states and gradients equal the reference's single pass (with its own
+    zeros, init_hidden, each chunk would start over)."""
+    from rnnscope.probe import record
+    subject = spec("word_lm")
+    text = text_of("word_lm", 500)
+    run = record(subject, text, tmp_path / "run", chunk=16, horizon=1000, grad=True, dtype="float32", progress=False)
+    ids = ids_of(subject.encoder, text)
+    assert len(run) == ids.shape[1] > 3 * 16
+    assert_matches({k: torch.from_numpy(np.array(run[k]))[None] for k in run.keys()},
+                   reference(subject, ids, grad=True), grad=True)
+
+
+def test_probe_a_spec_by_relative_path_from_the_repository_root(tmp_path):
+    """As in a fresh clone: `rnnscope probe --model tests/foreign/tagger.py:load`, a new process."""
+    root = Path(__file__).parent.parent
+    text = tmp_path / "t.txt"
+    text.write_text(text_of("tagger", 200))
+    proc = subprocess.run([sys.executable, "-m", "rnnscope.cli", "probe", "--model", "tests/foreign/tagger.py:load",
+                           "--text", str(text), "--out", str(tmp_path / "run")], cwd=root, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "no loss" in proc.stdout and len(open_run(tmp_path / "run")) == 200
 
 
 # ---- examples/word_lstm.py, the README's "Your own model" ----
