@@ -92,6 +92,55 @@ def _norm(params) -> float:
         if grads else 0.0
 
 
+def step_tables(model: nn.Module, modules: dict, probe: Probe, decay: dict, step: int) -> dict:
+    """The timesteps, decay and layers rows of a watched step from ``probe``'s records and the
+    parameters' gradients as they are now; ``decay``: key -> gradient of the last step's loss ``[B, T, units]``."""
+    trace = probe.trace
+    ts, dec, lay = [], [], []
+    for name, m in modules.items():
+        fam = families.of(m)
+        for layer in range(m.num_layers):
+            for reverse in (False, True)[:2 if m.bidirectional else 1]:
+                prefix = state_key(name, layer, reverse, "h")[:-2]
+                row = {"step": step, "key": prefix, "half_life": float("nan"),
+                       "param_grad_norm": _norm(_layer_params(m, layer, reverse))}
+                call = next((c for c in reversed(probe.calls) if f"{prefix}.h" in c), None)
+                if call is not None:
+                    d = call._dirs[f"{prefix}.h"][0]
+                    row.update(saturation(fam, {k: d.get(k) for k in fam.kinds if k in d.st}))
+                for kind in fam.grad_kinds:
+                    key = f"{prefix}.{kind}"
+                    try:
+                        mean, mx = step_norms(trace[key])
+                    except (KeyError, RnnscopeError):
+                        continue            # this module did not run, or no gradient reached it
+                    T = len(mean)
+                    ts += [{"step": step, "key": key, "t": t, "lag": T - 1 - t, "mean": float(mean[t]),
+                            "max": float(mx[t])} for t in range(T)]
+                    if key in decay:
+                        norm = decay_curve(decay[key])
+                        dec += [{"step": step, "key": key, "lag": k, "norm": float(v)} for k, v in enumerate(norm)]
+                        if kind == "grad_h":
+                            row["half_life"] = half_life(norm)
+                lay.append({g: float("nan") for g in GATES} | row)
+    grad_norm = _norm(model.parameters())
+    return {"timesteps": ts, "decay": dec, "layers": lay, "grad_norm": grad_norm}
+
+
+def steps_row(row: dict, grad_norm: float, backwards: bool) -> dict:
+    """The steps table's row of a watched step: ``row`` holds its step, wall, loss (or None) and clip
+    (``(norm before, max_norm)`` or None); ``grad_norm``: the global norm measured after its backward."""
+    loss = float("nan") if row["loss"] is None else row["loss"]
+    before = grad_norm if row["clip"] is None else row["clip"][0]
+    clipped = row["clip"] is not None and before > row["clip"][1]
+    # torch scales by max_norm / (norm + 1e-6) when that is below 1
+    after = before * min(1.0, row["clip"][1] / (before + 1e-6)) if row["clip"] is not None else before
+    flags = [f for f, on in (("nonfinite_loss", row["loss"] is not None and not math.isfinite(loss)),
+                             ("nonfinite_grad", not math.isfinite(before)), ("step_backwards", backwards)) if on]
+    return {"step": row["step"], "wall": row["wall"], "loss": loss, "loss_finite": math.isfinite(loss),
+            "grad_norm": before, "grad_norm_after": after, "clipped": bool(clipped), "flags": ",".join(flags)}
+
+
 class Watch:
     """Record gradient flow through time every ``every`` steps of a training loop into the log ``out``.
 
@@ -158,9 +207,10 @@ class Watch:
         self._last = step if self._last is None else max(self._last, step)
         if step % self.every:
             return False
-        self._row = {"step": step, "loss": None, "clip": None, "tables": None}
+        self._row = {"step": step, "wall": time.time() - self._start, "loss": None, "clip": None, "tables": None}
         self._probe = Probe(self.model, grad=True).__enter__()
         self._decay: dict[str, torch.Tensor] = {}
+        self._latest: dict[nn.Module, object] = {}
         self._hooks = [m.register_forward_hook(self._seed_hook) for m in self.modules.values()]
         return True
 
@@ -177,7 +227,7 @@ class Watch:
             return
         try:
             if self._row["tables"] is None:
-                self._row["tables"] = self._tables()
+                self._take_tables()
         finally:
             for h in self._hooks:
                 h.remove()
@@ -188,7 +238,7 @@ class Watch:
         """``torch.nn.utils.clip_grad_norm_``, with the norms before and after recorded on watched steps."""
         parameters = list(parameters)
         if self._row is not None and self._row["tables"] is None and self._probe is not None:
-            self._row["tables"] = self._tables()   # the layers' norms before clipping scales them
+            self._take_tables()                    # the layers' norms before clipping scales them
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, **kwargs)
         self.clipped(norm, max_norm)
         return norm
@@ -224,13 +274,14 @@ class Watch:
         if isinstance(out, PackedSequence) or not out.requires_grad:
             return                                  # no single last step to seed from
         call = self._probe.calls[-1]
+        self._latest[module] = call            # a module called again in this step: its last call is seeded
         t_dim = 1 if module.batch_first and out.dim() == 3 else 0
-        out.register_hook(lambda grad: self._last_step_backward(out, grad, t_dim, call))
+        out.register_hook(lambda grad: self._last_step_backward(module, out, grad, t_dim, call))
 
-    def _last_step_backward(self, out, grad, t_dim, call) -> None:
+    def _last_step_backward(self, module, out, grad, t_dim, call) -> None:
         """The loss at the last step alone, sent back from this module's output through the recorded graph;
         the probe's records keep only the loop's own gradients."""
-        if self._inner:                 # the hook sees its own seed too
+        if self._inner or self._latest.get(module) is not call:     # the hook sees its own seed too
             return
         seed = torch.zeros_like(grad)
         seed.select(t_dim, -1).copy_(grad.select(t_dim, -1))
@@ -250,38 +301,8 @@ class Watch:
             for d, g in saved:
                 d._grads = g
 
-    def _tables(self) -> dict:
-        """The timesteps, decay and layers rows of the watched step, with its gradients as they are now."""
-        step, trace = self._row["step"], self._probe.trace
-        ts, dec, lay = [], [], []
-        for name, m in self.modules.items():
-            fam = families.of(m)
-            for layer in range(m.num_layers):
-                for reverse in (False, True)[:2 if m.bidirectional else 1]:
-                    prefix = state_key(name, layer, reverse, "h")[:-2]
-                    row = {"step": step, "key": prefix, "half_life": float("nan"),
-                           "param_grad_norm": _norm(_layer_params(m, layer, reverse))}
-                    call = next((c for c in reversed(self._probe.calls) if f"{prefix}.h" in c), None)
-                    if call is not None:
-                        d = call._dirs[f"{prefix}.h"][0]
-                        row.update(saturation(fam, {k: d.get(k) for k in fam.kinds if k in d.st}))
-                    for kind in fam.grad_kinds:
-                        key = f"{prefix}.{kind}"
-                        try:
-                            mean, mx = step_norms(trace[key])
-                        except (KeyError, RnnscopeError):
-                            continue            # this module did not run, or no gradient reached it
-                        T = len(mean)
-                        ts += [{"step": step, "key": key, "t": t, "lag": T - 1 - t, "mean": float(mean[t]),
-                                "max": float(mx[t])} for t in range(T)]
-                        if key in self._decay:
-                            norm = decay_curve(self._decay[key])
-                            dec += [{"step": step, "key": key, "lag": k, "norm": float(v)} for k, v in enumerate(norm)]
-                            if kind == "grad_h":
-                                row["half_life"] = half_life(norm)
-                    lay.append({g: float("nan") for g in GATES} | row)
-        grad_norm = _norm(self.model.parameters())
-        return {"timesteps": ts, "decay": dec, "layers": lay, "grad_norm": grad_norm}
+    def _take_tables(self) -> None:
+        self._row["tables"] = step_tables(self.model, self.modules, self._probe, self._decay, self._row["step"])
 
     def _commit(self) -> None:
         """The pending watched step's row is final (the next step began, or the log closes)."""
@@ -289,18 +310,8 @@ class Watch:
         if row is None or row["tables"] is None:
             return
         t = row["tables"]
-        loss = float("nan") if row["loss"] is None else row["loss"]
-        before = t["grad_norm"] if row["clip"] is None else row["clip"][0]
-        clipped = row["clip"] is not None and before > row["clip"][1]
-        # torch scales by max_norm / (norm + 1e-6) when that is below 1
-        after = before * min(1.0, row["clip"][1] / (before + 1e-6)) if row["clip"] is not None else before
-        flags = [f for f, on in (("nonfinite_loss", row["loss"] is not None and not math.isfinite(loss)),
-                                 ("nonfinite_grad", not math.isfinite(before)),
-                                 ("step_backwards", self._backwards)) if on]
+        steps = [steps_row(row, t["grad_norm"], self._backwards)]
         self._backwards = False
-        steps = [{"step": row["step"], "wall": time.time() - self._start, "loss": loss,
-                  "loss_finite": math.isfinite(loss), "grad_norm": before, "grad_norm_after": after,
-                  "clipped": bool(clipped), "flags": ",".join(flags)}]
         self._rows.append({"steps": steps, "timesteps": t["timesteps"], "decay": t["decay"], "layers": t["layers"]})
         if len(self._rows) >= self.flush_every:
             self.flush()
