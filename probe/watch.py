@@ -49,13 +49,13 @@ LOW, HIGH, TANH = 0.1, 0.9, 0.8
 def step_norms(grad: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``grad [batch, time, units]`` -> per timestep, the batch mean and the batch max of ``||grad[b, t]||``."""
     n = torch.linalg.vector_norm(grad.detach().double(), dim=2)
-    return n.mean(0).numpy(), n.amax(0).numpy()
+    return n.mean(0).cpu().numpy(), n.amax(0).cpu().numpy()
 
 
 def decay_curve(grad: torch.Tensor) -> np.ndarray:
     """``grad [batch, time, units]`` of the loss at the last step -> ``norm[lag]``, lag ``k`` = step ``T-1-k``:
     the batch mean of ``||grad[b, T-1-k]||`` over its value at lag 0 (NaN when that is 0)."""
-    mean = torch.linalg.vector_norm(grad.detach().double(), dim=2).mean(0).flip(0).numpy()
+    mean = torch.linalg.vector_norm(grad.detach().double(), dim=2).mean(0).flip(0).cpu().numpy()
     return mean / mean[0] if mean[0] > 0 else np.full_like(mean, np.nan)
 
 
