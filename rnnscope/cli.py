@@ -220,14 +220,14 @@ def parser() -> argparse.ArgumentParser:
             ("steps", whole(1, "--steps"), 3000, "optimizer steps"), ("lr", positive("--lr"), 2e-3, "peak learning rate"),
             ("min-lr", positive("--min-lr"), 1e-4, "final learning rate (cosine)"),
             ("warmup", whole(0, "--warmup"), 100, "warmup steps"),
-            ("clip", positive("--clip"), 5.0, "gradient-norm clip"),
+            ("clip", T.nonnegative_number("--clip"), 5.0, "gradient-norm clip (0: none)"),
             ("val-every", whole(1, "--val-every"), 500, "validate every N steps"),
             ("checkpoint-every", whole(1, "--checkpoint-every"), 250, "save resumable state every N steps"),
             ("seed", whole(0, "--seed"), 0, "random seed"),
             ("watch-every", whole(0, "--watch-every"), 100, "watch gradient flow into OUT/watch every N steps (0: off)"),
             ("threads", whole(0, "--threads"), 0, "torch threads (0: torch default)")]:
         z.add_argument(f"--{name}", type=kind, default=default, help=f"{help_} (default {default})")
-    z.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam")
+    z.add_argument("--optimizer", choices=["adam", "rmsprop", "sgd"], default="adam")
     z.add_argument("--fresh", action="store_true", help="discard a saved training state in OUT and start over")
     z.set_defaults(func=_zoo_train)
 

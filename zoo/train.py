@@ -94,7 +94,9 @@ def _optimizer(c: TrainConfig, model: CharModel) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=c.lr)
     if c.optimizer == "rmsprop":
         return torch.optim.RMSprop(model.parameters(), lr=c.lr, alpha=0.95)
-    raise RnnscopeError(f"unknown optimizer {c.optimizer!r}", "use adam or rmsprop")
+    if c.optimizer == "sgd":        # plain SGD: the update is as large as the gradient (Pascanu et al.'s setting)
+        return torch.optim.SGD(model.parameters(), lr=c.lr)
+    raise RnnscopeError(f"unknown optimizer {c.optimizer!r}", "use adam, rmsprop or sgd")
 
 
 def _save_state(out: Path, model, opt, state, rng: torch.Tensor, progress: dict) -> None:
@@ -209,7 +211,8 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
                 if watch:
                     watch.loss(loss)
             clip = watch.clip_grad_norm_ if watch else torch.nn.utils.clip_grad_norm_
-            norm = clip(model.parameters(), c.clip).item()
+            # --clip 0: no clipping (the norm is still measured; an inf max_norm scales by 1)
+            norm = clip(model.parameters(), c.clip if c.clip > 0 else float("inf")).item()
             opt.step()
             state = detach(new_state)
             progress["grad_norm"].append(float(f"{norm:.4g}"))
