@@ -184,7 +184,8 @@ def _spectrum(args) -> None:
     from rnnscope.analysis.lyapunov import spectrum
     ck = zoo.load(args.checkpoint)
     ids = ck.vocab.encode(T.read_text(args.text)[: args.chars], unk=args.unk)
-    table = spectrum(ck.model, ids, k=args.exponents, max_lag=args.max_lag, progress=sys.stderr.isatty())
+    table = spectrum(ck.model, ids, k=args.exponents, max_lag=args.max_lag, positions=args.positions,
+                     progress=sys.stderr.isatty())
     if args.json:
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
         rows = [{k: ([clean(x) for x in v] if isinstance(v, list) else clean(v)) for k, v in r.items()}
@@ -341,6 +342,8 @@ def parser() -> argparse.ArgumentParser:
                     help="leading Lyapunov exponents per layer (default 8)")
     sp.add_argument("--max-lag", type=T.int_at_least(1, "--max-lag"), default=200,
                     help="longest lag of the measured decay curve (default 200)")
+    sp.add_argument("--positions", type=T.int_at_least(1, "--positions"), default=256,
+                    help="positions sampled for the measured decay curve (default 256)")
     sp.add_argument("--unk", help="map characters outside the vocabulary to this one")
     sp.add_argument("--json", action="store_true", help="machine-readable output (non-finite numbers as null)")
     sp.set_defaults(func=_spectrum)

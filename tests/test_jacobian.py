@@ -21,7 +21,7 @@ class Net(nn.Module):
     def __init__(self, rnn: nn.Module, vocab: int = 7):
         super().__init__()
         self.embed, self.rnn = nn.Embedding(vocab, rnn.input_size), rnn
-        self.head = nn.Linear(getattr(rnn, "proj_size", 0) or rnn.hidden_size, vocab)
+        self.head = nn.Linear((getattr(rnn, "proj_size", 0) or rnn.hidden_size) * (1 + rnn.bidirectional), vocab)
 
     def forward(self, ids):
         return self.head(self.rnn(self.embed(ids))[0])
@@ -165,10 +165,10 @@ def test_spectrum_command(tmp_path, tiny_checkpoint, capsys):
     text = tmp_path / "t.c"
     text.write_text("int f(int a) { return a; }\n" * 30)
     assert main([f"spectrum", str(tiny_checkpoint), "--text", str(text), "--exponents", "3", "--max-lag", "40",
-                 "--json"]) == 0
+                 "--positions", "16", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["key"] for r in rows] == ["rnn.l0", "rnn.l1"] and len(rows[0]["exponents"]) == 3
-    assert main(["spectrum", str(tiny_checkpoint), "--text", str(text), "--chars", "300", "--max-lag", "40"]) == 0
+    assert main(["spectrum", str(tiny_checkpoint), "--text", str(text), "--chars", "300", "--max-lag", "40", "--positions", "16"]) == 0
     out = capsys.readouterr().out
     assert "rnn.l1" in out and "predicted" in out and "measured" in out
 
@@ -190,3 +190,18 @@ def test_spectrum_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys, args,
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and says in err and len(err.strip().splitlines()) == 1 and err.startswith("rnnscope: error:")
+
+
+def test_a_reverse_direction_is_the_forward_recurrence_over_the_reversed_text():
+    torch.manual_seed(5)
+    both = Net(nn.GRU(5, 6, batch_first=True, bidirectional=True)).eval()
+    fwd = Net(nn.GRU(5, 6, batch_first=True)).eval()
+    with torch.no_grad():
+        fwd.embed.weight.copy_(both.embed.weight)
+        for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(fwd.rnn, f"{n}_l0").copy_(getattr(both.rnn, f"{n}_l0_reverse"))
+    ids = torch.randint(0, 7, (1, 30))
+    rev = [la for la in recorded_layers(both, ids) if la.reverse]
+    assert [la.key for la in rev] == ["rnn.l0_reverse"]
+    want = torch.cat(list(jacobian_blocks(recorded_layers(fwd, ids.flip(1))[0])))
+    assert torch.allclose(torch.cat(list(jacobian_blocks(rev[0]))), want, rtol=1e-5, atol=1e-6)
