@@ -88,7 +88,8 @@ def spectrum(model: nn.Module, ids: torch.Tensor, *, k: int = 8, samples: int = 
     ``sv_max_q90``, ``sv_above_1`` (share of sampled steps whose largest singular value exceeds 1:
     a step that can stretch some direction), ``sv_median`` (median over steps and directions);
     with ``measure``, ``measured_half_life`` (and ``measured_half_life_c`` for an LSTM's cell) and
-    ``fit_r2`` from ``gradflow.gradient_decay`` on the same text."""
+    ``fit_r2`` from ``gradflow.gradient_decay`` on the same text, fitted over lags 1..max_lag, and
+    the same fitted over the second half of the lags alone (``measured_tail_half_life``, ...)."""
     rows = []
     for layer in recorded_layers(model, ids):
         ex = layer_exponents(layer, k, seed=seed)
@@ -104,9 +105,12 @@ def spectrum(model: nn.Module, ids: torch.Tensor, *, k: int = 8, samples: int = 
     if measure:
         curve = gradient_decay(model, ids, positions=positions, max_lag=max_lag, warmup=warmup, seed=seed,
                                progress=progress)
-        hl = half_lives(curve).set_index("key")
-        pick = lambda key, col: float(hl.loc[key, col]) if key in hl.index else np.nan  # noqa: E731
-        table["measured_half_life"] = [pick(f"{k_}.grad_h", "half_life") for k_ in table.key]
-        table["measured_half_life_c"] = [pick(f"{k_}.grad_c", "half_life") for k_ in table.key]
-        table["fit_r2"] = [pick(f"{k_}.grad_h", "fit_r2") for k_ in table.key]
+        # the exponent is the asymptotic rate; the fit over all lags also sees the fast directions
+        # dying out first, so the second half of the curve is fitted on its own too
+        for col, start in (("", 1), ("tail_", max_lag // 2)):
+            hl = half_lives(curve, start=start).set_index("key")
+            pick = lambda key, c: float(hl.loc[key, c]) if key in hl.index else np.nan  # noqa: E731
+            table[f"measured_{col}half_life"] = [pick(f"{k_}.grad_h", "half_life") for k_ in table.key]
+            table[f"measured_{col}half_life_c"] = [pick(f"{k_}.grad_c", "half_life") for k_ in table.key]
+            table[f"{col}fit_r2"] = [pick(f"{k_}.grad_h", "fit_r2") for k_ in table.key]
     return table

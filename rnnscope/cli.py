@@ -193,11 +193,14 @@ def _spectrum(args) -> None:
         print(json.dumps(rows, indent=1))
         return
     print(f"{ids.shape[1]:,} characters; exponents in nats per step, QR re-orthonormalised; a layer's gradient "
-          "shrinks at its reach (the largest lambda_1 from it to the top), predicting ln 2 / |reach| steps")
+          "shrinks at its reach (the largest lambda_1 from it to the top), predicting ln 2 / |reach| steps; "
+          f"measured: half-life fitted to the decay over lags 1..{args.max_lag}, tail: over lags "
+          f"{args.max_lag // 2}..{args.max_lag}")
     shown = table.assign(exponents=[" ".join(f"{x:+.3f}" for x in v) for v in table.exponents])
     cols = {"key": "layer", "family": "family", "exponents": "leading exponents", "reach": "reach",
             "predicted_half_life": "predicted", "measured_half_life": "measured h",
-            "measured_half_life_c": "measured c", "sv_max_median": "median sv_max", "sv_above_1": "sv_max>1"}
+            "measured_half_life_c": "measured c", "measured_tail_half_life": "tail h",
+            "measured_tail_half_life_c": "tail c", "sv_max_median": "median sv_max", "sv_above_1": "sv_max>1"}
     print(shown[list(cols)].rename(columns=cols).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 
 

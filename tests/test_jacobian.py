@@ -158,6 +158,7 @@ def test_spectrum_links_exponents_to_the_measured_decay(tiny_vocab):
         assert len(r.exponents) == 4 and r.exponents == sorted(r.exponents, reverse=True)
         assert r.predicted_half_life == pytest.approx(np.log(2) / -r.reach) if r.reach < 0 else np.isinf(r.predicted_half_life)
         assert np.isfinite(r.measured_half_life) and r.measured_half_life > 0 and np.isfinite(r.measured_half_life_c)
+        assert np.isfinite(r.measured_tail_half_life) and r.measured_tail_half_life > 0
         assert 0 <= r.sv_above_1 <= 1 and r.sv_max_median > 0
 
 
