@@ -2,6 +2,7 @@
 
     import rnnscope as rs
     ck = rs.load("zoo:lstm-linux")                 # a Checkpoint: .model, .vocab, .card, .name
+    me = rs.load("mine.py:build")                  # any model: a Subject (.model, .encoder, .loss); see probe.models
     with rs.Probe(ck.model, grad=True) as p: ...   # every state, gate and gradient in memory
     run = rs.record(ck, text, "runs/x")            # the same, streamed into a Run on disk
     run = rs.open_run("runs/x"); rs.find_neurons(run)
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _API = {
     "RnnscopeError": "rnnscope.errors",
-    "load": "rnnscope.zoo", "Checkpoint": "rnnscope.zoo",
+    "load": "rnnscope.probe.models", "Checkpoint": "rnnscope.zoo", "Subject": "rnnscope.probe.subject",
     "Probe": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.probe", "Run": "rnnscope.probe",
     "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.analysis",
     "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",

@@ -107,6 +107,24 @@ def text_file(text: str) -> Path:
     return path
 
 
+def text_source(text: str) -> Path:
+    """A text file, a directory of text files, or a ``.jsonl`` file: a regular file or a directory."""
+    if Path(text).is_dir():
+        if not os.access(text, os.R_OK | os.X_OK):
+            raise _bad(f"{text} is not readable", "check its permissions")
+        return Path(text)
+    return text_file(text)
+
+
+def module_names(text: str) -> list[str]:
+    """``--modules rnn,encoder.rnn``: qualified module names as ``model.named_modules()`` gives them."""
+    parts = [p.strip() for p in text.split(",")]
+    for p in parts:
+        if not re.fullmatch(r"\w+(?:\.\w+)*", p, re.ASCII):
+            raise _bad(f"{p!r} is not a module name", "give qualified names such as rnn, encoder.lstm or layers.0")
+    return parts
+
+
 def unit(text: str) -> str:
     """``KEY:INDEX``, e.g. ``rnn.l0.c:12``; whether the Run has it is checked when the Run is open."""
     if not UNIT.match(text):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,18 +49,47 @@ def _zoo_train(args) -> None:
 
 def _probe(args) -> None:
     from rnnscope import probe
-    from rnnscope import zoo
     from rnnscope.errors import RnnscopeError
-    text = T.read_text(args.text)
-    if args.max_chars:
-        text = text[: args.max_chars]
-    kinds = args.kinds or None
-    run = probe.record(zoo.load(args.checkpoint), text, args.out, grad=args.grad, chunk=args.chunk,
-                       horizon=args.horizon, kinds=kinds,
-                       dtype=args.dtype, overwrite=args.overwrite, unk=args.unk, source=args.checkpoint)
+    from rnnscope.probe import models
+    if args.checkpoint and args.model and args.checkpoint != args.model:
+        raise RnnscopeError(f"two models given: {args.checkpoint} and --model {args.model}", "give one of them")
+    spec = args.model or args.checkpoint
+    if not spec:
+        raise RnnscopeError("no model given", "pass --model SPEC (zoo:NAME, a checkpoint directory, file.py:fn, "
+                                              "package.module:fn, model.pt or weights.pt@file.py:build)")
+    encoder = models.encoder(args.encoder) if args.encoder else None
+    subject = models.load(spec, encoder=encoder)
+    if getattr(subject, "encoder", True) is None:
+        raise RnnscopeError(f"{spec} comes with no encoder", "pass --encoder file.py:fn, where fn() returns one")
+    # only what was asked for goes to record: its own defaults (loss "auto", every module, a state reset
+    # at each document, the subject's encoder) stand otherwise
+    asked = {}
+    if args.modules:
+        asked["modules"] = models.choose(subject.model, args.modules)
+    if args.loss:
+        asked["loss"] = models.loss(args.loss)
+    if args.carry:
+        asked["carry"] = True
+    if encoder is not None:          # (a Subject holds it already; a zoo checkpoint's vocabulary gives way)
+        asked["encode"] = encoder
+    if args.text.is_file() and args.text.suffix.lower() != ".jsonl":
+        texts = T.read_text(args.text)          # one document, stored byte for byte
+        if args.max_chars:
+            texts = texts[: args.max_chars]
+    else:
+        if args.max_chars:
+            raise RnnscopeError("--max-chars cuts one text file", "give a text file, or leave --max-chars out")
+        from rnnscope.probe.corpus import read_documents
+        texts = read_documents(args.text)
+    run = probe.record(subject, texts, args.out, grad=args.grad, chunk=args.chunk, horizon=args.horizon,
+                       kinds=args.kinds or None, dtype=args.dtype, overwrite=args.overwrite, unk=args.unk,
+                       source=spec, **asked)
     loss = run.manifest["loss"]
-    print(f"wrote {run.path}: {len(run):,} chars, {len(run.keys())} keys, "
-          f"loss {loss['mean_nats']:.4f} nats/char ({loss['bits_per_char']:.3f} bits/char)")
+    per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
+    steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
+    said = f", loss {loss['mean_nats']:.4f} nats/{per} ({loss['mean_nats'] / math.log(2):.3f} bits/{per})" \
+        if loss else ", no loss"
+    print(f"wrote {run.path}: {steps}, {len(run.keys())} keys{said}")
 
 
 def _analyze(args) -> None:
@@ -257,11 +287,29 @@ def parser() -> argparse.ArgumentParser:
     z.add_argument("--fresh", action="store_true", help="discard a saved training state in OUT and start over")
     z.set_defaults(func=_zoo_train)
 
-    pr = sub.add_parser("probe", help="record every state, gate (and gradient) of a checkpoint over a text into a Run")
-    pr.add_argument("checkpoint", help="a checkpoint directory or zoo:NAME (see `rnnscope zoo list`)")
-    pr.add_argument("--text", required=True, type=T.text_file,
-                    help="a UTF-8 text file (stored byte for byte: line endings are kept)")
+    pr = sub.add_parser("probe", help="record every state, gate (and gradient) of a model over a text into a Run",
+                        description="Record every state, gate (and gradient) of a model's recurrent modules over a "
+                        "text or a corpus into a Run. A --model given as file.py:fn or package.module:fn runs "
+                        "that Python code (it is imported, as any import does). Weights files are never unpickled: "
+                        "they load with torch.load(weights_only=True) or safetensors.")
+    pr.add_argument("checkpoint", nargs="?", help="the same as --model (kept for zoo:NAME and checkpoint directories)")
+    pr.add_argument("--model", metavar="SPEC",
+                    help="zoo:NAME, a checkpoint directory, path/to/file.py:fn or package.module:fn (fn() returns a "
+                         "Subject or (model, encode[, loss]); the file's code runs), model.pt (a TorchScript archive; "
+                         "give --encoder), or weights.pt@file.py:build / weights.safetensors@file.py:build")
+    pr.add_argument("--encoder", metavar="SPEC", help="file.py:fn or package.module:fn: fn() returns the encoder "
+                    "(an object with encode(text), a str -> ids callable, or a tokenizer returning offsets)")
+    pr.add_argument("--text", required=True, type=T.text_source,
+                    help="a UTF-8 text file (stored byte for byte: line endings are kept), a directory of text files "
+                         "(one document each), or a .jsonl file with a \"text\" field per line")
     pr.add_argument("--out", required=True, help="the Run directory to write")
+    pr.add_argument("--modules", type=T.module_names, metavar="A,B",
+                    help="record only these recurrent modules, by qualified name (default: every one)")
+    pr.add_argument("--loss", metavar="none|FILE.py:FN",
+                    help="none: states only; or fn(output, ids) returning a per-step [T] or scalar loss "
+                         "(default: next-token cross-entropy when the output is [1, T, vocab] logits)")
+    pr.add_argument("--carry", action="store_true", help="carry the state from one document into the next "
+                                                         "(default: reset at each document)")
     pr.add_argument("--grad", action="store_true", help="also record dL/dh and dL/dc at every step")
     pr.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk dtype (default float16)")
     pr.add_argument("--kinds", type=T.names, help="comma-separated state kinds to keep, e.g. h,c (default: all)")

@@ -57,13 +57,154 @@ def write_run(out, text=TEXT, *, overwrite=False, rows=None):
         w.loss().write(0, np.zeros(len(text), np.float32))
         w.units(units_frame())
         return w.commit({"model": {"checksum": "0" * 64}, "vocab": None, "unk": None,
+                         "loss": {"kind": "next-token", "mean_nats": 0.0},
                          "keys": {k: {"units": u, "nonfinite": 0, "overflow": 0} for k, u in KEYS.items()}})
+
+
+# two documents, word steps, BOS and EOS steps without text: "ab cd\n" | "ef"
+DOCS_TEXT = "ab cd\nef"
+SPANS = np.array([[-1, -1], [0, 2], [3, 5], [5, 6], [-1, -1], [6, 8]], np.int64)
+IDS = np.array([1, 5, 6, 7, 2, 8], np.int64)
+
+
+def write_documents_run(out, *, spans=SPANS, ids=IDS, loss=True):
+    """A format 2 Run of two documents through the store's writer."""
+    docs = store.documents_frame(["first", "second"], [0, 6, 8], [0, 5, 6])
+    with store.RunWriter(out, DOCS_TEXT, spans=spans, ids=ids, documents=docs, dtype="float32",
+                         log=lambda s: None) as w:
+        for key, units in KEYS.items():
+            w.states(key, units).write(0, np.arange(len(spans) * units, dtype=np.float32).reshape(-1, units))
+        if loss:
+            w.loss().write(0, np.arange(len(spans), dtype=np.float32))
+        w.units(units_frame())
+        return w.commit({"model": {"checksum": "0" * 64}, "vocab": None, "unk": None,
+                         "loss": {"kind": "user", "mean_nats": 2.5} if loss else None,
+                         "encoder": {"kind": "spans", "name": "words"},
+                         "keys": {k: {"units": u, "nonfinite": 0, "overflow": 0} for k, u in KEYS.items()}})
+
+
+def as_v1(out):
+    """Rewrite a fresh Run as format 1 wrote it: no spans, ids or documents, a v1 manifest."""
+    m = json.loads((out / "manifest.json").read_text())
+    for field in ("steps", "documents", "encoder", "carry", "ids"):
+        m.pop(field)
+    m["format_version"], m["loss"] = 1, {"mean_nats": 1.0, "bits_per_char": 1.4}
+    (out / "manifest.json").write_text(json.dumps(m))
+    for name in ("spans.npy", "ids.npy", "documents.parquet"):
+        (out / name).unlink(missing_ok=True)
+    return out
 
 
 def test_a_v1_run_written_before_the_store_still_opens(tmp_path):
     run = store.open_run(handmade_v1_run(tmp_path / "old"))
     assert run.text == TEXT and sorted(run.keys()) == sorted(KEYS) and run["rnn.l0.c"].shape == (6, 3)
     assert len(run.units) == 6 and np.isnan(run.loss[-1])
+
+
+def test_a_v1_run_reads_as_one_document_of_one_step_per_character(tmp_path):
+    run = store.open_run(as_v1(write_run(tmp_path / "r")))
+    assert run.manifest["format_version"] == 1 and len(run) == run.chars == len(TEXT) == run.manifest["steps"]
+    np.testing.assert_array_equal(run.spans, np.stack([np.arange(6), np.arange(1, 7)], 1))
+    assert run.ids is None and run.has_text.all() and (run.step_document == 0).all()
+    assert run.documents.to_dict("records") == [{"name": "text", "char_start": 0, "char_end": 6, "step_start": 0,
+                                                 "step_end": 6}]
+    assert run.manifest["encoder"] == {"kind": "char", "name": None} and run.manifest["loss"]["kind"] == "next-token"
+    assert run.tokens(0, 3) == ["a", "b", "\n"] and run.loss is not None
+    np.testing.assert_array_equal(run.per_step(np.arange(6) * 10), np.arange(6) * 10.0)
+
+
+def test_a_run_of_documents_maps_steps_to_spans_and_documents(tmp_path):
+    run = store.open_run(write_documents_run(tmp_path / "r"))
+    assert len(run) == 6 and run.chars == 8 and run.text == DOCS_TEXT and run.manifest["format_version"] == 2
+    assert run.manifest["steps"] == 6 and run.manifest["documents"] == 2
+    assert run.manifest["encoder"] == {"kind": "spans", "name": "words"}
+    np.testing.assert_array_equal(run.spans, SPANS)
+    np.testing.assert_array_equal(run.ids, IDS)
+    np.testing.assert_array_equal(run.has_text, [False, True, True, True, False, True])
+    np.testing.assert_array_equal(run.step_document, [0, 0, 0, 0, 0, 1])
+    assert list(run.documents.name) == ["first", "second"] and run.documents.step_end.tolist() == [5, 6]
+    assert run.tokens() == ["", "ab", "cd", "\n", "", "ef"] and run.tokens(1, 3) == ["ab", "cd"]
+    got = run.per_step(np.arange(8) * 1.5)           # the value at each span's last character
+    np.testing.assert_array_equal(got[[1, 2, 3, 5]], [1.5, 6.0, 7.5, 10.5])
+    assert np.isnan(got[[0, 4]]).all() and run["rnn.l0.h"].shape == (6, 3)
+    np.testing.assert_array_equal(run.loss, np.arange(6, dtype=np.float32))
+    with pytest.raises(RnnscopeError, match="one value per character"):
+        run.per_step(np.zeros(6))
+
+
+def test_a_run_recorded_without_a_loss_has_none(tmp_path):
+    run = store.open_run(write_documents_run(tmp_path / "r", loss=False))
+    assert run.loss is None and run.manifest["loss"] is None and not (run.path / "loss.npy").exists()
+
+
+def _edit_npy(name, change):
+    def edit(out):
+        a = np.load(out / name)
+        np.save(out / name, change(a))
+    return edit
+
+
+def _edit_docs(change):
+    def edit(out):
+        d = pd.read_parquet(out / "documents.parquet")
+        change(d)
+        d.to_parquet(out / "documents.parquet")
+    return edit
+
+
+def _edit_manifest(change):
+    def edit(out):
+        m = json.loads((out / "manifest.json").read_text())
+        change(m)
+        (out / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+def _set(a, index, value):
+    a = a.copy()
+    a[index] = value
+    return a
+
+
+DAMAGE = {
+    "span past the text": (_edit_npy("spans.npy", lambda a: _set(a, (5, 1), 9)), r"\(6, 9\) at step 5.*inside"),
+    "span start >= end": (_edit_npy("spans.npy", lambda a: _set(a, 2, [4, 4])), r"\(4, 4\) at step 2.*start < end"),
+    "half a no-text span": (_edit_npy("spans.npy", lambda a: _set(a, (0, 1), 3)), r"\(-1, 3\) at step 0.*\(-1, -1\)"),
+    "spans out of order": (_edit_npy("spans.npy", lambda a: _set(a, 2, [0, 1])), r"\(0, 1\) at step 2.*in order"),
+    "span in another document": (_edit_npy("spans.npy", lambda a: _set(a, 3, [5, 7])), r"step 3 outside its document"),
+    "spans of float": (_edit_npy("spans.npy", lambda a: a.astype(np.float64)), r"spans.npy holds float64"),
+    "spans one short": (_edit_npy("spans.npy", lambda a: a[:-1]), r"spans.npy has shape \[5, 2\]"),
+    "ids negative": (_edit_npy("ids.npy", lambda a: _set(a, 1, -4)), r"negative id -4"),
+    "ids missing": (lambda out: (out / "ids.npy").unlink(), r"ids.npy is missing"),
+    "documents with a gap": (_edit_docs(lambda d: d.__setitem__("char_start", [0, 7])), r"do not tile the 8 characters"),
+    "documents overlap in steps": (_edit_docs(lambda d: d.__setitem__("step_start", [0, 4])), r"tile the 6 steps"),
+    "a document of float bounds": (_edit_docs(lambda d: d.__setitem__("char_end", [6.0, 8.0])), r"not integers"),
+    "a document without a name column": (_edit_docs(lambda d: d.__setitem__("title", d.pop("name"))),
+                                         r"lacks the column 'name'"),
+    "documents count": (_edit_manifest(lambda m: m.update(documents=1)), r"2 documents but the manifest says 1"),
+    "steps a string": (_edit_manifest(lambda m: m.update(steps="6")), r"no valid steps"),
+    "encoder kind": (_edit_manifest(lambda m: m.update(encoder={"kind": "bpe"})), r"malformed encoder"),
+    "loss kind": (_edit_manifest(lambda m: m.update(loss={"kind": "x", "mean_nats": 1})), r"malformed loss"),
+    "loss file gone": (lambda out: (out / "loss.npy").unlink(), r"loss.npy is missing"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_steps_spans_and_documents_are_one_line_on_open(tmp_path, case):
+    out = write_documents_run(tmp_path / "r")
+    damage, message = DAMAGE[case]
+    damage(out)
+    with pytest.raises(RnnscopeError, match=message) as err:
+        store.open_run(out)
+    assert "\n" not in str(err.value)
+
+
+def test_the_writer_refuses_steps_it_would_not_read(tmp_path):
+    with pytest.raises(RnnscopeError, match="in order"):
+        write_documents_run(tmp_path / "r", spans=SPANS[[0, 2, 1, 3, 4, 5]])
+    with pytest.raises(RnnscopeError, match="5 ids for 6 steps"):
+        write_documents_run(tmp_path / "r", ids=IDS[:5])
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_writer_lays_out_what_the_reader_checks(tmp_path):

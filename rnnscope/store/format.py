@@ -11,7 +11,7 @@ import numpy as np
 
 from rnnscope.errors import RnnscopeError
 
-FORMAT, FORMAT_VERSION = "rnnscope-run", 1
+FORMAT, FORMAT_VERSION = "rnnscope-run", 2
 DTYPES = {"float16": np.float16, "float32": np.float32}
 # {module}.l{layer}[_reverse].{kind}: the module is a dotted name of identifier-like segments (a
 # Sequential's children are digits), so a key is never a path (no '/', '..' or NUL can match)
@@ -87,6 +87,82 @@ def check_manifest(m, where) -> None:
             bad(f"has a {field} that is not a string")
     if not isinstance(m.get("grad", False), bool):
         bad("has a grad flag that is not true or false")
+    if version >= 2:
+        _check_v2(m, bad)
+
+
+ENCODER_KINDS, LOSS_KINDS = ("char", "spans"), ("next-token", "user")
+
+
+def _check_v2(m: dict, bad) -> None:
+    """The fields format 2 added: how steps map to text, the encoder, the documents, the loss."""
+    chars, steps, docs = m["text"]["chars"], m.get("steps"), m.get("documents")
+    if not _is_int(steps) or steps < 1:
+        bad(f"has no valid steps, a whole number >= 1 (got {str(steps)[:40]!r})")
+    if not _is_int(docs) or not 1 <= docs <= min(steps, chars):
+        bad(f"has documents {str(docs)[:40]!r}, not a whole number from 1 to the steps and characters")
+    enc = m.get("encoder")
+    if (not isinstance(enc, dict) or enc.get("kind") not in ENCODER_KINDS
+            or not isinstance(enc.get("name"), (str, type(None)))):
+        bad(f"has a malformed encoder (a kind among {', '.join(ENCODER_KINDS)} and a name)")
+    for flag in ("carry", "ids"):
+        if not isinstance(m.get(flag, True), bool):
+            bad(f"has a {flag} flag that is not true or false")
+    loss = m.get("loss")
+    if loss is not None and (not isinstance(loss, dict) or loss.get("kind") not in LOSS_KINDS
+                             or not isinstance(loss.get("mean_nats"), (int, float))
+                             or isinstance(loss.get("mean_nats"), bool)):
+        bad(f"has a malformed loss (null, or a kind among {', '.join(LOSS_KINDS)} and mean_nats)")
+
+
+def check_steps(spans: np.ndarray, documents, chars: int, where) -> None:
+    """How steps map to text, checked: ``spans [S, 2]`` int64 character spans ((-1, -1): no text) and the
+    ``documents`` frame (name, char_start, char_end, step_start, step_end) tiling steps and characters
+    in order. Within a document, text steps lie inside its characters and their starts and ends never
+    go back (equal spans are allowed: a byte-level model gives several steps one character)."""
+    def bad(problem):
+        raise RnnscopeError(f"{where} {problem}", RECORD)
+    spans = np.asarray(spans)
+    if spans.dtype != np.int64 or spans.ndim != 2 or spans.shape[1] != 2 or len(spans) < 1:
+        bad(f"has spans of {spans.dtype} {list(spans.shape)}, expected int64 [steps, 2]")
+    start, end = spans[:, 0], spans[:, 1]
+    text = start >= 0
+    for problem, rows in (("a step without text must have span (-1, -1)", ~text & ((start != -1) | (end != -1))),
+                          (f"a span must lie inside the text's {chars:,} characters", text & (end > chars)),
+                          ("a text step's span must have start < end", text & (start >= end))):
+        if rows.any():
+            i = int(np.argmax(rows))
+            bad(f"has span ({start[i]}, {end[i]}) at step {i}: {problem}")
+    cols = ("char_start", "char_end", "step_start", "step_end")
+    for col in ("name", *cols):
+        if col not in documents:
+            bad(f"has documents without the column {col!r}")
+    if not all(_int_column(documents[c]) for c in cols) or not all(isinstance(n, str) for n in documents["name"]):
+        bad("has documents whose names are not text or whose bounds are not integers")
+    if len(documents) < 1:
+        bad("has no documents")
+    b = {c: np.asarray(documents[c], np.int64) for c in cols}
+    for lo, hi, total, what in (("char_start", "char_end", chars, "characters"), ("step_start", "step_end",
+                                                                                  len(spans), "steps")):
+        if (b[lo][0] != 0 or b[hi][-1] != total or (b[lo] >= b[hi]).any()
+                or (b[lo][1:] != b[hi][:-1]).any()):
+            bad(f"has documents that do not tile the {total:,} {what} in order, each non-empty")
+    doc = np.repeat(np.arange(len(documents)), b["step_end"] - b["step_start"])
+    outside = text & ((start < b["char_start"][doc]) | (end > b["char_end"][doc]))
+    if outside.any():
+        i = int(np.argmax(outside))
+        bad(f"has span ({start[i]}, {end[i]}) at step {i} outside its document's characters "
+            f"[{b['char_start'][doc[i]]}, {b['char_end'][doc[i]]})")
+    t = np.flatnonzero(text)            # consecutive text steps of one document never go back
+    same = doc[t[1:]] == doc[t[:-1]]
+    back = same & ((start[t[1:]] < start[t[:-1]]) | (end[t[1:]] < end[t[:-1]]))
+    if back.any():
+        i = int(t[1:][np.argmax(back)])
+        bad(f"has span ({start[i]}, {end[i]}) at step {i} before the previous text step's: spans must be in order")
+
+
+def _int_column(column) -> bool:
+    return np.issubdtype(np.asarray(column).dtype, np.integer)
 
 
 def check_npy(f, path, shape: tuple[int, ...], dtype) -> int:

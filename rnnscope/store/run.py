@@ -1,9 +1,12 @@
 """The Run: a directory holding one probe's recording, read back memory-mapped.
 
-    RUN/manifest.json        format version, model identity and checksum, vocabulary, keys, dtype, flags
-    RUN/text.txt             the text, one timestep per character, stored byte for byte (CR and CRLF kept)
-    RUN/loss.npy             [time] next-character loss in nats (NaN where there is no next character)
-    RUN/states/{key}.npy     [time, units] NumPy arrays, opened with mmap_mode='r', never loaded whole
+    RUN/manifest.json        format version, model identity and checksum, encoder, steps, documents, keys, dtype
+    RUN/text.txt             every document's text concatenated, stored byte for byte (CR and CRLF kept)
+    RUN/spans.npy            [steps, 2] int64: each step's character span [start, end); (-1, -1) = no text
+    RUN/ids.npy              [steps] int64: the model's input id at each step
+    RUN/documents.parquet    one row per document: name, char_start, char_end, step_start, step_end
+    RUN/loss.npy             [steps] per-step loss in nats (NaN where none); only when the manifest has a loss
+    RUN/states/{key}.npy     [steps, units] NumPy arrays, opened with mmap_mode='r', never loaded whole
     RUN/units.parquet        one row per unit: key, index, layer, kind, mean, std, min, max
     RUN/analysis/*.parquet   the tables `rnnscope analyze` writes (see ``tables``)
 
@@ -11,6 +14,9 @@ A Run appears under its final name only once complete (it is written beside it a
 and its manifest says ``complete: true``: an interrupted probe never leaves one that looks done.
 A Run may come from someone else, so ``open_run`` checks every file against the manifest
 before anything reads it: each failure is one line.
+
+A format 1 Run (one step per character, one document, always a next-character loss) opens as
+one: its spans are [i, i + 1], its one document is named "text", it has no ids.
 """
 from __future__ import annotations
 
@@ -25,22 +31,26 @@ import pandas as pd
 from rnnscope.errors import RnnscopeError
 
 from .files import inside, read_bytes, regular_file
-from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, key_file
-from .tables import UNITS_SCHEMA, check_schema, read_parquet
+from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, key_file
+from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, read_parquet
 
 MANIFEST_LIMIT = 64 << 20       # a manifest holds names and counts: far below this even for huge models
 
 
 class Run:
-    """``run.text``, ``run.keys()``, ``run[key] -> [time, units]`` (memory-mapped), ``run.loss``, ``run.units``."""
+    """``len(run)`` steps; ``run[key] -> [steps, units]`` (memory-mapped); ``run.text`` (``run.chars``
+    characters); per step ``run.spans``, ``run.has_text``, ``run.step_document``, ``run.ids``, ``run.loss``;
+    ``run.documents``; ``run.per_step(values [chars])``; ``run.tokens(s, e)``; ``run.units``."""
 
-    def __init__(self, path: Path, manifest: dict, text: str | None = None):
+    def __init__(self, path: Path, manifest: dict, text: str | None = None, steps: dict | None = None):
         self.path, self.manifest = Path(path), manifest
         if text is not None:
             self.__dict__["text"] = text
+        self.__dict__.update(steps or {})       # spans, documents, ids: already read and checked by open_run
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r}: {len(self)} chars, {len(self.keys())} keys, {self.manifest['dtype']})"
+        return (f"Run({str(self.path)!r}: {len(self)} steps, {self.chars} chars, {self.manifest['documents']} "
+                f"documents, {len(self.keys())} keys, {self.manifest['dtype']})")
 
     def _repr_html_(self) -> str:
         """Jupyter: what the Run holds, every string from it escaped (``rs.show`` draws a unit)."""
@@ -48,18 +58,67 @@ class Run:
         rows = "".join(f"<tr><td><code>{escape(k)}</code></td><td>{v['units']}</td></tr>"
                        for k, v in list(self.manifest["keys"].items())[:64])
         more = len(self.manifest["keys"]) - 64
-        return (f"<p><b>Run</b> <code>{escape(str(self.path))}</code>: {len(self):,} characters, "
+        return (f"<p><b>Run</b> <code>{escape(str(self.path))}</code>: {len(self):,} steps over {self.chars:,} characters, "
                 f"{len(self.keys())} keys, {escape(str(self.manifest['dtype']))}</p>"
                 f"<table><tr><th>key</th><th>units</th></tr>{rows}</table>"
                 + (f"<p>... and {more} more keys</p>" if more > 0 else "")
                 + "<p>Draw a unit with <code>rnnscope.show(run, KEY:INDEX)</code>.</p>")
 
     def __len__(self) -> int:
+        return self.manifest["steps"]
+
+    @property
+    def chars(self) -> int:
         return self.manifest["text"]["chars"]
 
     @cached_property
     def text(self) -> str:
         return _read_text(self.path, self.manifest)
+
+    @cached_property
+    def _steps(self) -> dict:
+        return _read_steps(self.path, self.manifest)
+
+    @cached_property
+    def spans(self) -> np.ndarray:
+        """``[steps, 2]`` int64: each step's characters ``text[start:end]``; (-1, -1) for a step without text."""
+        return self._steps["spans"]
+
+    @cached_property
+    def documents(self) -> pd.DataFrame:
+        """One row per document: name, char_start, char_end, step_start, step_end (int64)."""
+        return self._steps["documents"]
+
+    @cached_property
+    def ids(self) -> np.ndarray | None:
+        """``[steps]`` int64: the model's input id at each step (None for a format 1 Run)."""
+        return self._steps["ids"]
+
+    @cached_property
+    def has_text(self) -> np.ndarray:
+        return self.spans[:, 0] >= 0
+
+    @cached_property
+    def step_document(self) -> np.ndarray:
+        """``[steps]`` int64: the index of each step's document."""
+        d = self.documents
+        return np.repeat(np.arange(len(d)), (d.step_end - d.step_start).to_numpy())
+
+    def per_step(self, values) -> np.ndarray:
+        """A per-character array ``[chars]`` taken at each step: the value at the last character of the
+        step's span (the state after reading it); NaN for steps without text. Returns float64 ``[steps]``."""
+        values = np.asarray(values)
+        if values.shape[:1] != (self.chars,):
+            raise RnnscopeError(f"per_step takes one value per character ({self.chars:,}), got shape "
+                                f"{list(values.shape)}", "compute the feature over run.text")
+        out = np.full((len(self),) + values.shape[1:], np.nan)
+        out[self.has_text] = values[self.spans[self.has_text, 1] - 1]
+        return out
+
+    def tokens(self, start: int = 0, end: int | None = None) -> list[str]:
+        """The text of steps ``start .. end - 1`` ('' for a step without text)."""
+        text = self.text
+        return [text[a:b] if a >= 0 else "" for a, b in self.spans[start:end].tolist()]
 
     def keys(self) -> list[str]:
         return list(self.manifest["keys"])
@@ -75,7 +134,10 @@ class Run:
         return np.load(inside(self.path, key_file(key)), mmap_mode="r", allow_pickle=False)
 
     @property
-    def loss(self) -> np.ndarray:
+    def loss(self) -> np.ndarray | None:
+        """``[steps]`` float32 per-step loss in nats (NaN where none), or None when recorded without one."""
+        if self.manifest["loss"] is None:
+            return None
         return np.load(inside(self.path, "loss.npy"), mmap_mode="r", allow_pickle=False)
 
     @cached_property
@@ -105,10 +167,43 @@ def _read_text(path: Path, manifest: dict) -> str:
     return text
 
 
+def _read_steps(path: Path, manifest: dict) -> dict:
+    """``spans``, ``documents`` and ``ids``, checked against each other and the text (format 1: made up)."""
+    chars, steps = manifest["text"]["chars"], manifest["steps"]
+    if manifest["format_version"] == 1:
+        spans = np.stack([np.arange(chars), np.arange(1, chars + 1)], 1).astype(np.int64)
+        docs = pd.DataFrame({"name": ["text"], "char_start": [0], "char_end": [chars], "step_start": [0],
+                             "step_end": [chars]}).astype({c: np.int64 for c in DOCUMENTS_SCHEMA if c != "name"})
+        return {"spans": spans, "documents": docs, "ids": None}
+    spans, ids = _read_npy(path, "spans.npy", (steps, 2), np.int64), None
+    if manifest.get("ids", True):
+        ids = _read_npy(path, "ids.npy", (steps,), np.int64)
+        if (ids < 0).any():
+            raise RnnscopeError(f"{path}/ids.npy holds the negative id {int(ids.min())}", RECORD)
+    file = inside(path, "documents.parquet")
+    regular_file(file, "the Run's document table", RECORD)
+    docs = read_parquet(file, DOCUMENTS_SCHEMA)[list(DOCUMENTS_SCHEMA)]
+    if len(docs) != manifest["documents"]:
+        raise RnnscopeError(f"{file} has {len(docs):,} documents but the manifest says {manifest['documents']:,}",
+                            RECORD)
+    check_steps(spans, docs, chars, path)
+    return {"spans": spans, "documents": docs.astype({c: np.int64 for c in DOCUMENTS_SCHEMA if c != "name"}),
+            "ids": ids}
+
+
+def _read_npy(path: Path, name: str, shape: tuple, dtype) -> np.ndarray:
+    file = inside(path, name)
+    regular_file(file, "the Run's array", RECORD)
+    with open(file, "rb") as f:
+        offset = check_npy(f, file, shape, dtype)
+        f.seek(offset)
+        return np.fromfile(f, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
 def _check_arrays(path: Path, manifest: dict) -> None:
-    chars, dtype = manifest["text"]["chars"], DTYPES[manifest["dtype"]]
-    wanted = {"loss.npy": ((chars,), np.float32)}
-    wanted.update({key_file(k): ((chars, v["units"]), dtype) for k, v in manifest["keys"].items()})
+    steps, dtype = manifest["steps"], DTYPES[manifest["dtype"]]
+    wanted = {"loss.npy": ((steps,), np.float32)} if manifest["loss"] is not None else {}
+    wanted.update({key_file(k): ((steps, v["units"]), dtype) for k, v in manifest["keys"].items()})
     for name, (shape, dt) in wanted.items():
         file = inside(path, name)
         if not file.exists():
@@ -143,19 +238,32 @@ def read_manifest(path: Path) -> dict:
         raise RnnscopeError(f"{path} is not an rnnscope run (manifest.json is not JSON: "
                             f"{str(err).splitlines()[0][:80]})", "point at a directory written by `rnnscope probe`") from None
     check_manifest(manifest, path)
+    if manifest["format_version"] == 1:
+        _from_v1(manifest)
     return manifest
+
+
+def _from_v1(m: dict) -> None:
+    """A format 1 manifest read as format 2 (in memory; the Run on disk is left as it is)."""
+    loss = m.get("loss") if isinstance(m.get("loss"), dict) else {}
+    mean = loss.get("mean_nats")
+    m.update(steps=m["text"]["chars"], documents=1, encoder={"kind": "char", "name": None}, carry=False, ids=False,
+             loss={**loss, "kind": "next-token",
+                   "mean_nats": mean if isinstance(mean, (int, float)) else float("nan")})
 
 
 def open_run(path) -> Run:
     """Open a Run written by ``rnnscope.probe.record`` / ``rnnscope probe``, checking every file
-    against its manifest first (shapes, dtypes, sizes, the text and its checksum)."""
+    against its manifest first (shapes, dtypes, sizes, the text and its checksum, the spans and
+    documents against the text)."""
     path = Path(path)
     if not path.is_dir():
         raise RnnscopeError(f"no run at {path}", "create one with `rnnscope probe CHECKPOINT --text FILE --out RUN`")
     manifest = read_manifest(path)
     text = _read_text(path, manifest)
     _check_arrays(path, manifest)
+    steps = _read_steps(path, manifest)
     units = inside(path, "units.parquet")
     regular_file(units, "the Run's unit table", RECORD)
     check_schema(units, UNITS_SCHEMA)
-    return Run(path, manifest, text)
+    return Run(path, manifest, text, steps)

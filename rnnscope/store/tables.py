@@ -31,6 +31,7 @@ _ANY = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types
 
 UNITS_SCHEMA = {"unit": S, "key": S, "index": I, "module": S, "layer": I, "reverse": B, "kind": S,
                 "mean": F, "std": F, "min": F, "max": F}
+DOCUMENTS_SCHEMA = {"name": S, "char_start": I, "char_end": I, "step_start": I, "step_end": I}
 SCHEMAS = {
     "neurons": {"unit": S, "key": S, "layer": I, "kind": S, "index": I, "feature": S, "metric": S, "direction": I,
                 "score": F, "heldout_score": F, "q_value": F, "strength": F},

@@ -27,9 +27,9 @@ import pandas as pd
 from rnnscope.errors import RnnscopeError
 
 from .files import inside
-from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, key_file
+from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, key_file
 from .run import is_run
-from .tables import UNITS_SCHEMA, write_parquet
+from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, write_parquet
 
 try:
     import fcntl
@@ -148,14 +148,38 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-class RunWriter:
-    """``with RunWriter(out, text) as w:`` fill ``w.states(...)``, ``w.loss()``, ``w.units(frame)``, then
-    ``w.commit(manifest)``. Leaving the block without a commit removes the partial Run."""
+def one_document(chars: int, steps: int | None = None, name: str = "text") -> pd.DataFrame:
+    """The documents table of a Run that is one document."""
+    return documents_frame([name], [0, chars], [0, chars if steps is None else steps])
 
-    def __init__(self, out, text: str, *, dtype: str = "float16", overwrite: bool = False, log=print):
+
+def documents_frame(names, char_bounds, step_bounds) -> pd.DataFrame:
+    """The documents table from names and their ``len(names) + 1`` character and step boundaries."""
+    c, t = np.asarray(char_bounds, np.int64), np.asarray(step_bounds, np.int64)
+    return pd.DataFrame({"name": [str(n) for n in names], "char_start": c[:-1], "char_end": c[1:],
+                         "step_start": t[:-1], "step_end": t[1:]})
+
+
+class RunWriter:
+    """``with RunWriter(out, text, spans=..., ids=..., documents=...) as w:`` fill ``w.states(...)``,
+    ``w.loss()``, ``w.units(frame)``, then ``w.commit(manifest)``. Leaving the block without a commit
+    removes the partial Run. Without ``spans`` each character is a step; without ``documents`` the
+    text is one document; ``ids [steps]`` are the model's input ids (optional)."""
+
+    def __init__(self, out, text: str, *, spans=None, ids=None, documents: pd.DataFrame | None = None,
+                 dtype: str = "float16", overwrite: bool = False, log=print):
         self.out, self.overwrite, self.dtype, self.log = check_out(out, overwrite), overwrite, dtype, log
         self.data = text_bytes(text)
         self.chars = len(text)
+        if spans is None:
+            spans = np.stack([np.arange(self.chars), np.arange(1, self.chars + 1)], 1)
+        self.spans = np.asarray(spans, np.int64)
+        self.steps = len(self.spans)
+        self.documents = one_document(self.chars, self.steps) if documents is None else documents
+        check_steps(self.spans, self.documents, self.chars, "the Run being written")
+        self.ids = None if ids is None else np.asarray(ids, np.int64)
+        if self.ids is not None and self.ids.shape != (self.steps,):
+            raise RnnscopeError(f"{len(self.ids)} ids for {self.steps} steps", "give one id per step")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(self.out, log)
         # unique per writer (two writers may share a process); the PID tells a later writer whether it is stale
@@ -164,6 +188,11 @@ class RunWriter:
             (self.tmp / "states").mkdir()
             with open(self.tmp / "text.txt", "wb") as f:     # bytes: CR and CRLF are kept as they are
                 f.write(self.data)
+            np.save(self.tmp / "spans.npy", self.spans, allow_pickle=False)
+            if self.ids is not None:
+                np.save(self.tmp / "ids.npy", self.ids, allow_pickle=False)
+            write_parquet(self.tmp / "documents.parquet", self.documents[list(DOCUMENTS_SCHEMA)], DOCUMENTS_SCHEMA,
+                          "documents")
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
@@ -183,13 +212,14 @@ class RunWriter:
             r.close()
 
     def states(self, key: str, units: int) -> NpyRows:
-        """The row writer of ``states/{key}.npy`` ``[chars, units]`` in the Run's dtype."""
+        """The row writer of ``states/{key}.npy`` ``[steps, units]`` in the Run's dtype."""
         self.rows.append(NpyRows(inside(self.tmp, key_file(key), write=True), DTYPES[self.dtype],
-                                 (self.chars, units)))
+                                 (self.steps, units)))
         return self.rows[-1]
 
     def loss(self) -> NpyRows:
-        self.rows.append(NpyRows(self.tmp / "loss.npy", np.float32, (self.chars,)))
+        """The row writer of ``loss.npy`` ``[steps]`` (kept only if the manifest names a loss)."""
+        self.rows.append(NpyRows(self.tmp / "loss.npy", np.float32, (self.steps,)))
         return self.rows[-1]
 
     def read_loss(self) -> np.ndarray:
@@ -199,13 +229,23 @@ class RunWriter:
         write_parquet(self.tmp / "units.parquet", frame, UNITS_SCHEMA, "units")
 
     def commit(self, manifest: dict) -> Path:
-        """Write the manifest (format, text checksum, files filled in here) and swap the Run in."""
+        """Write the manifest (format, text checksum, steps, files filled in here) and swap the Run in.
+        ``manifest["loss"]`` (default None) says whether ``loss.npy`` is kept."""
         self.close()
+        identity = self.steps == self.chars and (self.spans[:, 0] == np.arange(self.chars)).all() \
+            and (self.spans[:, 1] == np.arange(1, self.chars + 1)).all()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "encoder": {"kind": "char" if identity else "spans", "name": None}, "carry": False,
+                    "loss": None, **manifest,
                     "text": {"chars": self.chars, "sha256": hashlib.sha256(self.data).hexdigest(),
                              "newlines": "as stored"},
+                    "steps": self.steps, "documents": len(self.documents), "ids": self.ids is not None,
                     "dtype": self.dtype}
+        if manifest["loss"] is None:
+            (self.tmp / "loss.npy").unlink(missing_ok=True)
+        elif not (self.tmp / "loss.npy").exists():
+            raise RnnscopeError("the manifest names a loss but none was written", "fill w.loss() before commit")
         manifest["keys"] = {k: {**v, "file": key_file(k)} for k, v in manifest["keys"].items()}
         check_manifest(manifest, self.tmp)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")

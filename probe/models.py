@@ -1,0 +1,246 @@
+"""``rnnscope.load(SPEC)``: any user's PyTorch model, by name.
+
+SPEC is one of
+  * ``zoo:NAME`` or a checkpoint directory: a zoo ``Checkpoint`` (``rnnscope.zoo.load``, unchanged);
+  * ``path/to/file.py:fn`` or ``package.module:fn`` (the uvicorn convention): ``fn()`` returns a
+    ``Subject``, ``(model, encode[, loss])``, or the model alone (its encoder given apart). Loading a Python file runs its code, as importing does;
+  * ``model.pt``, a TorchScript archive (``torch.jit.save``), with its encoder given apart
+    (``encoder=``, ``--encoder file.py:fn``) or wrapped by a spec function;
+  * ``weights.pt@file.py:build`` or ``weights.safetensors@pkg.mod:build``: ``build()`` makes the model
+    (or a Subject / tuple holding it) and the weights are loaded into it with a strict key and shape
+    check. A weights file is never unpickled (``torch.load(weights_only=True)`` or safetensors).
+
+Every failure is one ``RnnscopeError`` line naming the file, module or attribute at fault.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rnnscope.errors import RnnscopeError
+
+from .keys import recurrent_modules
+from .subject import Subject
+from . import torchscript
+
+ARCHIVES = (".pt", ".pth", ".ts", ".ptl", ".jit", ".zip")
+WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
+PROTOCOL = "return a Subject, a tuple (model, encode[, loss]), or the model alone (then give --encoder)"
+
+
+def load(spec, *, encoder=None, **zoo_options):
+    """A ``Checkpoint`` for ``zoo:NAME`` or a checkpoint directory, else a ``Subject`` (see the module
+    docstring). ``encoder``: the encoder of a bare TorchScript archive, or one replacing the spec's.
+    ``zoo_options`` (``verify=``, or ``arch=, vocab=, hidden=, layers=, embed=`` for a bare zoo
+    weights file) go to ``rnnscope.zoo.load`` as before."""
+    from rnnscope import zoo
+    spec = str(spec)
+    if zoo_options:
+        return zoo.load(spec, **zoo_options)
+    weights, at, builder = spec.partition("@")
+    if at and Path(weights).suffix.lower() in WEIGHTS:     # (an "@" elsewhere may be part of a folder's name)
+        subject = _with_weights(weights, builder, spec)
+    elif Path(spec).suffix.lower() in ARCHIVES and ":" not in Path(spec).name:
+        subject = Subject(archive(Path(spec)), name=Path(spec).stem, source=spec)
+    elif spec.startswith("zoo:") or ":" not in spec:
+        return zoo.load(spec)           # its own one-line errors for a missing directory or name
+    else:
+        subject = as_subject(call(resolve(spec, "--model"), spec), spec)
+    if encoder is not None:
+        subject.encoder = encoder
+    return subject
+
+
+def archive(path: Path) -> nn.Module:
+    """A TorchScript archive as an eager model a Probe can record (``probe.torchscript``)."""
+    _existing(path, "the TorchScript archive")
+    return torchscript.eager(torchscript.load_archive(path))
+
+
+def _existing(path: Path, what: str) -> None:
+    if not path.exists():
+        raise RnnscopeError(f"{what} {path} does not exist", "check the path")
+    if not path.is_file():
+        raise RnnscopeError(f"{what} {path} is not a file", "give a file")
+
+
+def resolve(spec: str, option: str):
+    """The attribute ``fn`` of ``file.py:fn`` or ``package.module:fn``, checked callable."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise RnnscopeError(f"{option} {spec!r} is not file.py:function or package.module:function",
+                            "write e.g. models/mine.py:build or mypkg.models:build")
+    module = _import_file(Path(target)) if target.endswith(".py") or "/" in target else _import_module(target)
+    where = target
+    value = module
+    for part in attr.split("."):
+        if not hasattr(value, part):
+            defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:8]
+            raise RnnscopeError(f"{where} has no attribute {attr!r}",
+                                f"define it, or name one it has: {', '.join(defined) or '(none)'}")
+        value = getattr(value, part)
+    if not callable(value):
+        raise RnnscopeError(f"{where}:{attr} is a {type(value).__name__}, not a function",
+                            "name a function defined there")
+    return value
+
+
+def _import_file(path: Path):
+    """Import a user's .py file under a name of its own (two files both called ``model.py`` do not
+    collide), with its folder on ``sys.path`` only while it is imported (for its sibling imports)."""
+    _existing(path, "the Python file")
+    if path.suffix != ".py":
+        raise RnnscopeError(f"{path} is not a .py file", "give a Python file, e.g. models/mine.py:build")
+    path = path.resolve()
+    name = "rnnscope_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+    folder = str(path.parent)
+    sys.path.insert(0, folder)
+    sys.modules[name] = module
+    try:
+        module.__spec__.loader.exec_module(module)
+    except BaseException as err:
+        del sys.modules[name]
+        if isinstance(err, RnnscopeError | KeyboardInterrupt):
+            raise
+        if isinstance(err, SyntaxError):
+            raise RnnscopeError(f"{path} line {err.lineno}: syntax error ({err.msg})", "fix the file") from None
+        raise _failed(err, f"importing {path}", path) from None
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    return module
+
+
+def _import_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name and (name == err.name or name.startswith(err.name + ".")):
+            raise RnnscopeError(f"no module named {err.name!r} (from {name!r})",
+                                "install it, run from the folder that holds it, or give a file path: "
+                                "path/to/file.py:function") from None
+        raise _failed(err, f"importing {name}", None) from None
+    except Exception as err:
+        raise _failed(err, f"importing {name}", None) from None
+
+
+def _failed(err: BaseException, doing: str, path: Path | None) -> RnnscopeError:
+    """One line for an exception raised by the user's code: where in it, and what."""
+    frames = traceback.extract_tb(err.__traceback__)
+    theirs = frames if path is None else [f for f in frames if Path(f.filename) == path]
+    at = f" at {theirs[-1].filename} line {theirs[-1].lineno}" if theirs else ""
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    return RnnscopeError(f"{doing} raised {type(err).__name__}{at}: {first}", "fix the code there")
+
+
+def call(fn, spec: str, *args):
+    """``fn(*args)``, the user's code: an exception in it becomes one line naming where it was raised."""
+    try:
+        return fn(*args)
+    except (RnnscopeError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        code = getattr(fn, "__code__", None)
+        raise _failed(err, f"{spec} (calling {getattr(fn, '__name__', 'it')})",
+                      Path(code.co_filename) if code else None) from None
+
+
+def as_subject(value, spec: str) -> Subject:
+    """What a spec function returned, as a Subject holding at least one recurrent module."""
+    if isinstance(value, Subject):
+        subject = value
+    elif isinstance(value, tuple | list) and len(value) in (2, 3):
+        subject = Subject(value[0], value[1], *(value[2:]))
+    elif isinstance(value, nn.Module):        # the model alone: its encoder comes apart (--encoder)
+        subject = Subject(value)
+    else:
+        raise RnnscopeError(f"{spec} returned {type(value).__name__}", PROTOCOL)
+    if isinstance(subject.model, torch.jit.ScriptModule):
+        subject.model = torchscript.eager(subject.model)
+    check_recurrent(subject.model, spec)
+    subject.source = subject.source or spec
+    subject.name = subject.name or type(subject.model).__name__
+    return subject
+
+
+def check_recurrent(model, spec: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise RnnscopeError(f"{spec} gave a model of type {type(model).__name__}, not a torch nn.Module",
+                            "return the nn.Module itself as the model")
+    if not recurrent_modules(model):
+        raise RnnscopeError(f"{spec} gave a model ({type(model).__name__}) with no nn.RNN / nn.LSTM / nn.GRU module",
+                            "rnnscope records recurrent modules: return a model that holds one")
+
+
+def _with_weights(weights: str, builder: str, spec: str) -> Subject:
+    """``weights@builder``: the builder's model with the weights loaded, keys and shapes checked."""
+    path = Path(weights)
+    _existing(path, "the weights file")
+    state = read_weights(path)
+    subject = as_subject(call(resolve(builder, "--model"), builder), builder)
+    model = subject.model
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise RnnscopeError(f"{path} lacks {key!r}, which {builder} builds ({len(state)} keys in the file)",
+                                "give the weights saved from this model's state_dict()")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise RnnscopeError(f"{path}: {key!r} has shape {list(state[key].shape)} but {builder} builds "
+                                f"{list(value.shape)}", "build the model with the sizes it was trained with")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise RnnscopeError(f"{path} holds {extra[0]!r}, which {builder}'s model has no place for",
+                            "give the weights saved from this model's state_dict()")
+    model.load_state_dict(state, strict=True)
+    subject.model = model.eval()
+    subject.source = spec
+    return subject
+
+
+def read_weights(path: Path) -> dict:
+    """A flat ``{name: tensor}`` from ``.safetensors`` or a weights-only ``torch.save`` file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise RnnscopeError(f"{path} is not a weights-only state_dict ({type(err).__name__}: {first})",
+                            "save it with torch.save(model.state_dict(), path) or safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise RnnscopeError(f"{path} is not a state_dict (a flat mapping of names to tensors)",
+                            "save it with torch.save(model.state_dict(), path)")
+    return state
+
+
+def encoder(spec: str):
+    """``--encoder file.py:fn``: what ``fn()`` returns (an encoder, see ``Subject``)."""
+    return call(resolve(spec, "--encoder"), spec)
+
+
+def loss(spec: str):
+    """``--loss none`` or ``--loss file.py:fn``: ``None`` or the function ``fn(output, ids)`` itself."""
+    return None if spec == "none" else resolve(spec, "--loss")
+
+
+def choose(model: nn.Module, names: list[str]) -> list[str]:
+    """``--modules a,b``: checked against the model's recurrent modules."""
+    known = list(recurrent_modules(model))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RnnscopeError(f"the model has no recurrent module {', '.join(map(repr, unknown))}",
+                            f"choose from {', '.join(repr(k) for k in known)}")
+    return names
