@@ -18,7 +18,7 @@ import time
 import traceback
 
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, Select
+from bokeh.models import Select
 
 from rnnscope.errors import RnnscopeError
 from rnnscope.store.watchlog import open_watch_log
@@ -48,36 +48,23 @@ class LivePage:
 
     def __init__(self, watch_log):
         self.log, m = watch_log, watch_log.manifest
-        self.every = float(m.get("every") or 1)
-        keys, layers = wd.grad_keys(m), wd.layer_keys(m)
+        keys = wd.grad_keys(m)
         steps, decay, rows = self.log.steps, self.log.decay, self.log.layers
         self.seen = {"steps": len(steps), "decay": len(decay), "layers": len(rows)}
-        self.loss = ColumnDataSource(wd.loss_rows(steps), name="watch_loss")
-        self.clips = ColumnDataSource(wd.clip_rows(steps), name="watch_clips")
-        flags, self.last_loss = wd.flag_rows(steps)
-        self.flags = ColumnDataSource(flags, name="watch_flags")
-        self.layers = {k: ColumnDataSource(wd.layer_rows(rows, k), name=f"watch_layer_{i}")
-                       for i, k in enumerate(layers)}
         self.key = Select(title="gradient decay of", options=keys, value=keys[0] if keys else "", name="decay_key")
-        images = wd.decay_images(decay, self.key.value, self.every)
-        self.range = wd.norm_range(images["image"])
-        self.decay = ColumnDataSource(images, name="watch_decay")
-
-        loss = wf.loss_figure(self.loss, self.clips, self.flags)
-        x = loss.x_range
-        heat, self.mapper = wf.decay_figure(self.decay, *self.range, x)
-        families = {k: wd.family(m, k) for k in layers}
+        self.views = v = wf.WatchViews(m, steps, decay, rows, self.key.value)
         self.status = div("", name="watch_status", width=900)
         self.show_status()
         self.key.on_change("value", self.choose)
-        self.root = column(div(describe(m), name="watch_header", width=900), self.status, loss,
-                           wf.norm_figure(self.loss, self.clips, x), wf.half_life_figure(self.layers, x),
-                           row(self.key), heat, wf.saturation_figure(self.layers, families, x), name="watch_dashboard")
+        self.root = column(div(describe(m), name="watch_header", width=900), self.status, *v.lines,
+                           row(self.key), v.heat, v.saturation, name="watch_dashboard")
 
     def show_status(self, problem: str = "") -> None:
-        steps = self.loss.data["step"]
+        steps = self.views.loss.data["step"]
         last = f", the last at training step {fmt(steps[-1])}" if len(steps) else ""
         text = f"{len(steps):,} watched steps{last}; read at {time.strftime('%H:%M:%S')}"
+        if self.log.dropped and not problem:
+            problem = f"the last block {self.log.dropped} is torn: its steps are not shown"
         self.status.text = text + (f' <span style="color:#b00">— {esc(problem)}</span>' if problem else "")
 
     def _new(self, name: str):
@@ -87,6 +74,7 @@ class LivePage:
 
     def tick(self) -> None:
         """Read the blocks written since the last tick and append their rows to every view."""
+        v = self.views
         try:
             if not self.log.refresh():
                 self.show_status()
@@ -96,32 +84,25 @@ class LivePage:
             self.show_status(str(err))
             return
         if len(steps):
-            self.loss.stream(wd.loss_rows(steps))
-            self.clips.stream(wd.clip_rows(steps))
-            flags, self.last_loss = wd.flag_rows(steps, self.last_loss)
-            self.flags.stream(flags)
-        for k, src in self.layers.items():
+            v.loss.stream(wd.loss_rows(steps))
+            v.clips.stream(wd.clip_rows(steps))
+            flags, v.last_loss = wd.flag_rows(steps, v.last_loss)
+            v.flags.stream(flags)
+        for k, src in v.layers.items():
             new = wd.layer_rows(rows, k)
             if len(new["step"]):
                 src.stream(new)
-        images = wd.decay_images(decay, self.key.value, self.every)
+        images = wd.decay_images(decay, self.key.value, v.every)
         if images["step"]:
-            self.decay.stream(images)
-            self.widen(images["image"])
+            v.decay.stream(images)
+            v.set_range(*wd.norm_range(images["image"], *v.range))
         self.show_status()
-
-    def widen(self, images) -> None:
-        low, high = wd.norm_range(images, *self.range)
-        if (low, high) != self.range:
-            self.range = low, high
-            self.mapper.update(low=low, high=high)
 
     def choose(self, attr, old, new) -> None:
         """Another key: its whole heatmap (the one place the data is replaced, on the user's request)."""
-        images = wd.decay_images(self.log.decay, new, self.every)
-        self.range = wd.norm_range(images["image"])
-        self.mapper.update(low=self.range[0], high=self.range[1])
-        self.decay.data = images
+        images = wd.decay_images(self.log.decay, new, self.views.every)
+        self.views.set_range(*wd.norm_range(images["image"]))
+        self.views.decay.data = images
 
 
 def make_watch_document(doc, path, refresh_ms: int = REFRESH_MS):

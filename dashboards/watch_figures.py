@@ -12,6 +12,7 @@ from bokeh.palettes import Category10, Viridis256
 from bokeh.plotting import figure
 
 from .figures import plain
+from . import watch_data as wd
 from .watch_data import GATES
 
 WIDTH = 1000
@@ -84,3 +85,31 @@ def decay_figure(decay: ColumnDataSource, low: float, high: float, x_range, widt
     p.add_layout(ColorBar(color_mapper=mapper, ticker=LogTicker(), width=12, title="norm"), "right")
     return _titled(p, "||dL_T / dh_(T-k)|| (1 at lag 0) against lag k and training step", "training step",
                    "lag k back from the loss (timesteps)"), mapper
+
+
+class WatchViews:
+    """The sources and figures of one watch log's tables, all against the training step (one shared
+    x range): the live page streams into ``sources``, the exporter draws them as read."""
+
+    def __init__(self, manifest: dict, steps, decay, layers, key: str, width: int = WIDTH):
+        self.every = float(manifest.get("every") or 1)
+        self.loss = ColumnDataSource(wd.loss_rows(steps), name="watch_loss")
+        self.clips = ColumnDataSource(wd.clip_rows(steps), name="watch_clips")
+        flags, self.last_loss = wd.flag_rows(steps)
+        self.flags = ColumnDataSource(flags, name="watch_flags")
+        self.layers = {k: ColumnDataSource(wd.layer_rows(layers, k), name=f"watch_layer_{i}")
+                       for i, k in enumerate(wd.layer_keys(manifest))}
+        images = wd.decay_images(decay, key, self.every)
+        self.range = wd.norm_range(images["image"])
+        self.decay = ColumnDataSource(images, name="watch_decay")
+        loss = loss_figure(self.loss, self.clips, self.flags, width)
+        x = loss.x_range
+        self.heat, self.mapper = decay_figure(self.decay, *self.range, x, width)
+        families = {k: wd.family(manifest, k) for k in self.layers}
+        self.lines = [loss, norm_figure(self.loss, self.clips, x, width), half_life_figure(self.layers, x, width)]
+        self.saturation = saturation_figure(self.layers, families, x, width)
+
+    def set_range(self, low: float, high: float) -> None:
+        if (low, high) != self.range:
+            self.range = low, high
+            self.mapper.update(low=low, high=high)
