@@ -1,9 +1,9 @@
 """What the live training dashboard shows, as columns for its ``ColumnDataSource``s, computed from the
 watch log's tables apart from any view (the live app streams these rows; the exporter draws them whole).
 
-Every function takes the rows of one table (all of them, or only those new since the last refresh)
-and returns the same columns whatever it is given, an empty table included: ``ColumnDataSource.stream``
-needs every column on every call. Numbers go out as float64 (Bokeh sends int64 as float anyway).
+Every function takes the rows of one table as the reader returns it (its schema's columns: all the
+rows, or only those new since the last refresh) and returns the same columns whatever it is given,
+an empty table included: ``ColumnDataSource.stream`` needs every column on every call. Numbers go out as float64 (Bokeh sends int64 as float anyway).
 """
 from __future__ import annotations
 
@@ -44,15 +44,14 @@ def loss_rows(steps: pd.DataFrame) -> dict:
     """One row per watched step: the loss (NaN where it was not finite), the global gradient norm
     before and after clipping."""
     out = {c: _floats(steps, c) for c in LOSS_COLS}
-    if "loss_finite" in steps.columns:
-        out["loss"][~steps["loss_finite"].fillna(False).to_numpy(bool)] = np.nan
+    out["loss"][~steps["loss_finite"].fillna(False).to_numpy(bool)] = np.nan
     out["loss"][~np.isfinite(out["loss"])] = np.nan
     return out
 
 
 def clip_rows(steps: pd.DataFrame) -> dict:
     """The watched steps where clipping cut the gradient, at their loss and pre-clip norm."""
-    clipped = steps["clipped"].fillna(False).to_numpy(bool) if "clipped" in steps.columns else np.zeros(len(steps), bool)
+    clipped = steps["clipped"].fillna(False).to_numpy(bool)
     rows = loss_rows(steps)
     return {c: rows[c][clipped] for c in ("step", "loss", "grad_norm")}
 
@@ -63,7 +62,7 @@ def flag_rows(steps: pd.DataFrame, last_loss: float = np.nan) -> tuple[dict, flo
     height over from the rows streamed before. Returns the rows and the new last finite loss."""
     loss = pd.Series(loss_rows(steps)["loss"])
     height = loss.ffill().fillna(last_loss).fillna(0.0).to_numpy(np.float64)
-    flags = steps["flags"].fillna("").astype(str).to_numpy() if "flags" in steps.columns else np.array([""] * len(steps))
+    flags = steps["flags"].fillna("").astype(str).to_numpy()
     hit = flags != ""
     finite = loss.dropna()
     last = float(finite.iloc[-1]) if len(finite) else last_loss

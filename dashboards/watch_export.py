@@ -22,7 +22,7 @@ def _log(log) -> WatchLog:
     return log if isinstance(log, WatchLog) else open_watch_log(log)
 
 
-def watch_figure(log, key: str | None = None, width: int = 1000):
+def watch_figure(log, key: str | None = None, width: int = 800):
     """Loss, gradient norm, half-life per layer, the decay heatmap of ``key`` (default: the log's
     first key) and gate saturation, stacked against the training step."""
     log = _log(log)
@@ -35,7 +35,10 @@ def watch_figure(log, key: str | None = None, width: int = 1000):
                             "export once training has passed its first watched step")
     views = WatchViews(log.manifest, log.steps, log.decay, log.layers, key, width)
     views.heat.title.text = plain(f"{key}: gradient-decay norm (1 at lag 0) against lag and training step")
-    return column(*views.lines, views.heat, views.saturation)
+    figures = [*views.lines, views.heat, views.saturation]
+    for fig in figures:
+        fig.toolbar_location = None                    # a picture has no use for the tools
+    return column(*figures)
 
 
 def export_watch(log, out, key: str | None = None) -> Path:
