@@ -229,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
             ("val-every", whole(1, "--val-every"), 500, "validate every N steps"),
             ("checkpoint-every", whole(1, "--checkpoint-every"), 250, "save resumable state every N steps"),
             ("seed", whole(0, "--seed"), 0, "random seed"),
+            ("watch-every", whole(0, "--watch-every"), 100, "watch gradient flow into OUT/watch every N steps (0: off)"),
             ("threads", whole(0, "--threads"), 0, "torch threads (0: torch default)")]:
         z.add_argument(f"--{name}", type=kind, default=default, help=f"{help_} (default {default})")
     z.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam")
