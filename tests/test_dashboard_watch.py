@@ -17,7 +17,7 @@ from test_cli import one_line_error, rnnscope
 
 from rnnscope.dashboards import watch_data as wd
 from rnnscope.dashboards.watch_app import make_watch_document
-from rnnscope.store.watchlog import SCHEMAS, WatchLogWriter
+from rnnscope.store.watchlog import SCHEMAS, WatchLogWriter, open_watch_log
 
 needs_browser = pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium and chromium-driver "
                                    "(apt-get install chromium chromium-driver; .ci/run installs them)")
@@ -175,3 +175,40 @@ def test_a_torn_last_block_is_shown_as_dropped(log):
         warnings.simplefilter("ignore")
         page = make_watch_document(Document(), log.path)
     assert list(page.views.loss.data["step"]) == [0, 10, 20] and "is torn" in page.status.text
+
+
+def test_a_real_watch_on_a_training_loop_feeds_the_open_page(tmp_path):
+    """A Watch on a tiny GRU tagger, trained while the page is open: each tick shows exactly the log."""
+    import torch
+    import torch.nn.functional as F
+
+    import rnnscope as rs
+    torch.manual_seed(0)
+    emb, gru, head = torch.nn.Embedding(20, 8), torch.nn.GRU(8, 12, 2, batch_first=True), torch.nn.Linear(12, 20)
+    model = torch.nn.ModuleDict({"emb": emb, "rnn": gru, "head": head})
+    opt = torch.optim.SGD(model.parameters(), 0.5)
+    page = None
+    with rs.Watch(model, out=tmp_path / "train", every=2, flush_every=1) as watch:
+        for step in range(8):
+            x = torch.randint(0, 20, (4, 15))
+            with watch.step(step):
+                loss = F.cross_entropy(head(gru(emb(x[:, :-1]))[0]).flatten(0, 1), x[:, 1:].flatten())
+                loss.backward()
+                watch.loss(loss)
+            watch.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+            if step == 2:
+                page = make_watch_document(Document(), tmp_path / "train")
+            elif page:
+                page.tick()
+    log = open_watch_log(tmp_path / "train")
+    v = page.views
+    assert list(v.loss.data["step"]) == [0, 2, 4, 6]
+    np.testing.assert_array_equal(v.loss.data["loss"], log.steps["loss"])
+    assert list(v.clips.data["step"]) == log.steps.loc[log.steps.clipped, "step"].tolist()
+    assert list(v.layers) == ["rnn.l0", "rnn.l1"] and wd.family(log.manifest, "rnn.l1") == "gru"
+    np.testing.assert_array_equal(v.layers["rnn.l1"].data["sat_z"],
+                                  log.layers.loc[log.layers.key == "rnn.l1", "sat_z"])
+    mine = log.decay[(log.decay.key == page.key.value) & (log.decay.step == 6)].sort_values("lag")
+    np.testing.assert_allclose(v.decay.data["image"][3][:, 0], mine["norm"].where(mine["norm"] > 0))
