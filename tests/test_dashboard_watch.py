@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from bokeh.document import Document
+from bokeh.models import Div
 from PIL import Image
 
 from browser import column, served, set_prop, wait_for_model, wait_until
@@ -112,7 +113,7 @@ def test_header_escapes_the_model_name_and_never_typesets_it(log):
     page = make_watch_document(doc, log.path)
     header = page.root.children[0]
     assert header.disable_math and "&lt;img" in header.text and "<img" not in header.text
-    assert all(d.disable_math for d in doc.select({"type": __import__("bokeh.models").models.Div}))
+    assert all(d.disable_math for d in doc.select({"type": Div}))
 
 
 @needs_browser
