@@ -138,6 +138,11 @@ def _unit_contexts(run, unit: str, k: int) -> None:
 
 
 def _serve(args) -> None:
+    from rnnscope.store.watchlog import is_watch_log
+    if is_watch_log(args.run):
+        from rnnscope.dashboards.watch_app import serve_watch
+        serve_watch(args.run, port=args.port, host=args.host, show=args.show, origins=args.origin)
+        return
     from rnnscope.dashboards import serve
     serve(args.run, port=args.port, host=args.host, show=args.show, window=args.window, origins=args.origin)
 
@@ -345,7 +350,8 @@ def parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="the dashboard: the text coloured by any unit, the neuron table, heatmaps, "
                                       "gradient flow, gate saturation, pattern search")
-    sv.add_argument("run", help="a Run written by `rnnscope probe` (and `rnnscope analyze`)")
+    sv.add_argument("run", help="a Run written by `rnnscope probe` (and `rnnscope analyze`), or a watch log "
+                                "written by rnnscope.Watch (shown live while training writes it)")
     sv.add_argument("--port", type=T.port, default=5006, help="port (default 5006)")
     sv.add_argument("--host", type=T.host, default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only; ::1 for IPv6)")
