@@ -50,10 +50,12 @@ def loss_rows(steps: pd.DataFrame) -> dict:
 
 
 def clip_rows(steps: pd.DataFrame) -> dict:
-    """The watched steps where clipping cut the gradient, at their loss and pre-clip norm."""
-    clipped = steps["clipped"].fillna(False).to_numpy(bool)
+    """The watched steps where clipping cut the gradient, or after which it did (``clips``: the events on every
+    step since the previous watched one), at their loss and pre-clip norm."""
+    clips = steps["clips"].fillna(0).to_numpy(np.int64)
+    clipped = steps["clipped"].fillna(False).to_numpy(bool) | (clips > 0)
     rows = loss_rows(steps)
-    return {c: rows[c][clipped] for c in ("step", "loss", "grad_norm")}
+    return {**{c: rows[c][clipped] for c in ("step", "loss", "grad_norm")}, "clips": clips[clipped]}
 
 
 def flag_rows(steps: pd.DataFrame, last_loss: float = np.nan) -> tuple[dict, float]:

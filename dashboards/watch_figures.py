@@ -43,10 +43,11 @@ def loss_figure(loss: ColumnDataSource, clips: ColumnDataSource, flags: ColumnDa
     gradient, a step that went backwards) as black crosses at the last finite loss."""
     p = _figure("loss_figure", 260, width, tools="xpan,xwheel_zoom,box_zoom,reset")
     p.line("step", "loss", source=loss, color="#1f77b4", legend_label="loss")
-    p.scatter("step", "loss", source=clips, marker="triangle", size=9, color="#d62728", legend_label="clipped")
+    clipped = p.scatter("step", "loss", source=clips, marker="triangle", size=9, color="#d62728", legend_label="clipped")
     flagged = p.scatter("step", "y", source=flags, marker="x", size=12, line_width=2, color="black",
                         legend_label="flagged")
     p.add_tools(HoverTool(renderers=[flagged], tooltips=[("step", "@step"), ("flags", "@flags")]))
+    p.add_tools(HoverTool(renderers=[clipped], tooltips=[("step", "@step"), ("clipped steps since the last watched", "@clips")]))
     _legend_outside(p)
     return _titled(p, "training loss per watched step", "training step", "loss")
 

@@ -127,9 +127,10 @@ def step_tables(model: nn.Module, modules: dict, probe: Probe, decay: dict, step
     return {"timesteps": ts, "decay": dec, "layers": lay, "grad_norm": grad_norm}
 
 
-def steps_row(row: dict, grad_norm: float, backwards: bool) -> dict:
+def steps_row(row: dict, grad_norm: float, backwards: bool, clips: int = 0) -> dict:
     """The steps table's row of a watched step: ``row`` holds its step, wall, loss (or None) and clip
-    (``(norm before, max_norm)`` or None); ``grad_norm``: the global norm measured after its backward."""
+    (``(norm before, max_norm)`` or None); ``grad_norm``: the global norm measured after its backward;
+    ``clips``: clipping events on every step since the previous watched one, this one included."""
     loss = float("nan") if row["loss"] is None else row["loss"]
     before = grad_norm if row["clip"] is None else row["clip"][0]
     clipped = row["clip"] is not None and before > row["clip"][1]
@@ -138,7 +139,8 @@ def steps_row(row: dict, grad_norm: float, backwards: bool) -> dict:
     flags = [f for f, on in (("nonfinite_loss", row["loss"] is not None and not math.isfinite(loss)),
                              ("nonfinite_grad", not math.isfinite(before)), ("step_backwards", backwards)) if on]
     return {"step": row["step"], "wall": row["wall"], "loss": loss, "loss_finite": math.isfinite(loss),
-            "grad_norm": before, "grad_norm_after": after, "clipped": bool(clipped), "flags": ",".join(flags)}
+            "grad_norm": before, "grad_norm_after": after, "clipped": bool(clipped), "clips": int(clips),
+            "flags": ",".join(flags)}
 
 
 class Watch:
@@ -156,6 +158,7 @@ class Watch:
         if not isinstance(every, int) or every < 1 or not isinstance(flush_every, int) or flush_every < 1:
             raise RnnscopeError(f"every={every!r}, flush_every={flush_every!r}", "pass positive integers")
         self.model, self.every, self.flush_every = model, every, flush_every
+        self._clips = 0             # clipping events since the last watched step's row
         self.modules = recurrent_modules(model)
         if not self.modules:
             raise RnnscopeError(f"{type(model).__name__} has no nn.RNN, nn.LSTM or nn.GRU submodule to watch",
@@ -244,7 +247,10 @@ class Watch:
         return norm
 
     def clipped(self, total_norm_before, max_norm: float) -> None:
-        """Clipping ran on this step: ``total_norm_before`` as torch's ``clip_grad_norm_`` returned it."""
+        """Clipping ran on this step: ``total_norm_before`` as torch's ``clip_grad_norm_`` returned it.
+        Called on every step, watched or not: the events between watched steps are counted (a float compare)."""
+        before = float(total_norm_before)
+        self._clips += not before <= max_norm          # a NaN norm counts: torch scales by NaN then
         if self._row is not None:
             self._row["clip"] = (float(total_norm_before), float(max_norm))
 
@@ -310,8 +316,8 @@ class Watch:
         if row is None or row["tables"] is None:
             return
         t = row["tables"]
-        steps = [steps_row(row, t["grad_norm"], self._backwards)]
-        self._backwards = False
+        steps = [steps_row(row, t["grad_norm"], self._backwards, self._clips)]
+        self._backwards, self._clips = False, 0
         self._rows.append({"steps": steps, "timesteps": t["timesteps"], "decay": t["decay"], "layers": t["layers"]})
         if len(self._rows) >= self.flush_every:
             self.flush()

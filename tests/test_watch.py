@@ -107,6 +107,7 @@ def test_clipping_recorded_and_unwatched_steps_install_nothing(tmp_path):
     steps = open_watch_log(tmp_path / "log").steps
     assert list(steps.step) == [3, 6]
     assert steps.clipped.all() and (steps.grad_norm > 1e-3).all()
+    assert list(steps.clips) == [2, 3]          # every step clipped: 2-3, then 4-6 (unwatched steps counted too)
     np.testing.assert_allclose(steps.grad_norm_after, 1e-3, rtol=1e-4)
     assert "forward" not in vars(model.rnn)          # the model left as it was
 

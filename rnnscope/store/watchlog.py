@@ -43,7 +43,7 @@ FLAGS = ("nonfinite_loss", "nonfinite_grad", "step_backwards")
 _I, _F, _B, _S = pa.int64(), pa.float64(), pa.bool_(), pa.string()
 SCHEMAS = {
     "steps": pa.schema([("step", _I), ("wall", _F), ("loss", _F), ("loss_finite", _B), ("grad_norm", _F),
-                        ("grad_norm_after", _F), ("clipped", _B), ("flags", _S)]),
+                        ("grad_norm_after", _F), ("clipped", _B), ("clips", _I), ("flags", _S)]),
     "timesteps": pa.schema([("step", _I), ("key", _S), ("t", _I), ("lag", _I), ("mean", _F), ("max", _F)]),
     "decay": pa.schema([("step", _I), ("key", _S), ("lag", _I), ("norm", _F)]),
     "layers": pa.schema([("step", _I), ("key", _S), ("half_life", _F), ("param_grad_norm", _F),
