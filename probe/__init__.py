@@ -6,7 +6,11 @@ from .recorder import CallTrace, Probe, Trace
 from .keys import parse_key, recurrent_modules, state_key
 
 __all__ = ["CallTrace", "Probe", "Trace", "parse_key", "recurrent_modules", "state_key"]
+from .corpus import Documents, read_documents  # noqa: E402
+from .encoders import Encoder, as_encoder  # noqa: E402
 from .recording import model_checksum, record  # noqa: E402
 from .run import Run, open_run  # noqa: E402
+from .subject import Subject, subject_of  # noqa: E402
 
-__all__ += ["Run", "model_checksum", "open_run", "record"]
+__all__ += ["Documents", "Encoder", "Run", "Subject", "as_encoder", "model_checksum", "open_run", "read_documents",
+            "record", "subject_of"]

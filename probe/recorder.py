@@ -115,6 +115,10 @@ class Probe:
             p.requires_grad_(flag)
         self._saved = {}
 
+    def reset(self) -> None:
+        """With ``carry``: the next call of each module starts from zeros again (a new document)."""
+        self._last_state.clear()
+
     def carry_from(self, step: int) -> None:
         """With ``carry``: the next call of each module starts from the state after ``step`` (an index
         into its latest call) instead of its end: ``record`` reads ahead past a chunk for gradients."""

@@ -1,13 +1,16 @@
-"""``record``: stream a text of any length through a model and write every state into a Run.
+"""``record``: stream documents of any length through a model and write every state into a Run.
 
-The text is fed in chunks as one sequence (each recurrent module's state is carried from chunk to
-chunk, so values equal a single pass). Memory is bounded by the chunk; rows are appended to
-``.npy`` files with pwrite (read back memory-mapped).
+Each document is encoded into steps (ids and each step's character span, ``probe.encoders``) and
+fed in chunks as one sequence (each recurrent module's state is carried from chunk to chunk, so
+values equal a single pass); the state starts from zeros at each document unless ``carry``.
+Memory is bounded by the chunk; rows are appended to ``.npy`` files with pwrite.
 
-Gradients (``grad=True``) are derivatives of the summed next-character loss. Each chunk is run
-``horizon`` steps past its end and the state is then rewound to the chunk's end, so the gradient
-at step t includes every loss from t to at least t + ``horizon``. Losses before t cannot depend
-on the state at t, so with ``horizon >= len(text)`` the gradients equal those of a single pass.
+Gradients (``grad=True``) are derivatives of the summed loss (``probe.steploss``). Each chunk is
+run ``horizon`` steps past its end and the state is then rewound to the chunk's end, so the
+gradient at step t includes every loss from t to at least t + ``horizon``. Losses before t cannot
+depend on the state at t, nor can a later document's when the state is reset, so the read-ahead
+stops at the document's end (with ``carry`` it runs on into the next), and with ``horizon`` at
+least a document's steps the gradients equal those of a single pass.
 """
 from __future__ import annotations
 
@@ -24,12 +27,16 @@ from numba import njit
 from tqdm import tqdm
 
 from rnnscope.errors import RnnscopeError
-from rnnscope.store import DTYPES, RunWriter, check_out, open_run, split_key
+from rnnscope.store import DTYPES, RunWriter, check_out, documents_frame, open_run, split_key
 from rnnscope.store.writer import text_bytes
-from rnnscope.zoo.checkpoint import Checkpoint
+from rnnscope.zoo.vocab import Vocab
 
+from .corpus import documents_of
+from .encoders import as_encoder, char_spans
 from .keys import KINDS, family
 from .recorder import Probe
+from .steploss import first_tensor, resolve_loss
+from .subject import subject_of
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 OVERFLOW = {"float16": 65520.0, "float32": np.inf}    # |x| from which the stored value is Inf
 
@@ -41,19 +48,6 @@ def model_checksum(model: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _logits(output) -> torch.Tensor:
-    logits = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != 1:
-        raise RnnscopeError("the model's output is not logits [1, time, vocab]",
-                            "pass loss=fn(output, targets) -> per-step loss [time]")
-    return logits
-
-
-def _next_char_loss(output, targets: torch.Tensor) -> torch.Tensor:
-    logits = _logits(output)[0, : len(targets)]
-    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 @njit(cache=True, boundscheck=False)
@@ -117,130 +111,187 @@ def _identity(model, mods: dict, card: dict, source: str) -> dict:
                         for n, m in mods.items()}}
 
 
-def _layout(model, ids, grad, kinds) -> dict[str, int]:
-    """Key -> units, from a one-step dry run."""
+def _encode_all(encoder, docs):
+    """Every document encoded and joined: ``ids [S]``, ``spans [S, 2]`` in the joined text, the
+    documents table. A bad encoding names its document when there are several."""
+    ids, spans, chars, steps = [], [], [0], [0]
+    for name, text in docs:
+        try:
+            i, sp = encoder.encode(text)
+        except RnnscopeError as err:
+            if len(docs) == 1:
+                raise
+            raise RnnscopeError(f"document {name!r}: {err.problem}", err.fix) from None
+        sp = np.where(sp >= 0, sp + chars[-1], -1)
+        ids.append(i)
+        spans.append(sp)
+        chars.append(chars[-1] + len(text))
+        steps.append(steps[-1] + len(i))
+    return torch.cat(ids), np.concatenate(spans), documents_frame(docs.names, chars, steps)
+
+
+def _chosen(mods: dict, modules) -> dict:
+    """The recurrent modules to record: ``modules`` (qualified names) or every one."""
+    if modules is None:
+        return mods
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    unknown = [m for m in modules if m not in mods]
+    if unknown or not modules:
+        raise RnnscopeError(f"no recurrent module named {', '.join(map(repr, unknown)) or 'at all'} in the model",
+                            f"choose --modules from {', '.join(repr(n) for n in mods)}")
+    return {n: mods[n] for n in modules}
+
+
+def _dry_run(model, call, x, grad, kinds, wanted):
+    """Key -> units of the modules ``wanted``, and the model's output, from a run over ``x [1, n]``."""
     with Probe(model, grad=grad, kinds=kinds, param_grads=False) as p:
-        out = model(ids[:, :1])
-        if grad:
-            _logits(out).sum().backward()
-        return {k: p.trace[k].shape[-1] for k in p.trace}
+        out = call(model, x)
+        if grad and isinstance(first_tensor(out), torch.Tensor) and first_tensor(out).requires_grad:
+            first_tensor(out).float().sum().backward()
+        layout = {k: p.trace[k].shape[-1] for k in p.trace if split_key(k)["module"] in wanted}
+    return layout, out
 
 
-def _stream(model, ids, w: RunWriter, layout: dict[str, int], *, grad, chunk, horizon, kinds, loss, dtype,
-            progress):
-    """The streaming loop: chunk by chunk, the state carried, each chunk's rows written to ``w``.
-    Returns per-key running statistics and NaN/Inf/overflow counts."""
-    T = ids.shape[1]
+def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step_loss, *, grad, carry, chunk,
+            horizon, kinds, dtype, progress):
+    """The streaming loop: document by document (the state reset between them unless ``carry``),
+    chunk by chunk within each (the state carried), each chunk's rows written to ``w``.
+    Returns per-key running statistics, NaN/Inf/overflow counts, and the loss of each window."""
+    S, x = len(ids), ids[None]
     arrays = {k: w.states(k, u) for k, u in layout.items()}
-    losses = w.loss()
+    losses = w.loss() if step_loss else None
     stats = {k: _UnitStats(u) for k, u in layout.items()}
     bad = {k: {"nonfinite": 0, "overflow": 0} for k in layout}
-    targets_all = ids[0, 1:]
-    with tqdm(total=T, unit="ch", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
+    totals = []
+    with tqdm(total=S, unit="step", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
             Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
-        for s in range(0, T, chunk):
-            e = min(T, s + chunk)
-            ahead = min(T, e + horizon) if grad else e      # read ahead: the gradient's horizon
-            with torch.set_grad_enabled(grad):
-                output = model(ids[:, s:ahead])
-                targets = targets_all[s:ahead]
-                step_loss = loss(output, targets) if loss else _next_char_loss(output, targets)
-                if grad and len(step_loss):
-                    step_loss.sum().backward()
-            if ahead > e:
-                p.carry_from(e - s - 1)                     # the next chunk starts where this one ends
-            chunk_loss = np.full(e - s, np.nan, np.float32)
-            kept = step_loss.detach()[: e - s]
-            chunk_loss[: len(kept)] = kept.numpy()
-            losses.write(s, chunk_loss)
-            for k in layout:
-                a = p.trace[k][0, : e - s].detach()
-                arrays[k].write(s, a.to(TORCH_DTYPES[dtype]).numpy())    # torch's F16C conversion
-                nonfinite, overflow = stats[k].add(a.numpy(), OVERFLOW[dtype])
-                bad[k]["nonfinite"] += nonfinite
-                bad[k]["overflow"] += overflow
-            p.calls.clear()      # bounded memory: this chunk is on disk
-            bar.update(e - s)
-    return stats, bad
+        for a, b in bounds:
+            if not carry:
+                p.reset()
+            for s in range(a, b, chunk):
+                e = min(b, s + chunk)
+                reach = S if carry else b               # a reset state: later documents' losses cannot reach back
+                ahead = min(reach, e + horizon) if grad else e
+                with torch.set_grad_enabled(grad):
+                    output = call(model, x[:, s:ahead])
+                    per_step, total = step_loss.window(output, s, ahead) if step_loss else (None, None)
+                    if grad:        # a window without a loss (a document's last step alone) has zero gradients
+                        (total if total is not None else first_tensor(output).float().sum() * 0).backward()
+                if ahead > e:
+                    p.carry_from(e - s - 1)             # the next chunk starts where this one ends
+                if step_loss:
+                    losses.write(s, per_step[: e - s])
+                    totals.append(float(total.detach()) if total is not None else np.nan)
+                for k in layout:
+                    h = p.trace[k][0, : e - s].detach()
+                    arrays[k].write(s, h.to(TORCH_DTYPES[dtype]).numpy())    # torch's F16C conversion
+                    nonfinite, overflow = stats[k].add(h.numpy(), OVERFLOW[dtype])
+                    bad[k]["nonfinite"] += nonfinite
+                    bad[k]["overflow"] += overflow
+                p.calls.clear()      # bounded memory: this chunk is on disk
+                bar.update(e - s)
+    return stats, bad, totals
 
 
-def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int = 2048, horizon: int = 512,
-           kinds=None,
-           dtype: str = "float16", overwrite: bool = False, unk: str | None = None, loss=None,
-           progress: bool = True, source: str = ""):
-    """Probe ``model`` over ``text`` and write a Run to ``out``; returns the opened Run.
+def _default_call(model, ids):
+    return model(ids)
 
-    ``model`` is a ``zoo.Checkpoint`` (its vocabulary encodes the text) or any ``nn.Module``
-    taking ``ids [1, time]`` with ``encode: str -> LongTensor[1, time]`` given. ``loss(output,
-    targets) -> [time]`` overrides next-character cross-entropy on ``output`` logits.
+
+def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry: bool = False, grad: bool = False,
+           chunk: int = 2048, horizon: int = 512, kinds=None, dtype: str = "float16", overwrite: bool = False,
+           unk: str | None = None, progress: bool = True, source: str = ""):
+    """Probe a model over one text or many documents and write a Run to ``out``; returns the opened Run.
+
+    Args:
+        subject: a zoo ``Checkpoint``, a ``Subject``, ``(model, encode[, loss])``, or an ``nn.Module``
+            taking ``ids [1, T]`` (then pass ``encode``).
+        texts: a str, a list of str, a dict name -> str, or ``probe.corpus.read_documents(path)``.
+        encode: anything ``probe.encoders.as_encoder`` takes; overrides the subject's encoder.
+        loss: "auto" (next-token cross-entropy when the output is ``[1, T, V]`` logits covering the
+            ids; otherwise states only, or refused with ``grad``), None (no loss), or
+            ``fn(output, ids [T]) -> [T]`` per step (or a scalar, when each document fits one chunk).
+        modules: qualified names of the recurrent modules to record (default every one).
+        carry: carry the state across documents instead of starting each from zeros.
+        grad: also record ``grad_h`` / ``grad_c``, the derivatives of the summed loss.
+    Returns:
+        the Run: ``len(run)`` steps, ``run[key] -> [steps, units]``.
     """
-    out = Path(out)
-    vocab, card = None, {}
-    if isinstance(model, Checkpoint):
-        vocab, card, source = model.vocab, model.card, source or f"zoo:{model.name}"
-        encode = encode or (lambda s: vocab.encode(s, unk=unk))
-        model = model.model
-    if encode is None:
-        raise RnnscopeError("no encoder for this model", "pass encode=fn(text) -> LongTensor[1, time]")
+    out, sub = Path(out), subject_of(subject)
+    model, call = sub.model, sub.call or _default_call
+    loss = sub.loss if isinstance(loss, str) and loss == "auto" else loss
+    modules = sub.modules if modules is None else modules
+    source = source or sub.source
+    if encode is None and sub.encoder is None:
+        raise RnnscopeError("no encoder for this model", "pass encode=fn(text) -> ids, or (ids, spans)")
+    encoder = as_encoder(sub.encoder if encode is None else encode, unk=unk)
     if dtype not in DTYPES:
         raise RnnscopeError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
-    if not text:
-        raise RnnscopeError("the text is empty", "give a text of at least one character")
-    if grad and len(text) < 2:      # the loss at a step is the next character's: one character has none
-        raise RnnscopeError("gradients need at least two characters (a one-character text has no next-character "
-                            "loss)", "give a longer text, or probe without --grad")
     if chunk < 1 or horizon < 0:
         raise RnnscopeError(f"chunk must be >= 1 and horizon >= 0 (got {chunk}, {horizon})", "fix --chunk/--horizon")
+    docs = documents_of(texts)
+    if grad and loss is None:
+        raise RnnscopeError("gradients need a loss, and loss is None", "pass a loss, or probe without --grad")
+    if grad and isinstance(loss, str) and all(len(t) < 2 for t in docs.texts) and encoder.kind == "char":
+        raise RnnscopeError("gradients need at least two characters (a one-character text has no next-character "
+                            "loss)", "give a longer text, or probe without --grad")
     check_out(out, overwrite)          # before the model runs: a bad --out costs nothing
+    text = "".join(docs.texts)
     text_bytes(text)
-    ids = encode(text)
-    if ids.dim() != 2 or ids.shape != (1, len(text)):
-        raise RnnscopeError(f"encode gave ids of shape {list(ids.shape)} for {len(text)} characters",
-                            "encode must return LongTensor[1, time] with one id per character")
-    mods = Probe(model).modules
+    ids, spans, frame = _encode_all(encoder, docs)
+    S, bounds = len(ids), list(zip(frame.step_start.tolist(), frame.step_end.tolist()))
+    longest = max(b - a for a, b in bounds)
+    mods = _chosen(Probe(model).modules, modules)
     known = {k for m in mods.values() for k in KINDS[family(m)]}
     if kinds is not None and set(kinds) - known:
         raise RnnscopeError(f"unknown state kind(s) {', '.join(sorted(set(kinds) - known))} for this model",
                             f"choose from {', '.join(sorted(known))}")
-    if any(m.bidirectional for m in mods.values()) and len(text) > chunk:   # (its future is in the next chunk)
-        raise RnnscopeError("a bidirectional module reads the text backwards too, so it cannot be streamed in chunks",
-                            f"pass --chunk {len(text)} (or more) to probe it in one pass")
+    if any(m.bidirectional for m in Probe(model).modules.values()):
+        if longest > chunk:             # its future is in the next chunk
+            raise RnnscopeError("a bidirectional module reads the text backwards too, so it cannot be streamed in "
+                                f"chunks", f"pass --chunk {longest} (or more) to probe each document in one pass")
+        if carry and len(docs) > 1:
+            raise RnnscopeError("a bidirectional module's state cannot be carried across documents",
+                                "probe without --carry")
+    doc = np.repeat(np.arange(len(bounds)), [b - a for a, b in bounds])
+    next_ok = np.append(doc[1:] == doc[:-1], False)         # a next token in the same document
     was_training = model.training
     model.eval()
     try:
-        layout = _layout(model, ids, grad, kinds)
+        n = min(2, bounds[0][1])
+        layout, dry = _dry_run(model, call, ids[None, :n], grad, kinds, set(mods))
+        step_loss = resolve_loss(loss, dry, n, ids, next_ok, bounds, grad=grad)
         for k in layout:                # a module name the store cannot hold as a file name is refused here
             try:
                 split_key(k)
             except RnnscopeError:
                 raise RnnscopeError(f"the state key {k[:80]!r} cannot name a file in a Run",
                                     "name recurrent submodules with letters, digits and _ only") from None
-        itemsize, T = np.dtype(DTYPES[dtype]).itemsize, len(text)
-        need = T * sum(layout.values()) * itemsize + T * 4 + len(text.encode())
+        itemsize = np.dtype(DTYPES[dtype]).itemsize
+        need = S * sum(layout.values()) * itemsize + S * 28 + len(text.encode())
         free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
-        print(f"probe: {len(layout)} keys, {sum(layout.values()):,} units x {T:,} steps in {dtype}: "
-              f"{need / 1e6:,.1f} MB ({sum(layout.values()) * itemsize / 1e3:.1f} KB per character)")
+        print(f"probe: {len(layout)} keys, {sum(layout.values()):,} units x {S:,} steps ({len(docs):,} documents) "
+              f"in {dtype}: {need / 1e6:,.1f} MB ({sum(layout.values()) * itemsize / 1e3:.1f} KB per step)")
         if need * 1.05 > free:
             raise RnnscopeError(f"the run needs {need / 1e9:.2f} GB but {out.parent} has {free / 1e9:.2f} GB free",
                                 "record fewer --kinds, use --dtype float16, a shorter text, or another disk")
-        with RunWriter(out, text, ids=ids[0].numpy(), dtype=dtype, overwrite=overwrite) as w:
-            stats, bad = _stream(model, ids, w, layout, grad=grad, chunk=chunk, horizon=horizon, kinds=kinds,
-                                 loss=loss, dtype=dtype, progress=progress)
+        with RunWriter(out, text, spans=spans, ids=ids.numpy(), documents=frame, dtype=dtype,
+                       overwrite=overwrite) as w:
+            stats, bad, totals = _stream(model, call, ids, bounds, w, layout, step_loss, grad=grad, carry=carry,
+                                         chunk=chunk, horizon=horizon, kinds=kinds, dtype=dtype, progress=progress)
             w.units(pd.concat([stats[k].frame(k) for k in layout], ignore_index=True))
-            with warnings.catch_warnings():       # all NaN (a model producing NaN): the mean is NaN, said below
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean_loss = float(np.nanmean(w.read_loss())) if T > 1 else float("nan")
             flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
             for k, v in flagged.items():
                 print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that overflow "
                       f"{dtype}; flagged in the manifest")
             w.commit({
-                "model": _identity(model, mods, card, source),
-                "vocab": vocab.chars if vocab else None, "unk": unk,
+                "model": _identity(model, Probe(model).modules, sub.card, source),
+                "encoder": {"kind": "char" if np.array_equal(spans, char_spans(len(text))) else "spans",
+                            "name": encoder.name},
+                "vocab": sub.encoder.chars if encode is None and isinstance(sub.encoder, Vocab) else None,
+                "unk": unk, "carry": carry, "modules": sorted(mods),
                 "kinds": sorted({split_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,
                 "grad_horizon": horizon if grad else None,
-                "loss": {"kind": "user" if loss else "next-token", "mean_nats": mean_loss,
-                         "bits_per_char": mean_loss / np.log(2)},
+                "loss": _loss_entry(step_loss, w, totals),
                 "keys": {k: {"units": u, **bad[k]} for k, u in layout.items()},
                 "nonfinite": bool(flagged),
             })
@@ -249,3 +300,13 @@ def record(model, text: str, out, *, encode=None, grad: bool = False, chunk: int
     finally:
         model.train(was_training)
     return open_run(out)
+
+
+def _loss_entry(step_loss, w: RunWriter, totals: list[float]) -> dict | None:
+    """The manifest's loss: its kind and mean in nats per step (a scalar loss: per document)."""
+    if step_loss is None:
+        return None
+    with warnings.catch_warnings():       # all NaN (no next token, or a model producing NaN): the mean is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = float(np.nanmean(totals)) if step_loss.scalar else float(np.nanmean(w.read_loss()))
+    return {"kind": step_loss.kind, "mean_nats": mean, "bits_per_char": mean / np.log(2)}

@@ -31,3 +31,22 @@ class Subject:
     source: str = ""
     card: dict = field(default_factory=dict)
     modules: list[str] | None = None
+
+
+def subject_of(x) -> Subject:
+    """A ``Subject`` from a zoo ``Checkpoint`` (its vocabulary encodes the text), a ``Subject``, a tuple
+    ``(model, encode[, loss])``, or a bare model (its encoder then comes from ``record(encode=...)``)."""
+    from torch import nn
+
+    from rnnscope.errors import RnnscopeError
+    from rnnscope.zoo.checkpoint import Checkpoint
+    if isinstance(x, Subject):
+        return x
+    if isinstance(x, Checkpoint):
+        return Subject(x.model, x.vocab, name=x.name, source=f"zoo:{x.name}", card=x.card)
+    if isinstance(x, tuple) and len(x) in (2, 3) and isinstance(x[0], nn.Module):
+        return Subject(x[0], x[1], *x[2:])
+    if isinstance(x, nn.Module):
+        return Subject(x)
+    raise RnnscopeError(f"a {type(x).__name__} is not something rnnscope can probe",
+                        "give a model (nn.Module), a Subject, (model, encode[, loss]), or rnnscope.load(SPEC)")

@@ -1,0 +1,123 @@
+"""Corpora of documents: what ``record`` takes besides one text.
+
+``read_documents(path)`` reads a text file (one document), a directory of text files (each a
+document, sorted by relative path, recursive, regular files only, hidden names and links that lead
+out of the directory skipped), or a ``.jsonl`` file with a ``"text"`` field (and an optional
+``"name"``) on each line. ``documents_of(texts)`` turns a str, a list, a dict name -> text or a
+``Documents`` into one. Texts are read byte for byte (UTF-8, line endings untouched), so a Run's
+text matches the files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rnnscope.errors import RnnscopeError
+
+
+@dataclass
+class Documents:
+    """Named texts, in order: ``for name, text in docs``."""
+    names: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __iter__(self):
+        return iter(zip(self.names, self.texts))
+
+
+def _read(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise RnnscopeError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
+                            "convert it to UTF-8, or leave it out of the corpus") from None
+    except OSError as err:
+        raise RnnscopeError(f"{path} cannot be read ({err.strerror})", "give a readable text file") from None
+
+
+def _jsonl(path: Path) -> Documents:
+    docs = Documents(source=str(path))
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise RnnscopeError(f"{path} line {n} is not JSON ({str(err).splitlines()[0][:80]})",
+                                'write one JSON object per line, like {"text": "...", "name": "..."}') from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise RnnscopeError(f"{path} line {n} has no \"text\" string", 'give each line a "text" field')
+        name = row.get("name", f"{path.name}:{n}")
+        if not isinstance(name, str):
+            raise RnnscopeError(f"{path} line {n} has a \"name\" that is not a string", "make each name a string")
+        docs.names.append(name)
+        docs.texts.append(row["text"])
+    if not docs.texts:
+        raise RnnscopeError(f"{path} holds no documents", 'write one JSON object per line with a "text" field')
+    return docs
+
+
+def _directory(root: Path) -> Documents:
+    real_root, files = root.resolve(), []
+    for folder, dirs, names in os.walk(root):        # links to folders are never walked into
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            p = Path(folder, name)
+            if name.startswith(".") or not p.resolve().is_relative_to(real_root):
+                continue
+            if stat.S_ISREG(os.stat(p).st_mode):     # not a FIFO or a device: those would hang
+                files.append(p)
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise RnnscopeError(f"{root} holds no text files", "give a directory of text files, a file, or a .jsonl")
+    return Documents([p.relative_to(root).as_posix() for p in files], [_read(p) for p in files], str(root))
+
+
+def read_documents(path) -> Documents:
+    """The documents of a text file, a directory of text files, or a ``.jsonl`` file (see the module)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise RnnscopeError(f"{path} cannot be read ({err.strerror})",
+                            "give a text file, a directory of text files, or a .jsonl file") from None
+    if stat.S_ISDIR(st.st_mode):
+        return _directory(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise RnnscopeError(f"{path} is not a regular file or a directory", "give a text file, a directory or a .jsonl")
+    if path.suffix.lower() == ".jsonl":
+        return _jsonl(path)
+    return Documents([path.name], [_read(path)], str(path))
+
+
+def documents_of(texts) -> Documents:
+    """A ``Documents`` from a str (one document, "text"), a list of str (named by position), a dict
+    name -> str, or a ``Documents``; empty documents are refused, one line naming the first."""
+    if isinstance(texts, Documents):
+        docs = texts
+    elif isinstance(texts, str):
+        docs = Documents(["text"], [texts])
+    elif isinstance(texts, dict):
+        docs = Documents([str(k) for k in texts], list(texts.values()))
+    elif isinstance(texts, (list, tuple)):
+        docs = Documents([str(i) for i in range(len(texts))], list(texts))
+    else:
+        raise RnnscopeError(f"texts is a {type(texts).__name__}",
+                            "give a str, a list of str, a dict name -> str, or read_documents(path)")
+    if not docs.texts:
+        raise RnnscopeError("there are no documents", "give at least one text")
+    for name, text in docs:
+        if not isinstance(text, str):
+            raise RnnscopeError(f"document {name!r} is a {type(text).__name__}, not text", "give each document as a str")
+        if not text:
+            raise RnnscopeError(f"document {name!r} is empty" if len(docs) > 1 else "the text is empty",
+                                "leave empty documents out; each needs at least one character")
+    return docs
