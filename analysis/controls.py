@@ -7,6 +7,9 @@ optimal ranking for AUC (Neyman-Pearson) and the optimal predictor for Pearson r
 the selection part and scored on the held-out part, like a unit, so a lookup table that only
 memorises rare pairs gains nothing. A unit's ``selectivity`` is its held-out score minus this control
 score: a comment cell stays well above zero, a quote detector does not.
+
+On a Run of words or subwords the pair is (previous token, current token) over the scored steps,
+the previous one reset at each document's start: what the tokens alone give away.
 """
 from __future__ import annotations
 
@@ -24,6 +27,16 @@ def pair_ids(text: str) -> np.ndarray:
     chars = np.frombuffer(text.encode("utf-32-le"), np.uint32).astype(np.int64)
     prev = np.r_[-1, chars[:-1]]
     _, ids = np.unique(prev * (1 << 22) + chars, return_inverse=True)   # code points < 2^21
+    return ids.ravel()
+
+
+def token_pair_ids(tokens: list[str], document: np.ndarray) -> np.ndarray:
+    """``[steps]`` one id per (previous, current) token pair; a document's first step has no previous."""
+    _, tok = np.unique(np.asarray(tokens, dtype=object).astype(str), return_inverse=True)
+    tok = tok.ravel().astype(np.int64)
+    prev = np.r_[-1, tok[:-1]]
+    prev[np.r_[True, document[1:] != document[:-1]]] = -1
+    _, ids = np.unique((prev + 1) * (len(tok) + 1) + tok, return_inverse=True)
     return ids.ravel()
 
 
@@ -52,11 +65,13 @@ def score(pred: np.ndarray, f: np.ndarray, binary: bool) -> float:
     return float(np.corrcoef(pred, f)[0, 1])
 
 
-def character_controls(text: str, F: pd.DataFrame, binary: list[str], split: int) -> pd.DataFrame:
+def character_controls(text: str, F: pd.DataFrame, binary: list[str], split: int,
+                       ids: np.ndarray | None = None) -> pd.DataFrame:
     """One row per feature of ``F [time x features]``: ``control_selection_score`` (in-sample, an
     upper bound of what the characters give away) and ``control_score`` (held out, what selectivity
-    is measured against)."""
-    ids = pair_ids(text)
+    is measured against). ``ids``: the pair of each row of ``F`` (``token_pair_ids``) when its rows
+    are not the characters of ``text``."""
+    ids = pair_ids(text) if ids is None else ids
     rows = []
     for name in F.columns:
         f = F[name].to_numpy(np.float64)

@@ -7,6 +7,13 @@ quote is outside; ``column`` is 0 after reading a newline.
 A feature is any function ``text -> array[time]``; ``compute(text, features)`` takes built-in names
 or a dict of name -> callable. Code tracks (strings, comments, brackets, ``if`` conditions) come
 from a real lexer (pygments), not regular expressions.
+
+On a Run whose steps are not characters (words, subwords, BOS/EOS, several documents) the tracks
+are still computed per character, on each document's own text (a quote left open in one document
+does not run into the next), and a step takes the value at the last character of its span: the
+state after reading it (``steps``). A step without text gets NaN and is left out of every score.
+A feature of the tokens themselves is ``on_tokens(fn)``: ``fn(tokens) -> array[steps]``, given
+every step's text ('' for BOS, EOS, padding).
 """
 from __future__ import annotations
 
@@ -215,3 +222,39 @@ def compute(text: str, features=None, language: str = "c") -> pd.DataFrame:
             warnings.warn(f"feature {name!r} is constant on this text; its scores will be NaN", stacklevel=2)
         cols[name] = values
     return pd.DataFrame(cols)
+
+
+class on_tokens:
+    """Marks ``fn(tokens: list[str]) -> array[steps]`` as a feature of the step list, not of the text:
+    ``find_neurons(run, {"capitalised": on_tokens(lambda ts: [t[:1].isupper() for t in ts])})``."""
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise RnnscopeError(f"on_tokens got a {type(fn).__name__}", "pass a function tokens -> array[steps]")
+        self.fn = fn
+
+
+def steps(src, features, language: str = "c") -> pd.DataFrame:
+    """``[steps x features]`` float64 for a ``source.Source``: per-character tracks computed on each
+    document and taken at the last character of each step's span, ``on_tokens`` features called on
+    the step list; NaN at steps without text."""
+    if isinstance(features, Mapping):
+        by_char = {k: f for k, f in features.items() if not isinstance(f, on_tokens)}
+        by_token = {k: f for k, f in features.items() if isinstance(f, on_tokens)}
+    else:
+        by_char, by_token = list(features), {}
+    cols = {}
+    if by_char:
+        docs = src.documents[["char_start", "char_end"]].to_numpy(np.int64)
+        per_doc = [compute(src.text[a:b], by_char, language) for a, b in docs]
+        chars = pd.concat(per_doc, ignore_index=True) if len(per_doc) > 1 else per_doc[0]
+        cols.update({k: src.per_step(chars[k].to_numpy()) for k in chars.columns})
+    tokens = src.tokens() if by_token else []
+    for name, feat in by_token.items():
+        values = np.asarray(feat.fn(tokens), np.float64)
+        if values.shape != (src.steps,):
+            raise RnnscopeError(f"token feature {name!r} gave shape {list(values.shape)} for {src.steps} steps",
+                                "a token feature must return one number per step")
+        cols[name] = np.where(src.has_text, values, np.nan)
+    names = list(features) if isinstance(features, Mapping) else list(by_char)
+    return pd.DataFrame({k: cols[k] for k in names})

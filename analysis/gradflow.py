@@ -8,7 +8,8 @@ positions t (one loss each, batched: windows are independent batch elements, so 
 keeps each gradient its own), the norm of dL_t/dh_{t-k} and dL_t/dc_{t-k} for lags k = 0..max_lag,
 averaged over positions; ``half_lives`` fits log-norm against lag and reports the half-life in steps.
 A plain RNN's Jacobian product shrinks geometrically; the LSTM's cell path multiplies by forget gates
-only, which can stay near 1.
+only, which can stay near 1. With several documents (the state reset at each), a window never
+crosses a boundary: the lag-k gradient is measured only where step t - k is in t's own document.
 """
 from __future__ import annotations
 
@@ -49,20 +50,34 @@ def gradient_norms(run, *, text: str | None = None, chunk: int = 65536, explode:
     return frame
 
 
+def decay_ends(bounds: np.ndarray, window: int) -> np.ndarray:
+    """The steps t at which a window ``t - window + 1 .. t`` and its target ``t + 1`` lie inside one
+    document of ``bounds [documents, 2]`` (first step, step after the last)."""
+    return np.concatenate([np.arange(a + window - 1, b - 1) for a, b in np.asarray(bounds, np.int64)]
+                          + [np.zeros(0, np.int64)])
+
+
 def gradient_decay(model: nn.Module, ids: torch.Tensor, *, positions: int = 512, max_lag: int = 200,
-                   warmup: int = 50, batch: int = 64, seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """``ids [1, time]`` (a char model's input, logits ``[batch, time, vocab]`` out). Returns one row
+                   warmup: int = 50, batch: int = 64, seed: int = 0, progress: bool = True,
+                   documents=None) -> pd.DataFrame:
+    """``ids [1, time]`` (a next-token model's input, logits ``[batch, time, vocab]`` out);
+    ``documents [documents, 2]``: each document's first step and the step after its last (default:
+    one document), windows never crossing a boundary. Returns one row
     per (key, lag): ``key, layer, kind, lag, mean, geo_mean, q10, q90, positions, nonfinite``:
     statistics over the sampled positions of ``||dL_t / dstate_{t-lag}||``. A position whose norm is
     NaN or infinite makes that lag's statistics NaN and is counted in ``nonfinite``: a model that
     produces NaN gets NaN, never a number that looks like a measurement."""
     T = ids.shape[1]
     W = warmup + max_lag + 1
-    if T < W + 1:
-        raise RnnscopeError(f"the text has {T} characters; a decay curve to lag {max_lag} after {warmup} "
+    bounds = np.array([[0, T]]) if documents is None else np.asarray(documents, np.int64)
+    longest = int((bounds[:, 1] - bounds[:, 0]).max())
+    if longest < W + 1:
+        what = f"the text has {T} characters" if documents is None else f"the longest document has {longest} steps"
+        raise RnnscopeError(f"{what}; a decay curve to lag {max_lag} after {warmup} "
                             f"warm-up steps needs at least {W + 1}", "use a longer text or a smaller --max-lag")
     rng = np.random.default_rng(seed)
-    ends = np.sort(rng.choice(np.arange(W - 1, T - 1), size=min(positions, T - W), replace=False))
+    candidates = decay_ends(bounds, W)
+    ends = np.sort(rng.choice(candidates, size=min(positions, len(candidates)), replace=False))
     norms: dict[str, list[np.ndarray]] = {}
     was = model.training
     model.eval()

@@ -17,6 +17,11 @@ resolves down to one over the part's length. Benjamini-Hochberg runs over every 
 feature on the selection part, and over the selected units on the held-out part. Each feature also
 gets a control (``controls``): what the current and previous character alone reach on it.
 
+On a Run of words, subwords or several documents (``parts``): only steps with text are scored,
+each feature taken at the last character of the step's span; the parts are whole documents when
+there are several, and every circular shift stays inside its document. The controls pair tokens
+instead of characters.
+
 Everything streams in chunks of rows with sufficient statistics, so a Run is never loaded whole:
 pass 1 accumulates sums, products with the (shifted) feature columns, and a per-unit histogram of
 the values; pass 2 turns each value into its mid-rank from the histogram and multiplies ranks with
@@ -38,11 +43,11 @@ from rnnscope.errors import RnnscopeError
 
 from . import features as feats
 from . import kernels
-from .controls import character_controls
+from .controls import character_controls, token_pair_ids
 from .kernels import BINS
 from .nulls import resolved_test, shift_test, shifted
+from .parts import split_steps
 from .source import Source, as_source
-
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
@@ -64,14 +69,14 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 class _Part:
     """Label columns for one part of the text, and which columns belong to which feature."""
 
-    def __init__(self, F: pd.DataFrame, binary: list[str], shifts: int):
+    def __init__(self, F: pd.DataFrame, binary: list[str], shifts: int, segments=None):
         self.n = len(F)
         xcols, rcols = [], []
         self.slots = {}
         for name in F.columns:
             f = F[name].to_numpy(np.float64)
             if name in binary:
-                rcols.append(shifted(f, shifts))
+                rcols.append(shifted(f, shifts, segments))
                 self.slots[name] = ("r", sum(c.shape[1] for c in rcols) - shifts - 1)
             else:
                 fz = f - f.mean()
@@ -81,7 +86,7 @@ class _Part:
                 rk -= rk.mean()
                 rnorm = np.sqrt((rk ** 2).sum())
                 rk = rk / rnorm if rnorm > 0 else rk * np.nan
-                xcols.append(shifted(fz, shifts))
+                xcols.append(shifted(fz, shifts, segments))
                 self.slots[name] = ("x", sum(c.shape[1] for c in xcols) - shifts - 1)
                 rcols.append(rk[:, None])
                 self.slots[name + "\0rank"] = ("r", sum(c.shape[1] for c in rcols) - 1)
@@ -89,36 +94,50 @@ class _Part:
         self.R = (np.concatenate(rcols, 1) if rcols else np.zeros((self.n, 0))).astype(np.float32)
 
 
+def _blocks(a, rows: np.ndarray, chunk: int):
+    """``(position in rows, a[rows] of one chunk)`` in order: the chunks of the step range ``rows``
+    spans, read whole and narrowed to ``rows`` (steps without text left out)."""
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    whole = hi - lo == len(rows)
+    for s in range(lo, hi, chunk):
+        e = min(hi, s + chunk)
+        if whole:
+            yield s - lo, np.asarray(a[s:e])
+            continue
+        i0, i1 = np.searchsorted(rows, [s, e])
+        if i1 > i0:
+            yield int(i0), np.asarray(a[s:e])[rows[i0:i1] - s]
+
+
 def _score_key(a, parts, chunk) -> list[dict]:
-    """Both passes over one key ``a [time, units]``; per part: Pearson numerators, sums, and rank
-    products, all per unit."""
+    """Both passes over one key ``a [steps, units]``; per part (its scored ``rows``): Pearson
+    numerators, sums, and rank products, all per unit."""
     U = a.shape[1]
     decode = a.dtype == np.float16
     out = []
-    for (s0, e0), part in parts:
-        n = e0 - s0
+    for rows, part in parts:
+        n = len(rows)
         counts = np.zeros((U, BINS), np.int64)
-        for s in range(s0, e0, chunk):
-            kernels.histogram(kernels.float16_bits(np.asarray(a[s:min(e0, s + chunk)])), kernels.BIN_OF, counts)
+        for _, block in _blocks(a, rows, chunk):
+            kernels.histogram(kernels.float16_bits(block), kernels.BIN_OF, counts)
         cum = counts.cumsum(1)
         mid = cum - (counts - 1) / 2 - (n + 1) / 2                    # centred mid-ranks per bin
         rank_ss = (counts * mid ** 2).sum(1)
         mid = mid.astype(np.float32)
-        ref = np.nan_to_num(np.asarray(a[s0:min(e0, s0 + 1024)], np.float64).mean(0))
+        ref = np.nan_to_num(np.asarray(a[rows[:1024]], np.float64).mean(0))
         s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
         xc = np.zeros((U, part.X.shape[1]))
         rc = np.zeros((U, part.R.shape[1]))
-        for s in range(s0, e0, chunk):
-            e = min(e0, s + chunk)
-            raw = np.asarray(a[s:e])
+        for p0, raw in _blocks(a, rows, chunk):
+            p1 = p0 + len(raw)
             # a float32 Run's rows come read-only from the memory map: copy, the kernel's buffer must be writable
-            x = np.empty((e - s, U), np.float32) if decode else np.array(raw, np.float32, order="C")
-            r = np.empty((e - s, U), np.float32)
+            x = np.empty((p1 - p0, U), np.float32) if decode else np.array(raw, np.float32, order="C")
+            r = np.empty((p1 - p0, U), np.float32)
             kernels.ranks_and_sums(kernels.float16_bits(raw), x, decode, kernels.BIN_OF, kernels.VALUE_OF,
                                    mid, ref, r, s1, s2, bad)
             if part.X.shape[1]:      # the columns sum to zero, so x need not be centred
-                xc += x.T @ part.X[s - s0:e - s0]
-            rc += r.T @ part.R[s - s0:e - s0]
+                xc += x.T @ part.X[p0:p1]
+            rc += r.T @ part.R[p0:p1]
         mean = ref + s1 / n
         sxx = s2 - s1 * s1 / n
         out.append({"n": n, "sd": np.sqrt(np.maximum(sxx, 0)), "mean": mean, "xc": xc, "rc": rc,
@@ -154,8 +173,9 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
                  progress: bool = True) -> pd.DataFrame:
     """Score every unit of every state key against every feature; select on one part, report on the other.
 
-    ``run``: a ``probe.Run`` or an in-memory trace (with ``text``). ``features``: built-in names or a
-    dict name -> ``text -> array[time]``; default: the built-ins that suit the text's language.
+    ``run``: a ``probe.Run``, a ``source.Source`` or an in-memory trace (with ``text``). ``features``:
+    built-in names or a dict name -> ``text -> array[chars]`` (or ``features.on_tokens(fn)``); default:
+    the built-ins that suit the text's language. Steps without text are not scored.
     ``select``: how many units per feature are carried to the held-out test.
 
     Returns one row per (unit, feature), sorted within the table by ``selection_strength`` (then
@@ -182,7 +202,8 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
 
     ``frame.attrs``: ``units_tested``, ``features_tested``, ``tests`` (their product, the
     ``selection_q`` family), ``selected`` (the ``heldout_q`` family), ``split`` (first held-out step),
-    ``shifts``.
+    ``shifts``, ``scored_steps`` (steps with text), ``selection_documents`` and ``heldout_documents``
+    (names; whole documents to each part when there are several).
 
     A unit's ``direction`` is chosen on the selection part: for AUC, -1 means the unit is *lower*
     inside the feature, and both scores are the AUC of the unit so oriented (so always >= 0.5 on the
@@ -196,35 +217,36 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
         raise RnnscopeError("nothing to score: the source has no state keys", "record states, not only gradients")
     if select < 1:
         raise RnnscopeError(f"select={select} carries no unit to the held-out test", "use select >= 1")
-    T = len(src.text)
-    split = int(round(T * (1 - heldout)))
-    if not 0.0 < heldout < 1.0 or split < 10 or T - split < 10:
-        raise RnnscopeError(f"cannot split {T} characters with heldout={heldout}",
-                            "use 0 < heldout < 1 and a text of at least a few hundred characters")
-    bounds = [(0, split), (split, T)]
-    parts = [(b, _Part(F.iloc[b[0]:b[1]].reset_index(drop=True), binary, shifts)) for b in bounds]
+    sp = split_steps(src, heldout)
+    at = sp.at
+    parts = [(rows, _Part(F.iloc[a:b].reset_index(drop=True), binary, shifts, segs))
+             for rows, (a, b), segs in zip(sp.parts, [(0, at), (at, len(F))], sp.segments)]
     frames = []
     for key in tqdm(keys, desc="neurons", unit="key", disable=not progress):
         a = src.array(key)
         accs = _score_key(a, parts, chunk)
         bad = accs[0]["bad"] | accs[1]["bad"]
         for name in F.columns:
-            frames.append(_feature_rows(key, name, name in binary, accs, parts, F, split, bad))
+            frames.append(_feature_rows(key, name, name in binary, accs, parts, F, at, bad))
     table = pd.concat(frames, ignore_index=True)
     table["selection_q"] = benjamini_hochberg(table["selection_p"].to_numpy())
     table = table.sort_values(["selection_strength", "selection_p"], ascending=[False, True],
                               na_position="last", kind="stable").reset_index(drop=True)
     table["selected"] = table.groupby("feature", sort=False).cumcount() < select
     table.loc[table["selection_strength"].isna(), "selected"] = False
-    _resolve_selected(table, src, F, binary, split, chunk)
-    table = table.merge(character_controls(src.text, F, binary, split), on="feature", how="left")
+    _resolve_selected(table, src, F, binary, sp, chunk)
+    tokens = None if src.char_level else src.tokens()
+    ids = None if src.char_level else token_pair_ids([tokens[i] for i in sp.rows], src.step_document[sp.rows])
+    table = table.merge(character_controls(src.text, F, binary, at, ids), on="feature", how="left")
     oriented = np.where(table["metric"] == "auc", table["heldout_score"], table["heldout_strength"])
     table["selectivity"] = oriented - table["control_score"]
     table = table.assign(score=table["selection_score"], spearman=table["selection_spearman"],
                          strength=table["selection_strength"], p_value=table["heldout_p"],
                          q_value=table["heldout_q"])
     table.attrs.update(units_tested=int(sum(src.arrays[k].shape[1] for k in keys)), features_tested=F.shape[1],
-                       tests=len(table), selected=int(table["selected"].sum()), split=split, shifts=shifts)
+                       tests=len(table), selected=int(table["selected"].sum()), split=sp.step, shifts=shifts,
+                       scored_steps=len(sp.rows), selection_documents=sp.documents[0],
+                       heldout_documents=sp.documents[1])
     return table
 
 
@@ -260,7 +282,7 @@ def _feature_rows(key, name, is_bin, accs, parts, F, split, bad) -> pd.DataFrame
         "heldout_p_empirical": ht["p_empirical"], "heldout_q": np.nan})
 
 
-def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[str], split: int, chunk: int) -> None:
+def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[str], sp, chunk: int) -> None:
     """Re-test the selected rows on the held-out part against every admissible circular shift (in
     place), reading only those units' columns, and give them their q-values."""
     cols = ["heldout_shifts", "heldout_null_mean", "heldout_null_std", "heldout_z", "heldout_p", "heldout_p_empirical"]
@@ -269,11 +291,11 @@ def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[st
     for key, rows in table.loc[sel].groupby("key", sort=False):
         a = src.arrays[key]
         idx = np.unique(rows["index"].to_numpy())
-        x = np.concatenate([np.asarray(a[s:min(len(a), s + chunk)])[:, idx]
-                            for s in range(split, len(a), chunk)]).astype(np.float32)
+        x = np.concatenate([b[:, idx] for _, b in _blocks(a, sp.parts[1], chunk)]).astype(np.float32)
         col = {u: j for j, u in enumerate(idx)}
         for i, unit, name, d in zip(rows.index, rows["index"], rows["feature"], rows["direction"]):
-            r = resolved_test(x[:, col[unit]], F[name].to_numpy(np.float64)[split:], name in binary, int(d))
+            r = resolved_test(x[:, col[unit]], F[name].to_numpy(np.float64)[sp.at:], name in binary, int(d),
+                              sp.segments[1])
             mean = r["null_mean"] if name in binary else d * r["null_mean"]      # as heldout_score is
             found[i] = [r["shifts"], mean, r["null_std"], r["z"], r["p"], r["p_empirical"]]
     if found:
@@ -289,13 +311,14 @@ def _spearman(acc: dict, part: _Part, name: str) -> np.ndarray:
 
 
 def feature_table(src: Source, features) -> tuple[pd.DataFrame, list[str]]:
-    """``[time x features]`` and the names of the binary ones. Constant features are dropped with a
-    warning (no unit can be scored against them)."""
+    """``[scored steps x features]`` (indexed by step; steps without text left out) and the names of
+    the binary ones. Constant features are dropped with a warning (no unit can be scored against them)."""
     if features is None:
         features = default_features(src.language)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        F = feats.compute(src.text, features, src.language or "c")
+        F = feats.steps(src, features, src.language or "c")
+    F = F[src.has_text]
     keep = []
     for name in F.columns:
         col = F[name].to_numpy(np.float64)

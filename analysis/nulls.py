@@ -1,5 +1,8 @@
 """Nulls that keep autocorrelation: circular shifts of a feature against a unit, within one part of
-the text.
+the text, and within each document of that part (never across a boundary: the state was reset
+there, so a shift that carried one document's feature into the next would pair it with a state
+that never saw it, and would break the alignment of each document's level with its feature, which
+is not what a null about tracking inside a document should break).
 
 Two resolutions. Every unit gets ``shifts`` (16) evenly spread shifts, streamed with the scores:
 cheap, but an empirical p-value cannot go below ``1 / 17`` and the t-interval extrapolates from 16
@@ -8,6 +11,10 @@ in one FFT per unit and feature: the rank p-value then resolves down to ``1 / n`
 the unit is circularly stationary (the observed alignment is one member of the group of shifts).
 Leaving out the lags near the observed one looks cautious but is not: on AR(1) 0.98 units that know
 nothing, dropping the nearest 5% of lags each side gave 6.5% false positives at 0.05, all lags 5.1%.
+
+Several documents: shift ``s`` of a part of length ``n`` moves each document of length ``n_d`` by
+``s * n_d // n`` (the same fraction of each), so one document is exactly today's test and every
+document still runs through all its own lags. ``segments`` lists the documents' lengths in order.
 """
 from __future__ import annotations
 
@@ -16,12 +23,22 @@ from scipy import stats
 
 from .kernels import BIN_OF, BINS, float16_bits
 
-def shifted(col: np.ndarray, shifts: int) -> np.ndarray:
-    """``[n] -> [n, 1 + shifts]``: the column, then circular shifts spread evenly over its length
-    (each at least ``n / (shifts + 1)`` steps, far past any local autocorrelation)."""
-    n = len(col)
-    offs = [0] + [int(round(n * (k + 1) / (shifts + 1))) for k in range(shifts)]
-    return np.stack([np.roll(col, o) for o in offs], 1)
+def _segments(n: int, segments) -> list[int]:
+    segs = [n] if segments is None else [int(m) for m in segments]
+    if sum(segs) != n or min(segs) < 1:
+        raise ValueError(f"segments {segs[:8]} do not tile {n} steps")
+    return segs
+
+
+def shifted(col: np.ndarray, shifts: int, segments=None) -> np.ndarray:
+    """``[n] -> [n, 1 + shifts]``: the column, then circular shifts spread evenly over each document
+    of ``segments`` (each at least ``n_d / (shifts + 1)`` steps, far past any local autocorrelation)."""
+    cols, start = [], 0
+    for m in _segments(len(col), segments):
+        offs = [0] + [int(round(m * (k + 1) / (shifts + 1))) for k in range(shifts)]
+        cols.append(np.stack([np.roll(col[start:start + m], o) for o in offs], 1))
+        start += m
+    return np.concatenate(cols)
 
 
 def shift_test(scores: np.ndarray, two_sided: bool) -> dict:
@@ -47,10 +64,11 @@ def shift_test(scores: np.ndarray, two_sided: bool) -> dict:
     return {"null_mean": mu, "null_std": sd, "z": z, "p": p, "p_empirical": p_emp}
 
 
-def circular_scores(x: np.ndarray, f: np.ndarray, binary: bool) -> np.ndarray:
+def circular_scores(x: np.ndarray, f: np.ndarray, binary: bool, segments=None) -> np.ndarray:
     """Score of one unit ``x [n]`` against the feature ``f [n]`` circularly shifted by every lag:
     ``out[s]`` is the AUC (ranks at the streamed search's float16 resolution, ties half) or the
-    Pearson r of ``x`` against ``np.roll(f, s)``. One FFT cross-correlation, O(n log n)."""
+    Pearson r of ``x`` against ``np.roll(f, s)``, each document of ``segments`` rolled by its share
+    of ``s``. One FFT cross-correlation per document, O(n log n)."""
     n = len(x)
     if binary:
         b = BIN_OF[float16_bits(x[:, None])[:, 0]]
@@ -60,7 +78,11 @@ def circular_scores(x: np.ndarray, f: np.ndarray, binary: bool) -> np.ndarray:
     else:
         v = x.astype(np.float64) - x.mean()
         g = f - f.mean()
-    c = np.fft.irfft(np.fft.rfft(v) * np.conj(np.fft.rfft(g)), n)     # sum_t v[t] g[t - s mod n]
+    c, start = np.zeros(n), 0
+    for m in _segments(n, segments):     # sum_t v[t] g[t - s_d mod n_d], within each document
+        cd = np.fft.irfft(np.fft.rfft(v[start:start + m]) * np.conj(np.fft.rfft(g[start:start + m])), m)
+        c += cd[np.arange(n) * m // n]
+        start += m
     if binary:
         n1 = f.sum()
         if n1 == 0 or n1 == n:           # the feature never (or always) holds on this part: no AUC
@@ -70,13 +92,13 @@ def circular_scores(x: np.ndarray, f: np.ndarray, binary: bool) -> np.ndarray:
         return c / np.sqrt((v ** 2).sum() * (g ** 2).sum())
 
 
-def resolved_test(x: np.ndarray, f: np.ndarray, binary: bool, direction: int) -> dict:
+def resolved_test(x: np.ndarray, f: np.ndarray, binary: bool, direction: int, segments=None) -> dict:
     """One-sided test of one unit on one part against every circular shift of the feature, in the
     ``direction`` chosen on the selection part. ``p_empirical`` is the rank p-value over the whole
     group of shifts (exact, floored at ``1 / n``); ``p`` is ``shift_test``'s t-interval, now from
     ``n - 1`` shifts: the null's sd is that of every lag, not of 16 draws, so it no longer depends
     on which shifts happened to be drawn, and the tail resolves p below ``1 / n``."""
-    s = circular_scores(x, f, binary)
+    s = circular_scores(x, f, binary, segments)
     o = (1 - s if direction < 0 else s) if binary else direction * s
     res = shift_test(o[None, :], two_sided=False)
     return {"score": s[0], "shifts": len(s) - 1, **{k: v[0] for k, v in res.items()}}

@@ -7,12 +7,14 @@ import warnings
 import numpy as np
 
 
-def span_scores(states: np.ndarray, a: int, b: int) -> dict[str, np.ndarray]:
+def span_scores(states: np.ndarray, a: int, b: int, has_text: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """How much each unit is on inside ``a:b`` and off around it.
 
     Args:
         states: ``[time, units]`` the units over the stretch of text being searched (the page shown).
         a, b: the selected span, as row indices into ``states`` (``0 <= a < b <= time``).
+        has_text: ``[time]`` bool, False at steps without text (BOS, EOS, padding), which are then
+            left out of every mean and of the standard deviation; None: every step has text.
 
     Returns:
         ``{"inside", "around", "score"}``, each ``[units]``: the mean inside the span, the mean over
@@ -21,9 +23,11 @@ def span_scores(states: np.ndarray, a: int, b: int) -> dict[str, np.ndarray]:
         ``states`` (plus 1e-6, so a constant unit scores 0, not inf). NaN steps are left out of the
         means; a unit that is NaN throughout scores NaN, never 0.
     """
-    x = np.asarray(states, np.float64)
+    x = np.array(states, np.float64)
     if x.ndim != 2 or not 0 <= a < b <= x.shape[0]:
         raise ValueError(f"span {a}:{b} is not inside states of shape {list(x.shape)}")
+    if has_text is not None:
+        x[~np.asarray(has_text, bool)] = np.nan       # no character read: not a step of the span's text
     n = b - a
     lo, hi = max(0, a - n), min(x.shape[0], b + n)
     with warnings.catch_warnings():

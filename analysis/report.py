@@ -10,6 +10,11 @@
     RUN/analysis/ablation.parquet      ablate of each binary feature's best unit (with --ablate)
     RUN/analysis/summary.json          what ran, with which settings, and what was skipped and why
 
+On a Run of words, subwords or several documents every table is on steps: neurons scores only steps
+with text and splits by document, contexts are windows of steps inside one document, the gradient
+decay never crosses a document boundary. Ablation edits a char model's input, so it runs only on a
+Run of one step per character.
+
 The tables are read and written by the Run store (``rnnscope.store.tables``): each is written
 beside its final name and renamed, never through a link, and checked against its schema on read.
 """
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe import Run, model_checksum, open_run
@@ -90,15 +96,24 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
     else:
         exploding = nonfinite = None
         skipped["grad_norms"] = "no gradients recorded (probe with --grad)"
-    if decay and ck is not None:
-        ids = ck.vocab.encode(run.text, unk=run.manifest.get("unk"))
-        if ids.shape[1] > max_lag + 60:
+    loss = run.manifest.get("loss")            # format 1 has no "kind": its loss is next-character
+    if decay and ck is not None and (not isinstance(loss, dict) or loss.get("kind", "next-token") != "next-token"):
+        skipped["grad_decay"] = "the Run has no next-token loss to follow back"
+    elif decay and ck is not None:
+        stored = getattr(run, "ids", None)
+        ids = (ck.vocab.encode(run.text, unk=run.manifest.get("unk")) if stored is None
+               else torch.as_tensor(np.asarray(stored), dtype=torch.long)[None])
+        bounds = src.step_bounds
+        if (bounds[:, 1] - bounds[:, 0]).max() > max_lag + 60:
             out["grad_decay"] = gradient_decay(ck.model, ids, positions=positions, max_lag=max_lag,
-                                               progress=progress)
+                                               progress=progress, documents=bounds)
             out["half_lives"] = half_lives(out["grad_decay"])
         else:
-            skipped["grad_decay"] = f"the text is shorter than {max_lag + 60} characters"
-    if ablation and ck is not None:
+            skipped["grad_decay"] = (f"the text is shorter than {max_lag + 60} characters" if src.char_level
+                                     else f"every document is shorter than {max_lag + 60} steps")
+    if ablation and ck is not None and not src.char_level:
+        skipped["ablation"] = "ablation edits a char model's input: the Run's steps are not its characters"
+    elif ablation and ck is not None:
         text = run.text[:ablate_chars]
         ids = ck.vocab.encode(text, unk=run.manifest.get("unk"))
         feats = compute(text, sorted(set(out["neurons"].query("metric == 'auc'")["feature"])),
@@ -140,8 +155,8 @@ def top_table(neurons: pd.DataFrame, k: int = 3) -> str:
 
 
 def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
-    """The printed top and bottom contexts of one unit: each window with the step's character
-    bracketed, control characters escaped so the terminal shows what is stored."""
+    """The printed top and bottom contexts of one unit: each window with the step's token (a
+    character on a char Run) bracketed, control characters escaped so the terminal shows what is stored."""
     rows = contexts[contexts["unit"] == unit]
     if rows.empty:
         raise RnnscopeError(f"no contexts for {unit}", "check the unit (KEY:INDEX) against run.keys()")
@@ -150,7 +165,9 @@ def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
         lines.append(f"{side} {min(k, len(g))} of {unit}:")
         for _, r in g.sort_values("rank").head(k).iterrows():
             c, o = r["context"], int(r["offset"])
-            shown = _escape(c[:o]) + "[" + _escape(c[o:o + 1]) + "]" + _escape(c[o + 1:])
+            a, b = (int(r["token_start"]), int(r["token_end"])) if "token_start" in r else (o, o + 1)
+            a, b = (a, b) if a >= 0 else (len(c), len(c))        # a step without text: empty brackets
+            shown = _escape(c[:a]) + "[" + _escape(c[a:b]) + "]" + _escape(c[b:])
             lines.append(f"  {r['value']:+9.3f}  step {int(r['step']):>8,d}  {shown}")
     return "\n".join(lines)
 

@@ -1,15 +1,20 @@
 """What an analysis reads: a Run on disk, or an in-memory trace with its text.
 
-Both become a ``Source``: the text, and ``key -> [time, units]`` arrays (memory-mapped for a Run,
-never loaded whole) split into states (``h c i f g o r z n``) and gradients (``grad_*``).
+Both become a ``Source``: the text, ``key -> [steps, units]`` arrays (memory-mapped for a Run, never
+loaded whole) split into states (``h c i f g o r z n``) and gradients (``grad_*``), and the step
+layout: each step's character span (``(-1, -1)`` for a step without text: BOS, EOS, padding) and the
+documents, each a run of steps whose state was reset at its start. A zoo Run (and an in-memory trace
+with ``text=``) is the simplest layout: one step per character, one document.
 """
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
+import pandas as pd
 
 from rnnscope.probe import Run, parse_key
 from rnnscope.errors import RnnscopeError
@@ -19,11 +24,71 @@ CORPUS_LANGUAGE = {"linux": "c", "python": "python", "shakespeare": None}
 
 @dataclass
 class Source:
+    """``spans [steps, 2]`` (None: one step per character of ``text``) and ``documents`` (columns
+    name, char_start, char_end, step_start, step_end; None: the whole text is one document)."""
     text: str
-    arrays: dict                      # key -> array-like [time, units]
+    arrays: dict                      # key -> array-like [steps, units]
     run: Run | None = None
     language: str | None = "c"
     meta: dict = field(default_factory=dict)
+    spans: np.ndarray | None = None
+    documents: pd.DataFrame | None = None
+
+    def __post_init__(self):
+        if self.spans is None:
+            n = len(self.text)
+            self.spans = np.stack([np.arange(n), np.arange(1, n + 1)], 1).astype(np.int64)
+        self.spans = np.asarray(self.spans, np.int64)
+        if self.spans.ndim != 2 or self.spans.shape[1] != 2:
+            raise RnnscopeError(f"spans have shape {list(self.spans.shape)}", "pass spans as [steps, 2] (start, end)")
+        if self.documents is None:
+            self.documents = pd.DataFrame({"name": ["text"], "char_start": [0], "char_end": [len(self.text)],
+                                           "step_start": [0], "step_end": [len(self.spans)]})
+        bounds = self.documents[["step_start", "step_end"]].to_numpy(np.int64).ravel()
+        if bounds[0] != 0 or bounds[-1] != len(self.spans) or (np.diff(bounds) < 0).any() \
+                or (bounds[1:-1:2] != bounds[2::2]).any():
+            raise RnnscopeError("the documents do not tile the steps in order",
+                                "give each document step_start = the previous step_end, from 0 to the last step")
+
+    @property
+    def steps(self) -> int:
+        return len(self.spans)
+
+    @cached_property
+    def has_text(self) -> np.ndarray:
+        """``[steps]`` bool: the step reads at least one character (BOS, EOS and padding do not)."""
+        return self.spans[:, 0] >= 0
+
+    @cached_property
+    def char_level(self) -> bool:
+        """One step per character and one document: every analysis then runs exactly as on a zoo Run."""
+        n = len(self.text)
+        return (len(self.documents) == 1 and self.steps == n
+                and bool((self.spans[:, 0] == np.arange(n)).all() and (self.spans[:, 1] == np.arange(1, n + 1)).all()))
+
+    @cached_property
+    def step_bounds(self) -> np.ndarray:
+        """``[documents, 2]`` each document's first step and the step after its last."""
+        return self.documents[["step_start", "step_end"]].to_numpy(np.int64)
+
+    @cached_property
+    def step_document(self) -> np.ndarray:
+        """``[steps]`` the document index of each step."""
+        b = self.step_bounds
+        return np.repeat(np.arange(len(b)), b[:, 1] - b[:, 0])
+
+    def per_step(self, values) -> np.ndarray:
+        """A per-character array ``[chars]`` -> ``[steps]`` float64: the value at the last character of
+        each step's span (the state after reading it); NaN for a step without text."""
+        v = np.asarray(values, np.float64)
+        out = np.full(self.steps, np.nan)
+        ok = self.has_text
+        out[ok] = v[self.spans[ok, 1] - 1]
+        return out
+
+    def tokens(self) -> list[str]:
+        """The text of every step ('' for a step without text)."""
+        return [self.text[s:e] if s >= 0 else "" for s, e in self.spans.tolist()]
 
     @property
     def state_keys(self) -> list[str]:
@@ -34,12 +99,14 @@ class Source:
         return [k for k in self.arrays if parse_key(k)["kind"].startswith("grad_")]
 
     def array(self, key: str):
-        """``[time, units]`` of ``key``, checked to have one step per character of the text."""
+        """``[steps, units]`` of ``key``, checked to have one row per step."""
         if key not in self.arrays:
             raise RnnscopeError(f"no key {key!r} in this source", f"use one of {', '.join(self.arrays)}")
         a = self.arrays[key]
-        if a.shape[0] != len(self.text):
-            raise RnnscopeError(f"{key} has {a.shape[0]} steps but the text has {len(self.text)} characters",
+        if a.shape[0] != self.steps:
+            what = "characters" if self.char_level or self.steps == len(self.text) else "steps"
+            n = len(self.text) if what == "characters" else self.steps
+            raise RnnscopeError(f"{key} has {a.shape[0]} steps but the text has {n} {what}",
                                 "analyse the text the Run was recorded on")
         return a
 
@@ -60,14 +127,18 @@ def language_of(run: Run) -> str | None:
 
 
 def as_source(run, text: str | None = None, language: str | None = "auto") -> Source:
-    """``run``: a ``probe.Run``, or a mapping ``key -> [time, units]`` / ``[1, time, units]`` (a
-    ``probe.trace``), with ``text`` giving one character per step."""
+    """``run``: a ``Source``, a ``probe.Run``, or a mapping ``key -> [time, units]`` / ``[1, time, units]``
+    (a ``probe.trace``), with ``text`` giving one character per step."""
+    if isinstance(run, Source):
+        return run
     if isinstance(run, Run):
         if run.nonfinite:
             warnings.warn(f"{run.path} holds NaN/Inf in {', '.join(run.nonfinite)}; those units score NaN",
                           stacklevel=3)
         lang = language_of(run) if language == "auto" else language
-        return Source(run.text, {k: run[k] for k in run.keys()}, run, lang, run.manifest)
+        # a format-1 Run (one step per character, one document) has no layout of its own
+        spans, docs = getattr(run, "spans", None), getattr(run, "documents", None)
+        return Source(run.text, {k: run[k] for k in run.keys()}, run, lang, run.manifest, spans, docs)
     if not isinstance(run, Mapping):
         raise RnnscopeError(f"cannot analyse a {type(run).__name__}",
                             "pass a probe.Run (probe.open_run) or a probe.trace with text=")

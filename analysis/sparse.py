@@ -1,7 +1,7 @@
 """Sparse probe: how few units carry a feature (as Radford et al.'s sentiment neuron was found).
 
 An L1-regularised logistic regression (binary feature) or linear regression (continuous) from the
-units to the feature, fitted on the first part of the text along a path of penalties, from the one
+units to the feature, fitted on the first part of the scored steps (whole documents where there are several) along a path of penalties, from the one
 that zeroes every weight down to ``lam_max * min_ratio``. Each point of the path is scored on the
 held-out later part (AUC or Pearson r of the prediction). Units enter the path in order of joint
 usefulness: a unit that only repeats another one enters late or never, unlike in per-unit scores.
@@ -16,6 +16,7 @@ from scipy import stats
 from rnnscope.errors import RnnscopeError
 
 from .neurons import feature_table
+from .parts import split_steps
 from .source import as_source
 
 
@@ -69,11 +70,11 @@ def sparse_probe(run, feature: str, *, text: str | None = None, language="auto",
         units = [f"{k}:{i}" for k in keys for i in range(src.arrays[k].shape[1])]
     if not units:
         raise RnnscopeError("no units to probe", "pass units= or keys=")
-    T = len(src.text)
-    split = int(round(T * (1 - heldout)))
+    sp = split_steps(src, heldout)             # scored steps only; whole documents to each part
+    K, split = len(sp.rows), sp.at
     rng = np.random.default_rng(seed)
     train = np.sort(rng.choice(split, min(split, max_rows), replace=False))
-    test = np.sort(split + rng.choice(T - split, min(T - split, max_rows), replace=False))
+    test = np.sort(split + rng.choice(K - split, min(K - split, max_rows), replace=False))
     by_key: dict[str, list[int]] = {}
     for u in units:
         k, i = u.rsplit(":", 1)
@@ -82,7 +83,8 @@ def sparse_probe(run, feature: str, *, text: str | None = None, language="auto",
         by_key.setdefault(k, []).append(int(i))
 
     def gather(rows):
-        return np.concatenate([np.asarray(src.arrays[k][rows][:, idx], np.float64) for k, idx in by_key.items()], 1)
+        steps = sp.rows[rows]
+        return np.concatenate([np.asarray(src.arrays[k][steps][:, idx], np.float64) for k, idx in by_key.items()], 1)
 
     Xtr, Xte = gather(train), gather(test)
     ytr, yte = y_all[train], y_all[test]
