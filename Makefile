@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench textbook install clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/record_memory.py
 	$(PY) benchmarks/neuron_search.py
 	$(PY) benchmarks/dashboard_speed.py
+
+# Gradient flow while a network learns (README, "The textbook story"): three architectures on one corpus with
+# the watch on, and a plain RNN under SGD at a rate that explodes, with and without clipping. Resumable.
+TB    ?= runs/textbook
+TBARGS = --corpus linux --layers 1 --hidden 128 --embed 32 --batch 32 --seq-len 100 --steps 1500 \
+         --val-every 500 --watch-every 25 --threads 1
+textbook: $(STAMP)
+	$(BIN)/rnnscope zoo corpus linux
+	for arch in rnn lstm gru; do $(BIN)/rnnscope zoo train --arch $$arch $(TBARGS) --out $(TB)/$$arch || exit 1; done
+	$(BIN)/rnnscope zoo train --arch rnn $(TBARGS) --optimizer sgd --lr 1.0 --min-lr 0.01 --clip 0 --out $(TB)/rnn-sgd-noclip
+	$(BIN)/rnnscope zoo train --arch rnn $(TBARGS) --optimizer sgd --lr 1.0 --min-lr 0.01 --clip 1 --out $(TB)/rnn-sgd-clip
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -59,20 +59,28 @@ def guard_hosts(server, allowed: list[str]) -> None:
     app.find_handler = find_handler
 
 
+def refuse_unshowable(build, path, fix: str):
+    """``build()``, with any failure but an ``RnnscopeError`` turned into one: what is served is
+    untrusted, so whatever breaks while building a page from it is its problem, in one line."""
+    try:
+        return build()
+    except RnnscopeError:
+        raise
+    except Exception as err:      # noqa: BLE001 -- see above
+        first = (str(err).splitlines() or [""])[0]
+        raise RnnscopeError(f"{path} cannot be shown: {type(err).__name__}: {first}", fix) from None
+
+
 def check_run(run_path, window: int) -> RunData:
     """Open the Run and build one page from it, before binding: a Run the dashboard cannot show is
     refused at start, in one line, instead of failing on every page."""
     from bokeh.document import Document
-    try:
+
+    def page():
         data = RunData(run_path, window)
         build(Document(), data)
-    except RnnscopeError:
-        raise
-    except Exception as err:      # noqa: BLE001 -- a Run is untrusted: any failure is its problem, in one line
-        first = (str(err).splitlines() or [""])[0]
-        raise RnnscopeError(f"{run_path} cannot be shown: {type(err).__name__}: {first}",
-                            "probe and analyze it again") from None
-    return data
+        return data
+    return refuse_unshowable(page, run_path, "probe and analyze it again")
 
 
 def serve(run_path, *, port: int = 5006, host: str = "127.0.0.1", show: bool = False, window: int = WINDOW,
@@ -80,19 +88,27 @@ def serve(run_path, *, port: int = 5006, host: str = "127.0.0.1", show: bool = F
     """Serve the dashboard for one Run until interrupted. Browsers may reach it only as ``host:port``
     (and ``localhost:port`` for a loopback address) plus any ``origins`` given, e.g.
     ``myhost.lab:5006`` when serving on ``--host 0.0.0.0``."""
+    data = check_run(run_path, window)                 # a missing, broken or incomplete Run stops here
+    serve_documents(lambda doc: make_document(doc, data), data.run.path, port=port, host=host, show=show,
+                    origins=origins, log=log)
+
+
+def serve_documents(make, what, *, port: int = 5006, host: str = "127.0.0.1", show: bool = False,
+                    origins: list[str] | None = None, log=print) -> None:
+    """Serve the pages ``make(doc)`` builds (one per browser session) until interrupted, behind the
+    same Host and Origin checks whatever the page shows (a Run, or a watch log); ``what`` names it."""
     from bokeh.application import Application
     from bokeh.application.handlers.function import FunctionHandler
     from bokeh.server.server import Server
 
-    data = check_run(run_path, window)                 # a missing, broken or incomplete Run stops here
     _check_port(host, port)
     allowed = allowed_hosts(host, port, origins)
-    app = Application(FunctionHandler(lambda doc: make_document(doc, data)))
+    app = Application(FunctionHandler(make))
     server = Server({"/": app}, port=port, address=host, allow_websocket_origin=[a for a in allowed if "[" not in a],
                     num_procs=1, check_unused_sessions_milliseconds=5000, unused_session_lifetime_milliseconds=15000)
     guard_hosts(server, allowed)
     server.start()
-    log(f"serving {data.run.path} at http://{netloc(host, port)}/ (Ctrl-C to stop)", flush=True)
+    log(f"serving {what} at http://{netloc(host, port)}/ (Ctrl-C to stop)", flush=True)
     if show:
         server.io_loop.add_callback(server.show, "/")
     try:

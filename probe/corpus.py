@@ -116,7 +116,8 @@ def documents_of(texts) -> Documents:
         raise RnnscopeError("there are no documents", "give at least one text")
     for name, text in docs:
         if not isinstance(text, str):
-            raise RnnscopeError(f"document {name!r} is a {type(text).__name__}, not text", "give each document as a str")
+            raise RnnscopeError(f"document {name!r} is a {type(text).__name__}, not text",
+                                "give each document as a str")
         if not text:
             raise RnnscopeError(f"document {name!r} is empty" if len(docs) > 1 else "the text is empty",
                                 "leave empty documents out; each needs at least one character")

@@ -61,7 +61,7 @@ def load(spec, *, encoder=None, **zoo_options):
 def archive(path: Path) -> nn.Module:
     """A TorchScript archive as an eager model a Probe can record (``probe.torchscript``)."""
     _existing(path, "the TorchScript archive")
-    return torchscript.Replayed(torchscript.load_archive(path)).eval()
+    return torchscript.eager(torchscript.load_archive(path))
 
 
 def _existing(path: Path, what: str) -> None:
@@ -166,7 +166,7 @@ def as_subject(value, spec: str) -> Subject:
     else:
         raise RnnscopeError(f"{spec} returned {type(value).__name__}", PROTOCOL)
     if isinstance(subject.model, torch.jit.ScriptModule):
-        subject.model = torchscript.Replayed(subject.model).eval()
+        subject.model = torchscript.eager(subject.model)
     check_recurrent(subject.model, spec)
     subject.source = subject.source or spec
     subject.name = subject.name or type(subject.model).__name__

@@ -231,15 +231,17 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     docs = documents_of(texts)
     if grad and loss is None:
         raise RnnscopeError("gradients need a loss, and loss is None", "pass a loss, or probe without --grad")
-    if grad and isinstance(loss, str) and all(len(t) < 2 for t in docs.texts) and encoder.kind == "char":
-        raise RnnscopeError("gradients need at least two characters (a one-character text has no next-character "
-                            "loss)", "give a longer text, or probe without --grad")
     check_out(out, overwrite)          # before the model runs: a bad --out costs nothing
     text = "".join(docs.texts)
     text_bytes(text)
     ids, spans, frame = _encode_all(encoder, docs)
     S, bounds = len(ids), list(zip(frame.step_start.tolist(), frame.step_end.tolist()))
     longest = max(b - a for a, b in bounds)
+    if grad and isinstance(loss, str) and longest < 2:     # the next-token loss of one step has no next token
+        raise RnnscopeError("gradients need at least two characters (a one-character text has no next-character "
+                            "loss)" if encoder.kind == "char" else "gradients need a document of two steps or more "
+                            "(a one-step document has no next-token loss)",
+                            "give a longer text, or probe without --grad")
     mods = _chosen(Probe(model).modules, modules)
     known = {k for m in mods.values() for k in KINDS[family(m)]}
     if kinds is not None and set(kinds) - known:

@@ -88,9 +88,9 @@ class StepLoss:
         except RnnscopeError:
             raise
         except Exception as err:        # the user's code: said in one line, not a traceback
+            said = str(err).splitlines()[0][:120] if str(err) else ""
             raise RnnscopeError(f"the loss failed on the model's output {shape_of(output, e - s)} and ids "
-                                f"[{e - s}]: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}",
-                                USER_FIX) from None
+                                f"[{e - s}]: {type(err).__name__}: {said}", USER_FIX) from None
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise RnnscopeError(f"the loss returned {type(value).__name__}"
                                 + (f" of {value.dtype}" if isinstance(value, torch.Tensor) else ""), USER_FIX)

@@ -101,6 +101,14 @@ def rebuild(name: str, sm) -> nn.Module:
     return m.eval()
 
 
+def eager(archive: torch.jit.ScriptModule) -> nn.Module:
+    """What a Probe can record in place of ``archive``: the module itself rebuilt when the archive is
+    one scripted RNN / LSTM / GRU, else a ``Replayed`` model."""
+    if getattr(archive, "original_name", None) in RECURRENT:
+        return rebuild("", archive)
+    return Replayed(archive).eval()
+
+
 class Replayed(nn.Module):
     """An eager stand-in for a TorchScript archive: the rebuilt recurrent modules sit at the archive's
     own qualified names (so state keys read ``rnn.l0.h`` as for the eager model) and ``forward``
@@ -127,9 +135,6 @@ class Replayed(nn.Module):
         self._holding, self._shapes = holding, {}
 
     def _attach(self, name: str, m: nn.Module) -> None:
-        if not name:
-            raise RnnscopeError("the TorchScript archive is itself one recurrent module",
-                                "wrap it in an nn.Module that calls it, then script that")
         *path, last = name.split(".")
         parent = self
         for p in path:

@@ -26,6 +26,7 @@ _API = {
     "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.analysis",
     "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",
     "show": "rnnscope.dashboards.notebook",
+    "Watch": "rnnscope.probe.watch",
 }
 __all__ = sorted(_API)
 

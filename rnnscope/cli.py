@@ -138,6 +138,11 @@ def _unit_contexts(run, unit: str, k: int) -> None:
 
 
 def _serve(args) -> None:
+    from rnnscope.store.watchlog import is_watch_log
+    if is_watch_log(args.run):
+        from rnnscope.dashboards.watch_app import serve_watch
+        serve_watch(args.run, port=args.port, host=args.host, show=args.show, origins=args.origin)
+        return
     from rnnscope.dashboards import serve
     serve(args.run, port=args.port, host=args.host, show=args.show, window=args.window, origins=args.origin)
 
@@ -208,6 +213,32 @@ def _export(args) -> None:
     print(f"wrote {export(fig, args.out)}")
 
 
+def _spectrum(args) -> None:
+    import math
+    from rnnscope import zoo
+    from rnnscope.analysis.lyapunov import spectrum
+    ck = zoo.load(args.checkpoint)
+    ids = ck.vocab.encode(T.read_text(args.text)[: args.chars], unk=args.unk)
+    table = spectrum(ck.model, ids, k=args.exponents, max_lag=args.max_lag, positions=args.positions,
+                     progress=sys.stderr.isatty())
+    if args.json:
+        clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+        rows = [{k: ([clean(x) for x in v] if isinstance(v, list) else clean(v)) for k, v in r.items()}
+                for r in table.to_dict(orient="records")]
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{ids.shape[1]:,} characters; exponents in nats per step, QR re-orthonormalised; a layer's gradient "
+          "shrinks at its reach (the largest lambda_1 from it to the top), predicting ln 2 / |reach| steps; "
+          f"measured: half-life fitted to the decay over lags 1..{args.max_lag}, tail: over lags "
+          f"{args.max_lag // 2}..{args.max_lag}")
+    shown = table.assign(exponents=[" ".join(f"{x:+.3f}" for x in v) for v in table.exponents])
+    cols = {"key": "layer", "family": "family", "exponents": "leading exponents", "reach": "reach",
+            "predicted_half_life": "predicted", "measured_half_life": "measured h",
+            "measured_half_life_c": "measured c", "measured_tail_half_life": "tail h",
+            "measured_tail_half_life_c": "tail c", "sv_max_median": "median sv_max", "sv_above_1": "sv_max>1"}
+    print(shown[list(cols)].rename(columns=cols).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as the one line every rnnscope error is (problem — fix), exit 2."""
 
@@ -250,13 +281,14 @@ def parser() -> argparse.ArgumentParser:
             ("steps", whole(1, "--steps"), 3000, "optimizer steps"), ("lr", positive("--lr"), 2e-3, "peak learning rate"),
             ("min-lr", positive("--min-lr"), 1e-4, "final learning rate (cosine)"),
             ("warmup", whole(0, "--warmup"), 100, "warmup steps"),
-            ("clip", positive("--clip"), 5.0, "gradient-norm clip"),
+            ("clip", T.nonnegative_number("--clip"), 5.0, "gradient-norm clip (0: none)"),
             ("val-every", whole(1, "--val-every"), 500, "validate every N steps"),
             ("checkpoint-every", whole(1, "--checkpoint-every"), 250, "save resumable state every N steps"),
             ("seed", whole(0, "--seed"), 0, "random seed"),
+            ("watch-every", whole(0, "--watch-every"), 100, "watch gradient flow into OUT/watch every N steps (0: off)"),
             ("threads", whole(0, "--threads"), 0, "torch threads (0: torch default)")]:
         z.add_argument(f"--{name}", type=kind, default=default, help=f"{help_} (default {default})")
-    z.add_argument("--optimizer", choices=["adam", "rmsprop"], default="adam")
+    z.add_argument("--optimizer", choices=["adam", "rmsprop", "sgd"], default="adam")
     z.add_argument("--fresh", action="store_true", help="discard a saved training state in OUT and start over")
     z.set_defaults(func=_zoo_train)
 
@@ -318,7 +350,8 @@ def parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="the dashboard: the text coloured by any unit, the neuron table, heatmaps, "
                                       "gradient flow, gate saturation, pattern search")
-    sv.add_argument("run", help="a Run written by `rnnscope probe` (and `rnnscope analyze`)")
+    sv.add_argument("run", help="a Run written by `rnnscope probe` (and `rnnscope analyze`), or a watch log "
+                                "written by rnnscope.Watch (shown live while training writes it)")
     sv.add_argument("--port", type=T.port, default=5006, help="port (default 5006)")
     sv.add_argument("--host", type=T.host, default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only; ::1 for IPv6)")
@@ -360,6 +393,22 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.set_defaults(func=_export)
+
+    sp = sub.add_parser("spectrum", help="why the gradient vanishes or explodes: one-step Jacobian singular values, "
+                                         "Lyapunov exponents, and predicted against measured gradient half-life")
+    sp.add_argument("checkpoint", help="a checkpoint directory or zoo:NAME")
+    sp.add_argument("--text", required=True, type=T.text_file, help="a UTF-8 text file")
+    sp.add_argument("--chars", type=T.int_at_least(1, "--chars"), default=2000,
+                    help="use the first N characters (default 2000)")
+    sp.add_argument("--exponents", type=T.int_at_least(1, "--exponents"), default=8,
+                    help="leading Lyapunov exponents per layer (default 8)")
+    sp.add_argument("--max-lag", type=T.int_at_least(1, "--max-lag"), default=200,
+                    help="longest lag of the measured decay curve (default 200)")
+    sp.add_argument("--positions", type=T.int_at_least(1, "--positions"), default=256,
+                    help="positions sampled for the measured decay curve (default 256)")
+    sp.add_argument("--unk", help="map characters outside the vocabulary to this one")
+    sp.add_argument("--json", action="store_true", help="machine-readable output (non-finite numbers as null)")
+    sp.set_defaults(func=_spectrum)
     return p
 
 

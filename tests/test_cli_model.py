@@ -88,3 +88,23 @@ def test_a_spec_file_and_a_torchscript_archive_probed_from_the_command_line(here
     for key in ("enc.rnn.l0.h", "enc.rnn.l1.h"):
         assert (archived[key][:] == run[key][:]).all()           # the archive's states are the eager model's
     assert "enc.rnn.l1.grad_h" in archived.keys()
+
+
+def test_a_directory_of_documents_with_the_state_reset_or_carried(here, capsys):
+    from rnnscope.probe import open_run
+    docs = here / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("x = 1;\n")
+    (docs / "b.txt").write_text("x = 1;\n")
+    spec = f"{here / 'mine.py'}:build"
+    for out, carry in (("reset", []), ("carried", ["--carry"])):
+        assert main(["probe", "--model", spec, "--text", str(docs), "--out", str(here / out), "--loss", "none",
+                     "--dtype", "float32", *carry]) == 0
+    reset, carried = open_run(here / "reset"), open_run(here / "carried")
+    assert list(reset.documents["name"]) == ["a.txt", "b.txt"]
+    h, hc = reset["enc.rnn.l1.h"][:], carried["enc.rnn.l1.h"][:]
+    assert (h[:7] == h[7:]).all()                 # the same text from a fresh state: the same states
+    assert (hc[:7] == h[:7]).all() and not (hc[7:] == h[7:]).all()
+    assert "wrote" in capsys.readouterr().out
+    refused(capsys, "--max-chars cuts one text file", "probe", "--model", spec, "--text", docs, "--out",
+            here / "x", "--max-chars", "3")

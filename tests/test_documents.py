@@ -230,3 +230,13 @@ def test_read_documents_from_a_directory_a_jsonl_and_a_file(tmp_path):
         read_documents(root / "fifo")
     run = probe.record(Tagger(), read_documents(root), tmp_path / "r", encode=char_ids, progress=False)
     assert run.text == "firstsecond\r\nthird" and run.documents.char_end.tolist() == [5, 13, 18]
+
+
+def test_a_byte_level_model_records_non_ascii_text_with_several_steps_per_character(tmp_path):
+    def utf8(text):
+        spans = [(i, i + 1) for i, c in enumerate(text) for _ in c.encode()]
+        return torch.tensor(list(text.encode())) % 128, spans
+    run = probe.record(Tagger(), ["é€", "ab"], tmp_path / "r", encode=utf8, chunk=2, progress=False)
+    assert len(run) == 7 and run.chars == 4 and run.manifest["encoder"]["kind"] == "spans"
+    assert run.tokens() == ["é", "é", "€", "€", "€", "a", "b"]
+    np.testing.assert_array_equal(run.per_step(np.array([10.0, 20.0, 30.0, 40.0])), [10, 10, 20, 20, 20, 30, 40])

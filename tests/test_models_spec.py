@@ -197,6 +197,17 @@ def test_bad_archives(spec, tmp_path):
     fails(tmp_path / "weights.pt", "is not a TorchScript archive")
     torch.jit.save(torch.jit.script(nn.Sequential(nn.Linear(2, 3), nn.ReLU())), str(tmp_path / "mlp.pt"))
     fails(tmp_path / "mlp.pt", "holds no nn.RNN / nn.LSTM / nn.GRU module")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "mlp.pt").read_bytes()[:-200])
+    fails(tmp_path / "cut.pt", "cut.pt")
+
+
+def test_an_archive_that_is_one_scripted_rnn_is_that_rnn_rebuilt(tmp_path):
+    torch.manual_seed(3)
+    gru = nn.GRU(3, 4, 2, batch_first=True).eval()
+    torch.jit.save(torch.jit.script(gru), str(tmp_path / "gru.pt"))
+    m = models.archive(tmp_path / "gru.pt")
+    x = torch.randn(1, 6, 3)
+    assert isinstance(m, nn.GRU) and m.batch_first and torch.equal(m(x)[0], gru(x)[0])
 
 
 class _Trap:

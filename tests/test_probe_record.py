@@ -216,3 +216,13 @@ def test_open_run_errors(tmp_path, tiny_vocab):
     (run.path / "manifest.json").write_text(json.dumps(dict(m, complete=False)))
     with pytest.raises(RnnscopeError, match="incomplete run"):
         open_run(run.path)
+
+
+def test_a_last_chunk_of_one_character_has_zero_gradients_not_an_error(tmp_path, tiny_vocab):
+    """The last character has no next one, so a chunk holding only it has no loss to differentiate."""
+    ck = char_model("lstm", tiny_vocab)
+    one = probe.record(ck, TEXT, tmp_path / "a", grad=True, chunk=len(TEXT), dtype="float32", progress=False)
+    run = probe.record(ck, TEXT, tmp_path / "b", grad=True, chunk=len(TEXT) - 1, horizon=len(TEXT),
+                       dtype="float32", progress=False)
+    assert (np.asarray(run["rnn.l1.grad_h"][-1]) == 0).all()
+    np.testing.assert_allclose(run["rnn.l0.grad_c"], one["rnn.l0.grad_c"], rtol=1e-5, atol=1e-6)

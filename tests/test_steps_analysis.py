@@ -308,3 +308,35 @@ def test_printed_contexts_bracket_the_whole_token():
                       lambda s: {"rnn.l0.h": np.arange(s.steps, dtype=np.float32)[:, None]})
     printed = unit_contexts(top_contexts(src, k=1, window=4, progress=False), "rnn.l0.h:0")
     assert "five six [seven]" in printed and "[one]" in printed        # top: the last word; bottom: the first
+
+
+def test_analyze_a_recorded_word_language_model_over_documents(tmp_path):
+    """record() of a word LSTM LM (BOS/EOS, state reset per document), then analyze: the neuron
+    table scores exactly the word steps, holds out whole documents, and every context and decay
+    window stays inside one document."""
+    import torch
+    from rnnscope import probe
+    from rnnscope.analysis.gradflow import gradient_decay
+    from rnnscope.analysis.report import analyze
+    from test_documents import WordLM
+    from test_encoders import WordTokenizer
+    text = open("zoo/samples/shakespeare.txt").read()[:12000]
+    docs = {f"part{i}": text[i * 2000:(i + 1) * 2000] for i in range(6)}
+    tok = WordTokenizer(text)
+    model = WordLM(len(tok.words), size=8)
+    run = probe.record(model, docs, tmp_path / "run", encode=tok, dtype="float32", progress=False)
+    out = analyze(run, features=["in_single_quotes", "column", "indent"], language=None, shifts=4, decay=False,
+                  contexts=2, context_window=6, progress=False, log=lambda s: None)
+    n = out["neurons"]
+    assert n.attrs["scored_steps"] == int(run.has_text.sum()) < len(run)
+    assert n.attrs["selection_documents"] + n.attrs["heldout_documents"] == list(docs)
+    assert len(n.attrs["heldout_documents"]) == 2
+    col = n[n["feature"] == "column"]
+    assert col["heldout_score"].notna().all() and col["control_score"].notna().all()
+    ctx = out["contexts"]
+    doc = run.step_document
+    assert (doc[ctx["start"]] == doc[ctx["step"]]).all() and run.has_text[ctx["step"]].all()
+    bounds = run.documents[["step_start", "step_end"]].to_numpy()
+    ids = torch.as_tensor(np.asarray(run.ids))[None]
+    curve = gradient_decay(model, ids, positions=16, max_lag=20, warmup=5, progress=False, documents=bounds)
+    assert set(curve["lag"]) == set(range(21)) and (curve["positions"] == 16).all()

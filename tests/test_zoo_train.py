@@ -12,6 +12,7 @@ import torch
 from rnnscope import zoo
 from rnnscope.zoo import RnnscopeError
 from rnnscope.zoo.corpora import _write_corpus
+from rnnscope.store.watchlog import open_watch_log
 from rnnscope.zoo.train import TrainConfig, learning_rate, train
 
 SAMPLE = (zoo.SAMPLES / "shakespeare.txt").read_text()
@@ -38,8 +39,12 @@ def test_learning_rate_schedule():
 
 def test_training_learns_and_writes_a_complete_card(tiny_corpus, tmp_path):
     torch.set_num_threads(1)
-    out = train(TrainConfig(arch="gru", steps=60, **TINY), tmp_path / "m", data=tiny_corpus)
+    out = train(TrainConfig(arch="gru", steps=60, watch_every=20, **TINY), tmp_path / "m", data=tiny_corpus)
     card = json.loads((out / "card.json").read_text())
+    log = open_watch_log(out / "watch")                                   # the run's gradient history
+    assert list(log.steps.step) == [0, 20, 40] and log.steps.loss_finite.all()
+    assert set(log.timesteps.key) == {"rnn.l0.grad_h", "rnn.l1.grad_h"} and log.timesteps.t.max() == 15
+    assert len(card["training"]["grad_norm_preclip"]) == 60 and card["training"]["watch_every"] == 20
     curve = card["training"]["curve"]
     assert curve[-1]["train_loss"] < curve[0]["train_loss"] - 0.3        # it learned
     assert len(card["training"]["grad_norm_preclip"]) == 60

@@ -8,6 +8,7 @@ import math
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from .model import Architecture, CharModel, bits
 from .vocab import Vocab
 
 STATE_DIR = "train_state"
+WATCH_DIR = "watch"
+# how often the watch log may change without refusing to resume: it does not change the training
+_FREE = ("watch_every",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class TrainConfig:
     val_every: int = 500
     checkpoint_every: int = 250
     seed: int = 0
+    watch_every: int = 100      # OUT/watch: gradient flow through time every N steps (0: off)
 
 
 def learning_rate(c: TrainConfig, step: int) -> float:
@@ -89,7 +94,9 @@ def _optimizer(c: TrainConfig, model: CharModel) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=c.lr)
     if c.optimizer == "rmsprop":
         return torch.optim.RMSprop(model.parameters(), lr=c.lr, alpha=0.95)
-    raise RnnscopeError(f"unknown optimizer {c.optimizer!r}", "use adam or rmsprop")
+    if c.optimizer == "sgd":        # plain SGD: the update is as large as the gradient (Pascanu et al.'s setting)
+        return torch.optim.SGD(model.parameters(), lr=c.lr)
+    raise RnnscopeError(f"unknown optimizer {c.optimizer!r}", "use adam, rmsprop or sgd")
 
 
 def _save_state(out: Path, model, opt, state, rng: torch.Tensor, progress: dict) -> None:
@@ -157,8 +164,9 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
     saved_config = out / STATE_DIR / "config.json"
     if fresh and (out / STATE_DIR).exists():
         shutil.rmtree(out / STATE_DIR)
+        shutil.rmtree(out / WATCH_DIR, ignore_errors=True)     # the old run's history, not this one's
     resuming = (out / STATE_DIR / "progress.json").exists()
-    if saved_config.exists() and json.loads(saved_config.read_text()) != asdict(c):
+    if saved_config.exists() and _fixed(json.loads(saved_config.read_text())) != _fixed(asdict(c)):
         raise RnnscopeError(f"{out} holds a training run with a different configuration",
                             "use the same options to resume, --fresh to start over, or another --out")
     torch.manual_seed(c.seed)
@@ -182,6 +190,7 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
     started = time.time() - progress["seconds"]
     interrupted = False
     rng = torch.get_rng_state()
+    watch = _watch(model, out, c)
     old_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)   # kill -TERM saves too
     try:
         while progress["step"] < c.steps:
@@ -194,11 +203,16 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
             xb, yb = x[:, t:t + c.seq_len].long(), y[:, t:t + c.seq_len].long()
             for group in opt.param_groups:
                 group["lr"] = learning_rate(c, step)
-            logits, new_state = model(xb, state, return_state=True)
-            loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip).item()
+            with watch.step(step) if watch else nullcontext():
+                logits, new_state = model(xb, state, return_state=True)
+                loss = F.cross_entropy(logits.flatten(0, 1), yb.flatten())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if watch:
+                    watch.loss(loss)
+            clip = watch.clip_grad_norm_ if watch else torch.nn.utils.clip_grad_norm_
+            # --clip 0: no clipping (the norm is still measured; an inf max_norm scales by 1)
+            norm = clip(model.parameters(), c.clip if c.clip > 0 else float("inf")).item()
             opt.step()
             state = detach(new_state)
             progress["grad_norm"].append(float(f"{norm:.4g}"))
@@ -221,6 +235,8 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         bar.close()
+        if watch:
+            watch.close()
     if interrupted:
         save_progress()
         raise RnnscopeError(f"training interrupted at step {progress['step']} of {c.steps}; state saved in "
@@ -244,6 +260,18 @@ def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = F
     }
     checkpoint.save(model, vocab, card, out)
     return out
+
+
+def _fixed(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _FREE}
+
+
+def _watch(model, out: Path, c: TrainConfig):
+    """The run's watch log in ``OUT/watch``, continued on resume (steps redone after a kill are flagged)."""
+    if not c.watch_every:
+        return None
+    from rnnscope.probe.watch import Watch     # the probe layer, imported only when a run watches
+    return Watch(model, out / WATCH_DIR, every=c.watch_every, flush_every=1)
 
 
 def config_from(**kwargs) -> TrainConfig:

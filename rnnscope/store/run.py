@@ -58,7 +58,8 @@ class Run:
         rows = "".join(f"<tr><td><code>{escape(k)}</code></td><td>{v['units']}</td></tr>"
                        for k, v in list(self.manifest["keys"].items())[:64])
         more = len(self.manifest["keys"]) - 64
-        return (f"<p><b>Run</b> <code>{escape(str(self.path))}</code>: {len(self):,} steps over {self.chars:,} characters, "
+        return (f"<p><b>Run</b> <code>{escape(str(self.path))}</code>: {len(self):,} steps over "
+                f"{self.chars:,} characters, "
                 f"{len(self.keys())} keys, {escape(str(self.manifest['dtype']))}</p>"
                 f"<table><tr><th>key</th><th>units</th></tr>{rows}</table>"
                 + (f"<p>... and {more} more keys</p>" if more > 0 else "")

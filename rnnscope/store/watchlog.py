@@ -1,0 +1,296 @@
+"""The watch log: an append-only record of gradient flow while a network trains (issue 14).
+
+    LOG/watch.json                               manifest: format, version, created, every, model, keys
+    LOG/blocks/{first:012d}-{last:012d}.arrow    one block of watched steps, an Arrow IPC file
+    LOG/.lock                                    flock held by the one writer
+
+A block holds four tables (steps, timesteps, decay, layers) as one Arrow file with a ``table``
+column and the union of their columns; the reader hands each table back with its own columns.
+A block is written beside its name and renamed in whole, so a kill at any instant leaves the
+blocks before it intact and no half block under a block's name. A block that is still unreadable
+(a disk that lost its tail) is dropped with a warning when it is the last one, and moved aside
+the next time a writer opens the log; a bad block before the last is an error, since dropping it
+would silently lose history. The Arrow file format ends in a footer, so a torn file never reads.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import stat
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rnnscope.errors import RnnscopeError
+
+from .files import atomic_write, read_bytes
+from .format import KEY
+
+FORMAT, FORMAT_VERSION = "rnnscope-watch", 1
+MANIFEST, BLOCKS, LOCK = "watch.json", "blocks", ".lock"
+# a block's name; a second block over the same steps (the step went backwards) gets ``.{n}``
+BLOCK = re.compile(r"^(\d{12})-(\d{12})(?:\.(\d{1,6}))?\.arrow$")
+# a layer's state-key prefix ("rnn.l0", "l1_reverse"): a state key without its kind
+LAYER = re.compile(KEY.pattern[:KEY.pattern.index(r"\.(?P<kind>")] + "$")
+GATES = ("sat_i", "sat_f", "sat_o", "sat_r", "sat_z", "sat_h")
+FLAGS = ("nonfinite_loss", "nonfinite_grad", "step_backwards")
+_I, _F, _B, _S = pa.int64(), pa.float64(), pa.bool_(), pa.string()
+SCHEMAS = {
+    "steps": pa.schema([("step", _I), ("wall", _F), ("loss", _F), ("loss_finite", _B), ("grad_norm", _F),
+                        ("grad_norm_after", _F), ("clipped", _B), ("clips", _I), ("flags", _S)]),
+    "timesteps": pa.schema([("step", _I), ("key", _S), ("t", _I), ("lag", _I), ("mean", _F), ("max", _F)]),
+    "decay": pa.schema([("step", _I), ("key", _S), ("lag", _I), ("norm", _F)]),
+    "layers": pa.schema([("step", _I), ("key", _S), ("half_life", _F), ("param_grad_norm", _F),
+                         *((g, _F) for g in GATES)]),
+}
+TABLES = tuple(SCHEMAS)
+_MANIFEST_LIMIT = 1 << 20
+NOT_LOG = "point at the folder a Watch wrote (its out=)"
+
+
+def _empty(name: str) -> pd.DataFrame:
+    return SCHEMAS[name].empty_table().to_pandas()
+
+
+def _block_name(first: int, last: int, n: int = 0) -> str:
+    return f"{first:012d}-{last:012d}{'' if not n else f'.{n}'}.arrow"
+
+
+def _block_order(name: str) -> tuple:
+    m = BLOCK.match(name)
+    return int(m[1]), int(m[2]), int(m[3] or 0)
+
+
+def block_names(log: Path) -> list[str]:
+    """The blocks under ``LOG/blocks`` in order; temporary and moved-aside files are not blocks."""
+    d = log / BLOCKS
+    if not d.is_dir():
+        return []
+    return sorted((p.name for p in d.iterdir() if BLOCK.match(p.name)), key=_block_order)
+
+
+def _check_manifest(m, path: Path) -> dict:
+    where = f"the watch log manifest {path}"
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise RnnscopeError(f"{path} is not an rnnscope watch log manifest", NOT_LOG)
+    if m.get("format_version") != FORMAT_VERSION:
+        raise RnnscopeError(f"{where} has format_version {str(m.get('format_version'))[:20]!r}; "
+                            f"this rnnscope reads {FORMAT_VERSION}", "upgrade rnnscope")
+    every = m.get("every")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise RnnscopeError(f"{where}: 'every' is not a positive integer", "the log is damaged; watch again")
+    keys = m.get("keys")
+    if not isinstance(keys, list) or not all(isinstance(k, str) and KEY.match(k) for k in keys):
+        raise RnnscopeError(f"{where}: 'keys' is not a list of state keys", "the log is damaged; watch again")
+    if not isinstance(m.get("model"), dict) or not isinstance(m["model"].get("modules"), dict):
+        raise RnnscopeError(f"{where}: 'model' lacks its modules", "the log is damaged; watch again")
+    return m
+
+
+def read_manifest(log: Path) -> dict:
+    path = log / MANIFEST
+    raw = read_bytes(path, "the watch log manifest", NOT_LOG, _MANIFEST_LIMIT)
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RnnscopeError(f"{path} is not JSON", "the log is damaged; watch again") from None
+    return _check_manifest(m, path)
+
+
+def is_watch_log(path) -> bool:
+    """Whether ``path`` is a folder holding a watch log manifest (not checked beyond its format field)."""
+    try:
+        m = json.loads(read_bytes(Path(path) / MANIFEST, "", "", _MANIFEST_LIMIT).decode("utf-8"))
+    except (RnnscopeError, OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
+def _read_block(path: Path) -> dict[str, pd.DataFrame]:
+    """One block's four tables; raises ``ValueError`` with a short reason when it is unreadable or wrong."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("not a regular file")
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(str(err).splitlines()[0][:100]) from None
+    if "table" not in table.column_names:
+        raise ValueError("it has no 'table' column")
+    out = {}
+    for name, schema in SCHEMAS.items():
+        part = table.filter(pc.equal(table["table"], name))
+        cols = {}
+        for f in schema:
+            if f.name not in part.column_names:
+                raise ValueError(f"it lacks the {name} column {f.name!r}")
+            try:
+                cols[f.name] = part[f.name].cast(f.type)
+            except (pa.ArrowException, ValueError):
+                raise ValueError(f"its {name} column {f.name!r} holds {part[f.name].type}, not {f.type}") from None
+        frame = pa.table(cols, schema=schema).to_pandas()
+        if "key" in frame:
+            pattern = LAYER if name == "layers" else KEY
+            bad = frame["key"][~frame["key"].astype(str).str.match(pattern.pattern)]
+            if len(bad):
+                raise ValueError(f"its {name} key {str(bad.iloc[0])[:60]!r} is not a state key or layer")
+        out[name] = frame
+    return out
+
+
+class WatchLog:
+    """A watch log opened for reading: ``log.steps / timesteps / decay / layers`` are DataFrames of every
+    block read so far (in block order); ``refresh()`` reads the blocks written since."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RnnscopeError(f"{self.path} is not a folder holding a watch log", NOT_LOG)
+        self.manifest = read_manifest(self.path)
+        self._frames = {name: [_empty(name)] for name in TABLES}
+        self._cache: dict[str, pd.DataFrame] = {}
+        self._read: set[str] = set()
+        self.dropped: str | None = None        # the torn last block skipped, if any
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Read the blocks that appeared since the last read; returns how many watched steps they add."""
+        names = block_names(self.path)
+        new = [n for n in names if n not in self._read]
+        added, dropped = 0, None
+        for name in new:
+            try:
+                tables = _read_block(self.path / BLOCKS / name)
+            except FileNotFoundError:       # moved aside by a writer between listing and reading
+                continue
+            except ValueError as err:
+                if name != names[-1]:
+                    raise RnnscopeError(f"the watch log block {self.path / BLOCKS / name} is unreadable ({err}), "
+                                        "and it is not the last one", "restore it, or move it aside to drop "
+                                        "those steps knowingly") from None
+                if name != self.dropped:            # once, not on every refresh of a live view
+                    warnings.warn(f"rnnscope: the last watch log block {name} is torn ({err}); its steps are "
+                                  "dropped", stacklevel=2)
+                dropped = name
+                continue
+            self._read.add(name)
+            for t in TABLES:
+                self._frames[t].append(tables[t])
+            added += len(tables["steps"])
+        self.dropped = dropped
+        if added:
+            self._cache.clear()
+        return added
+
+    def _table(self, name: str) -> pd.DataFrame:
+        if name not in self._cache:
+            frames = self._frames[name]
+            frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+            self._frames[name] = [frame]
+            self._cache[name] = frame
+        return self._cache[name]
+
+    steps = property(lambda self: self._table("steps"))
+    timesteps = property(lambda self: self._table("timesteps"))
+    decay = property(lambda self: self._table("decay"))
+    layers = property(lambda self: self._table("layers"))
+
+
+def open_watch_log(path) -> WatchLog:
+    """Open a watch log for reading (one-line ``RnnscopeError`` if it is not one or its manifest is bad)."""
+    return WatchLog(path)
+
+
+class WatchLogWriter:
+    """Appends blocks to ``path``, creating the log or continuing one. Holds ``LOG/.lock`` until
+    ``close()``: a second writer on the same log is refused with one line."""
+
+    def __init__(self, path, every: int, model: dict, keys: list[str]):
+        self.path = Path(path)
+        try:
+            (self.path / BLOCKS).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RnnscopeError(f"cannot create the watch log folder {self.path} ({err.strerror})",
+                                "pass an out= folder you can write to") from None
+        if not self.path.is_dir() or (self.path / BLOCKS).is_symlink():
+            raise RnnscopeError(f"{self.path} is not a folder a watch log can be written to", "pass another out=")
+        self._lock = open(self.path / LOCK, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise RnnscopeError(f"the watch log {self.path} is in use by another Watch",
+                                "close that Watch first, or pass another out=") from None
+        try:
+            self.manifest = self._start(every, model, keys)
+        except BaseException:
+            self.close()
+            raise
+        self.last_step = self._last_step()
+
+    def _start(self, every, model, keys) -> dict:
+        for p in (self.path / BLOCKS).iterdir():       # a kill mid-write leaves its temporary file
+            if p.name.startswith(".") and p.is_file():
+                p.unlink()
+        if (self.path / MANIFEST).exists():
+            m = read_manifest(self.path)
+            if m["model"].get("modules") != model.get("modules"):
+                raise RnnscopeError(f"{self.path} holds the watch log of a model with other recurrent modules",
+                                    "pass another out=, or remove that log")
+            return m
+        if any((self.path / BLOCKS).iterdir()):
+            raise RnnscopeError(f"{self.path} holds blocks but no {MANIFEST}", "pass another out=")
+        m = _check_manifest({"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.time(),
+                             "every": int(every), "model": model, "keys": list(keys)}, self.path / MANIFEST)
+        atomic_write(self.path / MANIFEST, lambda p: p.write_text(json.dumps(m, indent=1), encoding="utf-8"))
+        return m
+
+    def _last_step(self) -> int | None:
+        """The largest step already logged (a torn last block is moved aside first)."""
+        names = block_names(self.path)
+        if names:
+            try:
+                _read_block(self.path / BLOCKS / names[-1])
+            except ValueError as err:
+                aside = self.path / BLOCKS / f"{names[-1]}.torn"
+                os.replace(self.path / BLOCKS / names[-1], aside)
+                warnings.warn(f"rnnscope: the last watch log block was torn ({err}); moved aside to {aside.name}",
+                              stacklevel=3)
+                names = names[:-1]
+        return max((_block_order(n)[1] for n in names), default=None)
+
+    def append(self, tables: dict[str, pd.DataFrame]) -> Path:
+        """Write one block from the four tables (each with its schema's columns); returns its path."""
+        parts = []
+        for name, schema in SCHEMAS.items():
+            t = pa.Table.from_pandas(tables[name][schema.names], schema=schema, preserve_index=False)
+            parts.append(t.append_column("table", pa.array([name] * len(t), _S)))
+        block = pa.concat_tables(parts, promote_options="default")
+        steps = tables["steps"]["step"]
+        if not len(steps):
+            raise ValueError("a block holds at least one step")
+        first, last, n = int(steps.min()), int(steps.max()), 0
+        while (self.path / BLOCKS / _block_name(first, last, n)).exists():   # never over an earlier block
+            n += 1
+        path = self.path / BLOCKS / _block_name(first, last, n)
+
+        def write(p):
+            with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, block.schema) as w:
+                w.write_table(block)
+            with open(p, "rb") as f:                   # on disk before the rename makes it a block
+                os.fsync(f.fileno())
+        atomic_write(path, write)
+        self.last_step = last if self.last_step is None else max(self.last_step, last)
+        return path
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
