@@ -18,7 +18,8 @@ import foreign_kit as kit  # noqa: E402
 def trained():
     """(the example's module, model, tokenizer), trained once per process."""
     example = kit.load_file(kit.EXAMPLES / "word_lstm.py")
-    model, tok = example.train(kit.sample("shakespeare.txt"), steps=60, log=None)
+    with kit.one_thread():
+        model, tok = example.train(kit.sample("shakespeare.txt"), steps=60, log=None)
     return example, model, tok
 
 
