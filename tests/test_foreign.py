@@ -3,16 +3,22 @@ float64 reference: the whole model run in float64 with every recurrent module re
 unrolled loop of tests/reference.py, so states, and gradients of the model's own loss through its
 own head, come from code that shares nothing with rnnscope's."""
 import copy
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnscope.probe import Probe, parse_key
+from rnnscope import cli
+from rnnscope.probe import Probe, open_run, parse_key
+from rnnscope.probe.encoders import as_encoder
+from browser import column, get, served, set_prop, wait_for_model, wait_until
 from reference import unrolled
 
 sys.path.insert(0, str(Path(__file__).parent / "foreign"))
@@ -196,9 +202,6 @@ def test_seq2seq_subject_names_the_module_to_record(tmp_path, part):
 
 # ---- through the command line: rnnscope probe --model tests/foreign/NAME.py:fn, over several documents ----
 
-from rnnscope import cli  # noqa: E402
-from rnnscope.probe import open_run  # noqa: E402
-from rnnscope.probe.encoders import as_encoder  # noqa: E402
 
 # Run name -> (spec file, function, extra `rnnscope probe` options); each over three documents
 RUNS = {
@@ -276,7 +279,6 @@ def test_cli_run_matches_reference_document_by_document(runs, name):
 
 # ---- rnnscope analyze on each shape's Run of steps ----
 
-import pandas as pd  # noqa: E402
 
 ANALYZED = {"word_lm": "prose", "tagger-loss": "prose", "subword": "prose", "pooled-loss": "python",
             "torchscript": "c", "seq2seq-decoder": "python"}
@@ -308,11 +310,6 @@ def test_analyze_reads_steps(analyzed, name):
 
 
 # ---- rnnscope serve (a real browser) and rnnscope export on each shape's Run ----
-
-import re  # noqa: E402
-import shutil  # noqa: E402
-
-from browser import column, get, served, set_prop, wait_for_model, wait_until  # noqa: E402
 
 
 def plain_piece(text: str) -> str:

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rnnscope.probe.subject import Subject

@@ -4,10 +4,6 @@ examples/word_lstm.py, trained for 60 updates instead of a minute."""
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from rnnscope.probe.subject import Subject
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # loaded by path: import foreign_kit beside it
