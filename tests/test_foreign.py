@@ -277,6 +277,18 @@ def test_cli_run_matches_reference_document_by_document(runs, name):
         assert_matches(trace, {m: ref[m] for m in recorded}, grad=grad)
 
 
+def test_bare_torchscript_archive_with_its_encoder_apart(runs, tmp_path):
+    """`--model char_gru.pt --encoder file.py:fn` records what the spec wrapping the same archive records."""
+    path = kit.load_file(FOREIGN / "torchscript_gru.py").save_archive(tmp_path)
+    docs = documents(tmp_path / "docs", "linux.c")
+    assert cli.main(["probe", "--model", str(path), "--encoder", f"{FOREIGN}/torchscript_gru.py:encoder", "--text",
+                     str(docs), "--out", str(tmp_path / "run"), "--dtype", "float32", "--grad"]) == 0
+    bare, wrapped = open_run(tmp_path / "run"), open_run(runs["torchscript"])
+    assert bare.keys() == wrapped.keys()
+    for key in bare.keys():
+        np.testing.assert_array_equal(bare[key], wrapped[key])
+
+
 # ---- rnnscope analyze on each shape's Run of steps ----
 
 
