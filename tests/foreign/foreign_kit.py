@@ -114,10 +114,12 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def fit(model: torch.nn.Module, batches, loss_fn, steps: int, lr: float = 1e-2, seed: int = 0) -> torch.nn.Module:
-    """``steps`` Adam updates (a step count, not seconds, so every machine trains the same model):
+def fit(make, batches, loss_fn, steps: int, lr: float = 1e-2, seed: int = 0) -> torch.nn.Module:
+    """``make()`` a model (after seeding, so its initial weights never depend on what ran before) and
+    give it ``steps`` Adam updates (a step count, not seconds, so every machine trains the same model):
     ``batches(generator) -> inputs`` and ``loss_fn(model, inputs) -> scalar``."""
     torch.manual_seed(seed)
+    model = make()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

@@ -1,5 +1,5 @@
 """4. An LSTM inside a custom module, read by attention pooling into one output per sequence: which
-shipped sample (Shakespeare, Linux C, Python) a snippet comes from. Trained for 60 updates."""
+shipped sample (Shakespeare, Linux C, Python) a snippet comes from. Trained for 100 updates."""
 import sys
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def trained() -> Classifier:
         return torch.cat([d(g) for d in draws])
 
     labels = torch.arange(len(SOURCES)).repeat_interleave(8)
-    return kit.fit(Classifier(len(CODEC)), batches, lambda m, x: F.cross_entropy(m(x), labels), steps=60)
+    return kit.fit(lambda: Classifier(len(CODEC)), batches, lambda m, x: F.cross_entropy(m(x), labels), steps=100)
 
 
 def load() -> Subject:

@@ -39,7 +39,7 @@ def copy_loss(output, ids):
 @kit.once
 def trained() -> Seq2Seq:
     ids = CODEC(kit.sample("python.py"))[0]
-    return kit.fit(Seq2Seq(len(CODEC)), kit.windows(ids, 24, 16),
+    return kit.fit(lambda: Seq2Seq(len(CODEC)), kit.windows(ids, 24, 16),
                    lambda m, x: F.cross_entropy(m(x).flatten(0, 1), x.flatten()), steps=80)
 
 

@@ -29,7 +29,7 @@ class Encoder(nn.Module):
 @kit.once
 def trained() -> Encoder:
     ids = torch.tensor(TOKENIZER(kit.sample("shakespeare.txt"))["input_ids"])
-    return kit.fit(Encoder(len(TOKENIZER)), kit.windows(ids, 32, 16), kit.next_token, steps=60)
+    return kit.fit(lambda: Encoder(len(TOKENIZER)), kit.windows(ids, 32, 16), kit.next_token, steps=60)
 
 
 def load() -> Subject:

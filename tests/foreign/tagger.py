@@ -42,7 +42,7 @@ def tag_loss(output, ids):
 @kit.once
 def trained() -> Tagger:
     ids = CODEC(kit.sample("shakespeare.txt"))[0]
-    return kit.fit(Tagger(len(CODEC)), kit.windows(ids, 48, 16),
+    return kit.fit(lambda: Tagger(len(CODEC)), kit.windows(ids, 48, 16),
                    lambda m, x: F.cross_entropy(m(x).flatten(0, 1), word_ends(x).flatten()), steps=80)
 
 

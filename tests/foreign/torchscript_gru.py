@@ -29,7 +29,7 @@ class CharGRU(nn.Module):
 @kit.once
 def trained() -> CharGRU:
     """The eager model the archive is made from (the tests' reference)."""
-    return kit.fit(CharGRU(len(CODEC)), kit.windows(CODEC(kit.sample("linux.c"))[0], 32, 8), kit.next_token, steps=40)
+    return kit.fit(lambda: CharGRU(len(CODEC)), kit.windows(CODEC(kit.sample("linux.c"))[0], 32, 8), kit.next_token, steps=40)
 
 
 def save_archive(folder) -> Path:
