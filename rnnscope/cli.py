@@ -92,9 +92,31 @@ def _probe(args) -> None:
     print(f"wrote {run.path}: {steps}, {len(run.keys())} keys{said}")
 
 
+def _training(log_path) -> None:
+    """``analyze`` on a watch log: how far back the gradient reaches at a few training steps."""
+    from rnnscope.analysis.training import training_summary
+    from rnnscope.store.watchlog import open_watch_log
+    log = open_watch_log(log_path)
+    table = training_summary(log)
+    if table.empty:
+        print(f"{log_path}: no watched step with a gradient decay yet")
+        return
+    print(f"{log_path}: {len(log.steps)} watched steps, up to step {int(log.steps.step.max())}; half-life and reach "
+          f"(first lag below 1%) of ||dL_T/dh_(T-k)|| over k < {int(table.lags.max())}")
+    print(f"{'step':>7} {'key':<24} {'loss':>7} {'half-life':>9} {'reach':>6} {'clips':>6} {'max |g|':>9}")
+    for r in table.itertuples():
+        reach = f"{r.reach:6.0f}" if r.reach == r.reach else f"{'>' + str(r.lags - 1):>6}"
+        print(f"{r.step:>7} {_shown(r.key)[:24]:<24} {r.loss:7.3f} {r.half_life:9.2f} {reach} {r.clips_so_far:>6} "
+              f"{r.max_grad_norm_so_far:9.3g}")
+
+
 def _analyze(args) -> None:
     from rnnscope.analysis.report import analyze, table_path, top_table
     from rnnscope.probe import open_run
+    from rnnscope.store.watchlog import is_watch_log
+    if is_watch_log(args.run):
+        _training(args.run)
+        return
     run = open_run(args.run)
     if args.unit:
         _unit_contexts(run, args.unit, args.contexts or 10)
@@ -329,7 +351,8 @@ def parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_probe)
 
     an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
-    an.add_argument("run", help="a Run written by `rnnscope probe`")
+    an.add_argument("run", help="a Run written by `rnnscope probe`, or a watch log (then: how far back the gradient "
+                    "reaches as training goes)")
     an.add_argument("--features", type=T.names, help="comma-separated built-in features (default: those of the run's language)")
     an.add_argument("--language", default="auto",
                     help="lexer for code features: c, python, ... or prose (default: from the checkpoint's corpus)")

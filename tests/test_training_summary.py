@@ -49,3 +49,16 @@ def test_helpers():
     assert chosen_steps(np.arange(0, 1000, 10), 3) == [0, 500, 990]
     assert chosen_steps([5, 0, 5], 6) == [0, 5]
     assert training_summary(type("L", (), {"decay": pd.DataFrame(), "steps": pd.DataFrame()})()).empty
+
+
+def test_analyze_on_a_watch_log_prints_the_reach_table(tmp_path):
+    from test_cli import one_line_error, rnnscope
+    w = WatchLogWriter(tmp_path / "log", EVERY, MODEL, KEYS)
+    w.append(block(0, 3, clipped={10}))
+    w.close()
+    out = rnnscope("analyze", tmp_path / "log").stdout
+    lines = [line.split() for line in out.splitlines()[2:]]
+    assert len(lines) == 3 * len(KEYS) and {row[1] for row in lines} == set(KEYS)
+    assert [int(r[5]) for r in lines if r[0] == "20"] == [1] * len(KEYS)        # the clip at step 10, so far
+    (tmp_path / "log" / "watch.json").write_text("{")
+    one_line_error(rnnscope("analyze", tmp_path / "log", check=False), "")
