@@ -1,7 +1,7 @@
 """The dashboard: one Bokeh document per browser session, built from a Run and its analysis tables.
 
-Views over one selection (``state.Selection``: unit, page of text, feature, document): the text
-coloured by the selected unit; the unit picker; the neuron table (click a row to show its unit); a
+Views over one selection (``state.Selection``: unit, page of steps, feature, document): the text
+coloured by the selected unit, one step's span (a character, subword or word) at a time; the unit picker; the neuron table (click a row to show its unit); a
 units x time heatmap of the page; gradient flow (per-step norms of the page, the decay curve); gate
 saturation (the paper's scatter); pattern search (select a span of text, get the units on inside it
 and off around it). Controls change the selection; each view updates its own ``ColumnDataSource``;
@@ -21,11 +21,12 @@ from rnnscope.probe import open_run, parse_key
 from rnnscope.errors import RnnscopeError
 
 from .plots import GradientView, SaturationView
-from .queries import checked, esc, page
+from .queries import axis_name, checked, esc, step_word
 from .state import Selection
+from .steps import Documents, page
 from .views import Controls, ContextsView, HeatmapView, NeuronView, PatternView, TextView, div
 
-WINDOW = 10000           # characters on one page of text
+WINDOW = 10000           # steps on one page of text
 TABLES = ("neurons", "contexts", "saturation", "grad_decay", "half_lives")
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,29 @@ class RunData:
             self.tables[name], self.why[name] = checked(read_table(self.run, name), name)
         self.neurons = self.tables["neurons"]
         self.features = list(dict.fromkeys(self.neurons["feature"])) if self.neurons is not None else []
+        self.docs, self.steps = Documents(self.run.documents), len(self.run)
+        self.word, self.axis = step_word(self.run), axis_name(self.run)
 
     def span(self, sel: Selection) -> tuple[int, int]:
-        return page(len(self.text), sel.start, self.window)
+        """The selected page: steps ``[s, e)`` inside the selected document."""
+        return page(self.docs, sel.document, sel.start, self.window)
+
+    def at(self, step: int) -> dict:
+        """The selection fields for a page starting at ``step`` (its document follows it)."""
+        step = int(min(max(step, 0), self.steps - 1))
+        return {"start": step, "document": self.docs.of(step)}
+
+    def turn(self, sel: Selection, way: int) -> dict:
+        """The next (``way`` +1) or previous (-1) page: within the document, then on into the next one."""
+        s, e = self.span(sel)
+        d, first = sel.document, int(self.docs.step_start[sel.document])
+        if way > 0:
+            return self.at(e) if e < self.steps else self.at(s)
+        if s > first:
+            return self.at(max(first, s - self.window))
+        if d == 0:
+            return self.at(s)
+        return self.at(max(int(self.docs.step_start[d - 1]), int(self.docs.step_end[d - 1]) - self.window))
 
     def unit(self, unit) -> tuple[str, int] | None:
         """``(key, index)`` for a unit named in a table, or None when the Run has no such unit."""

@@ -17,9 +17,11 @@ from rnnscope.store import read_table
 from rnnscope.probe import Run, open_run
 from rnnscope.errors import RnnscopeError
 
-from .figures import colour_range, heatmap_figure, text_data, text_figure
+from .figures import heatmap_figure, shown, text_figure
+from .queries import axis_name, loss_name, step_word, text_cells
+from .steps import Documents
 
-MAX_CHARS = 20000
+MAX_STEPS = 20000
 FORMATS = (".png", ".svg", ".html")
 
 
@@ -40,37 +42,56 @@ def parse_unit(run: Run, unit: str) -> tuple[str, int]:
     return key, int(index)
 
 
-def _span(run: Run, start: int, end: int | None) -> tuple[int, int]:
-    end = len(run) if end is None else end
-    if not 0 <= start < end <= len(run):
-        raise RnnscopeError(f"characters {start}..{end} are not inside the run's {len(run):,}",
-                            f"use 0 <= --start < --end <= {len(run)}")
-    if end - start > MAX_CHARS:
-        raise RnnscopeError(f"{end - start:,} characters is more than one picture holds ({MAX_CHARS:,})",
-                            "narrow --start/--end")
-    return start, end
+def _span(run: Run, start: int, end: int | None, document: str | int | None) -> tuple[int, int, Documents, int]:
+    """Absolute steps ``[s, e)`` inside one document, its table and index. With ``document``, ``start``
+    and ``end`` count from the document's first step; without, they are the Run's steps and the
+    document is the one holding ``start``. ``end`` defaults to 3,000 steps on (or the document's end)."""
+    docs = Documents(run.documents)
+    d = docs.find(document) if document is not None else None
+    base = int(docs.step_start[d]) if d is not None else 0
+    if d is None:
+        if not 0 <= start < len(run):
+            raise RnnscopeError(f"step {start} is not inside the run's {len(run):,}", f"use 0 <= --start < {len(run)}")
+        d = docs.of(start)
+    first, last = int(docs.step_start[d]), int(docs.step_end[d])
+    s = base + start
+    e = min(last, s + 3000) if end is None else base + end
+    where = f"document {shown_name(docs.names[d])!r} (steps {first - base}..{last - base})" if len(docs) > 1 \
+        else f"the run's {len(run):,} steps"
+    if not first <= s < e <= last:
+        raise RnnscopeError(f"steps {s - base}..{e - base} are not inside {where}",
+                            f"use {first - base} <= --start < --end <= {last - base}"
+                            + ("" if document is not None or len(docs) == 1 else ", or pick one with --document"))
+    if e - s > MAX_STEPS:
+        raise RnnscopeError(f"{e - s:,} steps is more than one picture holds ({MAX_STEPS:,})", "narrow --start/--end")
+    return s, e, docs, d
 
 
-def unit_figure(run, unit: str, start: int = 0, end: int | None = None):
-    """The text from ``start`` to ``end`` (default: 3,000 characters) coloured by one unit."""
+def shown_name(name: str) -> str:
+    return "".join(shown(c) for c in name)
+
+
+def unit_figure(run, unit: str, start: int = 0, end: int | None = None, document: str | int | None = None):
+    """The text of steps ``start`` to ``end`` (default: 3,000 steps) coloured by one unit, each step's
+    span as the dashboard colours it. ``document`` (a name or index): count the steps from its start."""
     run = _run(run)
     key, index = parse_unit(run, unit)
-    start, end = _span(run, start, min(len(run), start + 3000) if end is None else end)
-    values = np.asarray(run[key][start:end, index], np.float64)
-    half = colour_range(key, values)
-    cells, lines = text_data(run.text[start:end], start, values, run.loss[start:end], half)
+    s, e, docs, d = _span(run, start, end, document)
+    cells, lines, half = text_cells(run, docs, d, key, index, s, e)
+    where = f", document {shown_name(docs.names[d])}" if len(docs) > 1 else ""
     return text_figure(ColumnDataSource(cells), ColumnDataSource(lines), half=half, lines=10 ** 6,
-                       title=f"{unit}, characters {start:,}-{end:,}")
+                       title=f"{unit}, {step_word(run)} {s:,}-{e:,}{where}", loss=loss_name(run))
 
 
-def units_figure(run, units: list[str], start: int = 0, end: int | None = None, width: int = 1400):
-    """A units x time heatmap."""
+def units_figure(run, units: list[str], start: int = 0, end: int | None = None, width: int = 1400,
+                 document: str | int | None = None):
+    """A units x time heatmap over steps (``start``, ``end``, ``document`` as ``unit_figure``)."""
     run = _run(run)
     parsed = [parse_unit(run, u) for u in units]
-    start, end = _span(run, start, min(len(run), start + 3000) if end is None else end)
-    matrix = np.stack([np.asarray(run[k][start:end, i], np.float32) for k, i in parsed])
-    fig, _, _ = heatmap_figure(matrix, list(units), start, width=width,
-                               title=f"{len(units)} units, characters {start:,}-{end:,} (each row on its own scale)")
+    s, e, _, _ = _span(run, start, end, document)
+    matrix = np.stack([np.asarray(run[k][s:e, i], np.float32) for k, i in parsed])
+    fig, _, _ = heatmap_figure(matrix, list(units), s, width=width, axis=axis_name(run),
+                               title=f"{len(units)} units, {step_word(run)} {s:,}-{e:,} (each row on its own scale)")
     return fig
 
 

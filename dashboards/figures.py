@@ -70,31 +70,34 @@ COL, ROW = 9, 20                  # pixels per column and per line of text
 FONT, ADVANCE = "DejaVu Sans Mono, Liberation Mono, monospace", 0.6021   # advance width in em
 
 
-def layout(text: str, start: int = 0) -> tuple[dict, dict]:
-    """Where each character sits and what is written there.
+def layout(drawn) -> tuple[dict, dict]:
+    """Where each cell sits and what is written there. ``drawn``: the page's characters in order (a
+    string, or a list whose one-character entries are characters of the text and whose longer entries
+    are the marks of steps without text, ``⟨id 3⟩``, drawn as they are).
 
-    Returns ``cells`` (one per character: ``x`` the centre of its cell, ``w`` its width in columns, a
-    tab spanning to the next stop, ``y`` minus the line number, ``char`` as shown, ``pos`` absolute)
-    and ``lines`` (one per displayed line: ``y`` and the ``line`` string, drawn as one glyph: one
-    canvas call per line instead of per character keeps a repaint of 10,000 characters cheap)."""
-    xs, ws, ys = (np.empty(len(text), np.float64) for _ in range(3))
+    Returns ``cells`` (one per entry: ``x`` the centre of its cell, ``w`` its width in columns, a tab
+    spanning to the next stop, ``y`` minus the line number, ``char`` as shown) and ``lines`` (one per
+    displayed line: ``y`` and the ``line`` string, drawn as one glyph: one canvas call per line
+    instead of per character keeps a repaint of 10,000 characters cheap)."""
+    xs, ws, ys = (np.empty(len(drawn), np.float64) for _ in range(3))
     rows: list[list[str]] = [[]]
+    chars = []
     col = row = 0
-    for i, ch in enumerate(text):
+    for i, ch in enumerate(drawn):
         if col >= WRAP:
             col, row = 0, row + 1
             rows.append([])
-        drawn = shown(ch)
-        w = TAB - col % TAB if ch == "\t" else len(drawn)
+        written = shown(ch) if len(ch) == 1 else ch
+        w = TAB - col % TAB if ch == "\t" else len(written)
         xs[i], ws[i], ys[i] = col + (w - 1) / 2, w, -row
-        rows[-1].append(" " * w if ch == "\t" else drawn)
+        rows[-1].append(" " * w if ch == "\t" else written)
+        chars.append(written)
         if ch == "\n":
             col, row = 0, row + 1
             rows.append([])
         else:
             col += w
-    cells = {"x": xs, "w": ws, "y": ys, "char": [shown(c) for c in text],
-             "pos": np.arange(start, start + len(text))}
+    cells = {"x": xs, "w": ws, "y": ys, "char": chars}
     lines = {"x": np.full(len(rows), -0.5), "y": -np.arange(len(rows), dtype=np.float64),
              "line": ["".join(r) for r in rows]}
     return cells, lines
@@ -112,15 +115,17 @@ def colour_range(key: str, values: np.ndarray) -> float:
 
 
 def text_figure(source: ColumnDataSource, lines_source: ColumnDataSource, *, half: float | None = None,
-                lines: int = 40, title: str = "") -> figure:
-    """The coloured text: ``source`` holds the cells (``x w y char pos value loss``, see
-    ``text_data``), ``lines_source`` the line strings drawn over them. Shows ``lines`` lines at a
-    time and scrolls with the mouse wheel. The plot's frame is sized so that one column is exactly
-    COL pixels and the monospace font's advance matches it; a new unit changes only the cells'
+                lines: int = 40, title: str = "", loss: str | None = "loss") -> figure:
+    """The coloured text: ``source`` holds the cells (``x w y char step pos token id value shade alpha
+    edge loss``, see ``text_data``), ``lines_source`` the line strings drawn over them. Shows ``lines``
+    lines at a time and scrolls with the mouse wheel. The plot's frame is sized so that one column is
+    exactly COL pixels and the monospace font's advance matches it; a new unit changes only the cells'
     ``value`` and ``shade`` columns, so the browser does not lay the text out again. Cells are
     coloured by ``shade`` (the value over the unit's colour range, -1..1) through a fixed mapper: a
     new scale never relayouts the colour bar, whose ends read the scale ``half`` when given, else
-    "-max" / "+max" (the dashboard prints the scale beside the unit)."""
+    "-max" / "+max" (the dashboard prints the scale beside the unit). Characters no step covers are
+    left uncoloured (``alpha`` 0); the marks of steps without text are outlined (``edge`` 1). The
+    hover names the loss ``loss`` (None: the Run has no loss, and the hover no loss line)."""
     mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1, nan_color=NAN_COLOUR)
     n_lines = len(lines_source.data["y"])
     cols = max(int(max(source.data["x"] + source.data["w"] / 2, default=0)) + 1, 80)
@@ -132,13 +137,13 @@ def text_figure(source: ColumnDataSource, lines_source: ColumnDataSource, *, hal
     p.title.text = plain(title)
     p.add_tools(WheelPanTool(dimension="height"))
     p.toolbar.active_scroll = p.tools[-1]
-    cells = p.rect(x="x", y="y", width="w", height=1, source=source, line_color=None,
-                   fill_color={"field": "shade", "transform": mapper})
+    cells = p.rect(x="x", y="y", width="w", height=1, source=source, line_color=INK, line_alpha="edge",
+                   line_dash="dotted", fill_alpha="alpha", fill_color={"field": "shade", "transform": mapper})
     p.text(x="x", y="y", text="line", source=lines_source, text_font={"value": FONT},
            text_font_size=f"{COL / ADVANCE:.2f}px", text_align="left", text_baseline="middle", text_color=INK, name="text_ink")
     cells.name = "text_cells"
-    p.add_tools(HoverTool(renderers=[cells], tooltips=[("char", "@char"), ("position", "@pos"),
-                                                       ("value", "@value{0.0000}"), ("next-char loss", "@loss{0.000}")]))
+    tips = [("token", "@token"), ("id", "@id"), ("step", "@step"), ("value", "@value{0.0000}")]
+    p.add_tools(HoverTool(renderers=[cells], tooltips=tips + ([(loss, "@loss{0.000}")] if loss else [])))
     p.axis.visible = False
     p.grid.visible = False
     ends = ("-max", "+max") if half is None else (f"{-half:.3g}", f"{half:.3g}")
@@ -153,17 +158,36 @@ def shade(values: np.ndarray, half: float) -> np.ndarray:
     return np.clip(np.asarray(values, np.float32) / half, -1, 1)
 
 
-def text_data(text: str, start: int, values: np.ndarray, loss: np.ndarray, half: float) -> tuple[dict, dict]:
-    """``(cells, lines)`` for ``text_figure``'s two sources; colours span ``-half..half``."""
-    cells, lines = layout(text, start)
-    cells["value"] = np.asarray(values, np.float32)        # NaN stays NaN: the hover prints "NaN"
-    cells["shade"] = shade(values, half)
-    cells["loss"] = np.asarray(loss, np.float32)
+def per_cell(values: np.ndarray | None, steps: np.ndarray, s: int) -> np.ndarray:
+    """float32 ``[cells]``: each cell's step's entry of ``values`` (``[e - s]``, steps ``s..e-1``); NaN
+    for a cell no step covers, and everywhere when ``values`` is None."""
+    out = np.full(len(steps), np.nan, np.float32)
+    if values is not None:
+        ok = steps >= 0
+        out[ok] = np.asarray(values, np.float32)[steps[ok] - s]
+    return out
+
+
+def text_data(drawn, steps: np.ndarray, pos: np.ndarray, s: int, values: np.ndarray, loss: np.ndarray | None,
+              tokens: list[str], ids: list[str], half: float) -> tuple[dict, dict]:
+    """``(cells, lines)`` for ``text_figure``'s two sources; colours span ``-half..half``. ``drawn``,
+    ``steps`` and ``pos`` as ``steps.pieces`` gives them; ``values`` and ``loss`` (or None) per step of
+    the page ``s..``; ``tokens`` and ``ids`` as shown, per step of the page."""
+    cells, lines = layout(drawn)
+    has = steps >= 0
+    cells["step"], cells["pos"] = steps, pos
+    cells["token"] = [tokens[t - s] if t >= 0 else "" for t in steps]
+    cells["id"] = [ids[t - s] if t >= 0 else "" for t in steps]
+    cells["value"] = per_cell(values, steps, s)        # NaN stays NaN: the hover prints "NaN"
+    cells["shade"] = shade(cells["value"], half)
+    cells["loss"] = per_cell(loss, steps, s)
+    cells["alpha"] = has.astype(np.float32)
+    cells["edge"] = (has & (pos < 0)).astype(np.float32)
     return cells, lines
 
 
 def heatmap_figure(matrix: np.ndarray, labels: list[str], start: int, *, width: int = 1400,
-                   title: str = "", half: float | None = None) -> tuple[figure, ColumnDataSource, LinearColorMapper]:
+                   title: str = "", half: float | None = None, axis: str = "character position") -> tuple[figure, ColumnDataSource, LinearColorMapper]:
     """``matrix [units, time]`` as an image, one row per unit (first on top), time from ``start``."""
     mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1, nan_color=NAN_COLOUR)
     src = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []})
@@ -172,7 +196,7 @@ def heatmap_figure(matrix: np.ndarray, labels: list[str], start: int, *, width: 
                tools="xpan,xwheel_zoom,reset", toolbar_location="above")
     p.title.text = plain(title)
     p.image(image="image", x="x", y="y", dw="dw", dh="dh", source=src, color_mapper=mapper)
-    p.xaxis.axis_label = "character position"
+    p.xaxis.axis_label = axis
     p.add_layout(ColorBar(color_mapper=mapper, width=12), "right")
     set_heatmap(p, src, mapper, matrix, labels, start, half)
     return p, src, mapper

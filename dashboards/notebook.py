@@ -5,13 +5,13 @@ from __future__ import annotations
 from .export import unit_figure
 
 
-def unit_html(run, unit: str, start: int = 0, end: int | None = None) -> str:
-    """The text from ``start`` to ``end`` (default: 3,000 characters) coloured by ``unit``
+def unit_html(run, unit: str, start: int = 0, end: int | None = None, document=None) -> str:
+    """The text of steps ``start`` to ``end`` (default: 3,000 steps) coloured by ``unit``
     (``"rnn.l0.c:199"``), as one HTML document with BokehJS inlined. The Run's text and names are
     data in the document's JSON, drawn on a canvas: none of it becomes markup."""
     from bokeh.embed import file_html
     from bokeh.resources import INLINE
-    return file_html(unit_figure(run, unit, start, end), INLINE, title="rnnscope")
+    return file_html(unit_figure(run, unit, start, end, document), INLINE, title="rnnscope")
 
 
 class UnitView:

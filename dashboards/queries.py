@@ -11,11 +11,11 @@ import html
 import numpy as np
 import pandas as pd
 
-from rnnscope.analysis.gradflow import gradient_norms
 from rnnscope.analysis.patterns import rank_units, span_scores
 from rnnscope.probe import parse_key
 
-from .figures import colour_range, shade, shown, text_data
+from .figures import colour_range, per_cell, shade, shown, text_data
+from .steps import Documents, marker, page_chars, pieces
 
 # The columns each view reads; a table without them is shown as missing, never as a traceback.
 SCHEMA = {"neurons": {"unit": "O", "key": "O", "index": "iu", "feature": "O", "metric": "O", "direction": None,
@@ -59,33 +59,63 @@ def checked(table: pd.DataFrame | None, name: str) -> tuple[pd.DataFrame | None,
     return table, None
 
 
-def page(n_chars: int, start: int, window: int) -> tuple[int, int]:
-    """The characters ``[s, e)`` of the page starting at ``start``."""
-    s = int(min(max(0, start), max(0, n_chars - 1)))
-    return s, min(n_chars, s + window)
-
-
 def unit_values(run, key: str, index: int, s: int, e: int) -> np.ndarray:
-    """``[e - s]`` one unit over the page, float64 (NaN kept)."""
+    """``[e - s]`` one unit over the page's steps, float64 (NaN kept)."""
     return np.asarray(run[key][s:e, index], np.float64)
 
 
-def text_cells(run, key: str, index: int, s: int, e: int) -> tuple[dict, dict, float]:
+def step_word(run) -> str:
+    """What the Run's steps are called on screen: a Run of one step per character reads as it always
+    has ("characters 0-10,000"); any other in steps."""
+    return "characters" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "steps"
+
+
+def axis_name(run) -> str:
+    return "character position" if step_word(run) == "characters" else "step"
+
+
+def loss_name(run) -> str | None:
+    """What the hover calls the Run's loss; None when it has none."""
+    if run.loss is None:
+        return None
+    kind = (run.manifest.get("loss") or {}).get("kind", "next-token")
+    return f"{kind} loss" if kind == "next-token" else "loss"
+
+
+def text_cells(run, docs: Documents, document: int, key: str, index: int, s: int,
+               e: int) -> tuple[dict, dict, float]:
+    """The page of steps ``[s, e)`` of ``document``: the text view's ``(cells, lines, half)``."""
+    c0, c1 = page_chars(run.spans, docs, document, s, e)
+    drawn, steps, pos = pieces(run.text, run.spans, run.ids, s, e, c0, c1)
     values = unit_values(run, key, index, s, e)
     half = colour_range(key, values)
-    cells, lines = text_data(run.text[s:e], s, values, run.loss[s:e], half)
+    tokens = ["".join(shown(c) for c in t) if t else marker(run.ids, s + i) for i, t in enumerate(run.tokens(s, e))]
+    ids = [str(int(i)) for i in run.ids[s:e]] if run.ids is not None else ["-"] * (e - s)
+    loss = None if run.loss is None else run.loss[s:e]
+    cells, lines = text_data(drawn, steps, pos, s, values, loss, tokens, ids, half)
     return cells, lines, half
 
 
-def recolour(run, key: str, index: int, s: int, e: int) -> tuple[dict, float]:
-    """Only the two columns a new unit changes (the layout stays in the browser)."""
+def recolour(run, key: str, index: int, s: int, e: int, steps: np.ndarray) -> tuple[dict, float]:
+    """Only the two columns a new unit changes (the layout stays in the browser); ``steps``: each
+    cell's step, as ``text_cells`` laid them out."""
     values = unit_values(run, key, index, s, e)
     half = colour_range(key, values)
-    return {"value": values.astype(np.float32), "shade": shade(values, half)}, half
+    cell_values = per_cell(values, np.asarray(steps, np.int64), s)
+    return {"value": cell_values, "shade": shade(cell_values, half)}, half
 
 
-def unit_info(neurons: pd.DataFrame | None, unit: str, s: int, e: int, n: int, half: float) -> str:
-    """The info line above the text, as escaped HTML."""
+def page_label(word: str, s: int, e: int, n: int, docs: Documents, document: int) -> str:
+    """Which page is shown, as escaped HTML: ``word`` ("characters" or "steps") ``s``-``e`` of ``n``, and
+    the document's name where the Run has several."""
+    where = f"{word} {s:,}&ndash;{e:,} of {n:,}"
+    if len(docs) > 1:
+        where += f" &middot; document <b>{esc(docs.names[document])}</b> ({document + 1:,} of {len(docs):,})"
+    return where
+
+
+def unit_info(neurons: pd.DataFrame | None, unit: str, where: str, half: float) -> str:
+    """The info line above the text, as escaped HTML (``where``: ``page_label``'s, already escaped)."""
     found = ""
     if neurons is not None:
         hit = neurons[neurons["unit"] == unit].dropna(subset=["strength"]).head(1)
@@ -94,7 +124,7 @@ def unit_info(neurons: pd.DataFrame | None, unit: str, s: int, e: int, n: int, h
             found = (f" &middot; best feature <b>{esc(r['feature'])}</b>: {esc(r['metric'])} "
                      f"{fmt(r['selection_score'])} on selection (q={fmt(r['selection_q'])}), "
                      f"{fmt(r['heldout_score'])} held out, selectivity {fmt(r['selectivity'])}")
-    return (f"<b>{esc(unit)}</b> &middot; characters {s:,}&ndash;{e:,} of {n:,}"
+    return (f"<b>{esc(unit)}</b> &middot; {where}"
             f" &middot; colour scale &plusmn;{fmt(half)}{found}")
 
 
@@ -134,11 +164,12 @@ def heat_matrix(run, units: list[str], s: int, e: int) -> np.ndarray:
 def grad_norms(run, keys: list[str], s: int, e: int) -> dict:
     """``pos`` and, per gradient key, the norm over units at each step of the page (floored at 1e-30
     for the log axis; NaN stays NaN)."""
-    norms = gradient_norms({k: run[k][s:e] for k in keys}, text=run.text[s:e])
     data = {"pos": np.arange(s, e)}
     for k in keys:
-        v = norms[k].to_numpy()
-        data[k] = np.where(np.isnan(v), np.nan, np.maximum(v, 1e-30))
+        x = np.asarray(run[k][s:e], np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = np.sqrt((x * x).sum(1))
+        data[k] = np.where(np.isfinite(v), np.maximum(v, 1e-30), np.nan)
     return data
 
 
@@ -154,9 +185,10 @@ def pattern_rows(run, keys: list[str], s: int, e: int, a: int, b: int, top: int)
             **{c: [fmt(r[j]) for r in rows] for j, c in ((2, "inside"), (3, "around"), (4, "score"))}}
 
 
-def pattern_note(text: str, a: int, b: int, found: int) -> str:
-    part = text[a:b] if b - a <= 80 else text[a:a + 77] + "..."
-    return (f"span {a:,}&ndash;{b:,} (<code>{esc(part)}</code>): "
+def pattern_note(text: str, a: int, b: int, found: int, word: str = "span") -> str:
+    """``text``: the selected steps' text; ``a``, ``b``: the steps."""
+    part = text if len(text) <= 80 else text[:77] + "..."
+    return (f"{word} {a:,}&ndash;{b:,} (<code>{esc(part)}</code>): "
             f"top {found} units on inside it, off around it")
 
 

@@ -5,8 +5,8 @@ FIELDS = ("key", "index", "start", "feature", "document")
 
 
 class Selection:
-    """Which unit (``key``, ``index``), which page of text (``start``), which ``feature`` (neuron table,
-    heatmap), which ``document`` (one for now: the Run's whole text). ``set`` applies changes and
+    """Which unit (``key``, ``index``), which page (``start``: its first step), which ``feature`` (neuron
+    table, heatmap), which ``document`` (the one holding ``start``). ``set`` applies changes and
     tells every watcher which fields changed; setting a field to its value tells no one, so widgets
     that mirror the selection cannot loop."""
 

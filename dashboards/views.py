@@ -14,8 +14,9 @@ from bokeh.models import (Button, ColumnDataSource, DataTable, Div, Select, Spin
 
 from . import queries as q
 from .figures import heatmap_figure, set_heatmap, text_figure
+from .steps import span_text
 
-HEAT = 2000              # characters in the heatmap (from the page's start)
+HEAT = 2000              # steps in the heatmap (from the page's start)
 TOP = 20                 # units in a feature heatmap and in pattern-search results
 
 
@@ -40,31 +41,43 @@ def on_row_click(source: ColumnDataSource, data, sel) -> None:
     source.selected.on_change("indices", pick)
 
 
+def document_options(docs) -> list[tuple[str, str]]:
+    """The document picker's ``(index, label)`` options: names with control and bidi characters made
+    visible and cut short (a Select writes its labels as text, never as HTML)."""
+    return [(str(i), f"{i}: {''.join(q.shown(c) for c in name[:60])}{'...' if len(name) > 60 else ''}")
+            for i, name in enumerate(docs.names)]
+
+
 class Controls:
-    """Key, unit index and page: widgets that mirror the selection and write it."""
+    """Key, unit index, document and page: widgets that mirror the selection and write it."""
 
     def __init__(self, data, sel):
         self.data, self.sel = data, sel
         self.key = Select(title="key", value=sel.key, options=data.keys, name="unit_key", width=180)
         self.index = Spinner(title="unit index", low=0, high=data.units[sel.key] - 1, step=1, value=sel.index,
                              name="unit_index", width=110)
-        self.start = Spinner(title="window start", low=0, high=max(len(data.text) - 1, 0),
-                             step=max(data.window // 2, 1), value=0, name="window_start", width=130)
+        self.document = Select(title="document", value=str(sel.document), options=document_options(data.docs),
+                               name="document", width=220, visible=len(data.docs) > 1)
+        self.start = Spinner(title="window start", low=0, high=max(data.steps - 1, 0),
+                             step=max(data.window // 2, 1), value=sel.start, name="window_start", width=130)
         prev, nxt = Button(label="\u25c0 page", width=80), Button(label="page \u25b6", width=80)
-        prev.on_click(lambda: self._page(-1))
-        nxt.on_click(lambda: self._page(+1))
+        prev.on_click(lambda: sel.set(**data.turn(sel, -1)))
+        nxt.on_click(lambda: sel.set(**data.turn(sel, +1)))
         self.key.on_change("value", lambda a, o, n: sel.set(key=n, index=min(sel.index, data.units[n] - 1)))
         self.index.on_change("value", lambda a, o, n: sel.set(index=int(min(max(n or 0, 0), data.units[sel.key] - 1))))
-        self.start.on_change("value", lambda a, o, n: sel.set(start=q.page(len(data.text), int(n or 0), 1)[0]))
-        self.root = row(self.key, self.index, self.start, column(div("", height=12), row(prev, nxt)))
+        self.document.on_change("value", lambda a, o, n: self._pick(n))
+        self.start.on_change("value", lambda a, o, n: sel.set(**data.at(int(n or 0))))
+        self.root = row(self.key, self.index, self.document, self.start, column(div("", height=12), row(prev, nxt)))
         sel.watch(self.update)
 
-    def _page(self, step: int) -> None:
-        self.sel.set(start=q.page(len(self.data.text), self.sel.start + step * self.data.window, 1)[0])
+    def _pick(self, value: str) -> None:
+        if value.isdigit() and int(value) < len(self.data.docs) and int(value) != self.sel.document:
+            self.sel.set(**self.data.at(int(self.data.docs.step_start[int(value)])))
 
     def update(self, changed: set[str]) -> None:
         self.index.high = self.data.units[self.sel.key] - 1
         self.key.value, self.index.value, self.start.value = self.sel.key, self.sel.index, self.sel.start
+        self.document.value = str(self.sel.document)
 
 
 class TextView:
@@ -72,29 +85,39 @@ class TextView:
 
     def __init__(self, data, sel):
         self.data, self.sel = data, sel
-        s, e = data.span(sel)
-        cells, lines, self.half = q.text_cells(data.run, sel.key, sel.index, s, e)
+        cells, lines, self.half = self._cells()
         self.source = ColumnDataSource(cells, name="text_source")
         self.lines = ColumnDataSource(lines, name="lines_source")
         self.info = div("", name="unit_info", width=700)
-        self.plot = text_figure(self.source, self.lines, title=str(data.run.path.name))
+        self.plot = text_figure(self.source, self.lines, title=str(data.run.path.name), loss=q.loss_name(data.run))
         self._info()
         sel.watch(self.update)
 
+    def _cells(self):
+        return q.text_cells(self.data.run, self.data.docs, self.sel.document, self.sel.key, self.sel.index,
+                            *self.data.span(self.sel))
+
     def update(self, changed: set[str]) -> None:
-        s, e = self.data.span(self.sel)
         if "start" in changed or "document" in changed:
             self.source.selected.indices = []
-            cells, lines, self.half = q.text_cells(self.data.run, self.sel.key, self.sel.index, s, e)
+            cells, lines, self.half = self._cells()
             self.source.data, self.lines.data = cells, lines
         elif changed & {"key", "index"}:
-            columns, self.half = q.recolour(self.data.run, self.sel.key, self.sel.index, s, e)
+            columns, self.half = q.recolour(self.data.run, self.sel.key, self.sel.index, *self.data.span(self.sel),
+                                            self.source.data["step"])
             self.source.data.update(columns)               # two columns go out, the layout stays
         self._info()
 
+    def steps(self, indices: list[int]) -> tuple[int, int] | None:
+        """The steps ``[a, b)`` that the selected cells cover, or None when they cover none."""
+        steps = [int(self.source.data["step"][i]) for i in indices]
+        steps = [t for t in steps if t >= 0]
+        return (min(steps), max(steps) + 1) if steps else None
+
     def _info(self) -> None:
         s, e = self.data.span(self.sel)
-        self.info.text = q.unit_info(self.data.neurons, self.sel.unit, s, e, len(self.data.text), self.half)
+        where = q.page_label(self.data.word, s, e, self.data.steps, self.data.docs, self.sel.document)
+        self.info.text = q.unit_info(self.data.neurons, self.sel.unit, where, self.half)
 
 
 class HeatmapView:
@@ -104,7 +127,7 @@ class HeatmapView:
         self.data, self.sel = data, sel
         modes = ["whole key"] + (["top units for feature"] if data.neurons is not None else [])
         self.mode = Select(title="heatmap", value=modes[-1], options=modes, name="heat_mode", width=220)
-        self.plot, self.source, self.mapper = heatmap_figure(np.zeros((1, 1)), ["-"], 0)
+        self.plot, self.source, self.mapper = heatmap_figure(np.zeros((1, 1)), ["-"], 0, axis=data.axis)
         self.mode.on_change("value", lambda a, o, n: self.update({"mode"}))
         self.root = column(self.mode, self.plot)
         self.update({"start"})
@@ -114,14 +137,14 @@ class HeatmapView:
         whole = self.mode.value == "whole key"
         if not changed & ({"start", "document", "mode"} | ({"key"} if whole else {"feature"})):
             return
-        s, _ = self.data.span(self.sel)
-        e = min(len(self.data.text), s + HEAT)
+        s, e = self.data.span(self.sel)
+        e = min(e, s + HEAT)
         units = ([f"{self.sel.key}:{i}" for i in range(self.data.units[self.sel.key])] if whole
                  else [u for u in q.top_units(self.data.neurons, self.sel.feature, TOP) if self.data.unit(u)])
         set_heatmap(self.plot, self.source, self.mapper, q.heat_matrix(self.data.run, units, s, e), units or ["-"], s)
         what = (f"{len(units)} units of {self.sel.key}" if whole
                 else f"top {len(units)} units for {self.sel.feature} (pick the feature in the neurons tab)")
-        self.plot.title.text.text = f"{what}, characters {s:,}-{e:,}"      # a PlainText: never typeset
+        self.plot.title.text.text = f"{what}, {self.data.word} {s:,}-{e:,}"      # a PlainText: never typeset
 
 
 class NeuronView:
@@ -161,13 +184,15 @@ class PatternView:
         self.root = column(self.info, grid)
 
     def search(self, indices: list[int]) -> None:
-        if not indices:
+        found = self.text.steps(indices) if indices else None
+        if not found:
             return
-        s, e = self.data.span(self.sel)
-        a, b = s + min(indices), min(e, s + max(indices) + 1)
+        (a, b), (s, e) = found, self.data.span(self.sel)
         rows = q.pattern_rows(self.data.run, q.pattern_keys(self.data.state_keys), s, e, a, b, TOP)
         self.source.data = rows
-        self.info.text = q.pattern_note(self.data.text, a, b, len(rows["unit"]))
+        run = self.data.run
+        word = "span" if self.data.word == "characters" else "steps"
+        self.info.text = q.pattern_note(span_text(run.text, run.spans, a, b), a, b, len(rows["unit"]), word)
 
 
 class ContextsView:
@@ -190,7 +215,8 @@ class ContextsView:
     def _jump(self, rows: list[int]) -> None:
         if rows:
             step = int(self.source.data["step"][rows[0]])
-            self.sel.set(start=max(0, step - self.data.window // 2))
+            first = int(self.data.docs.step_start[self.data.docs.of(step)])
+            self.sel.set(**self.data.at(max(first, step - self.data.window // 2)))
 
     def update(self, changed: set[str]) -> None:
         if changed & {"key", "index"}:

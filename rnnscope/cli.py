@@ -228,10 +228,10 @@ def _export(args) -> None:
     if out.is_dir() or (out.is_symlink() and not out.is_file()):
         raise RnnscopeError(f"{out} is a directory or a dangling link, not a file", "give a file name for --out")
     if args.unit:
-        fig = unit_figure(args.run, args.unit, args.start, args.end)
+        fig = unit_figure(args.run, args.unit, args.start, args.end, document=args.document)
     else:
         units = args.units if args.units else top_units_for(args.run, args.feature, args.top)
-        fig = units_figure(args.run, units, args.start, args.end)
+        fig = units_figure(args.run, units, args.start, args.end, document=args.document)
     print(f"wrote {export(fig, args.out)}")
 
 
@@ -381,7 +381,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--show", action="store_true", help="open a browser on it")
     sv.add_argument("--origin", action="append", metavar="HOST:PORT",
                     help="also accept pages served as HOST:PORT (repeatable; for --host 0.0.0.0 behind a name)")
-    sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="characters per page of text (default 10000)")
+    sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="steps per page of text (characters in a char model's Run; default 10000)")
     sv.set_defaults(func=_serve)
 
     ge = sub.add_parser("generate", help="sample from a char language model with units clamped at every step, "
@@ -407,8 +407,12 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--units", type=T.units, help="KEY:I,KEY:J,...: a heatmap of these units")
     ex.add_argument("--feature", help="a heatmap of the top units for this feature (needs `rnnscope analyze`)")
     ex.add_argument("--top", type=T.int_at_least(1, "--top"), default=10, help="with --feature: how many units (default 10)")
-    ex.add_argument("--start", type=T.int_at_least(0, "--start"), default=0, help="first character (default 0)")
-    ex.add_argument("--end", type=T.int_at_least(1, "--end"), help="last character, exclusive (default: 3,000 after --start)")
+    ex.add_argument("--start", type=T.int_at_least(0, "--start"), default=0,
+                    help="first step (a character in a char model's Run; default 0)")
+    ex.add_argument("--end", type=T.int_at_least(1, "--end"), help="last step, exclusive (default: 3,000 after --start, "
+                    "or the document's end)")
+    ex.add_argument("--document", metavar="NAME|INDEX", help="draw this document: --start/--end count from its first "
+                    "step (default: the document holding --start)")
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.set_defaults(func=_export)
