@@ -215,10 +215,7 @@ def _generate(args) -> None:
 def _export(args) -> None:
     from rnnscope.dashboards import export, top_units_for, unit_figure, units_figure
     from rnnscope.errors import RnnscopeError
-    chosen = [bool(args.unit), bool(args.units), bool(args.feature)]
-    if sum(chosen) != 1:
-        raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
-                            "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
+    from rnnscope.store.watchlog import is_watch_log
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".svg", ".html"):
         raise RnnscopeError(f"{out} has no .png, .svg or .html extension", "name the output FILE.png, FILE.svg or "
@@ -227,6 +224,16 @@ def _export(args) -> None:
         raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     if out.is_dir() or (out.is_symlink() and not out.is_file()):
         raise RnnscopeError(f"{out} is a directory or a dangling link, not a file", "give a file name for --out")
+    if is_watch_log(args.run):                      # a training log: its figures, one PNG
+        from rnnscope.dashboards.watch_export import export_watch
+        print(f"wrote {export_watch(args.run, args.out, key=args.key)}")
+        return
+    if args.key:
+        raise RnnscopeError("--key chooses the decay heatmap of a watch log", "leave it out for a Run")
+    chosen = [bool(args.unit), bool(args.units), bool(args.feature)]
+    if sum(chosen) != 1:
+        raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
+                            "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
     if args.unit:
         fig = unit_figure(args.run, args.unit, args.start, args.end, document=args.document)
     else:
@@ -401,8 +408,8 @@ def parser() -> argparse.ArgumentParser:
     ge.add_argument("--language", default="c", help="lexer for --measure code features (default c)")
     ge.set_defaults(func=_generate)
 
-    ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html")
-    ex.add_argument("run", help="a Run written by `rnnscope probe`")
+    ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html; a watch log's training figures to .png")
+    ex.add_argument("run", help="a Run written by `rnnscope probe`, or a watch log")
     ex.add_argument("--unit", type=T.unit, help="KEY:INDEX: the text coloured by this unit")
     ex.add_argument("--units", type=T.units, help="KEY:I,KEY:J,...: a heatmap of these units")
     ex.add_argument("--feature", help="a heatmap of the top units for this feature (needs `rnnscope analyze`)")
@@ -414,6 +421,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--document", metavar="NAME|INDEX", help="draw this document: --start/--end count from its first "
                     "step (default: the document holding --start)")
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
+    ex.add_argument("--key", help="with a watch log: the state key of the decay heatmap (default: the log's first)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.set_defaults(func=_export)
 

@@ -62,3 +62,19 @@ def test_analyze_on_a_watch_log_prints_the_reach_table(tmp_path):
     assert [int(r[5]) for r in lines if r[0] == "20"] == [1] * len(KEYS)        # the clip at step 10, so far
     (tmp_path / "log" / "watch.json").write_text("{")
     one_line_error(rnnscope("analyze", tmp_path / "log", check=False), "")
+
+
+def test_export_draws_a_watch_log_to_png(tmp_path):
+    import shutil
+    import pytest
+    from test_cli import one_line_error, rnnscope
+    if not shutil.which("chromedriver"):
+        pytest.skip("needs chromium and chromium-driver")
+    w = WatchLogWriter(tmp_path / "log", EVERY, MODEL, KEYS)
+    w.append(block(0, 3, clipped={10}))
+    w.close()
+    rnnscope("export", tmp_path / "log", "--out", tmp_path / "t.png", "--key", KEYS[1])
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_line_error(rnnscope("export", tmp_path / "log", "--out", tmp_path / "u.png", "--key", "nope.l0.grad_h",
+                            check=False), "nope.l0.grad_h")
+    assert not (tmp_path / "u.png").exists()
