@@ -134,11 +134,21 @@ CONTEXT_COLUMNS = ["side", "rank", "value", "step", "context"]
 
 
 def context_rows(contexts: pd.DataFrame, unit: str) -> dict:
-    """The selected unit's top and bottom contexts: the step's character in brackets, control and bidi
+    """The selected unit's top and bottom contexts: the step's token in brackets, control and bidi
     characters made visible (the table writes cells as plain text), numbers as ``fmt`` strings."""
     t = contexts[contexts["unit"] == unit].sort_values(["side", "rank"], ascending=[False, True])
-    shown_context = ["".join(shown(ch) for ch in c[:o]) + "[" + "".join(shown(ch) for ch in c[o:o + 1]) + "]"
-                     + "".join(shown(ch) for ch in c[o + 1:]) for c, o in zip(t["context"], t["offset"])]
+    if {"token_start", "token_end"} <= set(t.columns):     # the step's own token (a word, a subword) in brackets
+        a, b = (pd.to_numeric(t[c], errors="coerce").fillna(-1).astype(np.int64) for c in ("token_start", "token_end"))
+    else:                                                   # a table from before steps: one character per step
+        a = t["offset"].astype(np.int64)
+        b = a + 1
+
+    def bracket(c: str, a: int, b: int) -> str:
+        if a < 0 or b < a:                                  # a step without text (BOS, EOS, pad)
+            return "".join(shown(ch) for ch in c) + " [no text]"
+        return ("".join(shown(ch) for ch in c[:a]) + "[" + "".join(shown(ch) for ch in c[a:b]) + "]"
+                + "".join(shown(ch) for ch in c[b:]))
+    shown_context = [bracket(str(c), int(x), int(y)) for c, x, y in zip(t["context"], a, b)]
     return {"side": [str(v) for v in t["side"]], "rank": [str(int(v)) for v in t["rank"]],
             "value": [fmt(v) for v in t["value"]], "step": [str(int(v)) for v in t["step"]],
             "context": shown_context}
@@ -179,7 +189,8 @@ def pattern_keys(state_keys: list[str]) -> list[str]:
 
 def pattern_rows(run, keys: list[str], s: int, e: int, a: int, b: int, top: int) -> dict:
     """The ``top`` units on inside ``[a, b)`` and off around it, within the page ``[s, e)``."""
-    scores = {k: span_scores(run[k][s:e], a - s, b - s) for k in keys}
+    has_text = np.asarray(run.has_text[s:e])      # BOS/EOS/pad steps are in no span and in no surround
+    scores = {k: span_scores(run[k][s:e], a - s, b - s, has_text=has_text) for k in keys}
     rows = rank_units(scores, top)
     return {"unit": [f"{k}:{i}" for k, i, *_ in rows],
             **{c: [fmt(r[j]) for r in rows] for j, c in ((2, "inside"), (3, "around"), (4, "score"))}}

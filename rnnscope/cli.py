@@ -92,9 +92,31 @@ def _probe(args) -> None:
     print(f"wrote {run.path}: {steps}, {len(run.keys())} keys{said}")
 
 
+def _training(log_path) -> None:
+    """``analyze`` on a watch log: how far back the gradient reaches at a few training steps."""
+    from rnnscope.analysis.training import training_summary
+    from rnnscope.store.watchlog import open_watch_log
+    log = open_watch_log(log_path)
+    table = training_summary(log)
+    if table.empty:
+        print(f"{log_path}: no watched step with a gradient decay yet")
+        return
+    print(f"{log_path}: {len(log.steps)} watched steps, up to step {int(log.steps.step.max())}; half-life and reach "
+          f"(first lag below 1%) of ||dL_T/dh_(T-k)|| over k < {int(table.lags.max())}")
+    print(f"{'step':>7} {'key':<24} {'loss':>7} {'half-life':>9} {'reach':>6} {'clips':>6} {'max |g|':>9}")
+    for r in table.itertuples():
+        reach = f"{r.reach:6.0f}" if r.reach == r.reach else f"{'>' + str(r.lags - 1):>6}"
+        print(f"{r.step:>7} {_shown(r.key)[:24]:<24} {r.loss:7.3f} {r.half_life:9.2f} {reach} {r.clips_so_far:>6} "
+              f"{r.max_grad_norm_so_far:9.3g}")
+
+
 def _analyze(args) -> None:
     from rnnscope.analysis.report import analyze, table_path, top_table
     from rnnscope.probe import open_run
+    from rnnscope.store.watchlog import is_watch_log
+    if is_watch_log(args.run):
+        _training(args.run)
+        return
     run = open_run(args.run)
     if args.unit:
         _unit_contexts(run, args.unit, args.contexts or 10)
@@ -193,10 +215,7 @@ def _generate(args) -> None:
 def _export(args) -> None:
     from rnnscope.dashboards import export, top_units_for, unit_figure, units_figure
     from rnnscope.errors import RnnscopeError
-    chosen = [bool(args.unit), bool(args.units), bool(args.feature)]
-    if sum(chosen) != 1:
-        raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
-                            "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
+    from rnnscope.store.watchlog import is_watch_log
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".svg", ".html"):
         raise RnnscopeError(f"{out} has no .png, .svg or .html extension", "name the output FILE.png, FILE.svg or "
@@ -205,6 +224,16 @@ def _export(args) -> None:
         raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     if out.is_dir() or (out.is_symlink() and not out.is_file()):
         raise RnnscopeError(f"{out} is a directory or a dangling link, not a file", "give a file name for --out")
+    if is_watch_log(args.run):                      # a training log: its figures, one PNG
+        from rnnscope.dashboards.watch_export import export_watch
+        print(f"wrote {export_watch(args.run, args.out, key=args.key)}")
+        return
+    if args.key:
+        raise RnnscopeError("--key chooses the decay heatmap of a watch log", "leave it out for a Run")
+    chosen = [bool(args.unit), bool(args.units), bool(args.feature)]
+    if sum(chosen) != 1:
+        raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
+                            "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
     if args.unit:
         fig = unit_figure(args.run, args.unit, args.start, args.end, document=args.document)
     else:
@@ -318,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--grad", action="store_true", help="also record dL/dh and dL/dc at every step")
     pr.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk dtype (default float16)")
     pr.add_argument("--kinds", type=T.names, help="comma-separated state kinds to keep, e.g. h,c (default: all)")
-    pr.add_argument("--chunk", type=T.int_at_least(1, "--chunk"), default=2048, help="characters per chunk (memory is bounded by it)")
+    pr.add_argument("--chunk", type=T.int_at_least(1, "--chunk"), default=2048, help="steps per chunk (memory is bounded by it)")
     pr.add_argument("--horizon", type=T.int_at_least(0, "--horizon"), default=512,
                     help="with --grad: each step's gradient includes the losses of at least this many following "
                          "steps (default 512)")
@@ -329,7 +358,8 @@ def parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_probe)
 
     an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
-    an.add_argument("run", help="a Run written by `rnnscope probe`")
+    an.add_argument("run", help="a Run written by `rnnscope probe`, or a watch log (then: how far back the gradient "
+                    "reaches as training goes)")
     an.add_argument("--features", type=T.names, help="comma-separated built-in features (default: those of the run's language)")
     an.add_argument("--language", default="auto",
                     help="lexer for code features: c, python, ... or prose (default: from the checkpoint's corpus)")
@@ -378,8 +408,8 @@ def parser() -> argparse.ArgumentParser:
     ge.add_argument("--language", default="c", help="lexer for --measure code features (default c)")
     ge.set_defaults(func=_generate)
 
-    ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html")
-    ex.add_argument("run", help="a Run written by `rnnscope probe`")
+    ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html; a watch log's training figures to .png")
+    ex.add_argument("run", help="a Run written by `rnnscope probe`, or a watch log")
     ex.add_argument("--unit", type=T.unit, help="KEY:INDEX: the text coloured by this unit")
     ex.add_argument("--units", type=T.units, help="KEY:I,KEY:J,...: a heatmap of these units")
     ex.add_argument("--feature", help="a heatmap of the top units for this feature (needs `rnnscope analyze`)")
@@ -391,6 +421,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--document", metavar="NAME|INDEX", help="draw this document: --start/--end count from its first "
                     "step (default: the document holding --start)")
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
+    ex.add_argument("--key", help="with a watch log: the state key of the decay heatmap (default: the log's first)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.set_defaults(func=_export)
 

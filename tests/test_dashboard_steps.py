@@ -277,3 +277,15 @@ def test_export_png_colours_each_word(runs, tmp_path):
     rnnscope("export", runs / "marked", "--unit", f"{key}:0", "--document", "1", "--out", tmp_path / "w.png")
     img = np.asarray(Image.open(tmp_path / "w.png").convert("RGB"))
     assert img.shape[1] > 600 and len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+
+
+def test_context_rows_bracket_the_steps_whole_token_and_mark_steps_without_text():
+    import pandas as pd
+    from rnnscope.dashboards.queries import context_rows
+    t = pd.DataFrame({"unit": ["a.l0.h:0"] * 3, "side": ["top"] * 3, "rank": [0, 1, 2], "value": [1.0, 0.5, 0.2],
+                      "step": [4, 9, 0], "offset": [2, 1, 0], "context": ["the park is", "a dog", "hi"],
+                      "token_start": [4, 2, -1], "token_end": [8, 5, -1]})
+    rows = context_rows(t, "a.l0.h:0")
+    assert rows["context"] == ["the [park] is", "a [dog]", "hi [no text]"]
+    old = t.drop(columns=["token_start", "token_end"])         # a table written before steps: one char per step
+    assert context_rows(old, "a.l0.h:0")["context"][:2] == ["th[e] park is", "a[ ]dog"]

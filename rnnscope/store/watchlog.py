@@ -50,6 +50,8 @@ SCHEMAS = {
                          *((g, _F) for g in GATES)]),
 }
 TABLES = tuple(SCHEMAS)
+# columns added after format 1 was first written: a block without them reads as this value
+ADDED = {("steps", "clips"): 0}
 _MANIFEST_LIMIT = 1 << 20
 NOT_LOG = "point at the folder a Watch wrote (its out=)"
 
@@ -129,6 +131,9 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
         part = table.filter(pc.equal(table["table"], name))
         cols = {}
         for f in schema:
+            if f.name not in part.column_names and (name, f.name) in ADDED:
+                cols[f.name] = pa.array([ADDED[name, f.name]] * len(part), f.type)
+                continue
             if f.name not in part.column_names:
                 raise ValueError(f"it lacks the {name} column {f.name!r}")
             try:
