@@ -47,6 +47,11 @@ def load_model(run: Run, checkpoint: str | None = None):
     checksum in the manifest. Returns ``(Checkpoint, None)`` or ``(None, why not)``."""
     from rnnscope import zoo
     spec = checkpoint or run.manifest["model"].get("source")
+    if isinstance(spec, str) and ":" in spec and not spec.startswith("zoo:") and not Path(spec).exists():
+        # a SPEC of Python code is never run from a Run's manifest (the Run may be someone else's), and decay
+        # and ablation feed batches of character windows, which a zoo char model takes and a user's model may not
+        return None, (f"the Run's model is user code ({spec[:80]}); decay and ablation re-run zoo char models only "
+                      "(the Run's grad_norms come from the recorded gradients)")
     if not isinstance(spec, str) or not spec or (not spec.startswith("zoo:") and not Path(spec).exists()):
         return None, f"the model is not at {spec!r}; pass --checkpoint"
     ck = zoo.load(spec)

@@ -88,6 +88,7 @@ class Probe:
     def __init__(self, model: nn.Module, grad: bool = False, kinds=None, carry: bool = False,
                  param_grads: bool = True):
         self.model, self.grad, self.carry, self.param_grads = model, grad, carry, param_grads
+        self.overridden: set[str] = set()     # modules whose call passed its own state where one was carried
         self.kinds = None if kinds is None else set(kinds) | {"h"}
         self.modules = recurrent_modules(model)
         if not self.modules:
@@ -137,6 +138,8 @@ class Probe:
     def begin(self, name: str, m: nn.Module, x: torch.Tensor, hx, unbatched: bool):
         """The engine starts a call of module ``name`` on ``x [T, B, in]``: returns ``(x, h0, c0, call)``
         with ``h0, c0 [L*D, B, *]`` the caller's, carried from the previous call, or zeros."""
+        if hx is not None and self.carry and name in self._last_state:
+            self.overridden.add(name)           # the caller's own state wins; ``record`` refuses to go on
         if hx is None and self.carry and name in self._last_state:
             hx = self._last_state[name]
             prev_b = (hx[0] if isinstance(hx, tuple) else hx).shape[1]

@@ -177,6 +177,11 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                     per_step, total = step_loss.window(output, s, ahead) if step_loss else (None, None)
                     if grad:        # a window without a loss (a document's last step alone) has zero gradients
                         (total if total is not None else first_tensor(output).float().sum() * 0).backward()
+                if p.overridden:                        # a chunk after the first started from the caller's state
+                    raise RnnscopeError(f"the model's call passes its own initial state to {sorted(p.overridden)[0]}, "
+                                        "so rnnscope cannot carry the state from one chunk into the next",
+                                        "pass None as the initial state in call= (rnnscope carries it), or --chunk "
+                                        "at least the longest document's steps")
                 if ahead > e:
                     p.carry_from(e - s - 1)             # the next chunk starts where this one ends
                 if step_loss:

@@ -240,3 +240,18 @@ def test_a_byte_level_model_records_non_ascii_text_with_several_steps_per_charac
     assert len(run) == 7 and run.chars == 4 and run.manifest["encoder"]["kind"] == "spans"
     assert run.tokens() == ["é", "é", "€", "€", "€", "a", "b"]
     np.testing.assert_array_equal(run.per_step(np.array([10.0, 20.0, 30.0, 40.0])), [10, 10, 20, 20, 20, 30, 40])
+
+
+def test_a_call_that_passes_its_own_initial_state_is_refused_when_chunks_must_carry(tmp_path):
+    """word_language_model passes init_hidden() zeros every call: chunks would silently restart from zero."""
+    model = WordLM(len(TOK.words))
+
+    def call(m, ids):
+        zeros = torch.zeros(2, 1, 8)
+        return m.decoder(m.rnn(m.encoder(ids), (zeros, zeros))[0])
+    text = " ".join(DOCS.values())
+    with pytest.raises(RnnscopeError, match="passes its own initial state to rnn"):
+        probe.record(probe.Subject(model, TOK, call=call), text, tmp_path / "run", chunk=3, progress=False)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
+    run = probe.record(probe.Subject(model, TOK, call=call), text, tmp_path / "run", chunk=10 ** 6, progress=False)
+    assert len(run) == len(TOK.encode(text)[0])         # one chunk: the caller's zeros are its start
