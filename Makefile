@@ -43,8 +43,8 @@ TBARGS = --corpus linux --layers 1 --hidden 128 --embed 32 --batch 32 --seq-len 
 textbook: $(STAMP)
 	$(BIN)/rnnscope zoo corpus linux
 	for arch in rnn lstm gru; do $(BIN)/rnnscope zoo train --arch $$arch $(TBARGS) --out $(TB)/$$arch || exit 1; done
-	$(BIN)/rnnscope zoo train --arch rnn $(TBARGS) --optimizer sgd --lr 1.0 --min-lr 0.01 --clip 0 --out $(TB)/rnn-sgd-noclip
-	$(BIN)/rnnscope zoo train --arch rnn $(TBARGS) --optimizer sgd --lr 1.0 --min-lr 0.01 --clip 1 --out $(TB)/rnn-sgd-clip
+	$(BIN)/rnnscope zoo train --arch rnn $(TBARGS) --optimizer sgd --lr 12 --min-lr 0.01 --clip 0 --out $(TB)/rnn-sgd-noclip
+	$(BIN)/rnnscope zoo train --arch rnn $(TBARGS) --optimizer sgd --lr 12 --min-lr 0.01 --clip 1 --out $(TB)/rnn-sgd-clip
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
