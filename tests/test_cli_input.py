@@ -36,7 +36,6 @@ def refused(capsys, argv, pattern):
     (["probe", "zoo:lstm-linux", "--text", "README.md", "--out", "x", "--max-chars", "-5"], "at least 0"),
     (["probe", "zoo:lstm-linux", "--text", "README.md", "--out", "x", "--chunk", "0"], "at least 1"),
     (["probe", "zoo:lstm-linux", "--text", "README.md", "--out", "x", "--horizon", "-1"], "at least 0"),
-    (["probe", "zoo:lstm-linux", "--text", ".", "--out", "x"], "is a directory"),
     (["probe", "zoo:lstm-linux", "--text", "no-such-file.txt", "--out", "x"], "does not exist"),
     (["probe", "zoo:lstm-linux", "--text", "/dev/null", "--out", "x"], "not a regular file"),
     (["probe", "zoo:lstm-linux", "--text", "README.md", "--out", "x", "--kinds", "h,c;rm"], "not a name"),
@@ -53,6 +52,18 @@ def refused(capsys, argv, pattern):
 ])
 def test_bad_argument_is_one_line_exit_2(capsys, argv, pattern):
     refused(capsys, argv, pattern)
+
+
+def test_a_text_directory_is_a_corpus_and_one_without_text_files_is_one_line(tmp_path, capsys):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / ".hidden.txt").write_text("skipped")
+    assert main(["probe", "zoo:lstm-linux", "--text", str(tmp_path / "corpus"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no text files" in err[0] and not (tmp_path / "x").exists()
+    (tmp_path / "corpus" / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
+    assert main(["probe", "zoo:lstm-linux", "--text", str(tmp_path / "corpus"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bin.txt is not UTF-8" in err[0] and not (tmp_path / "x").exists()
 
 
 def test_ipv6_loopback_is_a_host():
