@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/record_memory.py
 	$(PY) benchmarks/neuron_search.py
 	$(PY) benchmarks/dashboard_speed.py
+	$(PY) benchmarks/watch_overhead.py
 
 # Gradient flow while a network learns (README, "The textbook story"): three architectures on one corpus with
 # the watch on, and a plain RNN under SGD at a rate that explodes, with and without clipping. Resumable.
