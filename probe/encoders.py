@@ -81,7 +81,12 @@ def _split(got):
 def _ids(ids) -> torch.Tensor:
     """ids as a 1-D LongTensor; ``[1, T]`` is taken as ``[T]``."""
     try:
-        t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
+        a = ids if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        if isinstance(a, np.ndarray) and a.dtype.kind == "u" and a.size:    # torch compares no uint64
+            if int(a.max()) > np.iinfo(np.int64).max:
+                raise RnnscopeError(f"the encoder returned the id {int(a.max()):,}, beyond any vocabulary", FIX)
+            a = a.astype(np.int64)
+        t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
     except (TypeError, ValueError, RuntimeError):
         raise RnnscopeError(f"the encoder returned {type(ids).__name__}, not ids", FIX) from None
     if t.dim() == 2 and t.shape[0] == 1:

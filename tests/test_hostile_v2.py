@@ -89,6 +89,9 @@ def test_a_bad_encoder_is_one_line_and_writes_nothing(tmp_path):
     # an id beyond the embedding was an IndexError from deep inside torch ("index out of range in self")
     refused_by_record(tmp_path, "the encoder gave the id 1,003 but the model's embedding holds ids 0..127",
                       encode=lambda t: (words(t)[0] + 1000, words(t)[1]))
+    # uint64 ids: torch cannot compare them ("lt_cpu" not implemented for 'UInt64'), an internal error
+    refused_by_record(tmp_path, "the encoder returned the id 18,446,744,073,709,551,615, beyond any vocabulary",
+                      encode=lambda t: (np.full(len(words(t)[0]), 2 ** 64 - 1, np.uint64), words(t)[1]))
 
 
 def test_a_model_that_fails_on_the_ids_is_one_line(tmp_path):
@@ -148,3 +151,15 @@ def test_a_kill_after_steps_went_back_keeps_the_watch_log(tmp_path):
     with pytest.raises(RnnscopeError) as err:
         open_watch_log(log)
     assert "is unreadable" in one_line(err) and "not the last one" in str(err.value)
+
+
+@pytest.mark.parametrize("junk", ["not json", "[" * 100000, ""])
+def test_a_damaged_watch_json_is_said_as_the_logs_problem(tmp_path, capsys, junk):
+    # it was taken for "not an rnnscope run (no manifest.json)", and deep nesting escaped as a RecursionError
+    (tmp_path / "log" / "blocks").mkdir(parents=True)
+    (tmp_path / "log" / "watch.json").write_text(junk)
+    for argv in (["analyze", str(tmp_path / "log")], ["export", str(tmp_path / "log"), "--out", str(tmp_path / "x.png")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "watch.json is not JSON — the log is damaged" in err, err
+    assert not (tmp_path / "x.png").exists()

@@ -112,17 +112,19 @@ def read_manifest(log: Path) -> dict:
     raw = read_bytes(path, "the watch log manifest", NOT_LOG, _MANIFEST_LIMIT)
     try:
         m = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise RnnscopeError(f"{path} is not JSON", "the log is damaged; watch again") from None
     return _check_manifest(m, path)
 
 
 def is_watch_log(path) -> bool:
-    """Whether ``path`` is a folder holding a watch log manifest (not checked beyond its format field)."""
+    """Whether ``path`` is a folder holding a watch log manifest (not checked beyond its format field).
+    A damaged ``watch.json`` in a folder with no Run manifest counts too, so that opening it says what
+    is wrong with the log rather than that the folder is no Run."""
     try:
         m = json.loads(read_bytes(Path(path) / MANIFEST, "", "", _MANIFEST_LIMIT).decode("utf-8"))
-    except (RnnscopeError, OSError, ValueError):
-        return False
+    except (RnnscopeError, OSError, ValueError, RecursionError):
+        return (Path(path) / MANIFEST).is_file() and not (Path(path) / "manifest.json").exists()
     return isinstance(m, dict) and m.get("format") == FORMAT
 
 
