@@ -38,7 +38,15 @@ class Encoder:
     decode: Callable | None = None
 
     def encode(self, text: str) -> tuple[torch.Tensor, np.ndarray]:
-        ids, spans = _split(self.fn(text))
+        try:
+            got = self.fn(text)
+        except RnnscopeError:
+            raise
+        except Exception as err:        # the user's code: said in one line, not a traceback
+            said = str(err).splitlines()[0][:120] if str(err) else ""
+            raise RnnscopeError(f"the encoder failed on a text of {len(text):,} characters: "
+                                f"{type(err).__name__}: {said}", "fix the encoder, or the document") from err
+        ids, spans = _split(got)
         ids = _ids(ids)
         if spans is None:
             if len(ids) != len(text):
@@ -47,6 +55,9 @@ class Encoder:
                                     "for words, subwords or BOS/EOS steps")
             return ids, char_spans(len(text))
         spans = check_spans(spans, len(ids), len(text))
+        if (spans[:, 0] < 0).all():
+            raise RnnscopeError(f"the encoder gave {len(ids)} steps for a text of {len(text):,} characters, none "
+                                "with a span in it (all (-1, -1))", "give each step that reads text its span")
         if not np.array_equal(spans, char_spans(len(text))):
             self.kind = "spans"
         return ids, spans
@@ -70,7 +81,12 @@ def _split(got):
 def _ids(ids) -> torch.Tensor:
     """ids as a 1-D LongTensor; ``[1, T]`` is taken as ``[T]``."""
     try:
-        t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
+        a = ids if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        if isinstance(a, np.ndarray) and a.dtype.kind == "u" and a.size:    # torch compares no uint64
+            if int(a.max()) > np.iinfo(np.int64).max:
+                raise RnnscopeError(f"the encoder returned the id {int(a.max()):,}, beyond any vocabulary", FIX)
+            a = a.astype(np.int64)
+        t = a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
     except (TypeError, ValueError, RuntimeError):
         raise RnnscopeError(f"the encoder returned {type(ids).__name__}, not ids", FIX) from None
     if t.dim() == 2 and t.shape[0] == 1:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 from numba import njit
 from tqdm import tqdm
 
@@ -145,7 +146,7 @@ def _chosen(mods: dict, modules) -> dict:
 def _dry_run(model, call, x, grad, kinds, wanted):
     """Key -> units of the modules ``wanted``, and the model's output, from a run over ``x [1, n]``."""
     with Probe(model, grad=grad, kinds=kinds, param_grads=False) as p:
-        out = call(model, x)
+        out = _forward(model, call, x)
         if grad and isinstance(first_tensor(out), torch.Tensor) and first_tensor(out).requires_grad:
             first_tensor(out).float().sum().backward()
         layout = {k: p.trace[k].shape[-1] for k in p.trace if split_key(k)["module"] in wanted}
@@ -173,7 +174,7 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                 reach = S if carry else b               # a reset state: later documents' losses cannot reach back
                 ahead = min(reach, e + horizon) if grad else e
                 with torch.set_grad_enabled(grad):
-                    output = call(model, x[:, s:ahead])
+                    output = _forward(model, call, x[:, s:ahead])
                     per_step, total = step_loss.window(output, s, ahead) if step_loss else (None, None)
                     if grad:        # a window without a loss (a document's last step alone) has zero gradients
                         (total if total is not None else first_tensor(output).float().sum() * 0).backward()
@@ -200,6 +201,30 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
 
 def _default_call(model, ids):
     return model(ids)
+
+
+def _forward(model, call, x):
+    """``call(model, x)``; the user's model failing on the encoder's ids (a dtype it does not take,
+    an index it does not hold) is said in one line, not a traceback from deep inside torch."""
+    try:
+        return call(model, x)
+    except (RnnscopeError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        said = str(err).splitlines()[0][:120] if str(err) else ""
+        raise RnnscopeError(f"the model failed on the encoder's ids [1, {x.shape[-1]}]: {type(err).__name__}: "
+                            f"{said}", "make the model take ids [1, T] from the encoder (or give Subject(call=...))"
+                            ) from err
+
+
+def _check_ids_fit(model, ids: torch.Tensor) -> None:
+    """An id beyond every embedding of the model is refused before anything runs (torch would say
+    only 'index out of range in self', deep inside the forward)."""
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    top = int(ids.max())
+    if sizes and top >= max(sizes):
+        raise RnnscopeError(f"the encoder gave the id {top:,} but the model's embedding holds ids 0..{max(sizes) - 1:,}",
+                            "make encode return ids the model's vocabulary holds")
 
 
 def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry: bool = False, grad: bool = False,
@@ -240,6 +265,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     text = "".join(docs.texts)
     text_bytes(text)
     ids, spans, frame = _encode_all(encoder, docs)
+    _check_ids_fit(model, ids)
     S, bounds = len(ids), list(zip(frame.step_start.tolist(), frame.step_end.tolist()))
     longest = max(b - a for a, b in bounds)
     if grad and isinstance(loss, str) and longest < 2:     # the next-token loss of one step has no next token

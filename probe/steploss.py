@@ -103,6 +103,10 @@ class StepLoss:
             self.scalar = True
         elif value.dim() != 1 or len(value) != e - s:
             raise RnnscopeError(f"the loss returned shape {list(value.shape)} for {e - s} steps", USER_FIX)
+        if torch.is_grad_enabled() and not value.requires_grad:     # else backward() fails deep in autograd
+            raise RnnscopeError("the loss does not depend on the model's output (it has no gradient)",
+                                "compute the loss from the output it is given (no .detach()), or probe without "
+                                "--grad")
         return value
 
 

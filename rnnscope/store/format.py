@@ -153,6 +153,11 @@ def check_steps(spans: np.ndarray, documents, chars: int, where) -> None:
         i = int(np.argmax(outside))
         bad(f"has span ({start[i]}, {end[i]}) at step {i} outside its document's characters "
             f"[{b['char_start'][doc[i]]}, {b['char_end'][doc[i]]})")
+    covered = np.bincount(doc[text], minlength=len(documents))     # a document no step reads is empty to the model
+    if (covered == 0).any():
+        i = int(np.argmin(covered))
+        bad(f"has document {i} ({str(documents['name'].iloc[i])[:40]!r}) with no step that reads its text "
+            "(every step is (-1, -1))")
     t = np.flatnonzero(text)            # consecutive text steps of one document never go back
     same = doc[t[1:]] == doc[t[:-1]]
     back = same & ((start[t[1:]] < start[t[:-1]]) | (end[t[1:]] < end[t[:-1]]))

@@ -77,6 +77,18 @@ def block_names(log: Path) -> list[str]:
     return sorted((p.name for p in d.iterdir() if BLOCK.match(p.name)), key=_block_order)
 
 
+def last_written(log: Path, names: list[str]) -> set[str]:
+    """The blocks a kill may have torn: the last by name and the one written last. Steps that go back
+    (training resumed from an earlier checkpoint) give a new block a name before older ones, so the
+    last written is found by its time, the name breaking ties."""
+    def written(name):
+        try:
+            return (log / BLOCKS / name).lstat().st_mtime_ns, _block_order(name)
+        except FileNotFoundError:
+            return (-1,), _block_order(name)
+    return {names[-1], max(names, key=written)} if names else set()
+
+
 def _check_manifest(m, path: Path) -> dict:
     where = f"the watch log manifest {path}"
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -100,17 +112,19 @@ def read_manifest(log: Path) -> dict:
     raw = read_bytes(path, "the watch log manifest", NOT_LOG, _MANIFEST_LIMIT)
     try:
         m = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise RnnscopeError(f"{path} is not JSON", "the log is damaged; watch again") from None
     return _check_manifest(m, path)
 
 
 def is_watch_log(path) -> bool:
-    """Whether ``path`` is a folder holding a watch log manifest (not checked beyond its format field)."""
+    """Whether ``path`` is a folder holding a watch log manifest (not checked beyond its format field).
+    A damaged ``watch.json`` in a folder with no Run manifest counts too, so that opening it says what
+    is wrong with the log rather than that the folder is no Run."""
     try:
         m = json.loads(read_bytes(Path(path) / MANIFEST, "", "", _MANIFEST_LIMIT).decode("utf-8"))
-    except (RnnscopeError, OSError, ValueError):
-        return False
+    except (RnnscopeError, OSError, ValueError, RecursionError):
+        return (Path(path) / MANIFEST).is_file() and not (Path(path) / "manifest.json").exists()
     return isinstance(m, dict) and m.get("format") == FORMAT
 
 
@@ -169,14 +183,14 @@ class WatchLog:
         """Read the blocks that appeared since the last read; returns how many watched steps they add."""
         names = block_names(self.path)
         new = [n for n in names if n not in self._read]
-        added, dropped = 0, None
+        added, dropped, tearable = 0, None, last_written(self.path, names)
         for name in new:
             try:
                 tables = _read_block(self.path / BLOCKS / name)
             except FileNotFoundError:       # moved aside by a writer between listing and reading
                 continue
             except ValueError as err:
-                if name != names[-1]:
+                if name not in tearable:
                     raise RnnscopeError(f"the watch log block {self.path / BLOCKS / name} is unreadable ({err}), "
                                         "and it is not the last one", "restore it, or move it aside to drop "
                                         "those steps knowingly") from None
@@ -260,15 +274,15 @@ class WatchLogWriter:
     def _last_step(self) -> int | None:
         """The largest step already logged (a torn last block is moved aside first)."""
         names = block_names(self.path)
-        if names:
+        for name in sorted(last_written(self.path, names)):
             try:
-                _read_block(self.path / BLOCKS / names[-1])
+                _read_block(self.path / BLOCKS / name)
             except ValueError as err:
-                aside = self.path / BLOCKS / f"{names[-1]}.torn"
-                os.replace(self.path / BLOCKS / names[-1], aside)
+                aside = self.path / BLOCKS / f"{name}.torn"
+                os.replace(self.path / BLOCKS / name, aside)
                 warnings.warn(f"rnnscope: the last watch log block was torn ({err}); moved aside to {aside.name}",
                               stacklevel=3)
-                names = names[:-1]
+                names.remove(name)
         return max((_block_order(n)[1] for n in names), default=None)
 
     def append(self, tables: dict[str, pd.DataFrame]) -> Path:
