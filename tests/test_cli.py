@@ -11,7 +11,9 @@ FLOORS = {"lstm-linux": 1.40, "lstm-shakespeare": 1.70}
 
 
 def rnnscope(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "rnnscope.cli", *map(str, args)], capture_output=True, text=True)
+    # a command that should have been refused but serves instead fails the test rather than hanging the suite
+    proc = subprocess.run([sys.executable, "-m", "rnnscope.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc

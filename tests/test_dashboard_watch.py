@@ -1,6 +1,7 @@
 """The live training page over a watch log (issue 14, "Seen live"): rows computed from the log's
 tables, streamed into the page as blocks appear, in a real browser against a log that grows during
 the test; the PNG export; the refusals."""
+import os
 import shutil
 import time
 import warnings
@@ -163,7 +164,9 @@ def test_refusals_at_start_are_one_line(log, tmp_path):
         export_watch(log.path, tmp_path / "x.svg")
     log.append(block(30, 1))
     names = sorted((log.path / "blocks").iterdir())
-    names[0].write_bytes(b"not arrow <script>")                  # a bad block before the last
+    when = names[0].stat().st_mtime
+    names[0].write_bytes(b"not arrow <script>")                  # a bad block before the last (bit rot: its
+    os.utime(names[0], (when, when))                             # time stays; a torn write is the newest file)
     one_line_error(rnnscope("serve", log.path, check=False), "is not the last one")
     (log.path / "watch.json").write_text('{"format": "rnnscope-watch", "format_version": 1, "every": 0}')
     one_line_error(rnnscope("serve", log.path, check=False), "'every' is not a positive integer")
