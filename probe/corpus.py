@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rnnscope.errors import RnnscopeError
+from rnnscope.store.files import read_text
 
 
 @dataclass
@@ -33,14 +34,7 @@ class Documents:
 
 
 def _read(path: Path) -> str:
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except UnicodeDecodeError as err:
-        raise RnnscopeError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
-                            "convert it to UTF-8, or leave it out of the corpus") from None
-    except OSError as err:
-        raise RnnscopeError(f"{path} cannot be read ({err.strerror})", "give a readable text file") from None
+    return read_text(path, "convert it to UTF-8, or leave it out of the corpus")
 
 
 def _jsonl(path: Path) -> Documents:

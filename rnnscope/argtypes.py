@@ -162,12 +162,5 @@ def clamp(text: str) -> str:
 def read_text(path: Path) -> str:
     """The file's text exactly as stored: UTF-8, line endings untouched (``newline=''``), so the Run's
     text and its checksum match the file byte for byte."""
-    from rnnscope.errors import RnnscopeError
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except UnicodeDecodeError as err:
-        raise RnnscopeError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
-                            "convert it to UTF-8") from None
-    except OSError as err:
-        raise RnnscopeError(f"{path} cannot be read ({err.strerror})", "give a readable text file") from None
+    from rnnscope.store.files import read_text as stored
+    return stored(path)

@@ -75,3 +75,15 @@ def read_bytes(path, what: str, fix: str, limit: int) -> bytes:
         raise RnnscopeError(f"{what} {path} is {st.st_size:,} bytes, more than the {limit:,} it can be", fix)
     with open(path, "rb") as f:
         return f.read(min(limit, st.st_size) + 1)     # a manifest's absurd count must not size the read
+
+
+def read_text(path, fix: str = "convert it to UTF-8") -> str:
+    """A text file exactly as stored: UTF-8, line endings untouched (``newline=''``), so a Run's text and
+    its checksum match the file byte for byte. ``fix`` completes the message for a file that is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise RnnscopeError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})", fix) from None
+    except OSError as err:
+        raise RnnscopeError(f"{path} cannot be read ({err.strerror})", "give a readable text file") from None
