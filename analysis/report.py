@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from rnnscope.errors import RnnscopeError
-from rnnscope.probe import Run, model_checksum, open_run
+from rnnscope.probe import model_checksum
+from rnnscope.store import Run, open_run
 from rnnscope.store import inside, read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
 
 from .contexts import top_contexts

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe import Probe, parse_key
 
-from .intervene import Intervention
+from rnnscope.probe.intervention import Intervention
 
 
 def parse_clamp(spec: str) -> tuple[str, float]:

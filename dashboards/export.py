@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 from bokeh.models import ColumnDataSource
 
-from rnnscope.store import read_table
-from rnnscope.probe import Run, open_run
+from rnnscope.store import Run, open_run, read_table
 from rnnscope.errors import RnnscopeError
 
 from .figures import heatmap_figure, shown, text_figure

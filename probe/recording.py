@@ -27,7 +27,7 @@ from torch import nn
 from numba import njit
 from tqdm import tqdm
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, call_user
 from rnnscope.store import DTYPES, RunWriter, check_out, documents_frame, open_run, split_key
 from rnnscope.store.writer import text_bytes
 from rnnscope.zoo.vocab import Vocab
@@ -206,15 +206,8 @@ def _default_call(model, ids):
 def _forward(model, call, x):
     """``call(model, x)``; the user's model failing on the encoder's ids (a dtype it does not take,
     an index it does not hold) is said in one line, not a traceback from deep inside torch."""
-    try:
-        return call(model, x)
-    except (RnnscopeError, KeyboardInterrupt):
-        raise
-    except Exception as err:
-        said = str(err).splitlines()[0][:120] if str(err) else ""
-        raise RnnscopeError(f"the model failed on the encoder's ids [1, {x.shape[-1]}]: {type(err).__name__}: "
-                            f"{said}", "make the model take ids [1, T] from the encoder (or give Subject(call=...))"
-                            ) from err
+    return call_user(call, model, x, doing=f"the model failed on the encoder's ids [1, {x.shape[-1]}]",
+                     fix="make the model take ids [1, T] from the encoder (or give Subject(call=...))")
 
 
 def _check_ids_fit(model, ids: torch.Tensor) -> None:

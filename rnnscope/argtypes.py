@@ -13,8 +13,7 @@ import socket
 import stat
 from pathlib import Path
 
-# a unit: a state key (module.lN[_reverse].kind, see rnnscope.probe.keys) and an ASCII index
-UNIT = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?l[0-9]+(?:_reverse)?\.[a-z_]+:[0-9]+$", re.ASCII)
+from rnnscope.store.keys import UNIT      # a unit: a state key and an index, the store's one grammar
 
 
 def _bad(problem: str, fix: str) -> argparse.ArgumentTypeError:

@@ -49,7 +49,7 @@ def _zoo_train(args) -> None:
 
 def _probe(args) -> None:
     from rnnscope import probe
-    from rnnscope.errors import RnnscopeError
+    from rnnscope.errors import RnnscopeError, first_line
     from rnnscope.probe import models
     if args.checkpoint and args.model and args.checkpoint != args.model:
         raise RnnscopeError(f"two models given: {args.checkpoint} and --model {args.model}", "give one of them")
@@ -148,7 +148,7 @@ def _unit_contexts(run, unit: str, k: int) -> None:
     computed for its key alone."""
     from rnnscope.analysis.contexts import top_contexts
     from rnnscope.analysis.report import read_table, unit_contexts
-    from rnnscope.errors import RnnscopeError
+    from rnnscope.errors import RnnscopeError, first_line
     key, index = unit.rsplit(":", 1)
     if key not in run.keys() or int(index) >= run[key].shape[1]:
         raise RnnscopeError(f"the Run has no unit {unit}", f"use a key of {', '.join(run.keys()[:6])}, ... "
@@ -172,9 +172,8 @@ def _serve(args) -> None:
 def _shown(text: str) -> str:
     """A model's text for the terminal: control and bidi characters as escapes, so a vocabulary
     holding ESC or U+202E cannot rewrite the screen or reorder what is shown."""
-    import unicodedata
-    return "".join(c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf") else f"\\u{ord(c):04x}"
-                   for c in text)
+    from rnnscope.errors import escaped
+    return escaped(text, keep="\n\t", limit=None)
 
 
 def _generate(args) -> None:
@@ -213,8 +212,8 @@ def _generate(args) -> None:
 
 
 def _export(args) -> None:
-    from rnnscope.dashboards import export, top_units_for, unit_figure, units_figure
-    from rnnscope.errors import RnnscopeError
+    from rnnscope.dashboards.export import export, top_units_for, unit_figure, units_figure
+    from rnnscope.errors import RnnscopeError, first_line
     from rnnscope.store.watchlog import is_watch_log
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".svg", ".html"):
@@ -445,7 +444,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from rnnscope.errors import RnnscopeError
+    from rnnscope.errors import RnnscopeError, first_line
     try:
         args.func(args)
     except RnnscopeError as err:
@@ -462,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:        # a bug in rnnscope: one line, the traceback only on request
         if os.environ.get("RNNSCOPE_DEBUG"):
             raise
-        first = (str(err).splitlines() or [""])[0][:200]
+        first = first_line(err, 200)
         print(f"rnnscope: error: internal error {type(err).__name__}: {first} — this is a bug in rnnscope; "
               "run again with RNNSCOPE_DEBUG=1 for the traceback and report it", file=sys.stderr)
         return 3
