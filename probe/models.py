@@ -209,23 +209,3 @@ def read_weights(path: Path) -> dict:
         raise RnnscopeError(f"{path} is not a state_dict (a flat mapping of names to tensors)",
                             "save it with torch.save(model.state_dict(), path)")
     return state
-
-
-def encoder(spec: str):
-    """``--encoder file.py:fn``: what ``fn()`` returns (an encoder, see ``Subject``)."""
-    return call(resolve(spec, "--encoder"), spec)
-
-
-def loss(spec: str):
-    """``--loss none`` or ``--loss file.py:fn``: ``None`` or the function ``fn(output, ids)`` itself."""
-    return None if spec == "none" else resolve(spec, "--loss")
-
-
-def choose(model: nn.Module, names: list[str]) -> list[str]:
-    """``--modules a,b``: checked against the model's recurrent modules."""
-    known = list(recurrent_modules(model))
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise RnnscopeError(f"the model has no recurrent module {', '.join(map(repr, unknown))}",
-                            f"choose from {', '.join(repr(k) for k in known)}")
-    return names

@@ -156,10 +156,3 @@ def clamp(text: str) -> str:
     unit(unit_part)
     _number(value)
     return text
-
-
-def read_text(path: Path) -> str:
-    """The file's text exactly as stored: UTF-8, line endings untouched (``newline=''``), so the Run's
-    text and its checksum match the file byte for byte."""
-    from rnnscope.store.files import read_text as stored
-    return stored(path)

@@ -17,7 +17,7 @@ _API = {
     "KEY": "keys", "UNIT": "keys", "key_file": "keys", "parse_key": "keys", "parse_unit": "keys",
     "split_key": "keys", "state_key": "keys",
     "StepLayout": "layout", "char_spans": "layout", "documents_frame": "layout", "one_document": "layout",
-    "Run": "run", "is_run": "run", "open_run": "run",
+    "Run": "run", "is_run": "run", "open_run": "run", "open_input": "watchlog",
     "DOCUMENTS_SCHEMA": "tables", "SCHEMAS": "tables", "read_table": "tables", "table_path": "tables",
     "write_json": "tables", "write_table": "tables",
     "NpyRows": "writer", "RunWriter": "writer", "check_out": "writer", "clean_stale": "writer",

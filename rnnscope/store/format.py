@@ -11,7 +11,7 @@ import numpy as np
 
 from rnnscope.errors import RnnscopeError, first_line
 
-from .keys import KEY, key_file, parse_key  # noqa: F401  (the grammar lives in keys)
+from .keys import KEY, key_file
 
 FORMAT, FORMAT_VERSION = "rnnscope-run", 2
 DTYPES = {"float16": np.float16, "float32": np.float32}

@@ -313,3 +313,12 @@ class WatchLogWriter:
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
+
+
+def open_input(path):
+    """What ``analyze``, ``serve`` and ``export`` were given: a watch log (``WatchLog``) or a Run
+    (``Run``), each opened and checked by its own reader."""
+    if is_watch_log(path):
+        return open_watch_log(path)
+    from .run import open_run
+    return open_run(path)

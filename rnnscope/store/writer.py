@@ -27,7 +27,7 @@ import pandas as pd
 from rnnscope.errors import RnnscopeError
 
 from .files import inside
-from .layout import char_spans, documents_frame, one_document  # noqa: F401  (the store exports them from here too)
+from .layout import char_spans, one_document
 from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, key_file
 from .run import is_run
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, write_parquet
