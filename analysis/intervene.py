@@ -1,22 +1,8 @@
 """Causal check: ablate units in the real forward pass and measure the change in loss.
 
-The editing itself is ``rnnscope.probe.Intervention`` (below, what it does); ``ablate`` runs a unit
-and its random controls through it.
-
-``Intervention(model, edits)`` registers, for the duration of a ``with`` block, its edits with the
-layer engine of each recurrent module that an edit touches (``rnnscope.probe.engine``; the weights
-are the module's own). Layers without edits run through the fused kernel; an edited layer runs one
-step at a time, because an edit at step t changes every later step: the input projection is still
-one batched product, the recurrence is the family's cell (``rnnscope.probe.families``), and each
-edited state is replaced as soon as it is computed:
-
-    c_t <- where(mask_c, value_c, c_t)     then     h_t = o_t * tanh(c_t)      (LSTM)
-    h_t <- where(mask_h, value_h, h_t)                                          (every family)
-    gates (i f g o / r z n) are replaced right after their nonlinearity.
-
-Masks and values are ``[batch, units]``: each batch element may edit different units, which is how
-``ablate`` runs a unit and its random controls in one batched pass. A ``Probe`` inside or around
-the block records the edited model: its states, gates and gradients.
+The editing itself is ``rnnscope.probe.Intervention`` (``probe/intervention.py`` says how an edit
+runs); ``ablate`` edits a unit and its random controls in one batched pass, each batch element with
+its own mask, and compares the change in loss.
 """
 from __future__ import annotations
 

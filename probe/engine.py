@@ -19,6 +19,7 @@ So recording and editing compose in either nesting order: a Probe records the ed
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -189,9 +190,19 @@ class Engine:
     ``(intervention, {(layer, reverse, kind): (mask, value)})``, later ones winning on a shared key."""
 
     def __init__(self, module: nn.Module):
-        self.module, self.family = module, families.of(module)
+        # the module holds the engine (its forward is ours); the engine holds the module weakly, so
+        # the two never form a reference cycle that outlives a dropped model until the next gc
+        self._module, self.family = weakref.ref(module), families.of(module)
         self.recorder: tuple[Recorder, str] | None = None
         self.editors: list[tuple] = []
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.family.name}: recorder {'on' if self.recorder else 'off'}, "
+                f"{len(self.editors)} editor(s))")
 
     def forward(self, input, hx=None):
         m, family = self.module, self.family

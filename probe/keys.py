@@ -6,7 +6,7 @@ from torch import nn
 
 from rnnscope.store.keys import parse_key, state_key  # noqa: F401  (one grammar, the store's)
 
-from .families import GRAD_KINDS, KINDS, MODULES, family  # noqa: F401  (the kinds by family live in families)
+from .families import GRAD_KINDS, KINDS, MODULES, family_name  # noqa: F401  (the kinds by family live in families)
 
 
 def recurrent_modules(model: nn.Module) -> dict[str, nn.Module]:

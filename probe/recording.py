@@ -34,7 +34,7 @@ from rnnscope.zoo.vocab import Vocab
 
 from .corpus import documents_of
 from .encoders import as_encoder, char_spans
-from .keys import KINDS, family
+from .keys import KINDS, family_name
 from .recorder import Probe
 from .steploss import first_tensor, resolve_loss
 from .subject import subject_of
@@ -107,7 +107,7 @@ def _identity(model, mods: dict, card: dict, source: str) -> dict:
         return v if isinstance(v, str) else None
     return {"source": str(source), "class": type(model).__name__, "checksum": model_checksum(model),
             "card_name": text_or_none(card.get("name")), "weights_sha256": text_or_none(card.get("weights_sha256")),
-            "modules": {n: {"type": family(m), "layers": m.num_layers, "hidden": m.hidden_size,
+            "modules": {n: {"type": family_name(m), "layers": m.num_layers, "hidden": m.hidden_size,
                             "bidirectional": m.bidirectional, "proj_size": getattr(m, "proj_size", 0)}
                         for n, m in mods.items()}}
 
@@ -267,7 +267,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                             "(a one-step document has no next-token loss)",
                             "give a longer text, or probe without --grad")
     mods = _chosen(Probe(model).modules, modules)
-    known = {k for m in mods.values() for k in KINDS[family(m)]}
+    known = {k for m in mods.values() for k in KINDS[family_name(m)]}
     if kinds is not None and set(kinds) - known:
         raise RnnscopeError(f"unknown state kind(s) {', '.join(sorted(set(kinds) - known))} for this model",
                             f"choose from {', '.join(sorted(known))}")
@@ -335,4 +335,4 @@ def _loss_entry(step_loss, w: RunWriter, totals: list[float]) -> dict | None:
     with warnings.catch_warnings():       # all NaN (no next token, or a model producing NaN): the mean is NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = float(np.nanmean(totals)) if step_loss.scalar else float(np.nanmean(w.read_loss()))
-    return {"kind": step_loss.kind, "mean_nats": mean, "bits_per_char": mean / np.log(2)}
+    return {"kind": step_loss.kind, "mean_nats": mean, "bits_per_step": mean / np.log(2)}

@@ -192,7 +192,7 @@ def flush_rows(log: WatchLogWriter, rows: list[dict]) -> list:
 
 def open_log(model: nn.Module, modules: dict, out, every: int) -> WatchLogWriter:
     """The log a Watch writes: created, or continued when it holds this model's log."""
-    info = {n: {"type": families.family(m), "layers": m.num_layers, "hidden": m.hidden_size,
+    info = {n: {"type": families.family_name(m), "layers": m.num_layers, "hidden": m.hidden_size,
                 "bidirectional": m.bidirectional} for n, m in modules.items()}
     keys = [state_key(n, layer, d == 1, k) for n, m in modules.items() for layer in range(m.num_layers)
             for d in range(2 if m.bidirectional else 1) for k in families.of(m).grad_kinds]
