@@ -82,7 +82,7 @@ def spectrum(model: nn.Module, ids: torch.Tensor, *, k: int = 8, samples: int = 
              max_lag: int = 200, warmup: int = 50, positions: int = 256, seed: int = 0,
              progress: bool = False) -> pd.DataFrame:
     """One row per recurrent layer (and direction) of ``model`` over one text ``ids [1, time]``:
-    ``key, family, state, steps, exponents`` (the leading ``k``), ``lambda_1``, ``reach`` (the
+    ``key, family, state, steps, exponents`` (the leading ``k``), ``lambda_1``, ``reach_rate`` (the
     largest ``lambda_1`` from this layer to the top: the rate the gradient reaching this layer
     shrinks at), ``predicted_half_life``, the one-step singular values' ``sv_max_median``,
     ``sv_max_q90``, ``sv_above_1`` (share of sampled steps whose largest singular value exceeds 1:
@@ -99,9 +99,9 @@ def spectrum(model: nn.Module, ids: torch.Tensor, *, k: int = 8, samples: int = 
                      "sv_max_median": float(np.median(sv[:, 0])), "sv_max_q90": float(np.quantile(sv[:, 0], 0.9)),
                      "sv_above_1": float((sv[:, 0] > 1).mean()), "sv_median": float(np.median(sv))})
     table = pd.DataFrame(rows)
-    table["reach"] = [table[(table.module == r.module) & (table.layer >= r.layer)]["lambda_1"].max()
+    table["reach_rate"] = [table[(table.module == r.module) & (table.layer >= r.layer)]["lambda_1"].max()
                       for r in table.itertuples()]
-    table["predicted_half_life"] = table["reach"].map(predicted_half_life)
+    table["predicted_half_life"] = table["reach_rate"].map(predicted_half_life)
     if measure:
         curve = gradient_decay(model, ids, positions=positions, max_lag=max_lag, warmup=warmup, seed=seed,
                                progress=progress)
@@ -116,7 +116,7 @@ def spectrum(model: nn.Module, ids: torch.Tensor, *, k: int = 8, samples: int = 
     return table
 
 
-SHOWN_COLUMNS = {"key": "layer", "family": "family", "exponents": "leading exponents", "reach": "reach",
+SHOWN_COLUMNS = {"key": "layer", "family": "family", "exponents": "leading exponents", "reach_rate": "reach",
                  "predicted_half_life": "predicted", "measured_half_life": "measured h",
                  "measured_half_life_c": "measured c", "measured_tail_half_life": "tail h",
                  "measured_tail_half_life_c": "tail c", "sv_max_median": "median sv_max", "sv_above_1": "sv_max>1"}

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, escaped
 from rnnscope.probe import model_checksum
 from rnnscope.store import Run, open_run
 from rnnscope.store import inside, read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
@@ -179,7 +179,9 @@ def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
 
 
 def _escape(text: str) -> str:
-    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+    """A context for the terminal: the one escaping policy, with a stored backslash doubled so it
+    cannot be read as an escape."""
+    return escaped(text.replace("\\", "\\\\"), limit=None)
 
 
 def report_lines(out: dict, heldout: float, top: int) -> list[str]:

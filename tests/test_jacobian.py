@@ -153,10 +153,10 @@ def test_spectrum_links_exponents_to_the_measured_decay(tiny_vocab):
     ids = tiny_vocab.encode("if (a, b) { c; }\nwhile (x) { y(); }\n" * 12)
     t = spectrum(ck.model, ids, k=4, samples=20, max_lag=30, warmup=5, positions=32)
     assert list(t.key) == ["rnn.l0", "rnn.l1"]
-    assert t.loc[1, "reach"] == t.loc[1, "lambda_1"] and t.loc[0, "reach"] == t["lambda_1"].max()
+    assert t.loc[1, "reach_rate"] == t.loc[1, "lambda_1"] and t.loc[0, "reach_rate"] == t["lambda_1"].max()
     for r in t.itertuples():
         assert len(r.exponents) == 4 and r.exponents == sorted(r.exponents, reverse=True)
-        assert r.predicted_half_life == pytest.approx(np.log(2) / -r.reach) if r.reach < 0 else np.isinf(r.predicted_half_life)
+        assert r.predicted_half_life == pytest.approx(np.log(2) / -r.reach_rate) if r.reach_rate < 0 else np.isinf(r.predicted_half_life)
         assert np.isfinite(r.measured_half_life) and r.measured_half_life > 0 and np.isfinite(r.measured_half_life_c)
         assert np.isfinite(r.measured_tail_half_life) and r.measured_tail_half_life > 0
         assert 0 <= r.sv_above_1 <= 1 and r.sv_max_median > 0

@@ -22,9 +22,9 @@ def test_planted_decays_give_their_half_life_and_reach(tmp_path):
     for row in table.itertuples():
         r = 0.8 * (1 + row.step / 1000)
         lags = np.arange(row.lags)
-        assert row.reach == lags[r ** lags < 0.01][0] if (r ** lags < 0.01).any() else math.isnan(row.reach)
+        assert row.lag_to_1pct == lags[r ** lags < 0.01][0] if (r ** lags < 0.01).any() else math.isnan(row.lag_to_1pct)
         k = math.ceil(math.log(0.5) / math.log(r))            # first lag below 1/2, then linear between k-1 and k
-        assert abs(row.half_life - (k - 1 + (r ** (k - 1) - 0.5) / (r ** (k - 1) - r ** k))) < 1e-9
+        assert abs(row.crossing_half_life - (k - 1 + (r ** (k - 1) - 0.5) / (r ** (k - 1) - r ** k))) < 1e-9
     clips = table.drop_duplicates("step").set_index("step").clips_so_far
     assert clips.to_dict() == {0: 0, 10: 1, 20: 1, 30: 2, 40: 3}       # counted across blocks
     assert (table.loss == 3 - table.step / 1000).all()
