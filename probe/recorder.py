@@ -7,7 +7,9 @@ layer's states; an LSTM on oneDNN has its gates and cells read from the kernel's
 (``probe.workspace``), the rest are replayed from the layer's outputs (``probe.replay``); with
 state gradients each direction is a ``RecordedDirection`` whose backward is the adjoint
 recurrence. Layers an Intervention edits are recorded by the engine as it steps through them.
-On exit each module's ``forward`` is restored; nothing else is touched.
+Cells (``nn.LSTMCell`` and the rest, or modules declared with ``probe.cells.cell``) are recorded
+one step per call by ``probe.cells``. On exit each module's ``forward`` is restored; nothing else
+is touched.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from rnnscope.errors import RnnscopeError
 
-from . import engine, families, packed, workspace
+from . import cells, engine, families, packed, workspace
 from .autograd import RecordedDirection
 from .engine import Direction, Flow
 from .keys import recurrent_modules, state_key
@@ -91,19 +93,26 @@ class Probe:
         self.overridden: set[str] = set()     # modules whose call passed its own state where one was carried
         self.kinds = None if kinds is None else set(kinds) | {"h"}
         self.modules = recurrent_modules(model)
-        if not self.modules:
-            raise RnnscopeError(f"{type(model).__name__} has no nn.RNN, nn.LSTM or nn.GRU submodule to probe",
-                                "probe a model built from PyTorch's recurrent modules")
+        self.cells = cells.cell_modules(model)
+        if not self.modules and not self.cells:
+            raise RnnscopeError(f"{type(model).__name__} has no nn.RNN, nn.LSTM or nn.GRU submodule to probe, nor a "
+                                "cell (nn.RNNCell, nn.LSTMCell, nn.GRUCell)",
+                                "probe a model built from PyTorch's recurrent modules, or declare its own cell "
+                                "with rnnscope.cell")
         self.calls: list[CallTrace] = []
+        self.cell_calls: list[cells.CellCall] = []      # each sequence of each cell, in the order they began
+        self._tapes: list[cells.CellTape] = []
         self._last_state: dict[str, object] = {}
         self._saved: dict[nn.Parameter, bool] = {}
 
     @property
     def trace(self) -> Trace:
-        return Trace(self.calls)
+        return Trace(self.calls + self.cell_calls)
 
     def __enter__(self) -> "Probe":
-        engine.join(self.modules, self)      # checks before touching anything: a refusal leaves the model as it was
+        cells.check(self.cells)              # checks before touching anything: a refusal leaves the model as it was
+        engine.join(self.modules, self)
+        self._tapes = cells.join(self.cells, self)
         if not self.param_grads:
             self._saved = {p: p.requires_grad for p in self.model.parameters()}
             for p in self._saved:
@@ -112,6 +121,7 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         engine.leave(self.modules, self)
+        cells.leave(self._tapes)
         for p, flag in self._saved.items():
             p.requires_grad_(flag)
         self._saved = {}

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _API = {
     "RnnscopeError": "rnnscope.errors",
     "load": "rnnscope.probe.models", "Checkpoint": "rnnscope.zoo", "Subject": "rnnscope.probe.subject",
-    "Probe": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.probe", "Run": "rnnscope.probe",
+    "Probe": "rnnscope.probe", "cell": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.probe", "Run": "rnnscope.probe",
     "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.analysis",
     "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",
     "show": "rnnscope.dashboards.notebook",
