@@ -267,7 +267,7 @@ class CellTape:
         same = all(torch.equal(a, b) if input.device.type == "cpu" else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
                    for a, b in zip(got, ref))
         if not same:
-            diff = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+            diff = max(float((a.detach() - b).abs().max()) for a, b in zip(got, ref))
             raise RnnscopeError(f"cell {self.name or '<model>'}: rnnscope's {type(self.m).__name__} equations do not "
                                 f"reproduce the kernel's outputs on {input.device.type} (off by {diff:.3g})",
                                 f"report it with torch {torch.__version__}; probe the model without this cell meanwhile")
