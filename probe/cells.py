@@ -40,7 +40,9 @@ F = nn.functional
 class CellSpec:
     """A module declared a recurrent cell: it returns its states in ``kinds`` order (one tensor
     for one kind, else a tuple), each ``[batch, units]`` (or ``[units]`` unbatched); its state
-    comes in ``state`` (a position after the input, or a keyword), None on a first step;
+    comes in ``state`` (a position after the input, or a keyword), None on a first step. Its
+    ``grad_c`` is the gradient of the ``c`` tensor it returns: the total dL/dc_t where its ``h`` is
+    computed from that same tensor, as in any LSTM written the plain way;
     ``gates(module, *args, **kwargs) -> {kind: [batch, units]}`` gives its gates from the call's
     inputs, and the states they imply, which are checked against the module's own on the first call."""
     kinds: tuple[str, ...]

@@ -220,3 +220,64 @@ def test_probe_refuses_a_model_without_any_recurrence_and_a_taken_forward():
     with Probe(cell), pytest.raises(rs.RnnscopeError, match="already recorded by another Probe"):
         Probe(cell).__enter__()
     assert "forward" not in cell.__dict__
+
+
+from steploops import (CellLoop, IndRNNCell, LayerNormLSTMCell, MultiplicativeLSTMCell,  # noqa: E402
+                       indrnn_textbook, ln_lstm_gates, ln_lstm_textbook, mlstm_gates, mlstm_textbook)
+
+HANDWRITTEN = {     # the cell, its kinds, its gate function, an explicit first state, its gates, the textbook
+    "layernorm-lstm": (LayerNormLSTMCell, ("h", "c"), ln_lstm_gates, False, "ifgo", ln_lstm_textbook),
+    "mlstm": (MultiplicativeLSTMCell, ("h", "c"), mlstm_gates, True, "mifou", mlstm_textbook),
+    "indrnn": (IndRNNCell, ("h",), None, False, "", indrnn_textbook),
+}
+
+
+@pytest.mark.parametrize("case", HANDWRITTEN)
+def test_handwritten_cells_declared_with_rs_cell(case):
+    cls, kinds, gates, zeros, gate_kinds, textbook = HANDWRITTEN[case]
+    torch.manual_seed(10)
+    cell = rs.cell(cls(4, 5), kinds=kinds, gates=gates)
+    m, xs = CellLoop(cell, 5, zeros), torch.randn(7, 3, 4)
+    p = check_loop(m, lambda mod, dt: mod(xs.to(dt)),
+                   replace={"cell": lambda c64: RefDeclared(c64, kinds, textbook)})
+    assert set(p.trace) == {f"cell.l0.{k}" for k in (*kinds, *gate_kinds, *(f"grad_{k}" for k in kinds))}
+    with Probe(m) as q:                                    # the declared states are the cell's own outputs
+        m(xs)
+    assert "forward" not in cell.__dict__
+    with torch.no_grad():
+        st, hs = None, []
+        for x in xs:
+            st = cell(x, st if st is not None or not zeros else (x.new_zeros(3, 5),) * 2)
+            hs.append(st[0] if isinstance(st, tuple) else st)
+    assert torch.equal(q.trace["cell.l0.h"], torch.stack(hs, 1))
+
+
+def test_the_decorator_form_and_its_bad_specs():
+    @rs.cell(kinds=("h", "c"), gates=ln_lstm_gates)
+    class Mine(LayerNormLSTMCell):
+        pass
+    torch.manual_seed(11)
+    m = CellLoop(Mine(3, 4), 4)
+    with Probe(m) as p:
+        m(torch.randn(5, 2, 3))
+    assert p.trace["cell.l0.f"].shape == (2, 5, 4)
+
+    wrong_kinds = CellLoop(rs.cell(LayerNormLSTMCell(3, 4), kinds=("h",)), 4)
+    with pytest.raises(rs.RnnscopeError, match=r"declared with kinds \('h',\) but its forward returned a tuple of 2"), \
+            Probe(wrong_kinds):
+        wrong_kinds(torch.randn(5, 2, 3))
+    assert "forward" not in wrong_kinds.cell.__dict__
+
+    def off(m, x, state=None):
+        return {**ln_lstm_gates(m, x, state), "c": torch.zeros(x.shape[0], 4)}
+    lying = CellLoop(rs.cell(LayerNormLSTMCell(3, 4), kinds=("h", "c"), gates=off), 4)
+    with pytest.raises(rs.RnnscopeError, match="does not reproduce the cell's own 'c'"), Probe(lying):
+        lying(torch.randn(5, 2, 3))
+
+    def broken(m, x, state=None):
+        raise IndexError("tuple index out of range")
+    failing = CellLoop(rs.cell(LayerNormLSTMCell(3, 4), kinds=("h", "c"), gates=broken), 4)
+    with pytest.raises(rs.RnnscopeError, match="gate function of cell cell failed: IndexError"), Probe(failing):
+        failing(torch.randn(5, 2, 3))
+    with pytest.raises(rs.RnnscopeError, match=r"are not \('h',\) or \('h', 'c'\)"):
+        rs.cell(kinds=("c", "h"))
