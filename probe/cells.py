@@ -329,6 +329,26 @@ def _check_gates(name: str, gates, outs: dict) -> None:
                                 f"return the gates and the states they give ({', '.join(outs)}) from the same inputs")
 
 
+def known_kinds(m: nn.Module) -> tuple[str, ...] | None:
+    """The kinds a cell records, or None where a gate function decides them on its first call."""
+    spec = spec_of(m)
+    if isinstance(spec, CellSpec):
+        return spec.kinds if spec.gates is None else None
+    return (*spec[0], *spec[1])
+
+
+def identity(m: nn.Module) -> dict:
+    """A cell as a Run's manifest names a recurrent module: one layer, one direction."""
+    return {"type": type(m).__name__ if not isinstance(spec_of(m), CellSpec) else "cell", "layers": 1,
+            "hidden": getattr(m, "hidden_size", None), "bidirectional": False, "proj_size": 0}
+
+
+def restart(tapes: list[CellTape]) -> None:
+    """Every cell's next call starts a new sequence (what was recorded has been written away)."""
+    for t in tapes:
+        t.current = None
+
+
 def check(cells: dict[str, nn.Module]) -> None:
     """Refuse, touching nothing, a cell whose forward someone else replaced (or another Probe records)."""
     taken = [n for n, m in cells.items() if "forward" in m.__dict__]

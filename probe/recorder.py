@@ -130,6 +130,12 @@ class Probe:
         """With ``carry``: the next call of each module starts from zeros again (a new document)."""
         self._last_state.clear()
 
+    def clear(self) -> None:
+        """Drop every call recorded so far (``record`` has written it); each cell starts a new sequence."""
+        self.calls.clear()
+        self.cell_calls.clear()
+        cells.restart(self._tapes)
+
     def carry_from(self, step: int) -> None:
         """With ``carry``: the next call of each module starts from the state after ``step`` (an index
         into its latest call) instead of its end: ``record`` reads ahead past a chunk for gradients."""

@@ -1,5 +1,6 @@
 """Step loops (nn.LSTMCell / GRUCell / RNNCell, an nn.GRU one step at a time, declared cells):
 every state, gate and gradient against a float64 reference run of the same loop (tests/steploops.py)."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -281,3 +282,42 @@ def test_the_decorator_form_and_its_bad_specs():
         failing(torch.randn(5, 2, 3))
     with pytest.raises(rs.RnnscopeError, match=r"are not \('h',\) or \('h', 'c'\)"):
         rs.cell(kinds=("c", "h"))
+
+
+class CharLoop(nn.Module):
+    """A character model written as a loop: ids ``[1, T]`` -> logits ``[1, T, V]``; ``skip`` drops the first step."""
+
+    def __init__(self, skip=False):
+        super().__init__()
+        self.emb, self.cell, self.out, self.skip = nn.Embedding(128, 5), nn.LSTMCell(5, 6), nn.Linear(6, 128), skip
+
+    def forward(self, ids):
+        st, outs = None, []
+        for t in range(int(self.skip), ids.shape[1]):
+            st = self.cell(self.emb(ids[:, t]), st)
+            outs.append(self.out(st[0]))
+        return torch.stack(outs, 1)
+
+
+def encode(s):
+    return torch.tensor([[ord(c) for c in s]])
+
+
+def test_record_a_step_loop_model_into_a_run(tmp_path):
+    torch.manual_seed(12)
+    m, text = CharLoop(), "a loop over cells, recorded"
+    run = rs.record(m, text, tmp_path / "r", encode=encode, grad=True, dtype="float32", progress=False)
+    with Probe(m, grad=True) as p:
+        logits = m(encode(text))
+        F.cross_entropy(logits[0, :-1], encode(text)[0, 1:], reduction="sum").backward()
+    assert run.manifest["model"]["modules"]["cell"]["type"] == "LSTMCell"
+    for key in ("cell.l0.h", "cell.l0.c", "cell.l0.f", "cell.l0.grad_h", "cell.l0.grad_c"):
+        np.testing.assert_allclose(np.asarray(run[key]), p.trace[key][0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_record_refuses_a_loop_whose_steps_are_not_the_encoders(tmp_path):
+    with pytest.raises(rs.RnnscopeError, match="took 10 steps .* over 11 steps of the encoder"):
+        rs.record(CharLoop(skip=True), "hello world", tmp_path / "r", encode=encode, loss=None, progress=False)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(rs.RnnscopeError, match="records it a whole document per call"):
+        rs.record(CharLoop(), "hello world", tmp_path / "r", encode=encode, chunk=4, progress=False)
