@@ -219,7 +219,8 @@ class CellTape:
         the caller receives (or their base), so their hooks see every use."""
         t = len(seq.steps["h"])
         for k, lst in seq.steps.items():
-            lst.append(_rows(out[k].detach()))
+            v = out[k]
+            lst.append(_rows(v.detach() if v.requires_grad else v))
         for k in states:
             if f"grad_{k}" in seq.grads:
                 seq.grads[f"grad_{k}"].append(None)
@@ -251,6 +252,10 @@ class CellTape:
             h, c = hx if len(states) == 2 else (hx, None)
             if not batched:
                 h, c = h.unsqueeze(0), (c.unsqueeze(0) if c is not None else None)
+        if h.shape != (x.shape[0], m.hidden_size) or (c is not None and c.shape != h.shape):
+            # the kernel refuses these; broadcasting in the equations would not
+            raise RuntimeError(f"{type(m).__name__}: state of shape {tuple(h.shape)} for an input of batch "
+                               f"{x.shape[0]} and {m.hidden_size} units")
         out = step(m, x, h, c)
         self._check(input, hx, out, x.shape[0])
         self._keep(self._sequence(x.shape[0], hx, states, gates), out, states)

@@ -63,7 +63,7 @@ class Trace(Mapping):
             raise KeyError(key)
         if len({p.shape[0] for p in parts}) > 1:
             raise RnnscopeError(f"calls recorded with different batch sizes cannot be joined along time for {key}",
-                                "read each call from probe.calls[i]")
+                                "read each call from probe.calls[i] (a cell's sequences: probe.cell_calls[i])")
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def __iter__(self):

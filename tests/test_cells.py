@@ -321,3 +321,11 @@ def test_record_refuses_a_loop_whose_steps_are_not_the_encoders(tmp_path):
     assert not (tmp_path / "r").exists()
     with pytest.raises(rs.RnnscopeError, match="records it a whole document per call"):
         rs.record(CharLoop(), "hello world", tmp_path / "r", encode=encode, chunk=4, progress=False)
+
+
+def test_a_state_of_the_wrong_batch_is_refused_as_the_kernel_refuses_it():
+    cell = nn.LSTMCell(3, 4)
+    with pytest.raises(RuntimeError):
+        cell(torch.randn(5, 3), (torch.zeros(1, 4), torch.zeros(1, 4)))
+    with Probe(cell), pytest.raises(RuntimeError, match="state of shape"):
+        cell(torch.randn(5, 3), (torch.zeros(1, 4), torch.zeros(1, 4)))
