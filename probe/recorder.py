@@ -77,7 +77,8 @@ class Trace(Mapping):
 
 
 class Probe:
-    """``with Probe(model, grad=True) as probe: ...`` records every recurrent submodule.
+    """``with Probe(model, grad=True) as probe: ...`` records every recurrent submodule, and every
+    cell of a step loop one step per call (``probe.cells``: keys ``{cell}.l0.{kind}``).
 
     ``kinds``: the state kinds to keep (default all; ``h`` always, as the others derive from it).
     ``carry``: a call made with no initial state starts from where the module's previous call in

@@ -296,10 +296,12 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         if carry and len(docs) > 1:
             raise RnnscopeError("a bidirectional module's state cannot be carried across documents",
                                 "probe without --carry")
-    if looped and (longest > chunk or (carry and len(docs) > 1)):      # the model's own loop holds its state
-        raise RnnscopeError("a step-loop model carries its cells' state itself, so rnnscope records it a whole "
-                            "document per call and cannot carry it from one document into the next",
-                            f"pass --chunk {longest} (or more)" + (" and probe without --carry" if carry else ""))
+    chosen_cells = [n for n, m in mods.items() if m in looped.values()]
+    if chosen_cells and (longest > chunk or (carry and len(docs) > 1)):      # the model's own loop holds its state
+        raise RnnscopeError(f"a step-loop model carries its cells' state itself ({chosen_cells[0]}), so rnnscope "
+                            "records it a whole document per call and cannot carry it from one document into the next",
+                            f"pass --chunk {longest} (or more)" + (" and probe without --carry" if carry else "")
+                            + ", or record modules without the cells")
     doc = np.repeat(np.arange(len(bounds)), [b - a for a, b in bounds])
     next_ok = np.append(doc[1:] == doc[:-1], False)         # a next token in the same document
     was_training = model.training

@@ -329,3 +329,12 @@ def test_a_state_of_the_wrong_batch_is_refused_as_the_kernel_refuses_it():
         cell(torch.randn(5, 3), (torch.zeros(1, 4), torch.zeros(1, 4)))
     with Probe(cell), pytest.raises(RuntimeError, match="state of shape"):
         cell(torch.randn(5, 3), (torch.zeros(1, 4), torch.zeros(1, 4)))
+
+
+def test_kinds_keep_only_what_was_asked():
+    cell = nn.LSTMCell(3, 4)
+    with Probe(cell, kinds=["c"], grad=True) as p:
+        h, c = cell(torch.randn(2, 3))
+        (h.sum() + c.sum()).backward()
+    assert set(p.trace) == {"l0.h", "l0.c", "l0.grad_h", "l0.grad_c"}
+    assert torch.equal(p.trace["l0.grad_h"], torch.ones(2, 1, 4))       # the loss is the sum of h
