@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rnnscope.probe import parse_key
+from rnnscope.store import parse_key
 
 from .source import as_source
 

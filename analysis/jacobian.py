@@ -30,7 +30,7 @@ from torch import nn
 
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe import Probe, recurrent_modules, state_key
-from rnnscope.probe.families import family
+from rnnscope.probe.families import family_name
 from rnnscope.probe.replay import direction_params
 
 CHUNK = 32    # steps per block of Jacobians: 32 x 512 x 512 float64 is 64 MB, the zoo's widest state
@@ -130,7 +130,7 @@ def recorded_layers(model: nn.Module, ids: torch.Tensor) -> list[Layer]:
         model.train(was)
     layers = []
     for name, m in recurrent_modules(model).items():
-        fam = family(m)
+        fam = family_name(m)
         for layer in range(m.num_layers):
             for reverse in ((False, True) if m.bidirectional else (False,)):
                 key = state_key(name, layer, reverse, "h")[:-2]

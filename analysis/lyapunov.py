@@ -114,3 +114,32 @@ def spectrum(model: nn.Module, ids: torch.Tensor, *, k: int = 8, samples: int = 
             table[f"measured_{col}half_life_c"] = [pick(f"{k_}.grad_c", "half_life") for k_ in table.key]
             table[f"{col}fit_r2"] = [pick(f"{k_}.grad_h", "fit_r2") for k_ in table.key]
     return table
+
+
+SHOWN_COLUMNS = {"key": "layer", "family": "family", "exponents": "leading exponents", "reach": "reach",
+                 "predicted_half_life": "predicted", "measured_half_life": "measured h",
+                 "measured_half_life_c": "measured c", "measured_tail_half_life": "tail h",
+                 "measured_tail_half_life_c": "tail c", "sv_max_median": "median sv_max", "sv_above_1": "sv_max>1"}
+
+
+def spectrum_report(table, chars: int, max_lag: int) -> str:
+    """What ``rnnscope spectrum`` prints of ``spectrum``'s table."""
+    shown = table.assign(exponents=[" ".join(f"{x:+.3f}" for x in v) for v in table.exponents])
+    return (f"{chars:,} characters; exponents in nats per step, QR re-orthonormalised; a layer's gradient "
+            "shrinks at its reach (the largest lambda_1 from it to the top), predicting ln 2 / |reach| steps; "
+            f"measured: half-life fitted to the decay over lags 1..{max_lag}, tail: over lags "
+            f"{max_lag // 2}..{max_lag}\n"
+            + shown[list(SHOWN_COLUMNS)].rename(columns=SHOWN_COLUMNS).to_string(index=False,
+                                                                                  float_format=lambda v: f"{v:.3g}"))
+
+
+def spectrum_json(table) -> str:
+    """``spectrum --json``: one object per layer, non-finite numbers as null."""
+    import json
+    import math
+
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    rows = [{k: ([clean(x) for x in v] if isinstance(v, list) else clean(v)) for k, v in r.items()}
+            for r in table.to_dict(orient="records")]
+    return json.dumps(rows, indent=1)

@@ -38,7 +38,7 @@ import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 
-from rnnscope.probe import parse_key
+from rnnscope.store import parse_key
 from rnnscope.errors import RnnscopeError
 
 from . import features as feats

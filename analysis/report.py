@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from rnnscope.errors import RnnscopeError
-from rnnscope.probe import Run, model_checksum, open_run
+from rnnscope.probe import model_checksum
+from rnnscope.store import Run, open_run
 from rnnscope.store import inside, read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
 
 from .contexts import top_contexts
@@ -179,3 +180,34 @@ def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
 
 def _escape(text: str) -> str:
     return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+
+
+def report_lines(out: dict, heldout: float, top: int) -> list[str]:
+    """What ``rnnscope analyze`` prints of ``analyze``'s result ``out``."""
+    tests = out["summary"]["neuron_tests"]
+    lines = [f"\ntop units per feature, ranked on the first {1 - heldout:.0%} of the text (selection_*), "
+             f"estimated on the rest (heldout_*); selection_q: Benjamini-Hochberg over "
+             f"{tests.get('tests', 'all')} unit x feature tests, heldout_q over the selected units; "
+             "selectivity: held-out score minus a control that sees only the current and previous character",
+             top_table(out["neurons"], top)]
+    if "half_lives" in out:
+        lines += ["\ngradient half-life through time (steps):",
+                  out["half_lives"][["key", "half_life", "lag_to_1pct", "exploding", "nonfinite"]].to_string(index=False)]
+    lines += [f"warning: {key} is NaN or infinite at {n:,} steps"
+              for key, n in (out["summary"]["nonfinite_gradient_steps"] or {}).items() if n]
+    lines += [f"skipped {name}: {why}" for name, why in out["summary"]["skipped"].items()]
+    return lines
+
+
+def unit_report(run: Run, unit: str, k: int) -> str:
+    """``analyze RUN --unit KEY:I``: that unit's top and bottom contexts, from the Run's table or
+    computed for its key alone (when the table lacks the unit or holds fewer than ``k`` a side)."""
+    from .contexts import top_contexts
+    key, index = unit.rsplit(":", 1)
+    if key not in run.keys() or int(index) >= run[key].shape[1]:
+        raise RnnscopeError(f"the Run has no unit {unit}", f"use a key of {', '.join(run.keys()[:6])}, ... "
+                            "with an index below its width")
+    table = read_table(run, "contexts")
+    if table is None or unit not in set(table["unit"]) or table["rank"].max() + 1 < k:
+        table = top_contexts(run, k=min(k, len(run)), keys=[key], progress=False)
+    return unit_contexts(table, unit, k)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
-from rnnscope.probe import Run, parse_key
 from rnnscope.errors import RnnscopeError
+from rnnscope.store import Run, StepLayout, char_spans, one_document, parse_key
 
 CORPUS_LANGUAGE = {"linux": "c", "python": "python", "shakespeare": None}
 
 
 @dataclass
-class Source:
+class Source(StepLayout):
     """``spans [steps, 2]`` (None: one step per character of ``text``) and ``documents`` (columns
     name, char_start, char_end, step_start, step_end; None: the whole text is one document)."""
     text: str
@@ -36,14 +35,12 @@ class Source:
 
     def __post_init__(self):
         if self.spans is None:
-            n = len(self.text)
-            self.spans = np.stack([np.arange(n), np.arange(1, n + 1)], 1).astype(np.int64)
+            self.spans = char_spans(len(self.text))
         self.spans = np.asarray(self.spans, np.int64)
         if self.spans.ndim != 2 or self.spans.shape[1] != 2:
             raise RnnscopeError(f"spans have shape {list(self.spans.shape)}", "pass spans as [steps, 2] (start, end)")
         if self.documents is None:
-            self.documents = pd.DataFrame({"name": ["text"], "char_start": [0], "char_end": [len(self.text)],
-                                           "step_start": [0], "step_end": [len(self.spans)]})
+            self.documents = one_document(len(self.text), len(self.spans))
         bounds = self.documents[["step_start", "step_end"]].to_numpy(np.int64).ravel()
         if bounds[0] != 0 or bounds[-1] != len(self.spans) or (np.diff(bounds) < 0).any() \
                 or (bounds[1:-1:2] != bounds[2::2]).any():
@@ -51,44 +48,12 @@ class Source:
                                 "give each document step_start = the previous step_end, from 0 to the last step")
 
     @property
-    def steps(self) -> int:
-        return len(self.spans)
-
-    @cached_property
-    def has_text(self) -> np.ndarray:
-        """``[steps]`` bool: the step reads at least one character (BOS, EOS and padding do not)."""
-        return self.spans[:, 0] >= 0
-
-    @cached_property
-    def char_level(self) -> bool:
-        """One step per character and one document: every analysis then runs exactly as on a zoo Run."""
-        n = len(self.text)
-        return (len(self.documents) == 1 and self.steps == n
-                and bool((self.spans[:, 0] == np.arange(n)).all() and (self.spans[:, 1] == np.arange(1, n + 1)).all()))
-
-    @cached_property
-    def step_bounds(self) -> np.ndarray:
-        """``[documents, 2]`` each document's first step and the step after its last."""
-        return self.documents[["step_start", "step_end"]].to_numpy(np.int64)
-
-    @cached_property
-    def step_document(self) -> np.ndarray:
-        """``[steps]`` the document index of each step."""
-        b = self.step_bounds
-        return np.repeat(np.arange(len(b)), b[:, 1] - b[:, 0])
-
-    def per_step(self, values) -> np.ndarray:
-        """A per-character array ``[chars]`` -> ``[steps]`` float64: the value at the last character of
-        each step's span (the state after reading it); NaN for a step without text."""
-        v = np.asarray(values, np.float64)
-        out = np.full(self.steps, np.nan)
-        ok = self.has_text
-        out[ok] = v[self.spans[ok, 1] - 1]
-        return out
+    def chars(self) -> int:
+        return len(self.text)
 
     def tokens(self) -> list[str]:
         """The text of every step ('' for a step without text)."""
-        return [self.text[s:e] if s >= 0 else "" for s, e in self.spans.tolist()]
+        return self.step_tokens(self.text)
 
     @property
     def state_keys(self) -> list[str]:

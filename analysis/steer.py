@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe import Probe, parse_key
 
-from .intervene import Intervention
+from rnnscope.probe.intervention import Intervention
 
 
 def parse_clamp(spec: str) -> tuple[str, float]:
@@ -134,3 +134,40 @@ def feature_share(frame: pd.DataFrame, prime: str, feature) -> pd.DataFrame:
         values = np.asarray(feature(prime + text), float)[len(prime):]
         shares.append(float(values.mean()) if len(values) else np.nan)
     return frame.assign(share=shares)
+
+
+def measured(feature: str, language: str | None):
+    """``text -> [chars]`` of a built-in feature, quietly (a sample without comments is constant)."""
+    import warnings
+
+    from . import features
+
+    def values(text):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return features.compute(text, [feature], language)[feature].to_numpy()
+    return values
+
+
+def generation_report(frame: pd.DataFrame, prime: str, clamps: dict, measure: str | None, length: int) -> list[str]:
+    """What ``rnnscope generate`` prints: each seed's samples (clamped beside unclamped), escaped for
+    the terminal, and with ``measure`` the share of generated characters in the feature, clamped
+    against unclamped over the seeds."""
+    from rnnscope.errors import escaped
+    lines = []
+    for seed, pair in frame.groupby("seed", sort=False):
+        for _, r in pair.iterrows():
+            if r["clamped"] or clamps:
+                label = f"clamped {', '.join(f'{u}={v:g}' for u, v in clamps.items())}" if r["clamped"] else "unclamped"
+                share = f"; {measure} {r['share']:.1%}" if measure else ""
+                lines += [f"--- seed {seed}, {label}{share}", escaped(prime + r["text"], keep="\n\t", limit=None)]
+    if measure:
+        seeds = frame["seed"].nunique()
+        t = frame.groupby("clamped")["share"].agg(["mean", "std", "min", "max"])
+        lines += [f"\nshare of generated characters in {measure} over {seeds} seeds ({length} characters each):",
+                  t.rename(index={False: "unclamped", True: "clamped"}).to_string(float_format=lambda v: f"{v:.3f}")]
+        if clamps and seeds > 1:
+            d = frame[frame.clamped]["share"].to_numpy() - frame[~frame.clamped]["share"].to_numpy()
+            lines.append(f"clamped - unclamped: {d.mean():+.3f} (seeds where clamped is higher: "
+                         f"{int((d > 0).sum())}/{len(d)}, lower: {int((d < 0).sum())})")
+    return lines

@@ -57,3 +57,19 @@ def training_summary(log, points: int = 6, floor: float = 0.01) -> pd.DataFrame:
                          "lags": len(norm)})
     out = pd.DataFrame(rows).merge(running, on="step", how="left")
     return out[COLUMNS]
+
+
+def training_report(log, path) -> str:
+    """What ``rnnscope analyze LOG`` prints: the half-life and reach of the gradient at a few steps."""
+    from rnnscope.errors import escaped
+    table = training_summary(log)
+    if table.empty:
+        return f"{path}: no watched step with a gradient decay yet"
+    lines = [f"{path}: {len(log.steps)} watched steps, up to step {int(log.steps.step.max())}; half-life and reach "
+             f"(first lag below 1%) of ||dL_T/dh_(T-k)|| over k < {int(table.lags.max())}",
+             f"{'step':>7} {'key':<24} {'loss':>7} {'half-life':>9} {'reach':>6} {'clips':>6} {'max |g|':>9}"]
+    for r in table.itertuples():
+        reach = f"{r.reach:6.0f}" if r.reach == r.reach else f"{'>' + str(r.lags - 1):>6}"
+        lines.append(f"{r.step:>7} {escaped(r.key, limit=24):<24} {r.loss:7.3f} {r.half_life:9.2f} {reach} "
+                     f"{r.clips_so_far:>6} {r.max_grad_norm_so_far:9.3g}")
+    return "\n".join(lines)

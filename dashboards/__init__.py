@@ -1,13 +1,11 @@
 """dashboards: the Bokeh server app over a Run (``rnnscope serve``) and heatmap export to PNG, SVG
-and standalone HTML (``rnnscope export``)."""
+and standalone HTML (``rnnscope export``). Names are imported on first use."""
 if __name__ != "rnnscope.dashboards":      # run from the repository root, ``import dashboards`` finds this folder
     raise ImportError("this folder is rnnscope.dashboards, not a top-level 'dashboards' package: "
                       "use `from rnnscope import dashboards` (pip install -e . first)")
-from .export import export, top_units_for, unit_figure, units_figure
+from rnnscope.lazy import exports
 
-__all__ = ["export", "top_units_for", "unit_figure", "units_figure", "serve"]
-
-
-def serve(*args, **kwargs):
-    from .server import serve as _serve
-    return _serve(*args, **kwargs)
+_API = {"top_units_for": "export", "unit_figure": "export", "units_figure": "export",
+        "serve": "server"}
+__all__ = sorted(_API)
+__getattr__, __dir__ = exports(__name__, _API, globals())

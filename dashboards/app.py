@@ -15,10 +15,9 @@ import traceback
 from bokeh.layouts import column, row
 from bokeh.models import TabPanel, Tabs
 
-from rnnscope.store import read_table
-from rnnscope.probe import open_run, parse_key
+from rnnscope.store import open_run, parse_key, read_table
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 
 from .plots import GradientView, SaturationView
 from .queries import axis_name, checked, esc, step_word
@@ -115,7 +114,7 @@ def make_document(doc, run, window: int = WINDOW):
     except Exception as err:      # noqa: BLE001 -- whatever broke, the page says so in one line
         if not isinstance(err, RnnscopeError):
             log.error("dashboard page failed:\n%s", traceback.format_exc())
-        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        problem = first_line(err, None)
         doc.clear()
         doc.add_root(div(f"<p>rnnscope: error: {esc(problem)}</p>", name="page_error", width=900))
         return None

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 from bokeh.models import ColumnDataSource
 
-from rnnscope.store import read_table
-from rnnscope.probe import Run, open_run
+from rnnscope.store import Run, open_run, read_table
 from rnnscope.errors import RnnscopeError
 
 from .figures import heatmap_figure, shown, text_figure
@@ -156,3 +155,30 @@ def export(fig, out) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def check_out_file(out, overwrite: bool) -> Path:
+    """An export's ``--out``: FILE.png, .svg or .html, not there yet (or ``overwrite``), not a folder or link."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".svg", ".html"):
+        raise RnnscopeError(f"{out} has no .png, .svg or .html extension", "name the output FILE.png, FILE.svg or "
+                            "FILE.html")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise RnnscopeError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    if out.is_dir() or (out.is_symlink() and not out.is_file()):
+        raise RnnscopeError(f"{out} is a directory or a dangling link, not a file", "give a file name for --out")
+    return out
+
+
+def export_run(run, out, *, unit=None, units=None, feature=None, top: int = 10, start: int = 0, end=None,
+               document=None) -> Path:
+    """``rnnscope export RUN``: one unit over the text (``unit``), or a heatmap of ``units`` or of
+    the ``top`` units for ``feature``, written to ``out``."""
+    if sum(map(bool, (unit, units, feature))) != 1:
+        raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
+                            "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
+    if unit:
+        fig = unit_figure(run, unit, start, end, document=document)
+    else:
+        fig = units_figure(run, units or top_units_for(run, feature, top), start, end, document=document)
+    return export(fig, out)

@@ -15,7 +15,8 @@ from bokeh.models import (ColorBar, ColumnDataSource, FixedTicker, HoverTool, Li
 from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
-from rnnscope.probe import parse_key
+from rnnscope.errors import hidden
+from rnnscope.store import parse_key
 
 TAB, WRAP = 8, 160
 BOUNDED = {"h", "g", "n", "i", "f", "o", "r", "z"}       # tanh or sigmoid: fixed -1..1
@@ -49,18 +50,12 @@ def _legible(colour: str, ratio: float = 5.0) -> str:
 
 PALETTE = tuple(_legible(c) for c in reversed(RdBu11))     # blue negative, white 0, red positive
 SHOWN = {"\n": "\u21b5", "\t": " "}
-# Drawn as ⟨U+XXXX⟩: C0 controls (but \n, \t), DEL, C1, the bidi embeddings, overrides and isolates,
-# the directional marks, and the invisible separators and joiners, which would reorder or hide text.
-HIDDEN = frozenset([*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0), 0xad, 0x061c, 0x180e,
-                    *range(0x200b, 0x2010), *range(0x2028, 0x202f), *range(0x2060, 0x2070), 0xfeff,
-                    *range(0xfff9, 0xfffc)])
-
-
 def shown(ch: str) -> str:
-    """What is drawn for one stored character (``⟨U+202E⟩`` for a control or bidi character)."""
-    if ord(ch) in HIDDEN:
-        return f"\u27e8U+{ord(ch):04X}\u27e9"
-    return SHOWN.get(ch, ch)
+    """What is drawn for one stored character (``⟨U+202E⟩`` for a control or bidi character: the one
+    policy of ``rnnscope.errors.hidden``, which would otherwise reorder or hide text)."""
+    if ch in SHOWN:
+        return SHOWN[ch]
+    return f"\u27e8U+{ord(ch):04X}\u27e9" if hidden(ch) else ch
 
 
 def plain(text: str) -> PlainText:

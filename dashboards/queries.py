@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rnnscope.analysis.patterns import rank_units, span_scores
-from rnnscope.probe import parse_key
+from rnnscope.store import parse_key
 
 from .figures import colour_range, per_cell, shade, shown, text_data
 from .steps import Documents, marker, page_chars, pieces

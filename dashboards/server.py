@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 
 from .app import WINDOW, RunData, build, make_document
 
@@ -67,7 +67,7 @@ def refuse_unshowable(build, path, fix: str):
     except RnnscopeError:
         raise
     except Exception as err:      # noqa: BLE001 -- see above
-        first = (str(err).splitlines() or [""])[0]
+        first = first_line(err, None)
         raise RnnscopeError(f"{path} cannot be shown: {type(err).__name__}: {first}", fix) from None
 
 

@@ -20,7 +20,7 @@ import traceback
 from bokeh.layouts import column, row
 from bokeh.models import Select
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 from rnnscope.store.watchlog import open_watch_log
 
 from . import watch_data as wd
@@ -118,7 +118,7 @@ def make_watch_document(doc, path, refresh_ms: int = REFRESH_MS):
         if not isinstance(err, RnnscopeError):
             log.error("watch page failed:\n%s", traceback.format_exc())
         doc.clear()
-        doc.add_root(div(f"<p>rnnscope: error: {esc((str(err).splitlines() or [type(err).__name__])[0])}</p>",
+        doc.add_root(div(f"<p>rnnscope: error: {esc(first_line(err))}</p>",
                          name="page_error", width=900))
         return None
 

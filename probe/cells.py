@@ -29,7 +29,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, call_user
 
 from .keys import state_key
 
@@ -139,6 +139,13 @@ class CellCall(Mapping):
         self._kinds = {state_key(name, 0, False, k): k for k in kinds}
         self.steps: dict[str, list] = {k: [] for k in kinds if not k.startswith("grad_")}
         self.grads: dict[str, list] = {k: [] for k in kinds if k.startswith("grad_")}
+
+    def swap_grads(self, grads: dict | None = None) -> dict:
+        """The gradients recorded so far, replaced by ``grads`` (none yet, without): a backward that
+        ``Probe.gradients_apart`` runs is kept apart from the ordinary one's."""
+        old = self.grads
+        self.grads = grads if grads is not None else {k: [None] * len(v) for k, v in old.items()}
+        return old
 
     def add_grad(self, kind: str, t: int, g: torch.Tensor) -> None:
         """A hook's dL/d(state) at step t; a second backward accumulates, as ``.grad`` does."""
@@ -290,12 +297,8 @@ class CellTape:
         gates = {}
         if spec.gates is not None:
             with torch.no_grad():
-                try:
-                    gates = spec.gates(m, *args, **kwargs)
-                except Exception as e:        # the user's function: one line, not their traceback
-                    raise RnnscopeError(f"the gate function of cell {self.name or '<model>'} failed: "
-                                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                                        "fix the gate function given to rnnscope.cell") from None
+                gates = call_user(spec.gates, m, *args, doing=f"the gate function of cell {self.name or '<model>'}",
+                                  fix="fix the gate function given to rnnscope.cell", **kwargs)
             if "declared" not in self.checked:
                 _check_gates(self.name, gates, outs)
                 self.checked.add("declared")

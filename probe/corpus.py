@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 from rnnscope.store.files import read_text
 
 
@@ -45,7 +45,7 @@ def _jsonl(path: Path) -> Documents:
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as err:
-            raise RnnscopeError(f"{path} line {n} is not JSON ({str(err).splitlines()[0][:80]})",
+            raise RnnscopeError(f"{path} line {n} is not JSON ({first_line(err, 80)})",
                                 'write one JSON object per line, like {"text": "...", "name": "..."}') from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise RnnscopeError(f"{path} line {n} has no \"text\" string", 'give each line a "text" field')

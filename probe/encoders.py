@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, call_user
 
 FIX = "encode must return ids [T] (one per character) or (ids [T], spans [T, 2]) with spans in order"
 
@@ -38,14 +38,8 @@ class Encoder:
     decode: Callable | None = None
 
     def encode(self, text: str) -> tuple[torch.Tensor, np.ndarray]:
-        try:
-            got = self.fn(text)
-        except RnnscopeError:
-            raise
-        except Exception as err:        # the user's code: said in one line, not a traceback
-            said = str(err).splitlines()[0][:120] if str(err) else ""
-            raise RnnscopeError(f"the encoder failed on a text of {len(text):,} characters: "
-                                f"{type(err).__name__}: {said}", "fix the encoder, or the document") from err
+        got = call_user(self.fn, text, doing=f"the encoder failed on a text of {len(text):,} characters",
+                        fix="fix the encoder, or the document")
         ids, spans = _split(got)
         ids = _ids(ids)
         if spans is None:

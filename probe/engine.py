@@ -19,6 +19,10 @@ So recording and editing compose in either nesting order: a Probe records the ed
 """
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -42,6 +46,11 @@ class Direction:
         self.ends = packing.ends if packing is not None else None
         self.st: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
+
+    def swap_grads(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Put ``grads`` in place of the gradients gathered so far, and return those."""
+        old, self._grads = self._grads, grads
+        return old
 
     def add_grads(self, grads: dict[str, torch.Tensor]) -> None:
         """Called from backward; a second backward through the same graph accumulates, as ``.grad`` does."""
@@ -149,14 +158,51 @@ def fused_layer(m: nn.Module, layer: int, flow: Flow, h0, c0):
     return Flow(None, seq, flow.packing), h_n, c_n
 
 
+@dataclass
+class Layer:
+    """One layer of one call, as the engine hands it to a strategy: ``flow`` its input, ``h0, c0
+    [D, B, *]`` its initial states, ``dirs`` one ``Direction`` record per direction."""
+    module: nn.Module
+    family: object
+    layer: int
+    flow: Flow
+    h0: torch.Tensor
+    c0: torch.Tensor | None
+    dirs: list
+
+
+class Recorder(Protocol):
+    """What the engine asks of its recording strategy (the ``Probe``), in call order: ``begin`` a call,
+    ``record_layer`` each layer (when no edit touches it), ``keep`` each layer's records, ``end`` the call."""
+    grad: bool
+
+    def begin(self, name: str, m: nn.Module, x: torch.Tensor, hx, unbatched: bool) -> tuple: ...
+
+    def record_layer(self, run: Layer, differentiable: bool) -> tuple: ...
+
+    def keep(self, call, name: str, layer: int, family, dirs: list) -> None: ...
+
+    def end(self, name: str, family, h_ns: list, c_ns: list) -> None: ...
+
+
 class Engine:
     """The forward of one module: ``recorder`` is ``(probe, name)`` or None; ``editors`` holds
     ``(intervention, {(layer, reverse, kind): (mask, value)})``, later ones winning on a shared key."""
 
     def __init__(self, module: nn.Module):
-        self.module, self.family = module, families.of(module)
-        self.recorder: tuple | None = None
+        # the module holds the engine (its forward is ours); the engine holds the module weakly, so
+        # the two never form a reference cycle that outlives a dropped model until the next gc
+        self._module, self.family = weakref.ref(module), families.of(module)
+        self.recorder: tuple[Recorder, str] | None = None
         self.editors: list[tuple] = []
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.family.name}: recorder {'on' if self.recorder else 'off'}, "
+                f"{len(self.editors)} editor(s))")
 
     def forward(self, input, hx=None):
         m, family = self.module, self.family
@@ -182,11 +228,11 @@ class Engine:
             dirs = [Direction(m, layer, d == 1, h0_l[d].detach(), c0_l[d].detach() if c0_l is not None else None,
                               packing) for d in range(D)]
             mine = {k: v for k, v in edits.items() if k[0] == layer}
+            run = Layer(m, family, layer, flow, h0_l, c0_l, dirs)
             if mine:
-                flow, h_n, c_n = edited_layer(m, family, layer, mine, flow, h0_l, c0_l, dirs,
-                                              record=recorder is not None, grads=differentiable)
+                flow, h_n, c_n = edited_layer(run, mine, record=recorder is not None, grads=differentiable)
             elif recorder is not None:
-                flow, h_n, c_n = recorder.record_layer(m, family, layer, flow, h0_l, c0_l, dirs, differentiable)
+                flow, h_n, c_n = recorder.record_layer(run, differentiable)
             else:
                 flow, h_n, c_n = fused_layer(m, layer, flow, h0_l, c0_l)
             if recorder is not None:
@@ -256,11 +302,12 @@ def expand(mask, value, B: int, U: int, like: torch.Tensor):
     return mask.expand(B, U), value.expand(B, U)
 
 
-def edited_layer(m, family, layer, mine, flow: Flow, h0, c0, dirs, record: bool, grads: bool):
+def edited_layer(run: Layer, mine: dict, record: bool, grads: bool):
     """One layer with edits ``mine`` (``{(layer, reverse, kind): (mask, value)}``), each direction
-    step by step on the padded input (an edit at step t changes every later step). ``h0, c0
-    [D, B, *]``. ``record``: fill each direction's ``st``; ``grads``: and its gradients on backward.
+    step by step on the padded input (an edit at step t changes every later step). ``record``: fill
+    each direction's ``st``; ``grads``: and its gradients on backward.
     Returns ``(Flow of out [T, B, D*P], h_n [D, B, P], c_n [D, B, H] or None)``."""
+    m, family, layer, flow, h0, c0, dirs = run.module, run.family, run.layer, run.flow, run.h0, run.c0, run.dirs
     x = flow.padded()
     B, H = x.shape[1], m.hidden_size
     P = getattr(m, "proj_size", 0) or H

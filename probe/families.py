@@ -106,7 +106,7 @@ def of(module: nn.Module) -> Family:
     raise TypeError(f"{type(module).__name__} is not nn.RNN, nn.LSTM or nn.GRU")
 
 
-def family(module: nn.Module) -> str:
+def family_name(module: nn.Module) -> str:
     """``'LSTM'``, ``'GRU'`` or ``'RNN'``."""
     return of(module).name
 

@@ -18,13 +18,12 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, call_user, failure, first_line
 
 from .keys import recurrent_modules
 from .subject import Subject
@@ -114,7 +113,7 @@ def _import_file(path: Path):
             raise
         if isinstance(err, SyntaxError):
             raise RnnscopeError(f"{path} line {err.lineno}: syntax error ({err.msg})", "fix the file") from None
-        raise _failed(err, f"importing {path}", path) from None
+        raise failure(err, f"importing {path} failed", where=path) from None
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
@@ -129,30 +128,16 @@ def _import_module(name: str):
             raise RnnscopeError(f"no module named {err.name!r} (from {name!r})",
                                 "install it, run from the folder that holds it, or give a file path: "
                                 "path/to/file.py:function") from None
-        raise _failed(err, f"importing {name}", None) from None
+        raise failure(err, f"importing {name} failed") from None
     except Exception as err:
-        raise _failed(err, f"importing {name}", None) from None
-
-
-def _failed(err: BaseException, doing: str, path: Path | None) -> RnnscopeError:
-    """One line for an exception raised by the user's code: where in it, and what."""
-    frames = traceback.extract_tb(err.__traceback__)
-    theirs = frames if path is None else [f for f in frames if Path(f.filename) == path]
-    at = f" at {theirs[-1].filename} line {theirs[-1].lineno}" if theirs else ""
-    first = (str(err).strip().splitlines() or [""])[0][:160]
-    return RnnscopeError(f"{doing} raised {type(err).__name__}{at}: {first}", "fix the code there")
+        raise failure(err, f"importing {name} failed") from None
 
 
 def call(fn, spec: str, *args):
     """``fn(*args)``, the user's code: an exception in it becomes one line naming where it was raised."""
-    try:
-        return fn(*args)
-    except (RnnscopeError, KeyboardInterrupt):
-        raise
-    except Exception as err:
-        code = getattr(fn, "__code__", None)
-        raise _failed(err, f"{spec} (calling {getattr(fn, '__name__', 'it')})",
-                      Path(code.co_filename) if code else None) from None
+    code = getattr(fn, "__code__", None)
+    return call_user(fn, *args, doing=f"{spec} (calling {getattr(fn, '__name__', 'it')}) failed",
+                     where=Path(code.co_filename) if code else None)
 
 
 def as_subject(value, spec: str) -> Subject:
@@ -216,7 +201,7 @@ def read_weights(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:120]
+        first = first_line(err, 120)
         raise RnnscopeError(f"{path} is not a weights-only state_dict ({type(err).__name__}: {first})",
                             "save it with torch.save(model.state_dict(), path) or safetensors") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -224,23 +209,3 @@ def read_weights(path: Path) -> dict:
         raise RnnscopeError(f"{path} is not a state_dict (a flat mapping of names to tensors)",
                             "save it with torch.save(model.state_dict(), path)")
     return state
-
-
-def encoder(spec: str):
-    """``--encoder file.py:fn``: what ``fn()`` returns (an encoder, see ``Subject``)."""
-    return call(resolve(spec, "--encoder"), spec)
-
-
-def loss(spec: str):
-    """``--loss none`` or ``--loss file.py:fn``: ``None`` or the function ``fn(output, ids)`` itself."""
-    return None if spec == "none" else resolve(spec, "--loss")
-
-
-def choose(model: nn.Module, names: list[str]) -> list[str]:
-    """``--modules a,b``: checked against the model's recurrent modules."""
-    known = list(recurrent_modules(model))
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise RnnscopeError(f"the model has no recurrent module {', '.join(map(repr, unknown))}",
-                            f"choose from {', '.join(repr(k) for k in known)}")
-    return names

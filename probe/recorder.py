@@ -48,6 +48,13 @@ class CallTrace(Mapping):
     def __len__(self) -> int:
         return len(self._dirs)
 
+    def __repr__(self) -> str:
+        return _shapes("CallTrace", self)
+
+    def direction(self, key: str) -> Direction:
+        """The engine's record of the layer and direction ``key`` belongs to (``.st``: its states and gates)."""
+        return self._dirs[key][0]
+
 
 class Trace(Mapping):
     """Every call of a ``Probe`` block, each key's calls concatenated along time
@@ -74,6 +81,16 @@ class Trace(Mapping):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return _shapes(f"Trace of {len(self._calls)} call(s)", self)
+
+
+def _shapes(what: str, trace: Mapping) -> str:
+    """``what`` and each key with its shape ``[batch, time, units]``, as a cache's repr shows its hooks."""
+    lines = [f"  {k}: [{', '.join(map(str, trace[k].shape))}]" for k in list(trace)[:40]]
+    more = f"\n  ... and {len(trace) - 40} more" if len(trace) > 40 else ""
+    return f"{what}: {len(trace)} keys" + ("\n" + "\n".join(lines) if lines else "") + more
 
 
 class Probe:
@@ -109,6 +126,26 @@ class Probe:
     @property
     def trace(self) -> Trace:
         return Trace(self.calls + self.cell_calls)
+
+    def __repr__(self) -> str:
+        what = f"grad={self.grad}, kinds={sorted(self.kinds) if self.kinds else 'all'}, carry={self.carry}"
+        mods = "\n".join(f"  {n or '<model>'}: {type(m).__name__}({m.input_size}, {m.hidden_size}, "
+                         f"layers={m.num_layers}{', bidirectional' if m.bidirectional else ''})"
+                         for n, m in self.modules.items())
+        return f"Probe({what}; {len(self.calls)} call(s) recorded)\n{mods}"
+
+    def gradients_apart(self, output: torch.Tensor, grad_output: torch.Tensor, inputs, call: CallTrace) -> dict:
+        """One more backward, from ``output`` with ``grad_output``, to ``inputs``: returns ``call``'s
+        state gradients from that backward alone (key -> ``[batch, time, units]``), while every record
+        keeps only the gradients of the ordinary backward (``Watch`` sends the last step's loss back so)."""
+        dirs = {id(d): d for c in self.calls for d, _ in c._dirs.values()}.values()
+        saved = [(d, d.swap_grads({})) for d in dirs] + [(c, c.swap_grads()) for c in self.cell_calls]
+        try:
+            torch.autograd.grad(output, inputs, grad_outputs=grad_output, retain_graph=True, allow_unused=True)
+            return {key: call[key].clone() for key in call if ".grad_" in key}
+        finally:
+            for d, grads in saved:
+                d.swap_grads(grads)
 
     def __enter__(self) -> "Probe":
         cells.check(self.cells)              # checks before touching anything: a refusal leaves the model as it was
@@ -146,7 +183,7 @@ class Probe:
             if call is None:
                 continue
             D = 2 if m.bidirectional else 1
-            recs = [call._dirs[state_key(name, layer, d == 1, "h")][0] for layer in range(m.num_layers)
+            recs = [call.direction(state_key(name, layer, d == 1, "h")) for layer in range(m.num_layers)
                     for d in range(D)]
             h = torch.stack([r.st["h"][step] for r in recs])
             self._last_state[name] = (h, torch.stack([r.st["c"][step] for r in recs])) \
@@ -186,9 +223,10 @@ class Probe:
             h_n = torch.cat(h_ns, 0).detach()
             self._last_state[name] = (h_n, torch.cat(c_ns, 0).detach()) if family.cell_state else h_n
 
-    def record_layer(self, m, family, layer, flow: Flow, h0, c0, dirs, differentiable: bool):
+    def record_layer(self, run: engine.Layer, differentiable: bool):
         """The engine's recording strategy for one unedited layer; see ``recorded_layer``."""
-        return recorded_layer(m, family, layer, flow, h0, c0, dirs, differentiable, only_h=self.kinds == {"h"})
+        return recorded_layer(run.module, run.family, run.layer, run.flow, run.h0, run.c0, run.dirs,
+                              differentiable, only_h=self.kinds == {"h"})
 
 
 def recorded_layer(m, family, layer, flow: Flow, h0, c0, dirs, differentiable: bool, only_h: bool = False):

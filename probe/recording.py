@@ -27,7 +27,7 @@ from torch import nn
 from numba import njit
 from tqdm import tqdm
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, call_user
 from rnnscope.store import DTYPES, RunWriter, check_out, documents_frame, open_run, split_key
 from rnnscope.store.writer import text_bytes
 from rnnscope.zoo.vocab import Vocab
@@ -35,7 +35,7 @@ from rnnscope.zoo.vocab import Vocab
 from . import cells
 from .corpus import documents_of
 from .encoders import as_encoder, char_spans
-from .keys import KINDS, family
+from .keys import KINDS, family_name
 from .recorder import Probe
 from .steploss import first_tensor, resolve_loss
 from .subject import subject_of
@@ -109,7 +109,7 @@ def _identity(model, mods: dict, card: dict, source: str) -> dict:
     return {"source": str(source), "class": type(model).__name__, "checksum": model_checksum(model),
             "card_name": text_or_none(card.get("name")), "weights_sha256": text_or_none(card.get("weights_sha256")),
             "modules": {n: cells.identity(m) if cells.spec_of(m) is not None else
-                        {"type": family(m), "layers": m.num_layers, "hidden": m.hidden_size,
+                        {"type": family_name(m), "layers": m.num_layers, "hidden": m.hidden_size,
                          "bidirectional": m.bidirectional, "proj_size": getattr(m, "proj_size", 0)}
                         for n, m in mods.items()}}
 
@@ -214,15 +214,8 @@ def _default_call(model, ids):
 def _forward(model, call, x):
     """``call(model, x)``; the user's model failing on the encoder's ids (a dtype it does not take,
     an index it does not hold) is said in one line, not a traceback from deep inside torch."""
-    try:
-        return call(model, x)
-    except (RnnscopeError, KeyboardInterrupt):
-        raise
-    except Exception as err:
-        said = str(err).splitlines()[0][:120] if str(err) else ""
-        raise RnnscopeError(f"the model failed on the encoder's ids [1, {x.shape[-1]}]: {type(err).__name__}: "
-                            f"{said}", "make the model take ids [1, T] from the encoder (or give Subject(call=...))"
-                            ) from err
+    return call_user(call, model, x, doing=f"the model failed on the encoder's ids [1, {x.shape[-1]}]",
+                     fix="make the model take ids [1, T] from the encoder (or give Subject(call=...))")
 
 
 def _check_ids_fit(model, ids: torch.Tensor) -> None:
@@ -284,7 +277,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     looped = Probe(model).cells
     mods = _chosen({**Probe(model).modules, **looped}, modules)
     cell_kinds = [cells.known_kinds(m) for m in mods.values() if m in looped.values()]
-    known = {k for m in mods.values() if m not in looped.values() for k in KINDS[family(m)]}
+    known = {k for m in mods.values() if m not in looped.values() for k in KINDS[family_name(m)]}
     known |= {k for ks in cell_kinds if ks is not None for k in ks}
     if kinds is not None and set(kinds) - known and None not in cell_kinds:
         raise RnnscopeError(f"unknown state kind(s) {', '.join(sorted(set(kinds) - known))} for this model",
@@ -359,4 +352,4 @@ def _loss_entry(step_loss, w: RunWriter, totals: list[float]) -> dict | None:
     with warnings.catch_warnings():       # all NaN (no next token, or a model producing NaN): the mean is NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = float(np.nanmean(totals)) if step_loss.scalar else float(np.nanmean(w.read_loss()))
-    return {"kind": step_loss.kind, "mean_nats": mean, "bits_per_char": mean / np.log(2)}
+    return {"kind": step_loss.kind, "mean_nats": mean, "bits_per_step": mean / np.log(2)}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, call_user
 
 SHAPE_FIX = "pass --loss none, or --loss file.py:fn"
 USER_FIX = "return one loss per step [T] for the ids [T] it is given, or a scalar"
@@ -83,14 +83,8 @@ class StepLoss:
 
     def _user(self, output, s: int, e: int) -> torch.Tensor:
         """The user's loss on steps ``s .. e-1``: ``[e - s]``, or a scalar over one whole document."""
-        try:
-            value = self.fn(output, self.ids[s:e])
-        except RnnscopeError:
-            raise
-        except Exception as err:        # the user's code: said in one line, not a traceback
-            said = str(err).splitlines()[0][:120] if str(err) else ""
-            raise RnnscopeError(f"the loss failed on the model's output {shape_of(output, e - s)} and ids "
-                                f"[{e - s}]: {type(err).__name__}: {said}", USER_FIX) from None
+        value = call_user(self.fn, output, self.ids[s:e], fix=USER_FIX,
+                          doing=f"the loss failed on the model's output {shape_of(output, e - s)} and ids [{e - s}]")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise RnnscopeError(f"the loss returned {type(value).__name__}"
                                 + (f" of {value.dtype}" if isinstance(value, torch.Tensor) else ""), USER_FIX)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 
 RECURRENT = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -45,7 +45,7 @@ def load_archive(path: Path) -> torch.jit.ScriptModule:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as err:       # torch's own loader: a damaged or incompatible archive
-        first = (str(err).strip().splitlines() or [""])[0][:160]
+        first = first_line(err)
         raise RnnscopeError(f"{path} cannot be loaded by torch.jit.load ({first})",
                             "save it again with torch.jit.save from this PyTorch version") from None
 
@@ -97,7 +97,7 @@ def rebuild(name: str, sm) -> nn.Module:
         m.load_state_dict(params, strict=True)
     except RuntimeError as err:
         raise RnnscopeError(f"the archive's recurrent module {name!r} cannot be rebuilt as nn.{family} "
-                            f"({str(err).splitlines()[0][:120]})", "script the model from standard modules") from None
+                            f"({first_line(err, 120)})", "script the model from standard modules") from None
     return m.eval()
 
 

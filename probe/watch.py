@@ -106,7 +106,7 @@ def step_tables(model: nn.Module, modules: dict, probe: Probe, decay: dict, step
                        "param_grad_norm": _norm(_layer_params(m, layer, reverse))}
                 call = next((c for c in reversed(probe.calls) if f"{prefix}.h" in c), None)
                 if call is not None:
-                    d = call._dirs[f"{prefix}.h"][0]
+                    d = call.direction(f"{prefix}.h")
                     row.update(saturation(fam, {k: d.get(k) for k in fam.kinds if k in d.st}))
                 for kind in fam.grad_kinds:
                     key = f"{prefix}.{kind}"
@@ -143,6 +143,63 @@ def steps_row(row: dict, grad_norm: float, backwards: bool, clips: int = 0) -> d
             "flags": ",".join(flags)}
 
 
+class LastStep:
+    """While a watched step runs: the loss at the last step alone, sent back from each recurrent
+    module's output (``decay``: key -> ``[batch, time, units]``), apart from the loop's own backward."""
+
+    def __init__(self, model: nn.Module, probe: Probe, modules: dict):
+        self.model, self.probe, self.inner = model, probe, False
+        self.decay: dict[str, torch.Tensor] = {}
+        self.latest: dict[nn.Module, object] = {}
+        self.hooks = [m.register_forward_hook(self.seed) for m in modules.values()]
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def seed(self, module, args, output):
+        out = output[0]
+        if isinstance(out, PackedSequence) or not out.requires_grad:
+            return                                  # no single last step to seed from
+        call = self.probe.calls[-1]
+        self.latest[module] = call            # a module called again in this step: its last call is seeded
+        t_dim = 1 if module.batch_first and out.dim() == 3 else 0
+        out.register_hook(lambda grad: self._backward(module, out, grad, t_dim, call))
+
+    def _backward(self, module, out, grad, t_dim, call) -> None:
+        """The loss at the last step alone, sent back from this module's output through the recorded graph;
+        the probe's records keep only the loop's own gradients."""
+        if self.inner or self.latest.get(module) is not call:     # the hook sees its own seed too
+            return
+        seed = torch.zeros_like(grad)
+        seed.select(t_dim, -1).copy_(grad.select(t_dim, -1))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.inner = True
+        try:
+            self.decay.update(self.probe.gradients_apart(out, seed, params, call))
+        finally:
+            self.inner = False
+
+
+def flush_rows(log: WatchLogWriter, rows: list[dict]) -> list:
+    """Append the buffered watched steps' rows to ``log`` as one block; returns the empty buffer."""
+    if rows:
+        log.append({name: pd.DataFrame([r for row in rows for r in row[name]], columns=SCHEMAS[name].names)
+                    for name in SCHEMAS})
+    return []
+
+
+def open_log(model: nn.Module, modules: dict, out, every: int) -> WatchLogWriter:
+    """The log a Watch writes: created, or continued when it holds this model's log."""
+    info = {n: {"type": families.family_name(m), "layers": m.num_layers, "hidden": m.hidden_size,
+                "bidirectional": m.bidirectional} for n, m in modules.items()}
+    keys = [state_key(n, layer, d == 1, k) for n, m in modules.items() for layer in range(m.num_layers)
+            for d in range(2 if m.bidirectional else 1) for k in families.of(m).grad_kinds]
+    return WatchLogWriter(out, every, {"class": type(model).__name__, "checksum": model_checksum(model),
+                                       "modules": info}, keys)
+
+
 class Watch:
     """Record gradient flow through time every ``every`` steps of a training loop into the log ``out``.
 
@@ -163,22 +220,21 @@ class Watch:
         if not self.modules:
             raise RnnscopeError(f"{type(model).__name__} has no nn.RNN, nn.LSTM or nn.GRU submodule to watch",
                                 "watch a model built from PyTorch's recurrent modules")
-        info = {n: {"type": families.family(m), "layers": m.num_layers, "hidden": m.hidden_size,
-                    "bidirectional": m.bidirectional} for n, m in self.modules.items()}
-        keys = [state_key(n, layer, d == 1, k) for n, m in self.modules.items() for layer in range(m.num_layers)
-                for d in range(2 if m.bidirectional else 1) for k in families.of(m).grad_kinds]
-        self.log = WatchLogWriter(out, every, {"class": type(model).__name__, "checksum": model_checksum(model),
-                                               "modules": info}, keys)
+        self.log = open_log(model, self.modules, out, every)
         self.path = self.log.path
         self._start = self.log.manifest["created"]     # wall time counts from the log's start
         self._last = self.log.last_step            # the largest step seen: a smaller one is flagged
         self._backwards = False
         self._probe: Probe | None = None
-        self._hooks: list = []
-        self._inner = False
+        self._seeds: LastStep | None = None
         self._row: dict | None = None              # the watched step whose clipping may still come
         self._rows: list[dict] = []
         atexit.register(self.close)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.log is None else f"last step {self._last}"
+        keys = self.log.manifest.get("keys", []) if self.log else []
+        return f"Watch({str(self.path)!r}, every={self.every}: {len(keys)} keys {keys[:6]}; {state})"
 
     def __enter__(self) -> "Watch":
         return self
@@ -212,9 +268,7 @@ class Watch:
             return False
         self._row = {"step": step, "wall": time.time() - self._start, "loss": None, "clip": None, "tables": None}
         self._probe = Probe(self.model, grad=True).__enter__()
-        self._decay: dict[str, torch.Tensor] = {}
-        self._latest: dict[nn.Module, object] = {}
-        self._hooks = [m.register_forward_hook(self._seed_hook) for m in self.modules.values()]
+        self._seeds = LastStep(self.model, self._probe, self.modules)
         return True
 
     def loss(self, loss) -> None:
@@ -232,9 +286,8 @@ class Watch:
             if self._row["tables"] is None:
                 self._take_tables()
         finally:
-            for h in self._hooks:
-                h.remove()
-            self._hooks, probe, self._probe = [], self._probe, None
+            self._seeds.remove()
+            probe, self._probe = self._probe, None
             probe.__exit__(None, None, None)
 
     def clip_grad_norm_(self, parameters, max_norm: float, **kwargs) -> torch.Tensor:
@@ -268,56 +321,20 @@ class Watch:
             atexit.unregister(self.close)
 
     def flush(self) -> None:
-        if self._rows:
-            self.log.append({name: pd.DataFrame([r for row in self._rows for r in row[name]],
-                                                columns=SCHEMAS[name].names) for name in SCHEMAS})
-            self._rows = []
+        self._rows = flush_rows(self.log, self._rows)
 
     # inside
 
-    def _seed_hook(self, module, args, output):
-        out = output[0]
-        if isinstance(out, PackedSequence) or not out.requires_grad:
-            return                                  # no single last step to seed from
-        call = self._probe.calls[-1]
-        self._latest[module] = call            # a module called again in this step: its last call is seeded
-        t_dim = 1 if module.batch_first and out.dim() == 3 else 0
-        out.register_hook(lambda grad: self._last_step_backward(module, out, grad, t_dim, call))
-
-    def _last_step_backward(self, module, out, grad, t_dim, call) -> None:
-        """The loss at the last step alone, sent back from this module's output through the recorded graph;
-        the probe's records keep only the loop's own gradients."""
-        if self._inner or self._latest.get(module) is not call:     # the hook sees its own seed too
-            return
-        seed = torch.zeros_like(grad)
-        seed.select(t_dim, -1).copy_(grad.select(t_dim, -1))
-        recs = {id(d): d for c in self._probe.calls for d, _ in c._dirs.values()}.values()
-        saved = [(d, d._grads) for d in recs]
-        for d in recs:
-            d._grads = {}
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self._inner = True
-        try:
-            torch.autograd.grad(out, params, grad_outputs=seed, retain_graph=True, allow_unused=True)
-            for key in call:
-                if ".grad_" in key:
-                    self._decay[key] = call[key].clone()
-        finally:
-            self._inner = False
-            for d, g in saved:
-                d._grads = g
-
     def _take_tables(self) -> None:
-        self._row["tables"] = step_tables(self.model, self.modules, self._probe, self._decay, self._row["step"])
+        self._row["tables"] = step_tables(self.model, self.modules, self._probe, self._seeds.decay, self._row["step"])
 
     def _commit(self) -> None:
         """The pending watched step's row is final (the next step began, or the log closes)."""
         row, self._row = self._row, None
         if row is None or row["tables"] is None:
             return
-        t = row["tables"]
-        steps = [steps_row(row, t["grad_norm"], self._backwards, self._clips)]
+        self._rows.append({**row["tables"], "steps": [steps_row(row, row["tables"]["grad_norm"], self._backwards,
+                                                                  self._clips)]})
         self._backwards, self._clips = False, 0
-        self._rows.append({"steps": steps, "timesteps": t["timesteps"], "decay": t["decay"], "layers": t["layers"]})
         if len(self._rows) >= self.flush_every:
             self.flush()

@@ -14,7 +14,7 @@ The subpackages are ``rnnscope.probe``, ``rnnscope.analysis``, ``rnnscope.dashbo
 """
 from __future__ import annotations
 
-from importlib import import_module
+from rnnscope.lazy import exports
 
 __version__ = "0.1.0"
 
@@ -22,27 +22,12 @@ __version__ = "0.1.0"
 _API = {
     "RnnscopeError": "rnnscope.errors",
     "load": "rnnscope.probe.models", "Checkpoint": "rnnscope.zoo", "Subject": "rnnscope.probe.subject",
-    "Probe": "rnnscope.probe", "cell": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.probe", "Run": "rnnscope.probe",
-    "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.analysis",
+    "Probe": "rnnscope.probe", "cell": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.store", "Run": "rnnscope.store",
+    "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.probe",
     "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",
     "show": "rnnscope.dashboards.notebook",
     "Watch": "rnnscope.probe.watch",
 }
 __all__ = sorted(_API)
-
-
-_SUBPACKAGES = ("probe", "analysis", "dashboards", "zoo")
-
-
-def __getattr__(name: str):
-    if name in _SUBPACKAGES:
-        return import_module(f"rnnscope.{name}")
-    if name in _API:
-        value = getattr(import_module(_API[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rnnscope' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+_API.update({name: f"rnnscope.{name}" for name in ("probe", "analysis", "dashboards", "zoo", "store")})
+__getattr__, __dir__ = exports(__name__, _API, globals())

@@ -13,8 +13,7 @@ import socket
 import stat
 from pathlib import Path
 
-# a unit: a state key (module.lN[_reverse].kind, see rnnscope.probe.keys) and an ASCII index
-UNIT = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?l[0-9]+(?:_reverse)?\.[a-z_]+:[0-9]+$", re.ASCII)
+from rnnscope.store.keys import UNIT      # a unit: a state key and an index, the store's one grammar
 
 
 def _bad(problem: str, fix: str) -> argparse.ArgumentTypeError:
@@ -157,10 +156,3 @@ def clamp(text: str) -> str:
     unit(unit_part)
     _number(value)
     return text
-
-
-def read_text(path: Path) -> str:
-    """The file's text exactly as stored: UTF-8, line endings untouched (``newline=''``), so the Run's
-    text and its checksum match the file byte for byte."""
-    from rnnscope.store.files import read_text as stored
-    return stored(path)

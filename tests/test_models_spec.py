@@ -11,6 +11,7 @@ from reference import unrolled
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe import Probe
 from rnnscope.probe import models
+from rnnscope.loading import choose
 from rnnscope.probe.subject import Subject
 from rnnscope.probe.torchscript import Replayed
 
@@ -141,9 +142,9 @@ def test_every_bad_spec_is_one_line_naming_what_is_wrong(spec, tmp_path):
 
 def test_modules_are_checked_by_name(spec):
     s = models.load(f"{spec}:build")
-    assert models.choose(s.model, ["enc.rnn"]) == ["enc.rnn"]
+    assert choose(s.model, ["enc.rnn"]) == ["enc.rnn"]
     with pytest.raises(RnnscopeError, match=r"no recurrent module 'rnn' — choose from 'enc.rnn'"):
-        models.choose(s.model, ["rnn"])
+        choose(s.model, ["rnn"])
 
 
 def _archive(spec, tmp_path, trace=False):

@@ -1,28 +1,19 @@
-"""Char-level RNN / LSTM / GRU models, the corpora they learn from, their trainer and checkpoints."""
+"""Char-level RNN / LSTM / GRU models, the corpora they learn from, their trainer and checkpoints.
+
+The models, vocabulary, corpora and checkpoints sit low in the stack (they need no probe); the trainer
+(``rnnscope.zoo.train``) sits above the probe, since it can watch a run. Names are imported on first use."""
 if __name__ != "rnnscope.zoo":      # run from the repository root, ``import zoo`` finds this folder
     raise ImportError("this folder is rnnscope.zoo, not a top-level 'zoo' package: "
                       "use `from rnnscope import zoo` (pip install -e . first)")
-from .checkpoint import Checkpoint, load, save, shipped
-from .corpora import corpus
-from rnnscope.errors import RnnscopeError
-from .model import Architecture, CharModel, matched_hidden, parameter_count
-from .vocab import Vocab
+from pathlib import Path
 
-SAMPLES = __import__("pathlib").Path(__file__).parent / "samples"
+from rnnscope.lazy import exports
 
+SAMPLES = Path(__file__).parent / "samples"
 
-def catalogue() -> list[dict]:
-    """One row per shipped checkpoint: what ``rnnscope zoo list`` prints."""
-    rows = []
-    for name, path in shipped().items():
-        card = load(f"zoo:{name}").card   # loading verifies the checksum: list only what works
-        a = card["architecture"]
-        rows.append({"name": name, "arch": a["arch"], "corpus": card["corpus"]["name"], "layers": a["layers"],
-                     "hidden": a["hidden"], "params": card["params"], "val_loss": card["val_loss"],
-                     "test_loss": card["test_loss"], "test_bpc": card["test_bpc"],
-                     "chars_seen": card["training"]["chars_seen"]})
-    return rows
-
-
-__all__ = ["Architecture", "CharModel", "Checkpoint", "RnnscopeError", "Vocab", "catalogue", "corpus", "load",
-           "matched_hidden", "parameter_count", "save", "shipped", "SAMPLES"]
+_API = {"Checkpoint": "checkpoint", "load": "checkpoint", "save": "checkpoint", "shipped": "checkpoint",
+        "catalogue": "checkpoint", "corpus": "corpora", "RnnscopeError": "rnnscope.errors",
+        "Architecture": "model", "CharModel": "model", "matched_hidden": "model", "parameter_count": "model",
+        "Vocab": "vocab"}
+__all__ = sorted([*_API, "SAMPLES"])
+__getattr__, __dir__ = exports(__name__, _API, globals())

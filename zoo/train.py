@@ -9,7 +9,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import checkpoint
+from .config import TrainConfig, config_from  # noqa: F401  (config_from: the command line's)
 from .corpora import Corpus, corpus as get_corpus
 from rnnscope.errors import RnnscopeError
 from rnnscope.store import atomic_write
@@ -28,28 +29,6 @@ STATE_DIR = "train_state"
 WATCH_DIR = "watch"
 # how often the watch log may change without refusing to resume: it does not change the training
 _FREE = ("watch_every",)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    arch: str = "lstm"
-    corpus: str = "linux"
-    layers: int = 2
-    hidden: int = 256
-    embed: int = 64
-    dropout: float = 0.0
-    batch: int = 64
-    seq_len: int = 100
-    steps: int = 3000
-    optimizer: str = "adam"
-    lr: float = 2e-3
-    min_lr: float = 1e-4
-    warmup: int = 100
-    clip: float = 5.0
-    val_every: int = 500
-    checkpoint_every: int = 250
-    seed: int = 0
-    watch_every: int = 100      # OUT/watch: gradient flow through time every N steps (0: off)
 
 
 def learning_rate(c: TrainConfig, step: int) -> float:
@@ -147,12 +126,15 @@ def _load_state(out: Path, model, opt) -> tuple[object, dict]:
     return state, progress
 
 
-def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = False) -> Path:
+def train(c: TrainConfig, out: Path, data: Corpus | None = None, fresh: bool = False, threads: int = 0) -> Path:
     """Train into ``out``; resumes from ``out/train_state`` when present (unless ``fresh``).
+    ``threads``: torch's thread count for the run (0: leave torch's own).
 
     Writes ``out/weights.safetensors`` + ``out/card.json`` when done. Ctrl-C saves a resumable
     state first. Returns ``out``.
     """
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(out)
     data = data or get_corpus(c.corpus)
     manifest = data.manifest
@@ -272,8 +254,3 @@ def _watch(model, out: Path, c: TrainConfig):
         return None
     from rnnscope.probe.watch import Watch     # the probe layer, imported only when a run watches
     return Watch(model, out / WATCH_DIR, every=c.watch_every, flush_every=1)
-
-
-def config_from(**kwargs) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in kwargs.items() if k in names and v is not None})

@@ -3,15 +3,24 @@
 It sits at the bottom of the stack beside ``rnnscope.errors`` and imports only NumPy, pandas,
 pyarrow and the standard library: ``probe.record`` streams into a ``RunWriter``, ``open_run``
 reads a Run back (checking everything in it first), ``read_table`` / ``write_table`` hold the
-analysis tables, and ``atomic_write`` is the single atomic file write (checkpoints use it too).
+analysis tables, ``atomic_write`` is the single atomic file write (checkpoints use it too),
+``keys`` holds the one grammar of state keys and units, and ``layout`` the one step layout.
+Names are imported on first use, so the key grammar costs no pandas import.
 """
-from .files import atomic_write, inside, regular_file
-from .format import DTYPES, FORMAT, FORMAT_VERSION, KEY, check_steps, key_file, split_key
-from .run import Run, is_run, open_run
-from .tables import DOCUMENTS_SCHEMA, SCHEMAS, read_table, table_path, write_json, write_table
-from .writer import NpyRows, RunWriter, check_out, clean_stale, documents_frame, one_document
+from __future__ import annotations
 
-__all__ = ["DOCUMENTS_SCHEMA", "DTYPES", "FORMAT", "FORMAT_VERSION", "KEY", "NpyRows", "Run", "RunWriter", "SCHEMAS",
-           "atomic_write", "check_out", "check_steps", "clean_stale", "documents_frame", "inside", "is_run",
-           "key_file", "one_document", "open_run", "read_table", "regular_file", "split_key", "table_path",
-           "write_json", "write_table"]
+from rnnscope.lazy import exports
+
+_API = {
+    "atomic_write": "files", "inside": "files", "regular_file": "files",
+    "DTYPES": "format", "FORMAT": "format", "FORMAT_VERSION": "format", "check_steps": "format",
+    "KEY": "keys", "UNIT": "keys", "key_file": "keys", "parse_key": "keys", "parse_unit": "keys",
+    "split_key": "keys", "state_key": "keys",
+    "StepLayout": "layout", "char_spans": "layout", "documents_frame": "layout", "one_document": "layout",
+    "Run": "run", "is_run": "run", "open_run": "run", "open_input": "watchlog",
+    "DOCUMENTS_SCHEMA": "tables", "SCHEMAS": "tables", "read_table": "tables", "table_path": "tables",
+    "write_json": "tables", "write_table": "tables",
+    "NpyRows": "writer", "RunWriter": "writer", "check_out": "writer", "clean_stale": "writer",
+}
+__all__ = sorted(_API)
+__getattr__, __dir__ = exports(__name__, _API, globals())

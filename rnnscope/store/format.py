@@ -9,30 +9,13 @@ import re
 
 import numpy as np
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
+
+from .keys import KEY, key_file
 
 FORMAT, FORMAT_VERSION = "rnnscope-run", 2
 DTYPES = {"float16": np.float16, "float32": np.float32}
-# {module}.l{layer}[_reverse].{kind}: the module is a dotted name of identifier-like segments (a
-# Sequential's children are digits), so a key is never a path (no '/', '..' or NUL can match)
-KEY = re.compile(r"^(?:(?P<module>[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.)?"
-                 r"l(?P<layer>\d{1,4})(?P<reverse>_reverse)?\.(?P<kind>[A-Za-z][A-Za-z0-9_]*)$")
-UNIT = re.compile(KEY.pattern[:-1] + r":\d{1,9}$")
 RECORD = "record it again with `rnnscope probe`"
-
-
-def key_file(key: str) -> str:
-    return f"states/{key}.npy"
-
-
-def split_key(key: str) -> dict:
-    """``'rnn.l1_reverse.c' -> {module: 'rnn', layer: 1, reverse: True, kind: 'c'}``; a key that does
-    not follow the grammar is refused."""
-    m = KEY.match(key) if isinstance(key, str) else None
-    if not m:
-        raise RnnscopeError(f"{str(key)[:80]!r} is not a state key like 'rnn.l0.c'",
-                            "state keys are {module}.l{layer}[_reverse].{kind}")
-    return {"module": m["module"] or "", "layer": int(m["layer"]), "reverse": bool(m["reverse"]), "kind": m["kind"]}
 
 
 def _is_int(v) -> bool:
@@ -184,7 +167,7 @@ def check_npy(f, path, shape: tuple[int, ...], dtype) -> int:
         else:
             bad(f"has .npy format version {version}, which rnnscope does not write")
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
-        bad(f"is not a readable .npy file ({str(err).splitlines()[0][:100] if str(err) else type(err).__name__})")
+        bad(f"is not a readable .npy file ({first_line(err, 100)})")
     if got_dtype != np.dtype(dtype) or got_dtype.hasobject:
         bad(f"holds {got_dtype}, expected {np.dtype(dtype)}")
     if tuple(got_shape) != tuple(shape) or fortran:

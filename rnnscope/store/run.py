@@ -28,16 +28,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 
 from .files import inside, read_bytes, regular_file
 from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, key_file
+from .layout import StepLayout
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, read_parquet
 
 MANIFEST_LIMIT = 64 << 20       # a manifest holds names and counts: far below this even for huge models
 
 
-class Run:
+class Run(StepLayout):
     """``len(run)`` steps; ``run[key] -> [steps, units]`` (memory-mapped); ``run.text`` (``run.chars``
     characters); per step ``run.spans``, ``run.has_text``, ``run.step_document``, ``run.ids``, ``run.loss``;
     ``run.documents``; ``run.per_step(values [chars])``; ``run.tokens(s, e)``; ``run.units``."""
@@ -95,31 +96,9 @@ class Run:
         """``[steps]`` int64: the model's input id at each step (None for a format 1 Run)."""
         return self._steps["ids"]
 
-    @cached_property
-    def has_text(self) -> np.ndarray:
-        return self.spans[:, 0] >= 0
-
-    @cached_property
-    def step_document(self) -> np.ndarray:
-        """``[steps]`` int64: the index of each step's document."""
-        d = self.documents
-        return np.repeat(np.arange(len(d)), (d.step_end - d.step_start).to_numpy())
-
-    def per_step(self, values) -> np.ndarray:
-        """A per-character array ``[chars]`` taken at each step: the value at the last character of the
-        step's span (the state after reading it); NaN for steps without text. Returns float64 ``[steps]``."""
-        values = np.asarray(values)
-        if values.shape[:1] != (self.chars,):
-            raise RnnscopeError(f"per_step takes one value per character ({self.chars:,}), got shape "
-                                f"{list(values.shape)}", "compute the feature over run.text")
-        out = np.full((len(self),) + values.shape[1:], np.nan)
-        out[self.has_text] = values[self.spans[self.has_text, 1] - 1]
-        return out
-
     def tokens(self, start: int = 0, end: int | None = None) -> list[str]:
         """The text of steps ``start .. end - 1`` ('' for a step without text)."""
-        text = self.text
-        return [text[a:b] if a >= 0 else "" for a, b in self.spans[start:end].tolist()]
+        return self.step_tokens(self.text, start, end)
 
     def keys(self) -> list[str]:
         return list(self.manifest["keys"])
@@ -237,7 +216,7 @@ def read_manifest(path: Path) -> dict:
         raise RnnscopeError(f"{file} is not UTF-8 ({err.reason} at byte {err.start})", RECORD) from None
     except (json.JSONDecodeError, RecursionError) as err:
         raise RnnscopeError(f"{path} is not an rnnscope run (manifest.json is not JSON: "
-                            f"{str(err).splitlines()[0][:80]})", "point at a directory written by `rnnscope probe`") from None
+                            f"{first_line(err, 80)})", "point at a directory written by `rnnscope probe`") from None
     check_manifest(manifest, path)
     if manifest["format_version"] == 1:
         _from_v1(manifest)

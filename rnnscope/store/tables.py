@@ -16,10 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 
 from .files import atomic_write, inside, regular_file
-from .format import KEY, UNIT
+from .keys import KEY, UNIT
 
 S, I, F, B, FL = "string", "integer", "float", "bool", "floats"
 _TYPES = {S: (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view),
@@ -75,7 +75,7 @@ def check_schema(path: Path, want: dict) -> None:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise RnnscopeError(f"{path} is not a readable Parquet table ({str(err).splitlines()[0][:100]})",
+        raise RnnscopeError(f"{path} is not a readable Parquet table ({first_line(err, 100)})",
                             ANALYZE) from None
     _check(schema, want, path)
 
@@ -99,7 +99,7 @@ def read_parquet(path: Path, want: dict, name: str = "") -> pd.DataFrame:
     try:
         frame = pd.read_parquet(path)
     except (pa.ArrowException, OSError, ValueError, TypeError) as err:
-        raise RnnscopeError(f"{path} is not a readable Parquet table ({str(err).splitlines()[0][:100]})",
+        raise RnnscopeError(f"{path} is not a readable Parquet table ({first_line(err, 100)})",
                             ANALYZE) from None
     _check_values(frame, path, name)
     return frame

@@ -27,17 +27,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, first_line
 
 from .files import atomic_write, read_bytes
-from .format import KEY
+from .keys import KEY
 
 FORMAT, FORMAT_VERSION = "rnnscope-watch", 1
 MANIFEST, BLOCKS, LOCK = "watch.json", "blocks", ".lock"
 # a block's name; a second block over the same steps (the step went backwards) gets ``.{n}``
 BLOCK = re.compile(r"^(\d{12})-(\d{12})(?:\.(\d{1,6}))?\.arrow$")
 # a layer's state-key prefix ("rnn.l0", "l1_reverse"): a state key without its kind
-LAYER = re.compile(KEY.pattern[:KEY.pattern.index(r"\.(?P<kind>")] + "$")
+LAYER = re.compile(KEY.pattern[:KEY.pattern.index(r"\.(?P<kind>")] + "$", re.ASCII)
 GATES = ("sat_i", "sat_f", "sat_o", "sat_r", "sat_z", "sat_h")
 FLAGS = ("nonfinite_loss", "nonfinite_grad", "step_backwards")
 _I, _F, _B, _S = pa.int64(), pa.float64(), pa.bool_(), pa.string()
@@ -137,7 +137,7 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_file(source).read_all()
     except (pa.ArrowException, OSError) as err:
-        raise ValueError(str(err).splitlines()[0][:100]) from None
+        raise ValueError(first_line(err, 100)) from None
     if "table" not in table.column_names:
         raise ValueError("it has no 'table' column")
     out = {}
@@ -313,3 +313,12 @@ class WatchLogWriter:
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
+
+
+def open_input(path):
+    """What ``analyze``, ``serve`` and ``export`` were given: a watch log (``WatchLog``) or a Run
+    (``Run``), each opened and checked by its own reader."""
+    if is_watch_log(path):
+        return open_watch_log(path)
+    from .run import open_run
+    return open_run(path)

@@ -27,6 +27,7 @@ import pandas as pd
 from rnnscope.errors import RnnscopeError
 
 from .files import inside
+from .layout import char_spans, one_document
 from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, key_file
 from .run import is_run
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, write_parquet
@@ -148,18 +149,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def one_document(chars: int, steps: int | None = None, name: str = "text") -> pd.DataFrame:
-    """The documents table of a Run that is one document."""
-    return documents_frame([name], [0, chars], [0, chars if steps is None else steps])
-
-
-def documents_frame(names, char_bounds, step_bounds) -> pd.DataFrame:
-    """The documents table from names and their ``len(names) + 1`` character and step boundaries."""
-    c, t = np.asarray(char_bounds, np.int64), np.asarray(step_bounds, np.int64)
-    return pd.DataFrame({"name": [str(n) for n in names], "char_start": c[:-1], "char_end": c[1:],
-                         "step_start": t[:-1], "step_end": t[1:]})
-
-
 class RunWriter:
     """``with RunWriter(out, text, spans=..., ids=..., documents=...) as w:`` fill ``w.states(...)``,
     ``w.loss()``, ``w.units(frame)``, then ``w.commit(manifest)``. Leaving the block without a commit
@@ -172,7 +161,7 @@ class RunWriter:
         self.data = text_bytes(text)
         self.chars = len(text)
         if spans is None:
-            spans = np.stack([np.arange(self.chars), np.arange(1, self.chars + 1)], 1)
+            spans = char_spans(self.chars)
         self.spans = np.asarray(spans, np.int64)
         self.steps = len(self.spans)
         self.documents = one_document(self.chars, self.steps) if documents is None else documents

@@ -1,5 +1,5 @@
-"""Issue 13, the store and checkpoint cases: a Run or checkpoint from someone else, or a careless
---out, is answered with one line and never loses data, escapes the Run, or hangs.
+"""Runs and checkpoints from someone else, and a careless --out: answered with one line; never losing data,
+escaping the Run, or hanging.
 
 Every test here goes through the public API (``probe.record``, ``open_run``, ``zoo.load``,
 ``analysis.report``), so it also ran against the code before the store existed, and failed there.

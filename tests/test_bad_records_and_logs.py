@@ -1,4 +1,4 @@
-"""A hostile pass over Run format 2 (issue 12) and the watch log (issue 14): each class of bad input is one
+"""Bad input to `record` and the watch log: each class (Run format 2 arrays, encoders, losses, models, watch blocks) is one
 line naming the problem and the fix, exit 2 from the command line, and nothing half-written."""
 import json
 import os
