@@ -126,7 +126,14 @@ def spec_of(m: nn.Module):
 
 
 def cell_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> every recurrent cell inside ``model`` (the model itself is named '')."""
+    """Qualified name -> every recurrent cell inside ``model`` (the model itself is named ''). A
+    TorchScript cell is refused: its compiled caller never looks up a forward rnnscope could replace."""
+    scripted = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)
+                and getattr(m, "original_name", "") in {c.__name__ for c in BUILTIN}]
+    if scripted:
+        raise RnnscopeError(f"cell {scripted[0] or '<model>'} is TorchScript: its compiled loop calls the cell's "
+                            "kernel directly, where no probe can see its steps",
+                            "probe the eager model (the module before torch.jit.script), built from the same code")
     return {name: m for name, m in model.named_modules() if spec_of(m) is not None}
 
 

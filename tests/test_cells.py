@@ -339,3 +339,39 @@ def test_kinds_keep_only_what_was_asked():
         (h.sum() + c.sum()).backward()
     assert set(p.trace) == {"l0.h", "l0.c", "l0.grad_h", "l0.grad_c"}
     assert torch.equal(p.trace["l0.grad_h"], torch.ones(2, 1, 4))       # the loss is the sum of h
+
+
+def test_a_fused_lstm_called_one_step_at_a_time_reads_as_one_sequence():
+    from reference import unrolled
+    torch.manual_seed(13)
+    m, x = nn.LSTM(3, 5, batch_first=True), torch.randn(2, 6, 3)
+    w = torch.randn(2, 6, 5)
+    with Probe(m, grad=True) as p:
+        st, outs = None, []
+        for t in range(6):
+            o, st = m(x[:, t:t + 1], st)
+            outs.append(o)
+        (torch.cat(outs, 1) * w).sum().backward()
+    out, ref, deltas = unrolled(m, x, perturb=True)
+    (out * w.double()).sum().backward()
+    assert len(p.calls) == 6
+    for kind in "hcifgo":
+        assert (p.trace[f"l0.{kind}"].double() - ref[(0, False, kind)]).abs().max() < 1e-5, kind
+    for kind in "hc":
+        want = deltas[(0, False, kind)].grad
+        assert ((p.trace[f"l0.grad_{kind}"].double() - want).abs().max() / want.abs().max()) < 1e-5, kind
+
+
+def test_a_torchscript_cell_is_refused_in_one_line():
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.LSTMCell(3, 4)
+
+        def forward(self, x):
+            st = self.cell(x[0])
+            for t in range(1, x.shape[0]):
+                st = self.cell(x[t], st)
+            return st[0]
+    with pytest.raises(rs.RnnscopeError, match="cell cell is TorchScript"):
+        Probe(torch.jit.script(Loop()))
