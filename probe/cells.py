@@ -178,6 +178,10 @@ class CellCall(Mapping):
     def __len__(self) -> int:
         return len(self._kinds)
 
+    def __repr__(self) -> str:
+        return (f"CellCall of {len(self.steps['h'])} step(s), batch {self.batch}: "
+                f"{', '.join(self._kinds)}")
+
 
 def _stack(vs: list, B: int) -> torch.Tensor:
     """``T`` steps ``[b_t, units]`` with ``b_t <= B`` -> ``[B, T, units]``, NaN below each ``b_t``."""

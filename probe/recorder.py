@@ -129,10 +129,12 @@ class Probe:
 
     def __repr__(self) -> str:
         what = f"grad={self.grad}, kinds={sorted(self.kinds) if self.kinds else 'all'}, carry={self.carry}"
-        mods = "\n".join(f"  {n or '<model>'}: {type(m).__name__}({m.input_size}, {m.hidden_size}, "
-                         f"layers={m.num_layers}{', bidirectional' if m.bidirectional else ''})"
-                         for n, m in self.modules.items())
-        return f"Probe({what}; {len(self.calls)} call(s) recorded)\n{mods}"
+        mods = "\n".join([f"  {n or '<model>'}: {type(m).__name__}({m.input_size}, {m.hidden_size}, "
+                          f"layers={m.num_layers}{', bidirectional' if m.bidirectional else ''})"
+                          for n, m in self.modules.items()] +
+                         [f"  {n or '<model>'}: {type(m).__name__} (a cell: one step per call)"
+                          for n, m in self.cells.items()])
+        return f"Probe({what}; {len(self.calls)} call(s), {len(self.cell_calls)} cell sequence(s) recorded)\n{mods}"
 
     def gradients_apart(self, output: torch.Tensor, grad_output: torch.Tensor, inputs, call: CallTrace) -> dict:
         """One more backward, from ``output`` with ``grad_output``, to ``inputs``: returns ``call``'s

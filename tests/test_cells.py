@@ -375,3 +375,11 @@ def test_a_torchscript_cell_is_refused_in_one_line():
             return st[0]
     with pytest.raises(rs.RnnscopeError, match="cell cell is TorchScript"):
         Probe(torch.jit.script(Loop()))
+
+
+def test_a_probe_shows_its_cells_and_sequences():
+    cell = nn.GRUCell(3, 4)
+    with Probe(cell) as p:
+        cell(torch.randn(2, 3))
+    assert "<model>: GRUCell (a cell: one step per call)" in repr(p) and "1 cell sequence(s)" in repr(p)
+    assert repr(p.cell_calls[0]) == "CellCall of 1 step(s), batch 2: l0.h, l0.r, l0.z, l0.n"
