@@ -18,7 +18,8 @@ Consecutive calls form one sequence while the batch stays or shrinks by dropping
 changed batch whose state is all zeros, starts a new sequence (``probe.cell_calls`` holds each);
 a batch that grows with a carried state is refused. With ``grad=True`` a tensor hook on each
 step's h and c receives the total dL/dh_t and dL/dc_t: through the loop, whatever the caller
-does to the state between calls, and the layers above; nothing past a ``detach``.
+does to the state between calls, and the layers above; nothing past a ``detach``. A Probe's
+``carry`` does not touch a cell: its loop passes the state itself.
 """
 from __future__ import annotations
 
