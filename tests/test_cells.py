@@ -223,8 +223,8 @@ def test_probe_refuses_a_model_without_any_recurrence_and_a_taken_forward():
     assert "forward" not in cell.__dict__
 
 
-from steploops import (CellLoop, IndRNNCell, LayerNormLSTMCell, MultiplicativeLSTMCell,  # noqa: E402
-                       indrnn_textbook, ln_lstm_gates, ln_lstm_textbook, mlstm_gates, mlstm_textbook)
+from handwritten_cells import (CellLoop, IndRNNCell, LayerNormLSTMCell, MultiplicativeLSTMCell,  # noqa: E402
+                               indrnn_textbook, ln_lstm_gates, ln_lstm_textbook, mlstm_gates, mlstm_textbook)
 
 HANDWRITTEN = {     # the cell, its kinds, its gate function, an explicit first state, its gates, the textbook
     "layernorm-lstm": (LayerNormLSTMCell, ("h", "c"), ln_lstm_gates, False, "ifgo", ln_lstm_textbook),
