@@ -146,6 +146,8 @@ def reference(model: nn.Module, replace=None) -> tuple[nn.Module, dict]:
         if make is None:
             continue
         refs[name] = make(mod)
+        if not name:                        # the model is itself the cell
+            return refs[name], refs
         parent, _, leaf = name.rpartition(".")
         setattr(m64.get_submodule(parent) if parent else m64, leaf, refs[name])
     return m64, refs

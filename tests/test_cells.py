@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import rnnscope as rs
-from rnnscope.probe import Probe, cells, state_key
+from rnnscope.probe import Probe, cells, parse_key, state_key
 from steploops import (AttnDecoderRNN, Captioner, Dropouts, FrameModel, InputFeedDecoder, RefDeclared, RLCore,
                        TacotronStep, TwoLSTMCells, reference)
 
@@ -51,7 +51,7 @@ def check_loop(model, run, seed=0, replace=None, dtype=torch.float32):
     out64 = run(m64, torch.float64)
     (out64 * w.double()).sum().backward()
     assert (out.double() - out64).abs().max() < 1e-5
-    assert compare(p, refs) == len([k for k in p.trace if k.split(".l0.")[0] in refs])
+    assert compare(p, refs) == len([k for k in p.trace if parse_key(k)["module"] in refs])
     return p
 
 
@@ -383,3 +383,17 @@ def test_a_probe_shows_its_cells_and_sequences():
         cell(torch.randn(2, 3))
     assert "<model>: GRUCell (a cell: one step per call)" in repr(p) and "1 cell sequence(s)" in repr(p)
     assert repr(p.cell_calls[0]) == "CellCall of 1 step(s), batch 2: l0.h, l0.r, l0.z, l0.n"
+
+
+def test_an_unbatched_lstm_cell_with_gradients():
+    torch.manual_seed(14)
+    cell, xs = nn.LSTMCell(3, 4), torch.randn(5, 3)
+
+    def run(mod, dt):
+        st, hs = None, []
+        for x in xs.to(dt):
+            st = mod(x, st)
+            hs.append(st[0] * st[1])             # the head reads c too
+        return torch.stack(hs)
+    p = check_loop(cell, run)
+    assert p.trace["l0.grad_c"].shape == (1, 5, 4)
