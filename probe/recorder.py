@@ -7,7 +7,9 @@ layer's states; an LSTM on oneDNN has its gates and cells read from the kernel's
 (``probe.workspace``), the rest are replayed from the layer's outputs (``probe.replay``); with
 state gradients each direction is a ``RecordedDirection`` whose backward is the adjoint
 recurrence. Layers an Intervention edits are recorded by the engine as it steps through them.
-On exit each module's ``forward`` is restored; nothing else is touched.
+Cells (``nn.LSTMCell`` and the rest, or modules declared with ``probe.cells.cell``) are recorded
+one step per call by ``probe.cells``. On exit each module's ``forward`` is restored; nothing else
+is touched.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from rnnscope.errors import RnnscopeError
 
-from . import engine, families, packed, workspace
+from . import cells, engine, families, packed, workspace
 from .autograd import RecordedDirection
 from .engine import Direction, Flow
 from .keys import recurrent_modules, state_key
@@ -68,7 +70,7 @@ class Trace(Mapping):
             raise KeyError(key)
         if len({p.shape[0] for p in parts}) > 1:
             raise RnnscopeError(f"calls recorded with different batch sizes cannot be joined along time for {key}",
-                                "read each call from probe.calls[i]")
+                                "read each call from probe.calls[i] (a cell's sequences: probe.cell_calls[i])")
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def __iter__(self):
@@ -92,7 +94,8 @@ def _shapes(what: str, trace: Mapping) -> str:
 
 
 class Probe:
-    """``with Probe(model, grad=True) as probe: ...`` records every recurrent submodule.
+    """``with Probe(model, grad=True) as probe: ...`` records every recurrent submodule, and every
+    cell of a step loop one step per call (``probe.cells``: keys ``{cell}.l0.{kind}``).
 
     ``kinds``: the state kinds to keep (default all; ``h`` always, as the others derive from it).
     ``carry``: a call made with no initial state starts from where the module's previous call in
@@ -108,30 +111,37 @@ class Probe:
         self.overridden: set[str] = set()     # modules whose call passed its own state where one was carried
         self.kinds = None if kinds is None else set(kinds) | {"h"}
         self.modules = recurrent_modules(model)
-        if not self.modules:
-            raise RnnscopeError(f"{type(model).__name__} has no nn.RNN, nn.LSTM or nn.GRU submodule to probe",
-                                "probe a model built from PyTorch's recurrent modules")
+        self.cells = cells.cell_modules(model)
+        if not self.modules and not self.cells:
+            raise RnnscopeError(f"{type(model).__name__} has no nn.RNN, nn.LSTM or nn.GRU submodule to probe, nor a "
+                                "cell (nn.RNNCell, nn.LSTMCell, nn.GRUCell)",
+                                "probe a model built from PyTorch's recurrent modules, or declare its own cell "
+                                "with rnnscope.cell")
         self.calls: list[CallTrace] = []
+        self.cell_calls: list[cells.CellCall] = []      # each sequence of each cell, in the order they began
+        self._tapes: list[cells.CellTape] = []
         self._last_state: dict[str, object] = {}
         self._saved: dict[nn.Parameter, bool] = {}
 
     @property
     def trace(self) -> Trace:
-        return Trace(self.calls)
+        return Trace(self.calls + self.cell_calls)
 
     def __repr__(self) -> str:
         what = f"grad={self.grad}, kinds={sorted(self.kinds) if self.kinds else 'all'}, carry={self.carry}"
-        mods = "\n".join(f"  {n or '<model>'}: {type(m).__name__}({m.input_size}, {m.hidden_size}, "
-                         f"layers={m.num_layers}{', bidirectional' if m.bidirectional else ''})"
-                         for n, m in self.modules.items())
-        return f"Probe({what}; {len(self.calls)} call(s) recorded)\n{mods}"
+        mods = "\n".join([f"  {n or '<model>'}: {type(m).__name__}({m.input_size}, {m.hidden_size}, "
+                          f"layers={m.num_layers}{', bidirectional' if m.bidirectional else ''})"
+                          for n, m in self.modules.items()] +
+                         [f"  {n or '<model>'}: {type(m).__name__} (a cell: one step per call)"
+                          for n, m in self.cells.items()])
+        return f"Probe({what}; {len(self.calls)} call(s), {len(self.cell_calls)} cell sequence(s) recorded)\n{mods}"
 
     def gradients_apart(self, output: torch.Tensor, grad_output: torch.Tensor, inputs, call: CallTrace) -> dict:
         """One more backward, from ``output`` with ``grad_output``, to ``inputs``: returns ``call``'s
         state gradients from that backward alone (key -> ``[batch, time, units]``), while every record
         keeps only the gradients of the ordinary backward (``Watch`` sends the last step's loss back so)."""
         dirs = {id(d): d for c in self.calls for d, _ in c._dirs.values()}.values()
-        saved = [(d, d.swap_grads({})) for d in dirs]
+        saved = [(d, d.swap_grads({})) for d in dirs] + [(c, c.swap_grads()) for c in self.cell_calls]
         try:
             torch.autograd.grad(output, inputs, grad_outputs=grad_output, retain_graph=True, allow_unused=True)
             return {key: call[key].clone() for key in call if ".grad_" in key}
@@ -140,7 +150,9 @@ class Probe:
                 d.swap_grads(grads)
 
     def __enter__(self) -> "Probe":
-        engine.join(self.modules, self)      # checks before touching anything: a refusal leaves the model as it was
+        cells.check(self.cells)              # checks before touching anything: a refusal leaves the model as it was
+        engine.join(self.modules, self)
+        self._tapes = cells.join(self.cells, self)
         if not self.param_grads:
             self._saved = {p: p.requires_grad for p in self.model.parameters()}
             for p in self._saved:
@@ -149,6 +161,7 @@ class Probe:
 
     def __exit__(self, *exc) -> None:
         engine.leave(self.modules, self)
+        cells.leave(self._tapes)
         for p, flag in self._saved.items():
             p.requires_grad_(flag)
         self._saved = {}
@@ -156,6 +169,12 @@ class Probe:
     def reset(self) -> None:
         """With ``carry``: the next call of each module starts from zeros again (a new document)."""
         self._last_state.clear()
+
+    def clear(self) -> None:
+        """Drop every call recorded so far (``record`` has written it); each cell starts a new sequence."""
+        self.calls.clear()
+        self.cell_calls.clear()
+        cells.restart(self._tapes)
 
     def carry_from(self, step: int) -> None:
         """With ``carry``: the next call of each module starts from the state after ``step`` (an index

@@ -32,6 +32,7 @@ from rnnscope.store import DTYPES, RunWriter, check_out, documents_frame, open_r
 from rnnscope.store.writer import text_bytes
 from rnnscope.zoo.vocab import Vocab
 
+from . import cells
 from .corpus import documents_of
 from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
@@ -107,8 +108,9 @@ def _identity(model, mods: dict, card: dict, source: str) -> dict:
         return v if isinstance(v, str) else None
     return {"source": str(source), "class": type(model).__name__, "checksum": model_checksum(model),
             "card_name": text_or_none(card.get("name")), "weights_sha256": text_or_none(card.get("weights_sha256")),
-            "modules": {n: {"type": family_name(m), "layers": m.num_layers, "hidden": m.hidden_size,
-                            "bidirectional": m.bidirectional, "proj_size": getattr(m, "proj_size", 0)}
+            "modules": {n: cells.identity(m) if cells.spec_of(m) is not None else
+                        {"type": family_name(m), "layers": m.num_layers, "hidden": m.hidden_size,
+                         "bidirectional": m.bidirectional, "proj_size": getattr(m, "proj_size", 0)}
                         for n, m in mods.items()}}
 
 
@@ -166,6 +168,7 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
     totals = []
     with tqdm(total=S, unit="step", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
             Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
+        looped = [k for k in layout if split_key(k)["module"] in p.cells]
         for a, b in bounds:
             if not carry:
                 p.reset()
@@ -183,6 +186,11 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                                         "so rnnscope cannot carry the state from one chunk into the next",
                                         "pass None as the initial state in call= (rnnscope carries it), or --chunk "
                                         "at least the longest document's steps")
+                for k in looped:                        # a step loop's steps are its cell's calls
+                    if p.trace[k].shape[:2] != (1, ahead - s):
+                        raise RnnscopeError(f"cell {split_key(k)['module']} took {p.trace[k].shape[1]} steps "
+                                            f"(batch {p.trace[k].shape[0]}) over {ahead - s} steps of the encoder",
+                                            "make the model call its cell once per id of its input [1, T]")
                 if ahead > e:
                     p.carry_from(e - s - 1)             # the next chunk starts where this one ends
                 if step_loss:
@@ -194,7 +202,7 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                     nonfinite, overflow = stats[k].add(h.numpy(), OVERFLOW[dtype])
                     bad[k]["nonfinite"] += nonfinite
                     bad[k]["overflow"] += overflow
-                p.calls.clear()      # bounded memory: this chunk is on disk
+                p.clear()            # bounded memory: this chunk is on disk
                 bar.update(e - s)
     return stats, bad, totals
 
@@ -266,9 +274,12 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                             "loss)" if encoder.kind == "char" else "gradients need a document of two steps or more "
                             "(a one-step document has no next-token loss)",
                             "give a longer text, or probe without --grad")
-    mods = _chosen(Probe(model).modules, modules)
-    known = {k for m in mods.values() for k in KINDS[family_name(m)]}
-    if kinds is not None and set(kinds) - known:
+    looped = Probe(model).cells
+    mods = _chosen({**Probe(model).modules, **looped}, modules)
+    cell_kinds = [cells.known_kinds(m) for m in mods.values() if m in looped.values()]
+    known = {k for m in mods.values() if m not in looped.values() for k in KINDS[family_name(m)]}
+    known |= {k for ks in cell_kinds if ks is not None for k in ks}
+    if kinds is not None and set(kinds) - known and None not in cell_kinds:
         raise RnnscopeError(f"unknown state kind(s) {', '.join(sorted(set(kinds) - known))} for this model",
                             f"choose from {', '.join(sorted(known))}")
     if any(m.bidirectional for m in Probe(model).modules.values()):
@@ -278,6 +289,12 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         if carry and len(docs) > 1:
             raise RnnscopeError("a bidirectional module's state cannot be carried across documents",
                                 "probe without --carry")
+    chosen_cells = [n for n, m in mods.items() if m in looped.values()]
+    if chosen_cells and (longest > chunk or (carry and len(docs) > 1)):      # the model's own loop holds its state
+        raise RnnscopeError(f"a step-loop model carries its cells' state itself ({chosen_cells[0]}), so rnnscope "
+                            "records it a whole document per call and cannot carry it from one document into the next",
+                            f"pass --chunk {longest} (or more)" + (" and probe without --carry" if carry else "")
+                            + ", or record modules without the cells")
     doc = np.repeat(np.arange(len(bounds)), [b - a for a, b in bounds])
     next_ok = np.append(doc[1:] == doc[:-1], False)         # a next token in the same document
     was_training = model.training
@@ -310,7 +327,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                 print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that overflow "
                       f"{dtype}; flagged in the manifest")
             w.commit({
-                "model": _identity(model, Probe(model).modules, sub.card, source),
+                "model": _identity(model, {**Probe(model).modules, **looped}, sub.card, source),
                 "encoder": {"kind": "char" if np.array_equal(spans, char_spans(len(text))) else "spans",
                             "name": encoder.name},
                 "vocab": sub.encoder.chars if encode is None and isinstance(sub.encoder, Vocab) else None,

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _API = {
     "RnnscopeError": "rnnscope.errors",
     "load": "rnnscope.probe.models", "Checkpoint": "rnnscope.zoo", "Subject": "rnnscope.probe.subject",
-    "Probe": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.store", "Run": "rnnscope.store",
+    "Probe": "rnnscope.probe", "cell": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.store", "Run": "rnnscope.store",
     "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.probe",
     "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",
     "show": "rnnscope.dashboards.notebook",
