@@ -25,6 +25,7 @@ from torch import nn
 
 from rnnscope.errors import RnnscopeError, call_user, failure, first_line
 
+from .cells import cell_modules
 from .keys import recurrent_modules
 from .subject import Subject
 from . import torchscript
@@ -162,9 +163,10 @@ def check_recurrent(model, spec: str) -> None:
     if not isinstance(model, nn.Module):
         raise RnnscopeError(f"{spec} gave a model of type {type(model).__name__}, not a torch nn.Module",
                             "return the nn.Module itself as the model")
-    if not recurrent_modules(model):
-        raise RnnscopeError(f"{spec} gave a model ({type(model).__name__}) with no nn.RNN / nn.LSTM / nn.GRU module",
-                            "rnnscope records recurrent modules: return a model that holds one")
+    if not recurrent_modules(model) and not cell_modules(model):
+        raise RnnscopeError(f"{spec} gave a model ({type(model).__name__}) with no nn.RNN / nn.LSTM / nn.GRU module "
+                            "and no recurrent cell", "rnnscope records recurrent modules and cells (nn.LSTMCell, ..., "
+                            "or one declared with rnnscope.cell): return a model that holds one")
 
 
 def _with_weights(weights: str, builder: str, spec: str) -> Subject:

@@ -9,6 +9,7 @@ from torch import nn
 
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe.corpus import read_documents
+from rnnscope.probe.cells import cell_modules
 from rnnscope.probe.keys import recurrent_modules
 from rnnscope.probe.models import call, load, resolve
 from rnnscope.store.files import read_text
@@ -69,7 +70,7 @@ def loss(spec: str):
 
 def choose(model: nn.Module, names: list[str]) -> list[str]:
     """``--modules a,b``: checked against the model's recurrent modules."""
-    known = list(recurrent_modules(model))
+    known = [*recurrent_modules(model), *cell_modules(model)]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise RnnscopeError(f"the model has no recurrent module {', '.join(map(repr, unknown))}",

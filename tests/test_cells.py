@@ -397,3 +397,49 @@ def test_an_unbatched_lstm_cell_with_gradients():
         return torch.stack(hs)
     p = check_loop(cell, run)
     assert p.trace["l0.grad_c"].shape == (1, 5, 4)
+
+
+CELL_SPEC = '''
+import torch
+from torch import nn
+
+
+class CharLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.cell, self.out = nn.Embedding(128, 5), nn.LSTMCell(5, 6), nn.Linear(6, 128)
+
+    def forward(self, ids):
+        st, outs = None, []
+        for t in range(ids.shape[1]):
+            st = self.cell(self.emb(ids[:, t]), st)
+            outs.append(self.out(st[0]))
+        return torch.stack(outs, 1)
+
+
+def build():
+    torch.manual_seed(3)
+    return CharLoop(), lambda s: torch.tensor([[ord(c) for c in s]])
+'''
+
+
+def test_the_command_line_records_a_loop_over_a_cell(tmp_path, capsys):
+    """``rnnscope probe --model file.py:fn`` on a model whose only recurrence is an LSTMCell loop: the
+    Run holds the cell's keys, equal to the same model probed in memory; ``--modules`` names the cell."""
+    from rnnscope.cli import main
+    from rnnscope.probe.models import load
+    (tmp_path / "loop.py").write_text(CELL_SPEC)
+    (tmp_path / "t.txt").write_text("a loop, probed from the command line\n")
+    spec = f"{tmp_path / 'loop.py'}:build"
+    assert main(["probe", "--model", spec, "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "r"),
+                 "--dtype", "float32", "--modules", "cell"]) == 0, capsys.readouterr().err
+    run = rs.open_run(tmp_path / "r")
+    subject = load(spec)
+    text = (tmp_path / "t.txt").read_text()
+    with torch.no_grad(), Probe(subject.model) as p:
+        subject.model(subject.encoder(text))
+    assert {"cell.l0.h", "cell.l0.c", "cell.l0.i"} <= set(run.keys())
+    np.testing.assert_array_equal(np.asarray(run["cell.l0.c"]), p.trace["cell.l0.c"][0].numpy())
+    assert main(["probe", "--model", spec, "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "s"),
+                 "--modules", "nope"]) == 2
+    assert "choose from 'cell'" in capsys.readouterr().err
