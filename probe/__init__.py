@@ -7,7 +7,7 @@ if __name__ != "rnnscope.probe":      # run from the repository root, ``import p
 from rnnscope.lazy import exports
 
 _API = {
-    "CallTrace": "recorder", "Probe": "recorder", "Trace": "recorder",
+    "CallTrace": "probe", "Probe": "probe", "Trace": "probe",
     "CellCall": "cells", "cell": "cells", "cell_modules": "cells",
     "parse_key": "keys", "recurrent_modules": "keys", "state_key": "keys",
     "Documents": "corpus", "read_documents": "corpus", "Encoder": "encoders", "as_encoder": "encoders",
@@ -16,7 +16,7 @@ _API = {
 }
 __all__ = sorted(_API)
 for _m in ("adjoint", "autograd", "cells", "corpus",
-           "encoders", "engine", "families", "gemm", "intervention", "keys", "models", "packed",
-           "recorder", "recording", "replay", "scan", "steploss", "subject", "torchscript", "watch", "workspace"):
+           "encoders", "engine", "families", "gemm", "intervention", "keys", "packed",
+           "probe", "recording", "replay", "specs", "scan", "steploss", "subject", "torchscript", "watch", "workspace"):
     _API.setdefault(_m, _m)        # ``from rnnscope.probe import replay`` keeps working
 __getattr__, __dir__ = exports(__name__, _API, globals())

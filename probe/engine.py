@@ -12,7 +12,7 @@ in PyTorch's own layout. For each layer it calls one strategy:
   A Probe registered too records the edited states and, through zero perturbations added to
   each ``h_t`` and ``c_t``, their gradients from autograd;
 * recorded (a Probe): the recorder's own strategy (oneDNN's workspace, the replay, or
-  ``RecordedDirection`` with its adjoint backward; ``probe.recorder``);
+  ``RecordedDirection`` with its adjoint backward; ``probe.probe``);
 * otherwise the fused kernel on the whole layer.
 
 So recording and editing compose in either nesting order: a Probe records the edited model.

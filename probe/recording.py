@@ -36,7 +36,7 @@ from . import cells
 from .corpus import documents_of
 from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
-from .recorder import Probe
+from .probe import Probe
 from .steploss import first_tensor, resolve_loss
 from .subject import subject_of
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}

@@ -38,7 +38,7 @@ from rnnscope.store.watchlog import GATES, SCHEMAS, WatchLogWriter
 
 from . import families
 from .keys import recurrent_modules, state_key
-from .recorder import Probe
+from .probe import Probe
 from .recording import model_checksum
 
 # Karpathy et al. 2015 call a sigmoid gate saturated below 0.1 or above 0.9 (analysis.gates uses the

@@ -2,7 +2,7 @@
 
     import rnnscope as rs
     ck = rs.load("zoo:lstm-linux")                 # a Checkpoint: .model, .vocab, .card, .name
-    me = rs.load("mine.py:build")                  # any model: a Subject (.model, .encoder, .loss); see probe.models
+    me = rs.load("mine.py:build")                  # any model: a Subject (.model, .encoder, .loss); see probe.specs
     with rs.Probe(ck.model, grad=True) as p: ...   # every state, gate and gradient in memory
     run = rs.record(ck, text, "runs/x")            # the same, streamed into a Run on disk
     run = rs.open_run("runs/x"); rs.find_neurons(run)
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _API = {
     "RnnscopeError": "rnnscope.errors",
-    "load": "rnnscope.probe.models", "Checkpoint": "rnnscope.zoo", "Subject": "rnnscope.probe.subject",
+    "load": "rnnscope.probe.specs", "Checkpoint": "rnnscope.zoo", "Subject": "rnnscope.probe.subject",
     "Probe": "rnnscope.probe", "cell": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.store", "Run": "rnnscope.store",
     "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.probe",
     "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",

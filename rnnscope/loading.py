@@ -1,6 +1,6 @@
 """What ``rnnscope probe`` loads, from its flags: the model by SPEC, its encoder and loss, the
 modules to record and the text or corpus. The top of the stack: it composes the probe's loaders
-(``rnnscope.probe.models``, ``rnnscope.probe.corpus``) and decides nothing they do not."""
+(``rnnscope.probe.specs``, ``rnnscope.probe.corpus``) and decides nothing they do not."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from rnnscope.errors import RnnscopeError
 from rnnscope.probe.corpus import read_documents
 from rnnscope.probe.cells import cell_modules
 from rnnscope.probe.keys import recurrent_modules
-from rnnscope.probe.models import call, load, resolve
+from rnnscope.probe.specs import call, load, resolve
 from rnnscope.store.files import read_text
 
 NO_MODEL = ("pass --model SPEC (zoo:NAME, a checkpoint directory, file.py:fn, package.module:fn, model.pt or "

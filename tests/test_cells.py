@@ -427,7 +427,7 @@ def test_the_command_line_records_a_loop_over_a_cell(tmp_path, capsys):
     """``rnnscope probe --model file.py:fn`` on a model whose only recurrence is an LSTMCell loop: the
     Run holds the cell's keys, equal to the same model probed in memory; ``--modules`` names the cell."""
     from rnnscope.cli import main
-    from rnnscope.probe.models import load
+    from rnnscope.probe.specs import load
     (tmp_path / "loop.py").write_text(CELL_SPEC)
     (tmp_path / "t.txt").write_text("a loop, probed from the command line\n")
     spec = f"{tmp_path / 'loop.py'}:build"

@@ -68,7 +68,7 @@ def _cli(*args):
 
 def test_a_spec_file_and_a_torchscript_archive_probed_from_the_command_line(here):
     from rnnscope.probe import open_run
-    from rnnscope.probe import models
+    from rnnscope.probe import specs as models
     _cli("probe", "--model", f"{here / 'mine.py'}:build", "--text", here / "t.txt", "--out", here / "run",
          "--dtype", "float32", "--loss", "none")
     run = open_run(here / "run")

@@ -10,7 +10,7 @@ from torch import nn
 from reference import unrolled
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe import Probe
-from rnnscope.probe import models
+from rnnscope.probe import specs as models
 from rnnscope.loading import choose
 from rnnscope.probe.subject import Subject
 from rnnscope.probe.torchscript import Replayed
