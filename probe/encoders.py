@@ -152,8 +152,8 @@ def as_encoder(obj, unk: str | None = None) -> Encoder:
     stand-in character for a zoo ``Vocab``."""
     if isinstance(obj, Encoder):
         return obj
-    from rnnscope.zoo.vocab import Vocab
-    if isinstance(obj, Vocab):
+    from .subject import CharVocabulary
+    if isinstance(obj, CharVocabulary):
         return Encoder(lambda text: obj.encode(text, unk=unk), "char", "vocab", obj.decode)
     decode = getattr(obj, "decode", None)
     decode = decode if callable(decode) else None

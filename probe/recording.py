@@ -30,7 +30,6 @@ from tqdm import tqdm
 from rnnscope.errors import RnnscopeError, call_user
 from rnnscope.store import DTYPES, RunWriter, check_out, documents_frame, open_run, split_key
 from rnnscope.store.writer import text_bytes
-from rnnscope.zoo.vocab import Vocab
 
 from . import cells
 from .corpus import documents_of
@@ -38,7 +37,7 @@ from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
 from .probe import Probe
 from .steploss import first_tensor, resolve_loss
-from .subject import subject_of
+from .subject import CharVocabulary, subject_of
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 OVERFLOW = {"float16": 65520.0, "float32": np.inf}    # |x| from which the stored value is Inf
 
@@ -330,7 +329,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                 "model": _identity(model, {**Probe(model).modules, **looped}, sub.card, source),
                 "encoder": {"kind": "char" if np.array_equal(spans, char_spans(len(text))) else "spans",
                             "name": encoder.name},
-                "vocab": sub.encoder.chars if encode is None and isinstance(sub.encoder, Vocab) else None,
+                "vocab": sub.encoder.chars if encode is None and isinstance(sub.encoder, CharVocabulary) else None,
                 "unk": unk, "carry": carry, "modules": sorted(mods),
                 "kinds": sorted({split_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,
                 "grad_horizon": horizon if grad else None,

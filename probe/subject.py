@@ -7,7 +7,27 @@ is one too (its vocabulary is a one-id-per-character encoder). A user's own spec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class CharVocabulary(Protocol):
+    """What the probe needs of a zoo vocabulary: its characters, one id each (the zoo sits below the
+    probe and is never imported by it; a ``rnnscope.zoo.Vocab`` is one of these)."""
+    chars: str
+
+    def encode(self, text: str, unk: str | None = None): ...
+
+    def decode(self, ids) -> str: ...
+
+
+@runtime_checkable
+class CharCheckpoint(Protocol):
+    """A zoo ``Checkpoint`` as the probe sees it: a model, its ``CharVocabulary``, a card and a name."""
+    model: Any
+    vocab: CharVocabulary
+    card: dict
+    name: str
 
 
 @dataclass
@@ -39,10 +59,9 @@ def subject_of(x) -> Subject:
     from torch import nn
 
     from rnnscope.errors import RnnscopeError
-    from rnnscope.zoo.checkpoint import Checkpoint
     if isinstance(x, Subject):
         return x
-    if isinstance(x, Checkpoint):
+    if isinstance(x, CharCheckpoint) and isinstance(x.vocab, CharVocabulary):
         return Subject(x.model, x.vocab, name=x.name, source=f"zoo:{x.name}", card=x.card)
     if isinstance(x, tuple) and len(x) in (2, 3) and isinstance(x[0], nn.Module):
         return Subject(x[0], x[1], *x[2:])
