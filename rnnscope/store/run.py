@@ -261,6 +261,9 @@ def open_run(path) -> Run:
     if not path.is_dir():
         raise RnnscopeError(f"no run at {path}", "create one with `rnnscope probe CHECKPOINT --text FILE --out RUN`")
     manifest = read_manifest(path)
+    if manifest["format_version"] >= 3:
+        from .shards import open_sharded        # a Run of document shards (store.shards imports this module)
+        return open_sharded(path, manifest)
     text = _read_text(path, manifest)
     _check_arrays(path, manifest)
     steps = _read_steps(path, manifest)
