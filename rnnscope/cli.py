@@ -81,9 +81,12 @@ def _probe(args) -> None:
             raise RnnscopeError("--max-chars cuts one text file", "give a text file, or leave --max-chars out")
         from rnnscope.probe.corpus import read_documents
         texts = read_documents(args.text)
-    run = probe.record(subject, texts, args.out, grad=args.grad, chunk=args.chunk, horizon=args.horizon,
-                       kinds=args.kinds or None, dtype=args.dtype, overwrite=args.overwrite, unk=args.unk,
-                       source=spec, **asked)
+    from rnnscope.probe.distributed import FromSpec, cluster_for
+    with cluster_for(args.scheduler, args.workers) as client:
+        run = probe.record(subject, texts, args.out, grad=args.grad, chunk=args.chunk, horizon=args.horizon,
+                           kinds=args.kinds or None, dtype=args.dtype, overwrite=args.overwrite, unk=args.unk,
+                           source=spec, client=client, shard_docs=args.shard_docs,
+                           spec=FromSpec.of(spec, args.encoder, args.loss, args.modules) if client else None, **asked)
     loss = run.manifest["loss"]
     per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
     steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
@@ -123,9 +126,11 @@ def _analyze(args) -> None:
         return
     features = args.features or None
     language = "auto" if args.language == "auto" else (None if args.language == "prose" else args.language)
-    out = analyze(run, features=features, language=language, heldout=args.heldout, shifts=args.shifts,
-                  checkpoint=args.checkpoint, decay=not args.no_decay, max_lag=args.max_lag,
-                  sparse=args.sparse, ablation=args.ablate, controls=args.controls, contexts=args.contexts)
+    from rnnscope.probe.distributed import cluster_for
+    with cluster_for(args.scheduler, args.workers) as client:
+        out = analyze(run, features=features, language=language, heldout=args.heldout, shifts=args.shifts,
+                      checkpoint=args.checkpoint, decay=not args.no_decay, max_lag=args.max_lag, sparse=args.sparse,
+                      ablation=args.ablate, controls=args.controls, contexts=args.contexts, client=client)
     tests = out["summary"]["neuron_tests"]
     print(f"\ntop units per feature, ranked on the first {1 - args.heldout:.0%} of the text (selection_*), "
           f"estimated on the rest (heldout_*); selection_q: Benjamini-Hochberg over "
@@ -276,6 +281,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rnnscope: error: {message}{fix}\n")
 
 
+def _cluster_flags(p, what: str) -> None:
+    p.add_argument("--scheduler", metavar="ADDRESS", help=f"{what} on the Dask cluster at this scheduler address "
+                   "(tcp://host:8786); it runs pickled tasks, so it must be one you trust")
+    p.add_argument("--workers", type=T.int_at_least(1, "--workers"), metavar="N",
+                   help=f"{what} on a Dask cluster of N worker processes started on 127.0.0.1 for this command")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rnnscope", description="Look inside trained recurrent networks: "
                                 "states, gates and gradients of RNN / LSTM / GRU models, over their text.")
@@ -355,6 +367,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-chars", type=T.int_at_least(0, "--max-chars"), default=0,
                     help="probe only the first N characters (0: all)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")
+    _cluster_flags(pr, "record")
+    pr.add_argument("--shard-docs", type=T.int_at_least(1, "--shard-docs"), metavar="N",
+                    help="on a cluster: documents per shard, one task each (default: about 4 shards a worker)")
     pr.set_defaults(func=_probe)
 
     an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
@@ -376,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
                     help="top and bottom contexts kept per unit (default 10; 0: none)")
     an.add_argument("--unit", type=T.unit, help="print this unit's top and bottom contexts (KEY:INDEX) and stop")
     an.add_argument("--controls", type=T.int_at_least(1, "--controls"), default=100, help="random units per ablation (default 100)")
+    _cluster_flags(an, "analyse")
     an.set_defaults(func=_analyze)
 
     sv = sub.add_parser("serve", help="the dashboard: the text coloured by any unit, the neuron table, heatmaps, "
