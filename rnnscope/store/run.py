@@ -134,6 +134,11 @@ class Run:
                                 hint)
         return np.load(inside(self.path, key_file(key)), mmap_mode="r", allow_pickle=False)
 
+    def dask(self, key: str, rows: int = 1 << 16):
+        """``run[key]`` as a Dask array, ``rows`` steps a block, read where each task runs."""
+        from .shards import dask_array
+        return dask_array(self, key, rows)
+
     @property
     def loss(self) -> np.ndarray | None:
         """``[steps]`` float32 per-step loss in nats (NaN where none), or None when recorded without one."""

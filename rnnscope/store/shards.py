@@ -100,12 +100,16 @@ class ShardedRows:
         rows = np.where(rows < 0, rows + len(self), rows).astype(np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows out of range for {len(self)} rows")
+        pointwise = len(cols) == 1 and not isinstance(cols[0], (slice, int, np.integer)) and cols[0] is not None
+        if pointwise:       # a[rows, units]: one value per (row, unit) pair, as NumPy pairs two index arrays
+            rows, unit = np.broadcast_arrays(rows, np.asarray(cols[0]))
         shard = np.searchsorted(self.bounds, rows, "right") - 1
-        out = np.empty(rows.shape + self.shape[1:], self.dtype)
+        out = np.empty(rows.shape + (() if pointwise else self.shape[1:]), self.dtype)
         for k in np.unique(shard):
             at = shard == k
-            out[at] = self.parts[k][rows[at] - self.bounds[k]]
-        return out[(slice(None),) + cols] if cols else out
+            local = rows[at] - self.bounds[k]
+            out[at] = self.parts[k][local, unit[at]] if pointwise else self.parts[k][local]
+        return out[(slice(None),) + cols] if cols and not pointwise else out
 
 
 class ShardedRun(Run):
@@ -342,3 +346,24 @@ def merge_units(frames: list[pd.DataFrame]) -> pd.DataFrame:
                      max=np.where(seen, hi, np.nan), count=n, sum=s, sum_sq=ss)
     out["key"].map(split_key)           # every key is a key (the table came from someone's shards)
     return out
+
+
+class _RowsOnDisk:
+    """One ``.npy`` file's rows, memory-mapped where they are read (on a worker): a Dask graph then
+    carries the file's path, never its data."""
+
+    def __init__(self, file: str, shape: tuple, dtype):
+        self.file, self.shape, self.dtype, self.ndim = file, tuple(shape), np.dtype(dtype), len(shape)
+
+    def __getitem__(self, index):
+        return np.asarray(np.load(self.file, mmap_mode="r", allow_pickle=False)[index])
+
+
+def dask_array(run: Run, key: str, rows: int = 1 << 16):
+    """``run[key]`` as a Dask array ``[steps, units]`` in blocks of ``rows`` steps, each read from its
+    shard's file where the task runs (workers must see the Run's folder)."""
+    import dask.array as da
+    a = run[key]
+    parts = a.parts if isinstance(a, ShardedRows) else [a]
+    return da.concatenate([da.from_array(_RowsOnDisk(str(p.filename), p.shape, p.dtype), chunks=(rows, -1),
+                                         name=False) for p in parts])
