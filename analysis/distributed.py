@@ -17,6 +17,8 @@ are computed on the client from the whole text: per shard on the workers is left
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from rnnscope.store.shards import ShardedRows
@@ -96,6 +98,24 @@ def _sums(files, bounds, rows, starts, end, chunk, X, R, mid, ref):
     return s1, s2, bad, xc, rc
 
 
+_SENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()     # part -> its scattered rows and labels
+
+
+def _tasks(client, rows, part, hi: int, chunk: int) -> list:
+    """Per task: its block starts, and futures of its scored rows and their label columns, on the
+    workers; sent once per part and reused for every key (the labels are the same for all)."""
+    sent = _SENT.setdefault(part, {})
+    at = (client.id, chunk, BLOCKS_PER_TASK)
+    if at not in sent:
+        grid, tasks = list(range(int(rows[0]), hi, chunk)), []
+        for t in range(0, len(grid), BLOCKS_PER_TASK):
+            starts = grid[t:t + BLOCKS_PER_TASK]
+            i0, i1 = np.searchsorted(rows, [starts[0], min(hi, starts[-1] + chunk)])
+            tasks.append((starts, *client.scatter([rows[i0:i1], part.X[i0:i1], part.R[i0:i1]])))
+        sent[at] = tasks
+    return sent[at]
+
+
 def score_key(client, a, parts, chunk) -> list[dict]:
     """``neurons._score_key(a, parts, chunk)`` with both passes on ``client``'s workers: per part (its
     scored ``rows`` and label columns), the same accumulators."""
@@ -106,13 +126,8 @@ def score_key(client, a, parts, chunk) -> list[dict]:
     files, bounds = found
     U, out = a.shape[1], []
     for rows, part in parts:
-        lo, hi, n = int(rows[0]), int(rows[-1]) + 1, len(rows)
-        grid = list(range(lo, hi, chunk))
-        tasks = []          # per task: its block starts, its scored rows and their label columns
-        for t in range(0, len(grid), BLOCKS_PER_TASK):
-            starts = grid[t:t + BLOCKS_PER_TASK]
-            i0, i1 = np.searchsorted(rows, [starts[0], min(hi, starts[-1] + chunk)])
-            tasks.append((starts, *client.scatter([rows[i0:i1], part.X[i0:i1], part.R[i0:i1]])))
+        hi, n = int(rows[-1]) + 1, len(rows)
+        tasks = _tasks(client, rows, part, hi, chunk)
         counts = [c for c in client.gather([client.submit(_histogram, files, bounds, r, st, hi, chunk, pure=False)
                                             for st, r, _, _ in tasks]) if c is not None]
         c = sum(counts)

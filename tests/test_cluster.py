@@ -22,6 +22,7 @@ from rnnscope.analysis.neurons import find_neurons
 from rnnscope.cli import main
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe.corpus import read_documents
+from rnnscope.store import read_table
 from rnnscope.store.shards import ShardedRows
 
 distributed = pytest.importorskip("distributed")
@@ -68,9 +69,9 @@ def subject(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(client, subject, tmp_path_factory):
     """The same corpus recorded with gradients in one process and on the cluster (3 documents a shard)."""
-    root, docs = tmp_path_factory.mktemp("runs"), _corpus(14)
-    one = rs.record(subject[0], docs, root / "one", grad=True, chunk=8, horizon=16, progress=False)
-    many = rs.record(subject[0], docs, root / "many", grad=True, chunk=8, horizon=16, progress=False, client=client,
+    root, docs = tmp_path_factory.mktemp("runs"), _corpus(10)
+    one = rs.record(subject[0], docs, root / "one", grad=True, chunk=16, horizon=16, progress=False)
+    many = rs.record(subject[0], docs, root / "many", grad=True, chunk=16, horizon=16, progress=False, client=client,
                      shard_docs=3)
     return one, many
 
@@ -120,11 +121,11 @@ def test_a_sharded_record_without_gradients_equals_one_process(client, subject, 
 
 
 def test_a_worker_killed_mid_record_has_its_shard_recomputed(client, subject, tmp_path):
-    docs = _corpus(16, seed=2)
+    docs = _corpus(8, seed=2)
     out, got = tmp_path / "many", {}
     pids = client.run(os.getpid)
     thread = threading.Thread(target=lambda: got.update(run=rs.record(
-        subject[0], docs, out, grad=True, chunk=2, horizon=4, progress=False, client=client, shard_docs=1)))
+        subject[0], docs, out, grad=True, chunk=3, horizon=4, progress=False, client=client, shard_docs=1)))
     thread.start()
     first = tmp_path / ".many.shards" / "shards" / "00000"
     deadline = time.time() + 60
@@ -133,7 +134,7 @@ def test_a_worker_killed_mid_record_has_its_shard_recomputed(client, subject, tm
     assert first.exists() and not out.exists()          # killed while shards are still being recorded
     os.kill(next(iter(pids.values())), signal.SIGKILL)
     thread.join(120)
-    one = rs.record(subject[0], docs, tmp_path / "one", grad=True, chunk=2, horizon=4, progress=False)
+    one = rs.record(subject[0], docs, tmp_path / "one", grad=True, chunk=3, horizon=4, progress=False)
     _assert_equal(one, got["run"])
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]     # the partial is cleared
     client.wait_for_workers(2, timeout=60)
@@ -142,11 +143,11 @@ def test_a_worker_killed_mid_record_has_its_shard_recomputed(client, subject, tm
 def test_an_interrupted_command_resumes_with_the_shards_it_finished(client, subject, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for name, text in _corpus(12, seed=3).items():
+    for name, text in _corpus(6, seed=3).items():
         (corpus / name).write_text(text)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "rnnscope.cli", "probe", "--model", f"{subject[1]}:build", "--text", str(corpus),
-           "--out", str(out), "--scheduler", client.scheduler.address, "--shard-docs", "1", "--chunk", "2", "--grad"]
+           "--out", str(out), "--scheduler", client.scheduler.address, "--shard-docs", "1", "--chunk", "3"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     first = tmp_path / ".run.shards" / "shards" / "00000" / "manifest.json"
     deadline = time.time() + 90
@@ -159,7 +160,7 @@ def test_an_interrupted_command_resumes_with_the_shards_it_finished(client, subj
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "reusing" in done.stdout and (out / "shards" / "00000" / "manifest.json").stat().st_ino == inode
-    one = rs.record(subject[0], read_documents(corpus), tmp_path / "one", grad=True, chunk=2, progress=False)
+    one = rs.record(subject[0], read_documents(corpus), tmp_path / "one", chunk=3, progress=False)
     _assert_equal(one, rs.open_run(out))
 
 
@@ -171,20 +172,20 @@ def test_carry_is_refused_on_a_cluster_in_one_line(client, subject, tmp_path, ca
     assert code == 2 and "--carry" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
-def test_distributed_neuron_search_equals_one_process(client, runs, tmp_path, monkeypatch):
+def test_distributed_neuron_search_equals_one_process(client, runs, subject, tmp_path, monkeypatch):
     one, many = runs
     monkeypatch.setattr(dist, "BLOCKS_PER_TASK", 2)     # several tasks a part, blocks across shard boundaries
-    feats = ["in_string", "in_comment", "column", "paren_depth"]
-    ref = find_neurons(one, feats, language="c", chunk=16, progress=False)
-    got = find_neurons(many, feats, language="c", chunk=16, progress=False, client=client)
+    feats, keys = ["in_string", "in_comment", "column", "paren_depth"], ["rnn.l0.h", "rnn.l1.c"]
+    ref = find_neurons(one, feats, language="c", keys=keys, chunk=48, progress=False)
+    got = find_neurons(many, feats, language="c", keys=keys, chunk=48, progress=False, client=client)
     assert (ref[["unit", "feature"]].to_numpy() == got[["unit", "feature"]].to_numpy()).all()
     for col in ("selection_score", "selection_p", "selection_q", "heldout_score", "heldout_p", "heldout_q"):
         np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float), rtol=0, atol=1e-6)
-    copy = tmp_path / "many"
-    shutil.copytree(many.path, copy)
-    assert main(["analyze", str(copy), "--scheduler", client.scheduler.address, "--no-decay", "--features",
+    small = rs.record(subject[0], _corpus(6, seed=4), tmp_path / "h", kinds=["h"], progress=False, client=client,
+                      shard_docs=2)
+    assert main(["analyze", str(small.path), "--scheduler", client.scheduler.address, "--no-decay", "--features",
                  "in_string,column", "--language", "c", "--contexts", "2"]) == 0
-    assert (copy / "analysis" / "neurons.parquet").exists()
+    assert len(read_table(small, "neurons")) == 2 * 20      # 2 keys x 10 units, 2 features
 
 
 def _manifest(run: Path, change) -> None:
