@@ -142,8 +142,14 @@ def _shard_task(subject, names, texts, build, index, expect, options, threads):
     return write_shard(Path(build), index, expect, write)
 
 
-def _describe(v) -> str:
-    return v if isinstance(v, (str, int, float, bool, type(None))) else f"{type(v).__module__}.{type(v).__qualname__}"
+def _describe(v):
+    """An option as the plan records it: a value, or what a function or object is (by name)."""
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_describe(x) for x in v]
+    named = v if hasattr(v, "__qualname__") else type(v)
+    return f"{getattr(named, '__module__', '')}.{named.__qualname__}"
 
 
 def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shard_docs: int | None = None,

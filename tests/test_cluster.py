@@ -105,6 +105,8 @@ def test_a_sharded_record_with_gradients_equals_one_process_bit_for_bit(runs):
     np.testing.assert_array_equal(b[rows], a[rows])
     np.testing.assert_array_equal(b[-1], a[-1])
     np.testing.assert_array_equal(np.asarray(many.dask("rnn.l1.c")), np.asarray(a))
+    html = many.path.parent / "unit.html"          # the dashboard's exporter opens it as any Run, no cluster
+    assert main(["export", str(many.path), "--unit", "rnn.l1.c:4", "--out", str(html)]) == 0 and html.stat().st_size
 
 
 def test_a_sharded_record_without_gradients_equals_one_process(client, subject, tmp_path):
