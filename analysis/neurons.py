@@ -170,13 +170,14 @@ def _width(part: _Part, name: str) -> int:
 
 def find_neurons(run, features=None, *, text: str | None = None, language="auto", keys=None,
                  heldout: float = 0.3, shifts: int = 16, select: int = 10, chunk: int = 16384,
-                 progress: bool = True) -> pd.DataFrame:
+                 progress: bool = True, client=None) -> pd.DataFrame:
     """Score every unit of every state key against every feature; select on one part, report on the other.
 
     ``run``: a ``probe.Run``, a ``source.Source`` or an in-memory trace (with ``text``). ``features``:
     built-in names or a dict name -> ``text -> array[chars]`` (or ``features.on_tokens(fn)``); default:
     the built-ins that suit the text's language. Steps without text are not scored.
-    ``select``: how many units per feature are carried to the held-out test.
+    ``select``: how many units per feature are carried to the held-out test. ``client``: a Dask client
+    whose workers run both passes over the Run's shards (``analysis.distributed``); the same table.
 
     Returns one row per (unit, feature), sorted within the table by ``selection_strength`` (then
     ``selection_p``): the order never looks at the held-out part. Columns, by the part they come from:
@@ -224,7 +225,11 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     frames = []
     for key in tqdm(keys, desc="neurons", unit="key", disable=not progress):
         a = src.array(key)
-        accs = _score_key(a, parts, chunk)
+        if client is None:
+            accs = _score_key(a, parts, chunk)
+        else:
+            from .distributed import score_key
+            accs = score_key(client, a, parts, chunk)
         bad = accs[0]["bad"] | accs[1]["bad"]
         for name in F.columns:
             frames.append(_feature_rows(key, name, name in binary, accs, parts, F, at, bad))

@@ -65,8 +65,9 @@ def load_model(run: Run, checkpoint: str | None = None):
 def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts: int = 16,
             checkpoint: str | None = None, decay: bool = True, max_lag: int = 200, positions: int = 512,
             sparse: bool = False, ablation: bool = False, controls: int = 100, ablate_chars: int = 20000,
-            contexts: int = 10, context_window: int = 40, progress: bool = True, log=print) -> dict:
-    """Run what the Run supports, write the tables, return ``{name: DataFrame}``."""
+            contexts: int = 10, context_window: int = 40, progress: bool = True, log=print, client=None) -> dict:
+    """Run what the Run supports, write the tables, return ``{name: DataFrame}`` (the neuron search's
+    passes on the Dask ``client``'s workers when one is given)."""
     run = run if isinstance(run, Run) else open_run(run)
     for name in (*TABLES, "summary"):          # a table that cannot be written is refused before the work
         inside(run.path, f"analysis/{name}.{'json' if name == 'summary' else 'parquet'}", write=True)
@@ -78,7 +79,7 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
         if ck is None:
             skipped.update({"grad_decay": why} if decay else {}, **({"ablation": why} if ablation else {}))
     out["neurons"] = find_neurons(run, features, language=language, heldout=heldout, shifts=shifts,
-                                  progress=progress)
+                                  progress=progress, client=client)
     if sparse:
         paths = []
         for feat, g in out["neurons"].groupby("feature", sort=False):

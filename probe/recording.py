@@ -98,7 +98,9 @@ class _UnitStats:
                              "index": np.arange(len(mean)), "module": parts["module"], "layer": parts["layer"],
                              "reverse": parts["reverse"], "kind": parts["kind"], "mean": mean,
                              "std": np.where(seen, np.sqrt(var), np.nan),
-                             "min": np.where(seen, self.lo, np.nan), "max": np.where(seen, self.hi, np.nan)})
+                             "min": np.where(seen, self.lo, np.nan), "max": np.where(seen, self.hi, np.nan),
+                             # the sufficient statistics, so the shards of a sharded Run merge exactly
+                             "count": self.n, "sum": self.s, "sum_sq": self.ss})
 
 
 def _identity(model, mods: dict, card: dict, source: str) -> dict:
@@ -229,7 +231,8 @@ def _check_ids_fit(model, ids: torch.Tensor) -> None:
 
 def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry: bool = False, grad: bool = False,
            chunk: int = 2048, horizon: int = 512, kinds=None, dtype: str = "float16", overwrite: bool = False,
-           unk: str | None = None, progress: bool = True, source: str = ""):
+           unk: str | None = None, progress: bool = True, source: str = "", client=None, shard_docs: int | None = None,
+           spec=None):
     """Probe a model over one text or many documents and write a Run to ``out``; returns the opened Run.
 
     Args:
@@ -243,9 +246,17 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         modules: qualified names of the recurrent modules to record (default every one).
         carry: carry the state across documents instead of starting each from zeros.
         grad: also record ``grad_h`` / ``grad_c``, the derivatives of the summed loss.
+        client: a Dask ``distributed.Client``: record on its workers, ``shard_docs`` documents a task, into a
+            sharded Run equal to this one (``probe.distributed``; ``spec``: a ``FromSpec`` the workers load
+            the model from instead of the pickled subject).
     Returns:
         the Run: ``len(run)`` steps, ``run[key] -> [steps, units]``.
     """
+    if client is not None:
+        from .distributed import record_on
+        return record_on(client, subject, texts, out, spec=spec, shard_docs=shard_docs, encode=encode, loss=loss,
+                         modules=modules, carry=carry, grad=grad, chunk=chunk, horizon=horizon, kinds=kinds,
+                         dtype=dtype, overwrite=overwrite, unk=unk, progress=progress, source=source)
     out, sub = Path(out), subject_of(subject)
     model, call = sub.model, sub.call or _default_call
     loss = sub.loss if isinstance(loss, str) and loss == "auto" else loss

@@ -211,3 +211,43 @@ def read_weights(path: Path) -> dict:
         raise RnnscopeError(f"{path} is not a state_dict (a flat mapping of names to tensors)",
                             "save it with torch.save(model.state_dict(), path)")
     return state
+
+
+def subject_and_options(spec: str, encoder_spec=None, modules=None, loss_spec=None, carry=False):
+    """The model loaded by ``spec`` and the options for ``record`` the flags asked for: only those, so
+    its own defaults (loss "auto", every module, a state reset at each document, the subject's
+    encoder) stand otherwise."""
+    enc = encoder(encoder_spec) if encoder_spec else None
+    subject = load(spec, encoder=enc)
+    if getattr(subject, "encoder", True) is None:
+        raise RnnscopeError(f"{spec} comes with no encoder", "pass --encoder file.py:fn, where fn() returns one")
+    asked = {}
+    if modules:
+        asked["modules"] = choose(subject.model, modules)
+    if loss_spec:
+        asked["loss"] = loss(loss_spec)
+    if carry:
+        asked["carry"] = True
+    if enc is not None:          # (a Subject holds it already; a zoo checkpoint's vocabulary gives way)
+        asked["encode"] = enc
+    return subject, asked
+
+
+def encoder(spec: str):
+    """``--encoder file.py:fn``: what ``fn()`` returns (an encoder, see ``Subject``)."""
+    return call(resolve(spec, "--encoder"), spec)
+
+
+def loss(spec: str):
+    """``--loss none`` or ``--loss file.py:fn``: ``None`` or the function ``fn(output, ids)`` itself."""
+    return None if spec == "none" else resolve(spec, "--loss")
+
+
+def choose(model: nn.Module, names: list[str]) -> list[str]:
+    """``--modules a,b``: checked against the model's recurrent modules."""
+    known = [*recurrent_modules(model), *cell_modules(model)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise RnnscopeError(f"the model has no recurrent module {', '.join(map(repr, unknown))}",
+                            f"choose from {', '.join(repr(k) for k in known)}")
+    return names

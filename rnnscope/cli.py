@@ -39,9 +39,12 @@ def probe(args) -> None:
     from rnnscope.probe import record
     spec = loading.spec_of(args.checkpoint, args.model)
     subject, asked = loading.subject_and_options(spec, args.encoder, args.modules, args.loss, args.carry)
-    run = record(subject, loading.texts_of(args.text, args.max_chars), args.out, grad=args.grad, chunk=args.chunk,
-                 horizon=args.horizon, kinds=args.kinds or None, dtype=args.dtype, overwrite=args.overwrite,
-                 unk=args.unk, source=spec, **asked)
+    from rnnscope.probe.distributed import FromSpec, cluster_for
+    with cluster_for(args.scheduler, args.workers) as client:
+        run = record(subject, loading.texts_of(args.text, args.max_chars), args.out, grad=args.grad,
+                     chunk=args.chunk, horizon=args.horizon, kinds=args.kinds or None, dtype=args.dtype,
+                     overwrite=args.overwrite, unk=args.unk, source=spec, client=client, shard_docs=args.shard_docs,
+                     spec=FromSpec.of(spec, args.encoder, args.loss, args.modules) if client else None, **asked)
     loss = run.manifest["loss"]
     per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
     steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
@@ -62,10 +65,12 @@ def analyze(args) -> None:
         print(report.unit_report(given, args.unit, args.contexts or 10))
         return
     language = "auto" if args.language == "auto" else (None if args.language == "prose" else args.language)
-    out = report.analyze(given, features=args.features or None, language=language, heldout=args.heldout,
-                         shifts=args.shifts, checkpoint=args.checkpoint, decay=not args.no_decay,
-                         max_lag=args.max_lag, sparse=args.sparse, ablation=args.ablate, controls=args.controls,
-                         contexts=args.contexts)
+    from rnnscope.probe.distributed import cluster_for
+    with cluster_for(args.scheduler, args.workers) as client:
+        out = report.analyze(given, features=args.features or None, language=language, heldout=args.heldout,
+                             shifts=args.shifts, checkpoint=args.checkpoint, decay=not args.no_decay,
+                             max_lag=args.max_lag, sparse=args.sparse, ablation=args.ablate, controls=args.controls,
+                             contexts=args.contexts, client=client)
     print("\n".join(report.report_lines(out, args.heldout, args.top)))
     print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(given, 'neurons').parent}")
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe.corpus import read_documents
-from rnnscope.probe.cells import cell_modules
-from rnnscope.probe.keys import recurrent_modules
-from rnnscope.probe.specs import call, load, resolve
+from rnnscope.probe.specs import subject_and_options  # noqa: F401  (the model, encoder, loss and modules)
 from rnnscope.store.files import read_text
 
 NO_MODEL = ("pass --model SPEC (zoo:NAME, a checkpoint directory, file.py:fn, package.module:fn, model.pt or "
@@ -27,26 +23,6 @@ def spec_of(checkpoint: str | None, model: str | None) -> str:
     return model or checkpoint
 
 
-def subject_and_options(spec: str, encoder_spec=None, modules=None, loss_spec=None, carry=False):
-    """The model loaded by ``spec`` and the options for ``record`` the flags asked for: only those, so
-    its own defaults (loss "auto", every module, a state reset at each document, the subject's
-    encoder) stand otherwise."""
-    enc = encoder(encoder_spec) if encoder_spec else None
-    subject = load(spec, encoder=enc)
-    if getattr(subject, "encoder", True) is None:
-        raise RnnscopeError(f"{spec} comes with no encoder", "pass --encoder file.py:fn, where fn() returns one")
-    asked = {}
-    if modules:
-        asked["modules"] = choose(subject.model, modules)
-    if loss_spec:
-        asked["loss"] = loss(loss_spec)
-    if carry:
-        asked["carry"] = True
-    if enc is not None:          # (a Subject holds it already; a zoo checkpoint's vocabulary gives way)
-        asked["encode"] = enc
-    return subject, asked
-
-
 def texts_of(path: Path, max_chars: int = 0):
     """``--text``: a text file is one document, stored byte for byte (``max_chars`` cuts it); a
     directory or a ``.jsonl`` is a corpus of documents."""
@@ -56,23 +32,3 @@ def texts_of(path: Path, max_chars: int = 0):
     if max_chars:
         raise RnnscopeError("--max-chars cuts one text file", "give a text file, or leave --max-chars out")
     return read_documents(path)
-
-
-def encoder(spec: str):
-    """``--encoder file.py:fn``: what ``fn()`` returns (an encoder, see ``Subject``)."""
-    return call(resolve(spec, "--encoder"), spec)
-
-
-def loss(spec: str):
-    """``--loss none`` or ``--loss file.py:fn``: ``None`` or the function ``fn(output, ids)`` itself."""
-    return None if spec == "none" else resolve(spec, "--loss")
-
-
-def choose(model: nn.Module, names: list[str]) -> list[str]:
-    """``--modules a,b``: checked against the model's recurrent modules."""
-    known = [*recurrent_modules(model), *cell_modules(model)]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise RnnscopeError(f"the model has no recurrent module {', '.join(map(repr, unknown))}",
-                            f"choose from {', '.join(repr(k) for k in known)}")
-    return names

@@ -40,6 +40,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rnnscope: error: {message}{fix}\n")
 
 
+def _cluster_flags(p, what: str) -> None:
+    p.add_argument("--scheduler", metavar="ADDRESS", help=f"{what} on the Dask cluster at this scheduler address "
+                   "(tcp://host:8786); it runs pickled tasks, so it must be one you trust")
+    p.add_argument("--workers", type=T.int_at_least(1, "--workers"), metavar="N",
+                   help=f"{what} on a Dask cluster of N worker processes started on 127.0.0.1 for this command")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rnnscope", description="Look inside trained recurrent networks: "
                                 "states, gates and gradients of RNN / LSTM / GRU models, over their text.")
@@ -100,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-chars", type=T.int_at_least(0, "--max-chars"), default=0,
                     help="probe only the first N characters (0: all)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")
+    _cluster_flags(pr, "record")
+    pr.add_argument("--shard-docs", type=T.int_at_least(1, "--shard-docs"), metavar="N",
+                    help="on a cluster: documents per shard, one task each (default: about 4 shards a worker)")
     pr.set_defaults(func=command("probe"))
 
     an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
@@ -121,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
                     help="top and bottom contexts kept per unit (default 10; 0: none)")
     an.add_argument("--unit", type=T.unit, help="print this unit's top and bottom contexts (KEY:INDEX) and stop")
     an.add_argument("--controls", type=T.int_at_least(1, "--controls"), default=100, help="random units per ablation (default 100)")
+    _cluster_flags(an, "analyse")
     an.set_defaults(func=command("analyze"))
 
     sv = sub.add_parser("serve", help="the dashboard: the text coloured by any unit, the neuron table, heatmaps, "

@@ -11,7 +11,7 @@ from reference import unrolled
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe import Probe
 from rnnscope.probe import specs as models
-from rnnscope.loading import choose
+from rnnscope.probe.specs import choose
 from rnnscope.probe.subject import Subject
 from rnnscope.probe.torchscript import Replayed
 

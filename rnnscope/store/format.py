@@ -14,6 +14,8 @@ from rnnscope.errors import RnnscopeError, first_line
 from .keys import KEY, key_file
 
 FORMAT, FORMAT_VERSION = "rnnscope-run", 2
+SHARDED_VERSION = 3             # a Run of document shards, each a format 2 Run (``store.shards``)
+SHARD_NAME = re.compile(r"^[0-9]{5,9}$")
 DTYPES = {"float16": np.float16, "float32": np.float32}
 RECORD = "record it again with `rnnscope probe`"
 
@@ -35,8 +37,8 @@ def check_manifest(m, where) -> None:
     version = m.get("format_version")
     if not _is_int(version) or version < 1:
         bad(f"has no valid format_version (got {str(version)[:40]!r})")
-    if version > FORMAT_VERSION:
-        raise RnnscopeError(f"{where} has run format {version}, newer than this rnnscope reads ({FORMAT_VERSION})",
+    if version > SHARDED_VERSION:
+        raise RnnscopeError(f"{where} has run format {version}, newer than this rnnscope reads ({SHARDED_VERSION})",
                             "upgrade rnnscope")
     if m.get("complete") is not True:
         raise RnnscopeError(f"{where} is an incomplete run (the probe was interrupted)", "run `rnnscope probe` again")
@@ -72,6 +74,8 @@ def check_manifest(m, where) -> None:
         bad("has a grad flag that is not true or false")
     if version >= 2:
         _check_v2(m, bad)
+    if version >= 3:
+        _check_shards(m, bad)
 
 
 ENCODER_KINDS, LOSS_KINDS = ("char", "spans"), ("next-token", "user")
@@ -96,6 +100,37 @@ def _check_v2(m: dict, bad) -> None:
                              or not isinstance(loss.get("mean_nats"), (int, float))
                              or isinstance(loss.get("mean_nats"), bool)):
         bad(f"has a malformed loss (null, or a kind among {', '.join(LOSS_KINDS)} and mean_nats)")
+
+
+_SHARD_COUNTS = (("doc_start", "documents"), ("step_start", "steps"), ("char_start", "chars"))
+
+
+def _check_shards(m: dict, bad) -> None:
+    """Format 3's shard list: each entry a shard folder's name, its documents, steps and characters
+    and where they start, and the SHA-256 of its text and its manifest; together they tile the Run
+    in order, none listed twice, none overlapping another."""
+    shards, seen = m.get("shards"), set()
+    if not isinstance(shards, list) or not shards:
+        bad("lacks shards, a list of the Run's document shards")
+    at = dict.fromkeys(("doc_start", "step_start", "char_start"), 0)
+    for i, s in enumerate(shards):
+        if (not isinstance(s, dict) or not isinstance(s.get("name"), str) or not SHARD_NAME.match(s["name"])
+                or not all(_is_int(s.get(a)) and s[a] >= 0 and _is_int(s.get(n)) and s[n] >= 1
+                           for a, n in _SHARD_COUNTS)
+                or not all(isinstance(s.get(h), str) and re.fullmatch(r"[0-9a-f]{64}", s[h])
+                           for h in ("text_sha256", "manifest_sha256"))):
+            bad(f"has a malformed shard entry {i} (name, documents, steps, chars, their starts, checksums)")
+        if s["name"] in seen:
+            bad(f"lists shard {s['name']} twice")
+        seen.add(s["name"])
+        for start, count in _SHARD_COUNTS:
+            if s[start] != at[start]:
+                how = "overlaps the shard before it" if s[start] < at[start] else "leaves a gap after the shard before it"
+                bad(f"has shard {s['name']} starting at {count} {s[start]:,}, where the one before ends at "
+                    f"{at[start]:,}: it {how}")
+            at[start] += s[count]
+    if (at["doc_start"], at["step_start"], at["char_start"]) != (m["documents"], m["steps"], m["text"]["chars"]):
+        bad("has shards whose documents, steps and characters do not add up to the Run's")
 
 
 def check_steps(spans: np.ndarray, documents, chars: int, where) -> None:

@@ -113,6 +113,11 @@ class Run(StepLayout):
                                 hint)
         return np.load(inside(self.path, key_file(key)), mmap_mode="r", allow_pickle=False)
 
+    def dask(self, key: str, rows: int = 1 << 16):
+        """``run[key]`` as a Dask array, ``rows`` steps a block, read where each task runs."""
+        from .shards import dask_array
+        return dask_array(self, key, rows)
+
     @property
     def loss(self) -> np.ndarray | None:
         """``[steps]`` float32 per-step loss in nats (NaN where none), or None when recorded without one."""
@@ -240,6 +245,9 @@ def open_run(path) -> Run:
     if not path.is_dir():
         raise RnnscopeError(f"no run at {path}", "create one with `rnnscope probe CHECKPOINT --text FILE --out RUN`")
     manifest = read_manifest(path)
+    if manifest["format_version"] >= 3:
+        from .shards import open_sharded        # a Run of document shards (store.shards imports this module)
+        return open_sharded(path, manifest)
     text = _read_text(path, manifest)
     _check_arrays(path, manifest)
     steps = _read_steps(path, manifest)

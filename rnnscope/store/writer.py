@@ -243,27 +243,33 @@ class RunWriter:
         return self.out
 
     def _swap(self) -> None:
-        fd = os.open(self.out.parent, os.O_RDONLY)
+        swap_in(self.tmp, self.out, self.overwrite)
+
+
+def swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Swap the whole Run in the folder ``tmp`` in as ``out`` (under a lock on the parent folder,
+    atomically where the kernel can); an old Run at ``out`` is deleted under ``tmp``'s name."""
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)          # one swap at a time in this directory
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)          # one swap at a time in this directory
+            check_out(out, overwrite)               # again: another writer may have been first
+        except RnnscopeError as err:
+            raise RnnscopeError(f"{err.problem} (written by another process while this probe ran)",
+                                err.fix) from None
+        if not out.exists():
+            os.rename(tmp, out)
+        elif _exchange(tmp, out):
+            shutil.rmtree(tmp)                      # the old Run, now under the partial's name
+        else:
+            old = tmp.with_name(tmp.name + ".old")
+            os.rename(out, old)
             try:
-                check_out(self.out, self.overwrite)     # again: another writer may have been first
-            except RnnscopeError as err:
-                raise RnnscopeError(f"{err.problem} (written by another process while this probe ran)",
-                                    err.fix) from None
-            if not self.out.exists():
-                os.rename(self.tmp, self.out)
-            elif _exchange(self.tmp, self.out):
-                shutil.rmtree(self.tmp)                 # the old Run, now under the partial's name
-            else:
-                old = self.tmp.with_name(self.tmp.name + ".old")
-                os.rename(self.out, old)
-                try:
-                    os.rename(self.tmp, self.out)
-                except BaseException:
-                    os.rename(old, self.out)            # put the old Run back
-                    raise
-                shutil.rmtree(old)
-        finally:
-            os.close(fd)
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)                 # put the old Run back
+                raise
+            shutil.rmtree(old)
+    finally:
+        os.close(fd)

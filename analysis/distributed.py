@@ -1,0 +1,146 @@
+"""The neuron search's two passes on a Dask cluster: one task per run of blocks of a key, their
+partial sums reduced on the client.
+
+``find_neurons(run, client=client)`` calls ``score_key`` in place of ``neurons._score_key``; the
+table is the single-process one. Pass 1 sends back each shard's per-unit histogram of its scored
+rows in each part (integers: the sum is exact); the client turns the totals into mid-ranks, as one
+process does. Pass 2 sends back each task's sums, its products with the label columns of the rows
+it holds, and its rank products. A task reads exactly the blocks one process reads (the same
+``chunk`` grid, across shard boundaries), so each block's float32 product is the same, and only
+the order of the float64 additions of whole blocks differs (1e-12 on a score, not the 1e-6 that
+cutting the float32 products at shard boundaries costs). The ranking, the shift nulls (within documents) and everything after
+the passes run on the client, unchanged.
+
+Workers open the shard's ``.npy`` by the path the client checked (``open_run``), so they must see
+the Run on a shared file system; the feature columns of a shard's rows travel with its task (they
+are computed on the client from the whole text: per shard on the workers is left to do).
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from rnnscope.store.shards import ShardedRows
+
+from . import kernels
+from .kernels import BINS
+
+BLOCKS_PER_TASK = 64        # blocks of ``chunk`` rows a task reads: 1M rows, about a second of a pass per 256 units
+
+
+def _files(a) -> tuple[list[str], np.ndarray] | None:
+    """The ``.npy`` files of ``a`` and the steps each begins at (``[files + 1]``); None for an array that
+    is not a Run's (an in-memory trace: scored in this process)."""
+    parts, bounds = (a.parts, a.bounds) if isinstance(a, ShardedRows) else ([a], np.array([0, len(a)]))
+    if not all(isinstance(p, np.memmap) and p.filename for p in parts):
+        return None
+    return [str(p.filename) for p in parts], np.asarray(bounds, np.int64)
+
+
+class _Rows:
+    """Rows ``[s, e)`` of the Run's key read from the files they lie in, each opened once per task."""
+
+    def __init__(self, files, bounds):
+        import numba
+        numba.set_num_threads(1)        # one thread a task: a worker's tasks do not oversubscribe its cores
+        self.files, self.bounds, self.open = files, bounds, {}
+
+    def __call__(self, s: int, e: int) -> np.ndarray:
+        pieces = []
+        for k in range(int(np.searchsorted(self.bounds, s, "right")) - 1, len(self.files)):
+            lo, hi = int(self.bounds[k]), int(self.bounds[k + 1])
+            if lo >= e:
+                break
+            if k not in self.open:
+                self.open[k] = np.load(self.files[k], mmap_mode="r", allow_pickle=False)
+            pieces.append(self.open[k][max(s, lo) - lo: min(e, hi) - lo])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _blocks(read, rows, starts, end, chunk):
+    """``(position in rows, the block's scored rows)`` for the blocks at ``starts`` (one process's grid)."""
+    for s in starts:
+        e = min(end, s + chunk)
+        i0, i1 = np.searchsorted(rows, [s, e])
+        if i1 > i0:
+            block = read(s, e)
+            yield int(i0), (block if i1 - i0 == e - s else np.asarray(block)[rows[i0:i1] - s])
+
+
+def _histogram(files, bounds, rows, starts, end, chunk):
+    """Pass 1: ``counts [units, BINS]`` of the scored ``rows`` in the blocks at ``starts``."""
+    read = _Rows(files, bounds)
+    counts = None
+    for _, block in _blocks(read, rows, starts, end, chunk):
+        counts = np.zeros((block.shape[1], BINS), np.int64) if counts is None else counts
+        kernels.histogram(kernels.float16_bits(block), kernels.BIN_OF, counts)
+    return counts
+
+
+def _sums(files, bounds, rows, starts, end, chunk, X, R, mid, ref):
+    """Pass 2: ``s1, s2, bad [units]``, ``xc [units, X columns]``, ``rc [units, R columns]`` of those blocks
+    (``X``, ``R``: the label columns of ``rows``)."""
+    read = _Rows(files, bounds)
+    U = len(ref)
+    s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
+    xc, rc = np.zeros((U, X.shape[1])), np.zeros((U, R.shape[1]))
+    for p0, raw in _blocks(read, rows, starts, end, chunk):
+        p1 = p0 + len(raw)
+        decode = raw.dtype == np.float16
+        x = np.empty((p1 - p0, U), np.float32) if decode else np.array(raw, np.float32, order="C")
+        r = np.empty((p1 - p0, U), np.float32)
+        kernels.ranks_and_sums(kernels.float16_bits(raw), x, decode, kernels.BIN_OF, kernels.VALUE_OF,
+                               mid, ref, r, s1, s2, bad)
+        if X.shape[1]:      # the columns sum to zero, so x need not be centred
+            xc += x.T @ X[p0:p1]
+        rc += r.T @ R[p0:p1]
+    return s1, s2, bad, xc, rc
+
+
+_SENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()     # part -> its scattered rows and labels
+
+
+def _tasks(client, rows, part, hi: int, chunk: int) -> list:
+    """Per task: its block starts, and futures of its scored rows and their label columns, on the
+    workers; sent once per part and reused for every key (the labels are the same for all)."""
+    sent = _SENT.setdefault(part, {})
+    at = (client.id, chunk, BLOCKS_PER_TASK)
+    if at not in sent:
+        grid, tasks = list(range(int(rows[0]), hi, chunk)), []
+        for t in range(0, len(grid), BLOCKS_PER_TASK):
+            starts = grid[t:t + BLOCKS_PER_TASK]
+            i0, i1 = np.searchsorted(rows, [starts[0], min(hi, starts[-1] + chunk)])
+            tasks.append((starts, *client.scatter([rows[i0:i1], part.X[i0:i1], part.R[i0:i1]])))
+        sent[at] = tasks
+    return sent[at]
+
+
+def score_key(client, a, parts, chunk) -> list[dict]:
+    """``neurons._score_key(a, parts, chunk)`` with both passes on ``client``'s workers: per part (its
+    scored ``rows`` and label columns), the same accumulators."""
+    from .neurons import _score_key
+    found = _files(a)
+    if found is None:
+        return _score_key(a, parts, chunk)
+    files, bounds = found
+    U, out = a.shape[1], []
+    for rows, part in parts:
+        hi, n = int(rows[-1]) + 1, len(rows)
+        tasks = _tasks(client, rows, part, hi, chunk)
+        counts = [c for c in client.gather([client.submit(_histogram, files, bounds, r, st, hi, chunk, pure=False)
+                                            for st, r, _, _ in tasks]) if c is not None]
+        c = sum(counts)
+        cum = c.cumsum(1)
+        mid = cum - (c - 1) / 2 - (n + 1) / 2                    # centred mid-ranks per bin, as one process
+        rank_sd = np.sqrt((c * mid ** 2).sum(1))
+        ref = np.nan_to_num(np.asarray(a[rows[:1024]], np.float64).mean(0))
+        [mid_f] = client.scatter([mid.astype(np.float32)], broadcast=True)
+        got = client.gather([client.submit(_sums, files, bounds, r, st, hi, chunk, X, R, mid_f, ref, pure=False)
+                             for st, r, X, R in tasks])
+        s1, s2, xc, rc = (sum(g[i] for g in got) for i in (0, 1, 3, 4))
+        bad = np.logical_or.reduce([g[2] for g in got])
+        sxx = s2 - s1 * s1 / n
+        out.append({"n": n, "sd": np.sqrt(np.maximum(sxx, 0)), "mean": ref + s1 / n, "xc": xc, "rc": rc,
+                    "rank_sd": rank_sd, "bad": bad})
+    return out

@@ -1,0 +1,238 @@
+"""Recording on a Dask cluster: the corpus split by whole documents into shards, one task each,
+into a sharded Run (``rnnscope.store.shards``) that equals the single-process Run bit for bit.
+
+``record(subject, texts, out, client=client)`` (or ``rnnscope probe ... --scheduler ADDRESS |
+--workers N``) plans shards of ``shard_docs`` documents, reuses those an interrupted record of the
+same plan finished (each checked: a complete Run of the planned text, by its SHA-256, and model),
+and submits one task per remaining shard. A task writes its shard atomically
+(``store.shards.write_shard``), so a task that runs twice, or again after its worker died, is
+harmless; the manifest is written on the client, last.
+
+How the model reaches the workers:
+- from Python, the subject itself is pickled (cloudpickle) and sent to each worker once
+  (``client.scatter(..., broadcast=True)``): its classes must be importable on the workers (an installed
+  package, or ``client.upload_file``), or defined in ``__main__`` / a notebook, which cloudpickle sends by value;
+- from the command line, the SPEC is loaded by each worker, once (cached by spec in the worker): a
+  ``file.py`` in it (``--model``, ``--encoder``, ``--loss``) is sent with the task and used from the same
+  absolute path when the workers share the file system and it is the same file, else from a copy in the
+  worker's temporary folder; weights, checkpoint folders and archives are read from the same absolute
+  path, so on a cluster they must be on a shared file system (``zoo:`` names need nothing).
+
+A Dask cluster runs pickled tasks: connect only to a scheduler you trust. Each task runs torch and
+numba on ``threads`` threads (default 1), so a worker's tasks do not oversubscribe its cores; the
+float results are then the same as a single process on as many threads.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from rnnscope.errors import RnnscopeError
+from rnnscope.store.shards import ShardBuild, write_shard
+
+from .corpus import Documents, documents_of
+
+DISTRIBUTED = "probe without --scheduler / --workers"
+
+
+@dataclass(frozen=True)
+class FromSpec:
+    """What a worker loads the subject from: the command line's ``--model`` / ``--encoder`` / ``--loss``
+    specs and ``--modules``, with the bytes of every ``file.py`` they name (``files``)."""
+    model: str
+    encoder: str | None = None
+    loss: str | None = None
+    modules: tuple | None = None
+    files: tuple = ()           # (absolute path, sha256, bytes)
+
+    @classmethod
+    def of(cls, model: str, encoder=None, loss=None, modules=None) -> FromSpec:
+        specs, files = [], []
+        for spec in (model, encoder, loss):
+            spec, found = _absolute(spec)
+            specs.append(spec)
+            files += found
+        return cls(*specs, tuple(modules) if modules else None, tuple(files))
+
+    def load(self):
+        """``(subject, record options)`` on this worker; the same object for every task after the first."""
+        if self not in _LOADED:
+            from .specs import subject_and_options
+            local = {p: _local_copy(p, sha, data) for p, sha, data in self.files}
+            spec = {s: _replace(s, local) if s else s for s in (self.model, self.encoder, self.loss)}
+            subject, asked = subject_and_options(spec[self.model], spec[self.encoder], self.modules and list(self.modules),
+                                                 spec[self.loss])
+            _LOADED[self] = (subject, asked)
+        return _LOADED[self]
+
+
+_LOADED: dict = {}      # per worker process: FromSpec -> (subject, options)
+
+
+def _parts(spec: str):
+    """The paths in a spec: the weights before ``@`` and a ``file.py`` before ``:fn``."""
+    weights, at, rest = spec.rpartition("@")
+    target, sep, _ = rest.rpartition(":")
+    return ([weights] if at else []) + ([target] if sep and target.lower().endswith(".py") else [])
+
+
+def _absolute(spec):
+    """The spec with its local paths made absolute, and the (path, sha256, bytes) of its ``.py`` files."""
+    if not spec or spec.startswith("zoo:"):
+        return spec, []
+    files, paths = [], _parts(spec)
+    if not paths and Path(spec).exists():           # a checkpoint folder or an archive
+        return str(Path(spec).resolve()), []
+    for p in paths:
+        if Path(p).exists():
+            full = str(Path(p).resolve())
+            spec = spec.replace(p, full, 1)
+            if full.lower().endswith(".py"):
+                data = Path(full).read_bytes()
+                files.append((full, hashlib.sha256(data).hexdigest(), data))
+    return spec, files
+
+
+def _local_copy(path: str, sha: str, data: bytes) -> str:
+    """``path`` if this worker sees the same file there (a shared file system), else a copy of it."""
+    try:
+        if hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha:
+            return path
+    except OSError:
+        pass
+    copy = Path(tempfile.gettempdir()) / "rnnscope-specs" / sha[:16] / Path(path).name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes(data)
+    return str(copy)
+
+
+def _replace(spec: str, local: dict) -> str:
+    for path, there in local.items():
+        spec = spec.replace(path, there)
+    return spec
+
+
+def _threads(n: int) -> None:
+    import numba
+    import torch
+    torch.set_num_threads(n)
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _shard_task(subject, names, texts, build, index, expect, options, threads):
+    """On a worker: record shard ``index`` (its documents ``names``, ``texts``) into ``build``."""
+    from .recording import record
+    _threads(threads)
+    subject, asked = subject.load() if isinstance(subject, FromSpec) else (subject, {})
+
+    def write(path):
+        with contextlib.redirect_stdout(io.StringIO()):     # the size line of every shard: not the user's
+            record(subject, Documents(list(names), list(texts)), path, progress=False, **asked, **options)
+    return write_shard(Path(build), index, expect, write)
+
+
+def _describe(v):
+    """An option as the plan records it: a value, or what a function or object is (by name)."""
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_describe(x) for x in v]
+    named = v if hasattr(v, "__qualname__") else type(v)
+    return f"{getattr(named, '__module__', '')}.{named.__qualname__}"
+
+
+def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shard_docs: int | None = None,
+              threads: int = 1, overwrite: bool = False, progress: bool = True, carry: bool = False, **options):
+    """``record`` on the Dask ``client``'s workers (see the module); returns the opened Run."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from rnnscope.store import open_run
+
+    from .recording import model_checksum
+    from .subject import subject_of
+    if carry:
+        raise RnnscopeError("--carry runs one state through every document, so the corpus cannot be split into "
+                            "shards", f"{DISTRIBUTED}, or without --carry")
+    if shard_docs is not None and shard_docs < 1:
+        raise RnnscopeError(f"shard_docs must be >= 1 (got {shard_docs})", "give --shard-docs 1 or more")
+    docs, sub = documents_of(texts), subject_of(subject)
+    checksum = model_checksum(sub.model)
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    size = shard_docs or max(1, math.ceil(len(docs) / (4 * workers)))   # a few shards a worker: a slow one is shared
+    groups = [(docs.names[i:i + size], docs.texts[i:i + size]) for i in range(0, len(docs), size)]
+    expects = [{"text_sha256": hashlib.sha256("".join(t).encode("utf-8", "surrogatepass")).hexdigest(),
+                "model_checksum": checksum, "names": list(n)} for n, t in groups]
+    if spec is not None:            # the workers load these from the spec themselves
+        options = {k: v for k, v in options.items() if k not in ("encode", "loss", "modules")}
+    options["source"] = options.get("source") or sub.source
+    plan = {"model": checksum, "spec": spec and (spec.model, spec.encoder, spec.loss, spec.modules),
+            "options": {k: _describe(v) for k, v in sorted(options.items())},
+            "shards": [(e["text_sha256"], e["names"]) for e in expects]}
+    build = ShardBuild(out, plan, overwrite=overwrite)
+    entries = [build.reusable(i, e) for i, e in enumerate(expects)]
+    todo = [i for i, e in enumerate(entries) if e is None]
+    if len(todo) < len(groups):
+        print(f"probe: reusing {len(groups) - len(todo)} of {len(groups)} shards finished by an earlier record")
+    dashboard = client.scheduler_info().get("services", {}).get("dashboard")
+    if dashboard and progress:
+        print(f"probe: {len(groups)} shards of up to {size} documents on {workers} workers; "
+              f"Dask dashboard at {client.dashboard_link}")
+    futures = {}
+    try:
+        if todo:
+            ship = spec if spec is not None else client.scatter(sub, broadcast=True, hash=False)
+            token = uuid.uuid4().hex[:8]
+            futures = {client.submit(_shard_task, ship, groups[i][0], groups[i][1], str(build.dir), i, expects[i],
+                                     options, threads, key=f"rnnscope-shard-{i:05d}-{token}", pure=False): i
+                       for i in todo}
+        with tqdm(total=len(groups), initial=len(groups) - len(todo), unit="shard", desc="probe",
+                  disable=not progress) as bar:
+            for fut in as_completed(futures):
+                entries[futures[fut]] = fut.result()
+                bar.update()
+    except KeyboardInterrupt:
+        raise RnnscopeError(f"interrupted: no run was written to {out}; the finished shards are kept in {build.dir}",
+                            "run the same command again to resume") from None
+    except RnnscopeError:
+        raise
+    except Exception as err:        # a worker lost too often (KilledWorker), a scheduler gone: not the user's code
+        said = (str(err).splitlines() or [""])[0][:160]
+        raise RnnscopeError(f"the cluster failed while recording: {type(err).__name__}: {said}",
+                            "run the same command again: finished shards are reused") from err
+    finally:
+        for f in futures:
+            f.cancel()
+    build.commit(entries, {})
+    return open_run(out)
+
+
+@contextlib.contextmanager
+def cluster_for(scheduler: str | None = None, workers: int | None = None):
+    """A Dask client: of the scheduler at ``scheduler``, or of a ``LocalCluster`` of ``workers`` processes
+    on 127.0.0.1 started here and stopped on leaving; None when neither is given (one process)."""
+    if not scheduler and not workers:
+        yield None
+        return
+    if scheduler and workers:
+        raise RnnscopeError("both --scheduler and --workers given", "give --scheduler ADDRESS (a running cluster) "
+                            "or --workers N (one started on this machine)")
+    from distributed import Client, LocalCluster
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as err:
+            raise RnnscopeError(f"no Dask scheduler answers at {scheduler} ({type(err).__name__})",
+                                "start one (dask scheduler, dask-jobqueue) or pass --workers N") from None
+        with client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        yield client

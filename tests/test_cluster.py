@@ -1,0 +1,237 @@
+"""Recording and analysing on a Dask cluster: a sharded Run (format 3) equals the single-process Run
+bit for bit, survives a killed worker and an interrupted client, and a hostile one is refused in one
+line. One LocalCluster of two worker processes (one thread each) on 127.0.0.1 serves every test."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rnnscope as rs
+from rnnscope.analysis import distributed as dist
+from rnnscope.analysis.neurons import find_neurons
+from rnnscope.cli import main
+from rnnscope.errors import RnnscopeError
+from rnnscope.probe.corpus import read_documents
+from rnnscope.store import read_table
+from rnnscope.store.shards import ShardedRows
+
+distributed = pytest.importorskip("distributed")
+
+SPEC = '''
+import torch
+from rnnscope.zoo.model import Architecture, CharModel
+from rnnscope.zoo.vocab import Vocab
+CHARS = "abcxyz (){};=,\\n\\"/*"
+
+
+def build():
+    torch.manual_seed(0)
+    return CharModel(Architecture("lstm", len(CHARS), 6, 10, 2)).eval(), Vocab(CHARS)
+'''
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+
+
+def _corpus(n: int, seed: int = 0) -> dict[str, str]:
+    """C-like documents: strings, comments and brackets, so the features vary."""
+    rng = np.random.default_rng(seed)
+    words = ["abc", "x", "(y)", "{z;}", '"ab c"', "/* ab */", "\n", " ", "=", "c(x, y);"]
+    return {f"d{i:02d}.c": "".join(rng.choice(words, rng.integers(4, 14))) for i in range(n)}
+
+
+@pytest.fixture(scope="module")
+def client():
+    import torch
+    torch.set_num_threads(1)            # as each worker's task: the same float results
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    ns = {}
+    exec(SPEC, ns)
+    spec = tmp_path_factory.mktemp("spec") / "tiny.py"
+    spec.write_text(SPEC)
+    return ns["build"](), spec
+
+
+@pytest.fixture(scope="module")
+def runs(client, subject, tmp_path_factory):
+    """The same corpus recorded with gradients in one process and on the cluster (3 documents a shard)."""
+    root, docs = tmp_path_factory.mktemp("runs"), _corpus(10)
+    one = rs.record(subject[0], docs, root / "one", grad=True, chunk=16, horizon=16, progress=False)
+    many = rs.record(subject[0], docs, root / "many", grad=True, chunk=16, horizon=16, progress=False, client=client,
+                     shard_docs=3)
+    return one, many
+
+
+def _assert_equal(one, many) -> None:
+    assert len(many.shards) > 1 and many.manifest["format_version"] == 3
+    assert one.keys() == many.keys() and len(one) == len(many) and one.text == many.text
+    for key in one.keys():
+        a, b = one[key], many[key]
+        assert isinstance(b, ShardedRows) and b.shape == a.shape and b.dtype == a.dtype
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), key
+    np.testing.assert_array_equal(one.spans, many.spans)
+    np.testing.assert_array_equal(one.ids, many.ids)
+    assert np.asarray(one.loss).tobytes() == np.asarray(many.loss).tobytes()
+    assert one.documents.equals(many.documents)
+    assert one.manifest["loss"]["mean_nats"] == many.manifest["loss"]["mean_nats"]
+    assert one.manifest["model"]["checksum"] == many.manifest["model"]["checksum"]
+    cols = ["mean", "std", "min", "max", "count"]       # merged from the shards' sums, not read again
+    np.testing.assert_allclose(many.units[cols].to_numpy(float), one.units[cols].to_numpy(float), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_a_sharded_record_with_gradients_equals_one_process_bit_for_bit(runs):
+    one, many = runs
+    assert "rnn.l1.grad_c" in many.keys()
+    _assert_equal(one, many)
+    a, b = one["rnn.l1.c"], many["rnn.l1.c"]          # the readers' slices, across shard boundaries
+    cut = int(many.manifest["shards"][1]["step_start"])
+    np.testing.assert_array_equal(b[cut - 3:cut + 2, 4], a[cut - 3:cut + 2, 4])
+    rows = np.array([0, cut, cut - 1, len(a) - 1, 5])
+    np.testing.assert_array_equal(b[rows], a[rows])
+    np.testing.assert_array_equal(b[-1], a[-1])
+    np.testing.assert_array_equal(np.asarray(many.dask("rnn.l1.c")), np.asarray(a))
+    html = many.path.parent / "unit.html"          # the dashboard's exporter opens it as any Run, no cluster
+    assert main(["export", str(many.path), "--unit", "rnn.l1.c:4", "--out", str(html)]) == 0 and html.stat().st_size
+
+
+def test_a_sharded_record_without_gradients_equals_one_process(client, subject, tmp_path):
+    docs = _corpus(9, seed=1)
+    one = rs.record(subject[0], docs, tmp_path / "one", chunk=5, progress=False)
+    many = rs.record(subject[0], docs, tmp_path / "many", chunk=5, progress=False, client=client, shard_docs=2)
+    assert "rnn.l0.grad_h" not in many.keys()
+    _assert_equal(one, many)
+    again = rs.record(subject[0], docs, tmp_path / "many", chunk=5, progress=False, client=client, shard_docs=4,
+                      overwrite=True)                   # --overwrite replaces the whole Run
+    assert len(again.shards) == 3
+    _assert_equal(one, again)
+    assert not list(tmp_path.glob(".*"))                # no build folder or partial left beside it
+
+
+def test_a_worker_killed_mid_record_has_its_shard_recomputed(client, subject, tmp_path):
+    docs = _corpus(8, seed=2)
+    out, got = tmp_path / "many", {}
+    pids = client.run(os.getpid)
+    thread = threading.Thread(target=lambda: got.update(run=rs.record(
+        subject[0], docs, out, grad=True, chunk=3, horizon=4, progress=False, client=client, shard_docs=1)))
+    thread.start()
+    first = tmp_path / ".many.shards" / "shards" / "00000"
+    deadline = time.time() + 60
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    assert first.exists() and not out.exists()          # killed while shards are still being recorded
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    thread.join(120)
+    one = rs.record(subject[0], docs, tmp_path / "one", grad=True, chunk=3, horizon=4, progress=False)
+    _assert_equal(one, got["run"])
+    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]     # the partial is cleared
+    client.wait_for_workers(2, timeout=60)
+
+
+def test_an_interrupted_command_resumes_with_the_shards_it_finished(client, subject, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in _corpus(6, seed=3).items():
+        (corpus / name).write_text(text)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rnnscope.cli", "probe", "--model", f"{subject[1]}:build", "--text", str(corpus),
+           "--out", str(out), "--scheduler", client.scheduler.address, "--shard-docs", "1", "--chunk", "3"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = tmp_path / ".run.shards" / "shards" / "00000" / "manifest.json"
+    deadline = time.time() + 90
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert first.exists() and not out.exists()
+    inode = first.stat().st_ino
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "reusing" in done.stdout and (out / "shards" / "00000" / "manifest.json").stat().st_ino == inode
+    one = rs.record(subject[0], read_documents(corpus), tmp_path / "one", chunk=3, progress=False)
+    _assert_equal(one, rs.open_run(out))
+
+
+def test_carry_is_refused_on_a_cluster_in_one_line(client, subject, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("abc")
+    code = main(["probe", "--model", f"{subject[1]}:build", "--text", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--carry", "--scheduler", client.scheduler.address])
+    err = capsys.readouterr().err
+    assert code == 2 and "--carry" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_distributed_neuron_search_equals_one_process(client, runs, subject, tmp_path, monkeypatch):
+    one, many = runs
+    monkeypatch.setattr(dist, "BLOCKS_PER_TASK", 2)     # several tasks a part, blocks across shard boundaries
+    feats, keys = ["in_string", "in_comment", "column", "paren_depth"], ["rnn.l0.h", "rnn.l1.c"]
+    ref = find_neurons(one, feats, language="c", keys=keys, chunk=48, progress=False)
+    got = find_neurons(many, feats, language="c", keys=keys, chunk=48, progress=False, client=client)
+    assert (ref[["unit", "feature"]].to_numpy() == got[["unit", "feature"]].to_numpy()).all()
+    for col in ("selection_score", "selection_p", "selection_q", "heldout_score", "heldout_p", "heldout_q"):
+        np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float), rtol=0, atol=1e-6)
+    small = rs.record(subject[0], _corpus(6, seed=4), tmp_path / "h", kinds=["h"], progress=False, client=client,
+                      shard_docs=2)
+    assert main(["analyze", str(small.path), "--scheduler", client.scheduler.address, "--no-decay", "--features",
+                 "in_string,column", "--language", "c", "--contexts", "2"]) == 0
+    assert len(read_table(small, "neurons")) == 2 * 20      # 2 keys x 10 units, 2 features
+
+
+def _manifest(run: Path, change) -> None:
+    m = json.loads((run / "manifest.json").read_text())
+    change(m)
+    (run / "manifest.json").write_text(json.dumps(m))
+
+
+def _lie_about_steps(run: Path) -> None:
+    import hashlib
+    shard = run / "shards" / "00001" / "manifest.json"
+    m = json.loads(shard.read_text())
+    m["steps"] += 1
+    shard.write_text(json.dumps(m))
+    _manifest(run, lambda t: t["shards"][1].update(manifest_sha256=hashlib.sha256(shard.read_bytes()).hexdigest()))
+
+
+def _link_out(run: Path) -> None:
+    away = run.parent / "elsewhere"
+    shutil.move(run / "shards" / "00001", away)
+    (run / "shards" / "00001").symlink_to(away.resolve())
+
+
+HOSTILE = {
+    "a shard whose manifest lies about its steps": (_lie_about_steps, "says steps"),
+    "a shard that is a link out of the Run": (_link_out, "symbolic link"),
+    "a missing shard": (lambda r: shutil.rmtree(r / "shards" / "00002"), "shard 00002 is missing"),
+    "overlapping shards": (lambda r: _manifest(r, lambda m: m["shards"][1].update(
+        doc_start=m["shards"][1]["doc_start"] - 1)), "overlaps"),
+    "a shard listed twice": (lambda r: _manifest(r, lambda m: m["shards"].__setitem__(2, m["shards"][1])), "twice"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_sharded_run_is_refused_in_one_line(runs, tmp_path, capsys, case):
+    spoil, said = HOSTILE[case]
+    run = tmp_path / "run"
+    shutil.copytree(runs[1].path, run, symlinks=True)
+    spoil(run)
+    with pytest.raises(RnnscopeError, match=said) as err:
+        rs.open_run(run)
+    assert "\n" not in str(err.value)
+    for argv in (["analyze", str(run), "--no-decay"], ["export", str(run), "--unit", "rnn.l0.h:0", "--out",
+                                                       str(tmp_path / "x.html")], ["serve", str(run)]):
+        assert main(argv) == 2
+        out = capsys.readouterr().err.strip()
+        assert len(out.splitlines()) == 1 and said in out, (argv, out)
