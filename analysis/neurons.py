@@ -94,6 +94,9 @@ class _Part:
         self.R = (np.concatenate(rcols, 1) if rcols else np.zeros((self.n, 0))).astype(np.float32)
 
 
+_NO_VALUES = np.zeros((1, 1), np.float32)       # a float16 key's values come from its bits
+
+
 def _blocks(a, rows: np.ndarray, chunk: int):
     """``(position in rows, a[rows] of one chunk)`` in order: the chunks of the step range ``rows``
     spans, read whole and narrowed to ``rows`` (steps without text left out)."""
@@ -117,9 +120,10 @@ def _score_key(a, parts, chunk) -> list[dict]:
     out = []
     for rows, part in parts:
         n = len(rows)
-        counts = np.zeros((U, BINS), np.int64)
+        counts = np.zeros((U, BINS), np.int32)
         for _, block in _blocks(a, rows, chunk):
-            kernels.histogram(kernels.float16_bits(block), kernels.BIN_OF, counts)
+            kernels.histogram(kernels.float16_bits(block), counts)
+        counts = counts.astype(np.int64)
         cum = counts.cumsum(1)
         mid = cum - (counts - 1) / 2 - (n + 1) / 2                    # centred mid-ranks per bin
         rank_ss = (counts * mid ** 2).sum(1)
@@ -128,16 +132,19 @@ def _score_key(a, parts, chunk) -> list[dict]:
         s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
         xc = np.zeros((U, part.X.shape[1]))
         rc = np.zeros((U, part.R.shape[1]))
+        # one pair of buffers per part: fresh 32 MB arrays per chunk cost more in page faults than the kernel
+        width = min(chunk, n)
+        x_t, r_t = np.empty((U, width), np.float32), np.empty((U, width), np.float32)
         for p0, raw in _blocks(a, rows, chunk):
             p1 = p0 + len(raw)
-            # a float32 Run's rows come read-only from the memory map: copy, the kernel's buffer must be writable
-            x = np.empty((p1 - p0, U), np.float32) if decode else np.array(raw, np.float32, order="C")
-            r = np.empty((p1 - p0, U), np.float32)
-            kernels.ranks_and_sums(kernels.float16_bits(raw), x, decode, kernels.BIN_OF, kernels.VALUE_OF,
-                                   mid, ref, r, s1, s2, bad)
+            # a float32 Run's rows come read-only from the memory map: the kernel gets a plain copy
+            xin = _NO_VALUES if decode else np.array(raw, np.float32, order="C")
+            kernels.ranks_and_sums(kernels.float16_bits(raw), xin, decode, kernels.VALUE_OF, mid, ref,
+                                   r_t, x_t, s1, s2, bad)
+            m = p1 - p0
             if part.X.shape[1]:      # the columns sum to zero, so x need not be centred
-                xc += x.T @ part.X[p0:p1]
-            rc += r.T @ part.R[p0:p1]
+                xc += x_t[:, :m] @ part.X[p0:p1]
+            rc += r_t[:, :m] @ part.R[p0:p1]
         mean = ref + s1 / n
         sxx = s2 - s1 * s1 / n
         out.append({"n": n, "sd": np.sqrt(np.maximum(sxx, 0)), "mean": mean, "xc": xc, "rc": rc,
