@@ -1,5 +1,6 @@
 """Is the neuron table the same as an older version's? Runs ``find_neurons`` of this checkout and of
-``--rev`` (default ``main``; its ``analysis/`` package taken from git into a temporary folder, so
+``--rev`` (default: where this branch left ``main``, the merge base, whose other packages are
+this checkout's; its ``analysis/`` package taken from git into a temporary folder, so
 nothing of it is kept here) on the benchmark's data, in the same process and with the same thread
 counts, and compares every column: scores to 1e-9 absolute, p- and q-values to 1e-9 relative,
 everything else exactly, row by row after sorting both by (unit, feature).
@@ -8,7 +9,7 @@ Run both under the same BLAS thread count: the float32 products with the feature
 differently when OpenBLAS splits them differently (1 thread against 2 moved scores by 1e-8 and p by
 1e-6 on main's own code), which is a property of the old code, not of the change.
 
-    python benchmarks/neuron_search_check.py [--steps 200000] [--units 1024] [--rev main]
+    python benchmarks/neuron_search_check.py [--steps 200000] [--units 1024] [--rev REV]
 """
 from __future__ import annotations
 
@@ -83,8 +84,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200_000)
     ap.add_argument("--units", type=int, default=1024)
-    ap.add_argument("--rev", default="main")
+    ap.add_argument("--rev", help="default: git merge-base HEAD main")
     args = ap.parse_args()
+    if args.rev is None:
+        args.rev = subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
+                                  capture_output=True, text=True).stdout.strip()[:12]
     tmp = Path(tempfile.mkdtemp(prefix="nscheck-"))
     try:
         arrays = make_states(tmp, args.steps, args.units)
