@@ -93,20 +93,23 @@ def shift_test(scores: np.ndarray, two_sided: bool) -> dict:
     return {"null_mean": mu, "null_std": sd, "z": z, "p": p, "p_empirical": p_emp}
 
 
+def _pair(x: np.ndarray, f: np.ndarray, binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    """What a score multiplies: the unit's mid-ranks (at the streamed search's float16 bins, O(n),
+    as the kernels do) and the feature for an AUC; both centred for a Pearson r."""
+    if binary:
+        b = BIN_OF[float16_bits(x[:, None])[:, 0]]
+        counts = np.bincount(b, minlength=BINS)
+        return (np.cumsum(counts) - (counts - 1) / 2)[b], f.astype(np.float64)
+    return x.astype(np.float64) - x.mean(), f - f.mean()
+
+
 def circular_scores(x: np.ndarray, f: np.ndarray, binary: bool, segments=None) -> np.ndarray:
     """Score of one unit ``x [n]`` against the feature ``f [n]`` circularly shifted by every lag:
     ``out[s]`` is the AUC (ranks at the streamed search's float16 resolution, ties half) or the
     Pearson r of ``x`` against ``np.roll(f, s)``, each document of ``segments`` rolled by its share
     of ``s``. One FFT cross-correlation per document, O(n log n)."""
     n = len(x)
-    if binary:
-        b = BIN_OF[float16_bits(x[:, None])[:, 0]]
-        counts = np.bincount(b, minlength=BINS)
-        v = (np.cumsum(counts) - (counts - 1) / 2)[b]          # mid-ranks per bin, O(n), as kernels do
-        g = f.astype(np.float64)
-    else:
-        v = x.astype(np.float64) - x.mean()
-        g = f - f.mean()
+    v, g = _pair(x, f, binary)
     c, start = np.zeros(n), 0
     for m in _segments(n, segments):     # sum_t v[t] g[t - s_d mod n_d], within each document
         cd = np.fft.irfft(np.fft.rfft(v[start:start + m]) * np.conj(np.fft.rfft(g[start:start + m])), m)
@@ -152,14 +155,7 @@ def independent_test(x: np.ndarray, f: np.ndarray, binary: bool, direction: int,
     segs = np.asarray(_segments(len(x), segments), np.int64)
     starts = np.r_[0, np.cumsum(segs)[:-1]]
     n = len(x)
-    if binary:
-        b = BIN_OF[float16_bits(x[:, None])[:, 0]]
-        counts = np.bincount(b, minlength=BINS)
-        v = (np.cumsum(counts) - (counts - 1) / 2)[b]          # mid-ranks, as the streamed search
-        g = f.astype(np.float64)
-    else:
-        v = x.astype(np.float64) - x.mean()
-        g = f - f.mean()
+    v, g = _pair(x, f, binary)
     flat = np.empty(n)                   # flat[start_d + s] = sum_t v[t] g[t - s], inside document d
     for a, m in zip(starts, segs):
         flat[a:a + m] = np.fft.irfft(np.fft.rfft(v[a:a + m]) * np.conj(np.fft.rfft(g[a:a + m])), m)
