@@ -73,28 +73,30 @@ def _histogram(files, bounds, rows, starts, end, chunk):
     read = _Rows(files, bounds)
     counts = None
     for _, block in _blocks(read, rows, starts, end, chunk):
-        counts = np.zeros((block.shape[1], BINS), np.int64) if counts is None else counts
-        kernels.histogram(kernels.float16_bits(block), kernels.BIN_OF, counts)
-    return counts
+        counts = np.zeros((block.shape[1], BINS), np.int32) if counts is None else counts
+        kernels.histogram(kernels.float16_bits(block), counts)
+    return None if counts is None else counts.astype(np.int64)
 
 
-def _sums(files, bounds, rows, starts, end, chunk, X, R, mid, ref):
+def _sums(files, bounds, rows, starts, end, chunk, X, R, mid, ref, width):
     """Pass 2: ``s1, s2, bad [units]``, ``xc [units, X columns]``, ``rc [units, R columns]`` of those blocks
-    (``X``, ``R``: the label columns of ``rows``)."""
+    (``X``, ``R``: the label columns of ``rows``), with the kernels and products of ``neurons._score_key``
+    (its buffers ``width`` wide, as one process's: the same layout gives the same float32 products)."""
+    from .neurons import _NO_VALUES
     read = _Rows(files, bounds)
     U = len(ref)
     s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
     xc, rc = np.zeros((U, X.shape[1])), np.zeros((U, R.shape[1]))
+    x_t, r_t = np.empty((U, width), np.float32), np.empty((U, width), np.float32)
     for p0, raw in _blocks(read, rows, starts, end, chunk):
-        p1 = p0 + len(raw)
+        m = len(raw)
         decode = raw.dtype == np.float16
-        x = np.empty((p1 - p0, U), np.float32) if decode else np.array(raw, np.float32, order="C")
-        r = np.empty((p1 - p0, U), np.float32)
-        kernels.ranks_and_sums(kernels.float16_bits(raw), x, decode, kernels.BIN_OF, kernels.VALUE_OF,
-                               mid, ref, r, s1, s2, bad)
+        xin = _NO_VALUES if decode else np.array(raw, np.float32, order="C")
+        kernels.ranks_and_sums(kernels.float16_bits(raw), xin, decode, kernels.VALUE_OF, mid, ref, r_t, x_t,
+                               s1, s2, bad)
         if X.shape[1]:      # the columns sum to zero, so x need not be centred
-            xc += x.T @ X[p0:p1]
-        rc += r.T @ R[p0:p1]
+            xc += x_t[:, :m] @ X[p0:p0 + m]
+        rc += r_t[:, :m] @ R[p0:p0 + m]
     return s1, s2, bad, xc, rc
 
 
@@ -124,7 +126,7 @@ def score_key(client, a, parts, chunk) -> list[dict]:
     if found is None:
         return _score_key(a, parts, chunk)
     files, bounds = found
-    U, out = a.shape[1], []
+    out = []
     for rows, part in parts:
         hi, n = int(rows[-1]) + 1, len(rows)
         tasks = _tasks(client, rows, part, hi, chunk)
@@ -136,11 +138,12 @@ def score_key(client, a, parts, chunk) -> list[dict]:
         rank_sd = np.sqrt((c * mid ** 2).sum(1))
         ref = np.nan_to_num(np.asarray(a[rows[:1024]], np.float64).mean(0))
         [mid_f] = client.scatter([mid.astype(np.float32)], broadcast=True)
-        got = client.gather([client.submit(_sums, files, bounds, r, st, hi, chunk, X, R, mid_f, ref, pure=False)
+        got = client.gather([client.submit(_sums, files, bounds, r, st, hi, chunk, X, R, mid_f, ref, min(chunk, n),
+                                           pure=False)
                              for st, r, X, R in tasks])
         s1, s2, xc, rc = (sum(g[i] for g in got) for i in (0, 1, 3, 4))
         bad = np.logical_or.reduce([g[2] for g in got])
         sxx = s2 - s1 * s1 / n
         out.append({"n": n, "sd": np.sqrt(np.maximum(sxx, 0)), "mean": ref + s1 / n, "xc": xc, "rc": rc,
-                    "rank_sd": rank_sd, "bad": bad})
+                    "rank_sd": rank_sd, "bad": bad, "constant": (s2 == 0) & ~bad})
     return out

@@ -45,9 +45,18 @@ from . import features as feats
 from . import kernels
 from .controls import character_controls, token_pair_ids
 from .kernels import BINS
-from .nulls import resolved_test, shift_test, shifted
+from .nulls import draw_lags, independent_test, null_of, resolved_test, shift_test, shifted
 from .parts import split_steps
 from .source import Source, as_source
+
+
+# Warn past this held-out resolution: with the 10 units selected per feature of 5 to 10 features, the
+# first of 50 to 100 held-out tests reaches q 0.05 only at p <= 5e-4 to 1e-3.
+COARSE = 1e-3
+
+
+class CoarseNull(UserWarning):
+    """The held-out null cannot give p-values as small as a claim about one unit needs."""
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
@@ -94,6 +103,9 @@ class _Part:
         self.R = (np.concatenate(rcols, 1) if rcols else np.zeros((self.n, 0))).astype(np.float32)
 
 
+_NO_VALUES = np.zeros((1, 1), np.float32)       # a float16 key's values come from its bits
+
+
 def _blocks(a, rows: np.ndarray, chunk: int):
     """``(position in rows, a[rows] of one chunk)`` in order: the chunks of the step range ``rows``
     spans, read whole and narrowed to ``rows`` (steps without text left out)."""
@@ -117,9 +129,10 @@ def _score_key(a, parts, chunk) -> list[dict]:
     out = []
     for rows, part in parts:
         n = len(rows)
-        counts = np.zeros((U, BINS), np.int64)
+        counts = np.zeros((U, BINS), np.int32)
         for _, block in _blocks(a, rows, chunk):
-            kernels.histogram(kernels.float16_bits(block), kernels.BIN_OF, counts)
+            kernels.histogram(kernels.float16_bits(block), counts)
+        counts = counts.astype(np.int64)
         cum = counts.cumsum(1)
         mid = cum - (counts - 1) / 2 - (n + 1) / 2                    # centred mid-ranks per bin
         rank_ss = (counts * mid ** 2).sum(1)
@@ -128,20 +141,26 @@ def _score_key(a, parts, chunk) -> list[dict]:
         s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
         xc = np.zeros((U, part.X.shape[1]))
         rc = np.zeros((U, part.R.shape[1]))
+        # one pair of buffers per part: fresh 32 MB arrays per chunk cost more in page faults than the kernel
+        width = min(chunk, n)
+        x_t, r_t = np.empty((U, width), np.float32), np.empty((U, width), np.float32)
         for p0, raw in _blocks(a, rows, chunk):
             p1 = p0 + len(raw)
-            # a float32 Run's rows come read-only from the memory map: copy, the kernel's buffer must be writable
-            x = np.empty((p1 - p0, U), np.float32) if decode else np.array(raw, np.float32, order="C")
-            r = np.empty((p1 - p0, U), np.float32)
-            kernels.ranks_and_sums(kernels.float16_bits(raw), x, decode, kernels.BIN_OF, kernels.VALUE_OF,
-                                   mid, ref, r, s1, s2, bad)
+            # a float32 Run's rows come read-only from the memory map: the kernel gets a plain copy
+            xin = _NO_VALUES if decode else np.array(raw, np.float32, order="C")
+            kernels.ranks_and_sums(kernels.float16_bits(raw), xin, decode, kernels.VALUE_OF, mid, ref,
+                                   r_t, x_t, s1, s2, bad)
+            m = p1 - p0
             if part.X.shape[1]:      # the columns sum to zero, so x need not be centred
-                xc += x.T @ part.X[p0:p1]
-            rc += r.T @ part.R[p0:p1]
+                xc += x_t[:, :m] @ part.X[p0:p1]
+            rc += r_t[:, :m] @ part.R[p0:p1]
         mean = ref + s1 / n
         sxx = s2 - s1 * s1 / n
+        # a unit with one value on the part (a dead unit, a gate saturated at exactly 1.0) has no score:
+        # its sums are exactly zero (every value equals ref), and its r would be 0/0 or float32 dust / 0 = inf
+        constant = (s2 == 0) & ~bad
         out.append({"n": n, "sd": np.sqrt(np.maximum(sxx, 0)), "mean": mean, "xc": xc, "rc": rc,
-                    "rank_sd": np.sqrt(rank_ss), "bad": bad})
+                    "rank_sd": np.sqrt(rank_ss), "bad": bad, "constant": constant})
     return out
 
 
@@ -192,7 +211,12 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
       ``heldout_q``. The held-out p is one-sided, in the direction fixed on the selection part. For the
       selected units the null is every circular shift of the held-out part (``heldout_shifts`` = its
       length - 1, one FFT each): ``heldout_p`` is the t-interval against it, ``heldout_p_empirical`` the
-      exact rank p-value (floored at 1 / length). ``heldout_q`` is Benjamini-Hochberg over the selected
+      exact rank p-value (floored at 1 / length). Several held-out documents: each is shifted by its
+      own lag (``nulls.independent_test``): ``heldout_null_mean`` and ``heldout_null_std`` are exact
+      over every combination of lags, ``heldout_p`` is the Gaussian tail against them, and
+      ``heldout_p_empirical`` ranks the observed score among ``heldout_shifts`` random combinations
+      (floored at 1 / (draws + 1)); the streamed shifts of both parts draw each document's lag the same
+      way. ``heldout_q`` is Benjamini-Hochberg over the selected
       units only, the family tested there; NaN for the others, whose ``heldout_p`` comes from the
       ``shifts`` streamed shifts and is a screen, not a claim;
     - controls: ``control_score`` (held-out score of the best function of the current and previous
@@ -201,10 +225,16 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     - kept for older readers: ``score`` = ``selection_score``, ``spearman`` = ``selection_spearman``,
       ``strength`` = ``selection_strength``, ``p_value`` = ``heldout_p``, ``q_value`` = ``heldout_q``.
 
-    ``frame.attrs``: ``units_tested``, ``features_tested``, ``tests`` (their product, the
-    ``selection_q`` family), ``selected`` (the ``heldout_q`` family), ``split`` (first held-out step),
+    A unit constant on a part (a dead unit, a gate saturated at exactly 1.0) has no score there: NaN,
+    never ranked or selected, outside both q families.
+
+    ``frame.attrs``: ``units_tested``, ``features_tested``, ``tests`` (the rows with a selection p:
+    the ``selection_q`` family), ``selected`` (the ``heldout_q`` family), ``split`` (first held-out step),
     ``shifts``, ``scored_steps`` (steps with text), ``selection_documents`` and ``heldout_documents``
-    (names; whole documents to each part when there are several).
+    (names; whole documents to each part when there are several), ``constant_units`` (constant on
+    every scored step) and ``constant_on_one_part``, ``selection_null`` and ``heldout_null`` (which
+    null each part got), ``heldout_draws`` and ``heldout_resolution`` (the smallest held-out rank
+    p-value it can give; past ``COARSE`` a one-line ``CoarseNull`` warning says so).
 
     A unit's ``direction`` is chosen on the selection part: for AUC, -1 means the unit is *lower*
     inside the feature, and both scores are the AUC of the unit so oriented (so always >= 0.5 on the
@@ -222,7 +252,7 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     at = sp.at
     parts = [(rows, _Part(F.iloc[a:b].reset_index(drop=True), binary, shifts, segs))
              for rows, (a, b), segs in zip(sp.parts, [(0, at), (at, len(F))], sp.segments)]
-    frames = []
+    frames, constant = [], [0, 0]            # units constant on every scored step, on one part only
     for key in tqdm(keys, desc="neurons", unit="key", disable=not progress):
         a = src.array(key)
         if client is None:
@@ -230,9 +260,11 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
         else:
             from .distributed import score_key
             accs = score_key(client, a, parts, chunk)
-        bad = accs[0]["bad"] | accs[1]["bad"]
+        both = accs[0]["constant"] & accs[1]["constant"]
+        constant[0] += int(both.sum())
+        constant[1] += int((accs[0]["constant"] | accs[1]["constant"]).sum() - both.sum())
         for name in F.columns:
-            frames.append(_feature_rows(key, name, name in binary, accs, parts, F, at, bad))
+            frames.append(_feature_rows(key, name, name in binary, accs, parts, F, at))
     table = pd.concat(frames, ignore_index=True)
     table["selection_q"] = benjamini_hochberg(table["selection_p"].to_numpy())
     table = table.sort_values(["selection_strength", "selection_p"], ascending=[False, True],
@@ -249,18 +281,35 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
                          strength=table["selection_strength"], p_value=table["heldout_p"],
                          q_value=table["heldout_q"])
     table.attrs.update(units_tested=int(sum(src.arrays[k].shape[1] for k in keys)), features_tested=F.shape[1],
-                       tests=len(table), selected=int(table["selected"].sum()), split=sp.step, shifts=shifts,
+                       tests=int(table["selection_p"].notna().sum()), selected=int(table["selected"].sum()), split=sp.step, shifts=shifts,
                        scored_steps=len(sp.rows), selection_documents=sp.documents[0],
-                       heldout_documents=sp.documents[1])
+                       heldout_documents=sp.documents[1], constant_units=constant[0],
+                       constant_on_one_part=constant[1], **_nulls_said(sp, shifts))
     return table
 
 
-def _feature_rows(key, name, is_bin, accs, parts, F, split, bad) -> pd.DataFrame:
+def _nulls_said(sp, shifts: int) -> dict:
+    """Which null each part got and the held-out one's resolution (attrs); a one-line warning when
+    that resolution is too coarse to single out a unit."""
+    sel, held = null_of(sp.segments[0]), null_of(sp.segments[1])
+    if held["resolution"] > COARSE:
+        docs = len(sp.segments[1])
+        what = (f"every circular shift of one held-out document of {sp.segments[1][0]} steps" if docs == 1
+                else f"{held['draws']} draws of shifts of {docs} held-out documents")
+        warnings.warn(f"held-out p-values of this table cannot go below {held['resolution']:.2g} ({what}); "
+                      "hold out more or longer documents", CoarseNull, stacklevel=3)
+    return {"selection_null": f"{shifts} draws of {sel['null']}", "heldout_null": held["null"],
+            "heldout_draws": held["draws"], "heldout_resolution": held["resolution"]}
+
+
+def _feature_rows(key, name, is_bin, accs, parts, F, split) -> pd.DataFrame:
     """One key's rows for one feature: scores on both parts, oriented on the selection part, each
-    with its streamed shift test."""
+    with its streamed shift test. A unit NaN or Inf anywhere scores NaN on both parts; a unit
+    constant on a part scores NaN there (so, constant on the selection part, it is never ranked)."""
+    nonfinite = accs[0]["bad"] | accs[1]["bad"]
     sel = _scores(accs[0], parts[0][1], F.iloc[:split], name, is_bin)
     held = _scores(accs[1], parts[1][1], F.iloc[split:], name, is_bin)
-    sel[bad], held[bad] = np.nan, np.nan
+    sel[nonfinite | accs[0]["constant"]], held[nonfinite | accs[1]["constant"]] = np.nan, np.nan
     if is_bin:   # orient each unit on the selection part: AUC 0.02 is a unit that is off inside
         direction = np.where(sel[:, 0] < 0.5, -1, 1)
         flip = (direction < 0)[:, None]
@@ -270,7 +319,8 @@ def _feature_rows(key, name, is_bin, accs, parts, F, split, bad) -> pd.DataFrame
     else:
         direction = np.where(sel[:, 0] < 0, -1, 1)
         sel_strength, held_strength = direction * sel[:, 0], direction * held[:, 0]
-        sp, hsp = (np.where(bad, np.nan, _spearman(acc, part, name)) for acc, (_, part) in zip(accs, parts))
+        sp, hsp = (np.where(nonfinite | acc["constant"], np.nan, _spearman(acc, part, name))
+                   for acc, (_, part) in zip(accs, parts))
     oriented = (lambda m: m) if is_bin else (lambda m: direction[:, None] * m)
     st = shift_test(oriented(sel), two_sided=True)
     ht = shift_test(oriented(held), two_sided=False)
@@ -288,10 +338,17 @@ def _feature_rows(key, name, is_bin, accs, parts, F, split, bad) -> pd.DataFrame
 
 
 def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[str], sp, chunk: int) -> None:
-    """Re-test the selected rows on the held-out part against every admissible circular shift (in
-    place), reading only those units' columns, and give them their q-values."""
+    """Re-test the selected rows on the held-out part (in place), reading only those units' columns,
+    and give them their q-values: against every circular shift of one held-out document, or against
+    independent shifts of each of several (``nulls``)."""
     cols = ["heldout_shifts", "heldout_null_mean", "heldout_null_std", "heldout_z", "heldout_p", "heldout_p_empirical"]
     sel = table.index[table["selected"]]
+    segs = sp.segments[1]
+    if len(segs) > 1:
+        lags = draw_lags(segs, null_of(segs)["draws"])
+        test = lambda x, f, b, d: independent_test(x, f, b, d, segs, lags)        # noqa: E731
+    else:
+        test = lambda x, f, b, d: resolved_test(x, f, b, d, segs)                 # noqa: E731
     found = {}
     for key, rows in table.loc[sel].groupby("key", sort=False):
         a = src.arrays[key]
@@ -299,8 +356,7 @@ def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[st
         x = np.concatenate([b[:, idx] for _, b in _blocks(a, sp.parts[1], chunk)]).astype(np.float32)
         col = {u: j for j, u in enumerate(idx)}
         for i, unit, name, d in zip(rows.index, rows["index"], rows["feature"], rows["direction"]):
-            r = resolved_test(x[:, col[unit]], F[name].to_numpy(np.float64)[sp.at:], name in binary, int(d),
-                              sp.segments[1])
+            r = test(x[:, col[unit]], F[name].to_numpy(np.float64)[sp.at:], name in binary, int(d))
             mean = r["null_mean"] if name in binary else d * r["null_mean"]      # as heldout_score is
             found[i] = [r["shifts"], mean, r["null_std"], r["z"], r["p"], r["p_empirical"]]
     if found:

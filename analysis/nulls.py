@@ -12,9 +12,18 @@ the unit is circularly stationary (the observed alignment is one member of the g
 Leaving out the lags near the observed one looks cautious but is not: on AR(1) 0.98 units that know
 nothing, dropping the nearest 5% of lags each side gave 6.5% false positives at 0.05, all lags 5.1%.
 
-Several documents: shift ``s`` of a part of length ``n`` moves each document of length ``n_d`` by
-``s * n_d // n`` (the same fraction of each), so one document is exactly today's test and every
-document still runs through all its own lags. ``segments`` lists the documents' lengths in order.
+Several documents are independent samples, and the null uses them: each document is shifted by
+its own lag, drawn independently of every other document's (``independent_test``; the streamed
+``shifted`` columns draw them the same way). The group is then every combination of lags, prod n_d
+of them, instead of the n_d or so that one common fraction of each document gives. That common
+fraction (``circular_scores`` with ``segments``: shift ``s`` moves a document of ``n_d`` steps by
+``s * n_d // n``) could not resolve a corpus of short documents: on 400 documents of 30-60 steps
+its rank p-value stopped at 1 / (longest document), and because every document moved together a
+structure that repeats in each of them (position in the document) came back in every shifted
+score, so the null's spread was that of one document, not of 400 (q 0.05 for a unit at r 0.98).
+Summed over independent lags, the null's mean and variance are exact sums over the documents (each
+document's lags are all known from one FFT); its rank p-value comes from ``DRAWS`` random
+combinations. One document is the old test exactly. ``segments`` lists the documents' lengths in order.
 """
 from __future__ import annotations
 
@@ -22,6 +31,21 @@ import numpy as np
 from scipy import stats
 
 from .kernels import BIN_OF, BINS, float16_bits
+
+DRAWS = 9999          # random combinations of lags behind the rank p-value: it resolves to 1e-4
+DRAW_BUDGET = 10**7   # draws x documents per test: past 1,000 documents fewer draws (a coarser floor)
+SEED = 0              # the lags are drawn, but the table is the same every time
+
+
+def null_of(segments) -> dict:
+    """Which held-out null a part gets, and its resolution: the smallest rank p-value it can give."""
+    segs = np.asarray(segments, np.int64)
+    if len(segs) == 1:
+        return {"null": "every circular shift of the text", "resolution": 1.0 / int(segs[0]), "draws": int(segs[0]) - 1}
+    draws = int(min(DRAWS, max(999, DRAW_BUDGET // len(segs))))
+    one_in_combos = float(np.exp(-np.log(segs).sum()))    # 1 / prod n_d (prod overflows int64)
+    return {"null": "independent circular shifts of each document", "draws": draws,
+            "resolution": max(1.0 / (draws + 1), one_in_combos)}
 
 def _segments(n: int, segments) -> list[int]:
     segs = [n] if segments is None else [int(m) for m in segments]
@@ -31,12 +55,17 @@ def _segments(n: int, segments) -> list[int]:
 
 
 def shifted(col: np.ndarray, shifts: int, segments=None) -> np.ndarray:
-    """``[n] -> [n, 1 + shifts]``: the column, then circular shifts spread evenly over each document
-    of ``segments`` (each at least ``n_d / (shifts + 1)`` steps, far past any local autocorrelation)."""
+    """``[n] -> [n, 1 + shifts]``: the column, then ``shifts`` circular shifts. One document: spread
+    evenly over it (each at least ``n / (shifts + 1)`` steps, far past any local autocorrelation).
+    Several (``segments``): each column shifts each document by its own lag, drawn independently."""
+    segs = _segments(len(col), segments)
+    if len(segs) == 1:
+        offsets = [[int(round(segs[0] * (k + 1) / (shifts + 1))) for k in range(shifts)]]
+    else:
+        offsets = np.random.default_rng(SEED).integers(0, np.asarray(segs)[:, None], (len(segs), shifts))
     cols, start = [], 0
-    for m in _segments(len(col), segments):
-        offs = [0] + [int(round(m * (k + 1) / (shifts + 1))) for k in range(shifts)]
-        cols.append(np.stack([np.roll(col[start:start + m], o) for o in offs], 1))
+    for m, offs in zip(segs, offsets):
+        cols.append(np.stack([np.roll(col[start:start + m], int(o)) for o in [0, *offs]], 1))
         start += m
     return np.concatenate(cols)
 
@@ -64,20 +93,23 @@ def shift_test(scores: np.ndarray, two_sided: bool) -> dict:
     return {"null_mean": mu, "null_std": sd, "z": z, "p": p, "p_empirical": p_emp}
 
 
+def _pair(x: np.ndarray, f: np.ndarray, binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    """What a score multiplies: the unit's mid-ranks (at the streamed search's float16 bins, O(n),
+    as the kernels do) and the feature for an AUC; both centred for a Pearson r."""
+    if binary:
+        b = BIN_OF[float16_bits(x[:, None])[:, 0]]
+        counts = np.bincount(b, minlength=BINS)
+        return (np.cumsum(counts) - (counts - 1) / 2)[b], f.astype(np.float64)
+    return x.astype(np.float64) - x.mean(), f - f.mean()
+
+
 def circular_scores(x: np.ndarray, f: np.ndarray, binary: bool, segments=None) -> np.ndarray:
     """Score of one unit ``x [n]`` against the feature ``f [n]`` circularly shifted by every lag:
     ``out[s]`` is the AUC (ranks at the streamed search's float16 resolution, ties half) or the
     Pearson r of ``x`` against ``np.roll(f, s)``, each document of ``segments`` rolled by its share
     of ``s``. One FFT cross-correlation per document, O(n log n)."""
     n = len(x)
-    if binary:
-        b = BIN_OF[float16_bits(x[:, None])[:, 0]]
-        counts = np.bincount(b, minlength=BINS)
-        v = (np.cumsum(counts) - (counts - 1) / 2)[b]          # mid-ranks per bin, O(n), as kernels do
-        g = f.astype(np.float64)
-    else:
-        v = x.astype(np.float64) - x.mean()
-        g = f - f.mean()
+    v, g = _pair(x, f, binary)
     c, start = np.zeros(n), 0
     for m in _segments(n, segments):     # sum_t v[t] g[t - s_d mod n_d], within each document
         cd = np.fft.irfft(np.fft.rfft(v[start:start + m]) * np.conj(np.fft.rfft(g[start:start + m])), m)
@@ -102,3 +134,51 @@ def resolved_test(x: np.ndarray, f: np.ndarray, binary: bool, direction: int, se
     o = (1 - s if direction < 0 else s) if binary else direction * s
     res = shift_test(o[None, :], two_sided=False)
     return {"score": s[0], "shifts": len(s) - 1, **{k: v[0] for k, v in res.items()}}
+
+
+def draw_lags(segments, draws: int) -> np.ndarray:
+    """``[draws, documents]`` positions into a part's flat per-document lag table: each row one
+    combination of lags, each document's drawn independently and uniformly."""
+    segs = np.asarray(segments, np.int64)
+    starts = np.r_[0, np.cumsum(segs)[:-1]]
+    rng = np.random.default_rng(SEED)
+    return starts + (rng.random((draws, len(segs))) * segs).astype(np.int64)
+
+
+def independent_test(x: np.ndarray, f: np.ndarray, binary: bool, direction: int, segments,
+                     lags: np.ndarray) -> dict:
+    """One-sided test of one unit ``x [n]`` against ``f [n]`` over several documents, each shifted
+    by its own lag. The score is linear in the sum over documents of each one's cross-product at
+    its lag, so the null's mean and variance are exact sums of each document's mean and variance
+    over its lags (``p``: the Gaussian tail, a sum of many independent terms); ``p_empirical`` is
+    the rank p-value over the combinations ``lags`` (``draw_lags``), floored at ``1 / (draws + 1)``."""
+    segs = np.asarray(_segments(len(x), segments), np.int64)
+    starts = np.r_[0, np.cumsum(segs)[:-1]]
+    n = len(x)
+    v, g = _pair(x, f, binary)
+    flat = np.empty(n)                   # flat[start_d + s] = sum_t v[t] g[t - s], inside document d
+    for a, m in zip(starts, segs):
+        flat[a:a + m] = np.fft.irfft(np.fft.rfft(v[a:a + m]) * np.conj(np.fft.rfft(g[a:a + m])), m)
+    mean_d = np.add.reduceat(flat, starts) / segs
+    var_d = np.add.reduceat((flat - np.repeat(mean_d, segs)) ** 2, starts) / segs
+    raw = np.r_[flat[starts].sum(), mean_d.sum(), flat[lags].sum(1)]     # observed, null mean, draws
+    if binary:
+        n1 = f.sum()
+        if n1 == 0 or n1 == n:
+            return {"score": np.nan, "shifts": len(lags), "null_mean": np.nan, "null_std": np.nan,
+                    "z": np.nan, "p": np.nan, "p_empirical": np.nan}
+        scale = 1.0 / (n1 * (n - n1))
+        s = (raw - n1 * (n1 + 1) / 2) * scale
+        o = 1 - s if direction < 0 else s
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = 1.0 / np.sqrt((v ** 2).sum() * (g ** 2).sum())
+        s = raw * scale
+        o = direction * s
+    sd = np.sqrt(max(var_d.sum(), 0.0)) * scale
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (o[0] - o[1]) / sd
+    finite = np.isfinite(o[0])
+    return {"score": s[0], "shifts": len(lags), "null_mean": o[1], "null_std": sd, "z": z,
+            "p": float(stats.norm.sf(z)) if finite and np.isfinite(z) else np.nan,
+            "p_empirical": (1 + (o[2:] >= o[0]).sum()) / (1 + len(lags)) if finite else np.nan}

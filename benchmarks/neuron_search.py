@@ -1,5 +1,5 @@
 """Neuron search over a long Run: 1,000,000 steps x 3,072 units x 10 features (issue 4: < 60 s on
-the 2-core CI machine).
+the 2-core CI machine; issue 23: at most 3x one plain read of every value).
 
 The states are synthetic (tanh of AR(1) noise, float16 .npy files memory-mapped exactly as a Run's
 are); the text is real C (zoo/samples/linux.c repeated), so the ten feature tracks come from the
@@ -7,8 +7,11 @@ real lexer and are part of the time. Printed beside it, measured in the same run
   - one plain read of every value (np.sum over the memory-mapped chunks): the floor of any streaming pass;
   - the naive way, scipy per unit (rankdata + AUC, pearsonr, spearmanr, on both parts), timed on
     a few units and scaled to all of them.
+After a warm-up (the kernels compiled, the states in the page cache, one read and one search on a
+slice), the read and the search are interleaved ``--repeat`` times, so that both see the same load
+on a shared machine; the ratio printed is of the minima, the medians beside it.
 
-    python benchmarks/neuron_search.py [--steps 1000000] [--units 3072] [--dir /tmp/nsbench]
+    python benchmarks/neuron_search.py [--steps 1000000] [--units 3072] [--repeat 3] [--dir /tmp/nsbench]
 """
 from __future__ import annotations
 
@@ -47,10 +50,20 @@ def make_states(root: Path, steps: int, units: int, per_key: int = 512) -> dict:
     return arrays
 
 
+def read(arrays: dict) -> float:
+    """One plain read of every value: what any streaming pass over the Run pays at least."""
+    total = 0.0
+    for a in arrays.values():
+        for s in range(0, len(a), 65536):
+            total += float(np.asarray(a[s:s + 65536], np.float32).sum())
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1_000_000)
     ap.add_argument("--units", type=int, default=3072)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds of read and search")
     ap.add_argument("--dir", help="where to write the states (default: a temporary directory)")
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="nsbench-"))
@@ -62,15 +75,18 @@ def main() -> None:
         arrays = make_states(root, args.steps, args.units)
         print(f"wrote {args.units} units x {args.steps:,} steps of float16 in {time.perf_counter() - t0:.0f} s")
         names = default_features("c")
-        t0 = time.perf_counter()
-        total = 0.0
-        for a in arrays.values():
-            for s in range(0, len(a), 65536):
-                total += float(np.asarray(a[s:s + 65536], np.float32).sum())
-        read = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        table = find_neurons(arrays, names, text=text, progress=False)
-        search = time.perf_counter() - t0
+        read(arrays)                                                   # warm-up: page cache, kernels
+        find_neurons({k: a[:20000] for k, a in arrays.items()}, names, text=text[:20000], progress=False)
+        reads, searches = [], []
+        for _ in range(max(1, args.repeat)):
+            t0 = time.perf_counter()
+            read(arrays)
+            reads.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            table = find_neurons(arrays, names, text=text, progress=False)
+            searches.append(time.perf_counter() - t0)
+        read_min, search_min = min(reads), min(searches)
+        read_med, search_med = float(np.median(reads)), float(np.median(searches))
         F = features.compute(text, names)
         split = int(round(args.steps * 0.7))
         a = next(iter(arrays.values()))
@@ -91,10 +107,13 @@ def main() -> None:
         print(f"\nneuron search: {args.steps:,} steps x {args.units:,} units x {len(names)} features "
               f"({table.feature.nunique()} non-constant on this text: {len(table):,} unit-feature pairs, "
               f"16 shifted nulls on each part, the {table.attrs['selected']} selected re-tested against every shift)")
-        print(f"{'':32s}{'seconds':>10s}{'ratio':>8s}")
-        print(f"{'one plain read of every value':32s}{read:10.1f}{1.0:8.2f}")
-        print(f"{'find_neurons (target < 60 s)':32s}{search:10.1f}{search / read:8.2f}")
-        print(f"{'naive scipy per unit (scaled)':32s}{naive:10.1f}{naive / read:8.2f}   (no null, no shifts)")
+        print(f"{len(reads)} interleaved rounds after a warm-up; ratio = min / min of the plain read")
+        print(f"{'':32s}{'min s':>9s}{'median s':>10s}{'ratio':>8s}{'median ratio':>14s}")
+        print(f"{'one plain read of every value':32s}{read_min:9.1f}{read_med:10.1f}{1.0:8.2f}{1.0:14.2f}")
+        print(f"{'find_neurons (target <= 3x)':32s}{search_min:9.1f}{search_med:10.1f}"
+              f"{search_min / read_min:8.2f}{search_med / read_med:14.2f}")
+        print(f"{'naive scipy per unit (scaled)':32s}{naive:9.1f}{'':10s}{naive / read_min:8.2f}   (no null, no shifts)")
+        search = search_min
         print(f"find_neurons is {naive / search:.0f}x faster than the naive loop")
     finally:
         if not args.dir:
