@@ -88,3 +88,15 @@ def test_reading_serving_and_exporting_a_run_import_no_torch():
             "assert not heavy, heavy\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_lazy_names_resolve_to_what_they_name():
+    """A package that shares its name with one of its modules (``rnnscope.probe`` and ``probe/probe.py``)
+    is still the package; a name that is a class or function of a module is that object."""
+    import rnnscope as rs
+    from rnnscope import analysis, probe
+    from rnnscope.probe import probe as probe_module
+    assert probe.__name__ == "rnnscope.probe" and callable(probe.record) and rs.probe is probe
+    assert probe_module.__name__ == "rnnscope.probe.probe" and probe.Probe is probe_module.Probe is rs.Probe
+    assert analysis.features.__name__ == "rnnscope.analysis.features" and rs.features is analysis.features
+    assert rs.Intervention is probe.Intervention is analysis.Intervention and callable(rs.dashboards.serve)
