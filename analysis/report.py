@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, escaped
 from rnnscope.probe import model_checksum
 from rnnscope.store import Run, open_run
 from rnnscope.store import inside, read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
@@ -44,20 +44,24 @@ TABLES = ("neurons", "contexts", "sparse", "saturation", "grad_norms", "grad_dec
 
 
 def load_model(run: Run, checkpoint: str | None = None):
-    """The Run's model, from ``checkpoint`` or the source it was probed from, checked against the
-    checksum in the manifest. Returns ``(Checkpoint, None)`` or ``(None, why not)``."""
+    """The Run's model for decay and ablation, checked against the checksum in the manifest. Returns
+    ``(Checkpoint, None)`` or ``(None, why not)``.
+
+    The model comes from ``checkpoint`` (what the user passed: ``--checkpoint``), or from a manifest
+    that names one of the zoo's shipped checkpoints by name. A Run may be someone else's: a source in its
+    manifest is never a path rnnscope opens (``/dev/zero``, ``/root``) nor code it runs."""
     from rnnscope import zoo
-    spec = checkpoint or run.manifest["model"].get("source")
-    if isinstance(spec, str) and ":" in spec and not spec.startswith("zoo:") and not Path(spec).exists():
-        # a SPEC of Python code is never run from a Run's manifest (the Run may be someone else's), and decay
-        # and ablation feed batches of character windows, which a zoo char model takes and a user's model may not
-        return None, (f"the Run's model is user code ({spec[:80]}); decay and ablation re-run zoo char models only "
-                      "(the Run's grad_norms come from the recorded gradients)")
-    if not isinstance(spec, str) or not spec or (not spec.startswith("zoo:") and not Path(spec).exists()):
-        return None, f"the model is not at {spec!r}; pass --checkpoint"
-    ck = zoo.load(spec)
+    source = run.manifest["model"].get("source")
+    if checkpoint is None:
+        name = source[4:] if isinstance(source, str) and source.startswith("zoo:") else None
+        if name not in zoo.shipped():
+            shown = escaped(source, limit=80) if isinstance(source, str) else type(source).__name__
+            return None, (f"the Run was probed from {shown}, which rnnscope does not open from a Run's manifest; "
+                          "pass --checkpoint with that model to compute it")
+        checkpoint = source
+    ck = zoo.load(checkpoint)
     if model_checksum(ck.model) != run.manifest["model"]["checksum"]:
-        raise RnnscopeError(f"{spec} is not the model this Run was recorded with (checksums differ)",
+        raise RnnscopeError(f"{checkpoint} is not the model this Run was recorded with (checksums differ)",
                             "pass --checkpoint with the checkpoint used for `rnnscope probe`")
     return ck, None
 

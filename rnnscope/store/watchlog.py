@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from rnnscope.errors import RnnscopeError, first_line
 
-from .files import atomic_write, read_bytes
+from .files import atomic_write, inside, read_bytes
 from .keys import KEY
 
 FORMAT, FORMAT_VERSION = "rnnscope-watch", 1
@@ -54,6 +54,7 @@ TABLES = tuple(SCHEMAS)
 ADDED = {("steps", "clips"): 0}
 _MANIFEST_LIMIT = 1 << 20
 NOT_LOG = "point at the folder a Watch wrote (its out=)"
+LINKED = "the log is damaged or hostile; point at a watch log whose files are its own"
 
 
 def _empty(name: str) -> pd.DataFrame:
@@ -69,9 +70,14 @@ def _block_order(name: str) -> tuple:
     return int(m[1]), int(m[2]), int(m[3] or 0)
 
 
+def _in_log(log: Path, name: str, write: bool = False) -> Path:
+    """``LOG/name``, refused when a link takes it out of the log (or, to write, when it is a link at all)."""
+    return inside(log, name, write=write, what="the watch log", fix=LINKED)
+
+
 def block_names(log: Path) -> list[str]:
     """The blocks under ``LOG/blocks`` in order; temporary and moved-aside files are not blocks."""
-    d = log / BLOCKS
+    d = _in_log(log, BLOCKS)
     if not d.is_dir():
         return []
     return sorted((p.name for p in d.iterdir() if BLOCK.match(p.name)), key=_block_order)
@@ -108,7 +114,7 @@ def _check_manifest(m, path: Path) -> dict:
 
 
 def read_manifest(log: Path) -> dict:
-    path = log / MANIFEST
+    path = _in_log(log, MANIFEST)
     raw = read_bytes(path, "the watch log manifest", NOT_LOG, _MANIFEST_LIMIT)
     try:
         m = json.loads(raw.decode("utf-8"))
@@ -233,6 +239,8 @@ class WatchLogWriter:
 
     def __init__(self, path, every: int, model: dict, keys: list[str]):
         self.path = Path(path)
+        for name in (BLOCKS, MANIFEST, LOCK):            # nothing is written through a link
+            _in_log(self.path, name, write=True)
         try:
             (self.path / BLOCKS).mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -240,7 +248,12 @@ class WatchLogWriter:
                                 "pass an out= folder you can write to") from None
         if not self.path.is_dir() or (self.path / BLOCKS).is_symlink():
             raise RnnscopeError(f"{self.path} is not a folder a watch log can be written to", "pass another out=")
-        self._lock = open(self.path / LOCK, "a")
+        try:    # O_NOFOLLOW: a link put there between the check and the open is refused, not followed
+            self._lock = os.fdopen(os.open(self.path / LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                                           | os.O_CLOEXEC, 0o644), "a")
+        except OSError as err:
+            raise RnnscopeError(f"cannot open the watch log's lock {self.path / LOCK} ({err.strerror})",
+                                "pass an out= folder you can write to, with no link inside") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
