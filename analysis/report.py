@@ -172,15 +172,23 @@ def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
         raise RnnscopeError(f"no contexts for {unit}", "check the unit (KEY:INDEX) against run.keys()")
     lines = []
     for side, g in rows.groupby("side", sort=False):
-        lines.append(f"{side} {min(k, len(g))} of {unit}:")
+        lines.append(f"{escaped(side, limit=40)} {min(k, len(g))} of {escaped(unit, limit=80)}:")
         for _, r in g.sort_values("rank").head(k).iterrows():
-            c, o = r["context"], int(r["offset"])
+            c, o = str(r["context"]), int(r["offset"])
             a, b = (int(r["token_start"]), int(r["token_end"])) if "token_start" in r else (o, o + 1)
             a, b = (a, b) if a >= 0 else (len(c), len(c))        # a step without text: empty brackets
-            shown = _escape(c[:a]) + "[" + _escape(c[a:b]) + "]" + _escape(c[b:])
+            # a window is a few dozen characters; one from someone else's table may be a megabyte
+            shown = (_escape(c[max(0, a - CONTEXT):a]) + "[" + _escape(c[a:b][:CONTEXT]) + "]"
+                     + _escape(c[b:b + CONTEXT]))
             lines.append(f"  {r['value']:+9.3f}  step {int(r['step']):>8,d}  {shown}")
     return "\n".join(lines)
 
 
+# characters shown on each side of a context's token (and of the token itself) on one printed line
+CONTEXT = 120
+
+
 def _escape(text: str) -> str:
-    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+    """Every character escaped that a terminal would act on (or that would make a line two), and the
+    backslash doubled so an escape stored in the text reads differently from one made here."""
+    return escaped(text.replace("\\", "\\\\"), limit=None)

@@ -53,6 +53,12 @@ TABLES = tuple(SCHEMAS)
 # columns added after format 1 was first written: a block without them reads as this value
 ADDED = {("steps", "clips"): 0}
 _MANIFEST_LIMIT = 1 << 20
+# a block is the tables of ``flush_every`` watched steps: steps x keys x lags rows, kilobytes to a few
+# MB; a larger file (a 57 MB compressed block unpacked to 4 GB) is refused before it is read
+BLOCK_LIMIT = 64 << 20
+# a lag or timestep is a position in one training sequence: no BPTT window is longer, and a lag of 1e12
+# in one row sized a 7 TiB array for its plot
+MAX_LAG = 10_000_000
 NOT_LOG = "point at the folder a Watch wrote (its out=)"
 LINKED = "the log is damaged or hostile; point at a watch log whose files are its own"
 
@@ -139,6 +145,8 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("not a regular file")
+    if st.st_size > BLOCK_LIMIT:
+        raise ValueError(f"it is {st.st_size:,} bytes, more than a block can be ({BLOCK_LIMIT >> 20} MB)")
     try:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_file(source).read_all()
@@ -146,6 +154,8 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
         raise ValueError(first_line(err, 100)) from None
     if "table" not in table.column_names:
         raise ValueError("it has no 'table' column")
+    if not pa.types.is_string(table.schema.field("table").type):
+        raise ValueError(f"its 'table' column holds {table.schema.field('table').type}, not text (a wrong schema)")
     out = {}
     for name, schema in SCHEMAS.items():
         part = table.filter(pc.equal(table["table"], name))
@@ -161,6 +171,10 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
             except (pa.ArrowException, ValueError):
                 raise ValueError(f"its {name} column {f.name!r} holds {part[f.name].type}, not {f.type}") from None
         frame = pa.table(cols, schema=schema).to_pandas()
+        for col in ("lag", "t"):
+            if col in frame and len(frame) and not frame[col].between(0, MAX_LAG).all():
+                bad = frame[col][~frame[col].between(0, MAX_LAG)].iloc[0]
+                raise ValueError(f"its {name} {col} {bad} is not a position in a sequence (0 to {MAX_LAG:,})")
         if "key" in frame:
             pattern = LAYER if name == "layers" else KEY
             bad = frame["key"][~frame["key"].astype(str).str.match(pattern.pattern)]
@@ -201,7 +215,7 @@ class WatchLog:
                                         "and it is not the last one", "restore it, or move it aside to drop "
                                         "those steps knowingly") from None
                 if name != self.dropped:            # once, not on every refresh of a live view
-                    warnings.warn(f"rnnscope: the last watch log block {name} is torn ({err}); its steps are "
+                    warnings.warn(f"rnnscope: the last watch log block {name} is torn or wrong ({err}); its steps are "
                                   "dropped", stacklevel=2)
                 dropped = name
                 continue
