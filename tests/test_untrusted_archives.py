@@ -27,6 +27,18 @@ class Base(nn.Module):
 IDS = torch.tensor([[1, 2, 3, 4, 5]])
 
 
+class Writer(Base):
+    """Its forward writes 24 bytes into the file ``where`` through shared storage."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    def forward(self, ids):
+        hit = torch.from_file(self.where, shared=True, size=6).fill_(80)
+        return self.rnn(self.embed(ids))[0] + 0 * hit.sum()
+
+
 def _save(tmp_path, model, name="m.pt"):
     path = tmp_path / name
     torch.jit.save(torch.jit.script(model.eval()), str(path))
@@ -45,15 +57,6 @@ def _refused(path, *words):
 
 def test_a_forward_writing_a_file_through_shared_storage_is_refused_before_it_runs(tmp_path):
     target = str(tmp_path / "bashrc")
-
-    class Writer(Base):
-        def __init__(self, where: str):
-            super().__init__()
-            self.where = where
-
-        def forward(self, ids):
-            hit = torch.from_file(self.where, shared=True, size=6).fill_(80)
-            return self.rnn(self.embed(ids))[0] + 0 * hit.sum()
 
     path = _save(tmp_path, Writer(target))
     torch.jit.load(str(path))(IDS)                       # what torch itself does with this archive
@@ -208,15 +211,6 @@ def test_probe_refuses_a_writing_archive_in_one_line_and_writes_nothing(tmp_path
     (tmp_path / "enc.py").write_text("import torch\ndef encoder():\n"
                                      "    return lambda text: torch.tensor([[ord(c) % 16 for c in text]])\n")
     (tmp_path / "t.txt").write_text("hello world\n")
-
-    class Writer(Base):
-        def __init__(self, where: str):
-            super().__init__()
-            self.where = where
-
-        def forward(self, ids):
-            hit = torch.from_file(self.where, shared=True, size=6).fill_(80)
-            return self.rnn(self.embed(ids))[0] + 0 * hit.sum()
 
     path = _save(tmp_path, Writer(str(tmp_path / "bashrc")))
     proc = subprocess.run([sys.executable, "-m", "rnnscope.cli", "probe", str(path), "--encoder",
