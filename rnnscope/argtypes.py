@@ -62,11 +62,17 @@ UPPER = {
 
 def int_at_least(low: int, what: str = "a number"):
     """A whole number ``>= low`` (and, for a flag in ``UPPER``, at most its bound)."""
+    at_least = _checked(what, _integer, lambda v: v >= low, f"at least {low}", f"give {low} or more")
     high = UPPER.get(what)
-    if high is not None:
-        return _checked(what, _integer, lambda v: low <= v <= high, f"from {low} to {high:,}",
-                        f"give at most {high:,} (a larger {what} would run out of memory or time)")
-    return _checked(what, _integer, lambda v: v >= low, f"at least {low}", f"give {low} or more")
+    if high is None:
+        return at_least
+    at_most = _checked(what, _integer, lambda v: v <= high, f"at most {high:,}",
+                       f"give at most {high:,} (a larger {what} would run out of memory or time)")
+
+    def parse(text: str) -> int:
+        return at_most(str(at_least(text)))
+    parse.__name__ = what
+    return parse
 
 
 def int_between(low: int, high: int, what: str):
