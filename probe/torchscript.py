@@ -48,6 +48,9 @@ def is_archive(path: Path) -> bool:
 
 
 def load_archive(path: Path) -> torch.jit.ScriptModule:
+    if not is_archive(path) and _zip_head(path):
+        raise RnnscopeError(f"{path} is a damaged or truncated zip (a TorchScript archive's container cannot "
+                            "be read)", "copy or save the archive again")
     if not is_archive(path):
         raise RnnscopeError(f"{path} is not a TorchScript archive (no compiled code inside)",
                             "save it with torch.jit.save(torch.jit.script(model), path), or give a state_dict "
@@ -62,6 +65,15 @@ def load_archive(path: Path) -> torch.jit.ScriptModule:
     if getattr(archive, "original_name", None) not in RECURRENT:    # one scripted RNN: only its weights are used
         archive_ops.check(archive, str(path))
     return archive
+
+
+def _zip_head(path: Path) -> bool:
+    """Whether the file starts as a zip does (``PK\\x03\\x04``): cut short, it is no longer one."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def _no_load_time_code(path: Path) -> None:

@@ -218,3 +218,17 @@ def test_probe_refuses_a_writing_archive_in_one_line_and_writes_nothing(tmp_path
                            str(tmp_path / "run"), "--loss", "none"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "aten::from_file" in proc.stderr
     assert not (tmp_path / "bashrc").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_truncated_archive_is_called_truncated_not_code_free(tmp_path):
+    path = _save(tmp_path, _Plain())
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(RnnscopeError, match="damaged or truncated zip") as e:
+        models.archive(cut)
+    assert "no compiled code" not in str(e.value)
+
+
+class _Plain(Base):
+    def forward(self, ids):
+        return self.rnn(self.embed(ids))[0]

@@ -97,3 +97,13 @@ def test_unit_contexts_escape_the_side_and_cut_a_megabyte_context():
     assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
     assert "\\x1b[2Jtop" in out and "bottom\\u202e" in out and "ab\\ncd" in out.replace("[", "").replace("]", "")
     assert max(len(line) for line in out.splitlines()) < 1000
+
+
+def test_an_empty_keys_list_in_watch_json_is_named(tmp_path):
+    import json
+    log = _log_with(tmp_path, _block(0))
+    m = json.loads((log / "watch.json").read_text())
+    (log / "watch.json").write_text(json.dumps({**m, "keys": []}))
+    with pytest.raises(RnnscopeError, match="'keys' is not a non-empty list") as e:
+        open_watch_log(log)
+    assert "None" not in str(e.value)

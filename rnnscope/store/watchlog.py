@@ -112,8 +112,8 @@ def _check_manifest(m, path: Path) -> dict:
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise RnnscopeError(f"{where}: 'every' is not a positive integer", "the log is damaged; watch again")
     keys = m.get("keys")
-    if not isinstance(keys, list) or not all(isinstance(k, str) and KEY.match(k) for k in keys):
-        raise RnnscopeError(f"{where}: 'keys' is not a list of state keys", "the log is damaged; watch again")
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and KEY.match(k) for k in keys):
+        raise RnnscopeError(f"{where}: 'keys' is not a non-empty list of state keys", "the log is damaged; watch again")
     if not isinstance(m.get("model"), dict) or not isinstance(m["model"].get("modules"), dict):
         raise RnnscopeError(f"{where}: 'model' lacks its modules", "the log is damaged; watch again")
     return m
