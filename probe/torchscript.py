@@ -68,10 +68,16 @@ def load_archive(path: Path) -> torch.jit.ScriptModule:
 
 
 def _zip_head(path: Path) -> bool:
-    """Whether the file starts as a zip does (``PK\\x03\\x04``): cut short, it is no longer one."""
+    """Whether the file starts as a zip does (``PK\\x03\\x04``) but cannot be read as one: cut short
+    (``torch.save`` files are zips too, whole ones, without code)."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+            if f.read(4) != b"PK\x03\x04":
+                return False
+        zipfile.ZipFile(path).close()
+        return False
+    except zipfile.BadZipFile:
+        return True
     except OSError:
         return False
 
