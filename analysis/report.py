@@ -44,20 +44,24 @@ TABLES = ("neurons", "contexts", "sparse", "saturation", "grad_norms", "grad_dec
 
 
 def load_model(run: Run, checkpoint: str | None = None):
-    """The Run's model, from ``checkpoint`` or the source it was probed from, checked against the
-    checksum in the manifest. Returns ``(Checkpoint, None)`` or ``(None, why not)``."""
+    """The Run's model for decay and ablation, checked against the checksum in the manifest. Returns
+    ``(Checkpoint, None)`` or ``(None, why not)``.
+
+    The model comes from ``checkpoint`` (what the user passed: ``--checkpoint``), or from a manifest
+    that names one of the zoo's shipped checkpoints by name. A Run may be someone else's: a source in its
+    manifest is never a path rnnscope opens (``/dev/zero``, ``/root``) nor code it runs."""
     from rnnscope import zoo
-    spec = checkpoint or run.manifest["model"].get("source")
-    if isinstance(spec, str) and ":" in spec and not spec.startswith("zoo:") and not Path(spec).exists():
-        # a SPEC of Python code is never run from a Run's manifest (the Run may be someone else's), and decay
-        # and ablation feed batches of character windows, which a zoo char model takes and a user's model may not
-        return None, (f"the Run's model is user code ({spec[:80]}); decay and ablation re-run zoo char models only "
-                      "(the Run's grad_norms come from the recorded gradients)")
-    if not isinstance(spec, str) or not spec or (not spec.startswith("zoo:") and not Path(spec).exists()):
-        return None, f"the model is not at {spec!r}; pass --checkpoint"
-    ck = zoo.load(spec)
+    source = run.manifest["model"].get("source")
+    if checkpoint is None:
+        name = source[4:] if isinstance(source, str) and source.startswith("zoo:") else None
+        if name not in zoo.shipped():
+            shown = escaped(source, limit=80) if isinstance(source, str) else type(source).__name__
+            return None, (f"the Run was probed from {shown}, which rnnscope does not open from a Run's manifest; "
+                          "pass --checkpoint with that model to compute it")
+        checkpoint = source
+    ck = zoo.load(checkpoint)
     if model_checksum(ck.model) != run.manifest["model"]["checksum"]:
-        raise RnnscopeError(f"{spec} is not the model this Run was recorded with (checksums differ)",
+        raise RnnscopeError(f"{checkpoint} is not the model this Run was recorded with (checksums differ)",
                             "pass --checkpoint with the checkpoint used for `rnnscope probe`")
     return ck, None
 
@@ -169,19 +173,25 @@ def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
         raise RnnscopeError(f"no contexts for {unit}", "check the unit (KEY:INDEX) against run.keys()")
     lines = []
     for side, g in rows.groupby("side", sort=False):
-        lines.append(f"{side} {min(k, len(g))} of {unit}:")
+        lines.append(f"{escaped(side, limit=40)} {min(k, len(g))} of {escaped(unit, limit=80)}:")
         for _, r in g.sort_values("rank").head(k).iterrows():
-            c, o = r["context"], int(r["offset"])
+            c, o = str(r["context"]), int(r["offset"])
             a, b = (int(r["token_start"]), int(r["token_end"])) if "token_start" in r else (o, o + 1)
             a, b = (a, b) if a >= 0 else (len(c), len(c))        # a step without text: empty brackets
-            shown = _escape(c[:a]) + "[" + _escape(c[a:b]) + "]" + _escape(c[b:])
+            # a window is a few dozen characters; one from someone else's table may be a megabyte
+            shown = (_escape(c[max(0, a - CONTEXT):a]) + "[" + _escape(c[a:b][:CONTEXT]) + "]"
+                     + _escape(c[b:b + CONTEXT]))
             lines.append(f"  {r['value']:+9.3f}  step {int(r['step']):>8,d}  {shown}")
     return "\n".join(lines)
 
 
+# characters shown on each side of a context's token (and of the token itself) on one printed line
+CONTEXT = 120
+
+
 def _escape(text: str) -> str:
-    """A context for the terminal: the one escaping policy, with a stored backslash doubled so it
-    cannot be read as an escape."""
+    """Every character escaped that a terminal would act on (or that would make a line two), and the
+    backslash doubled so an escape stored in the text reads differently from one made here."""
     return escaped(text.replace("\\", "\\\\"), limit=None)
 
 

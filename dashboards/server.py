@@ -1,7 +1,9 @@
 """``rnnscope serve RUN``: the dashboard on a Bokeh server, bound to 127.0.0.1 unless told otherwise.
 Pages and the websocket answer only requests whose Host names this server (its address and port, or
 an ``--origin``), so a page on another name cannot reach it by rebinding that name's DNS to us; the
-websocket's Origin is checked against the same list."""
+websocket's Origin is checked against the same list. Bokeh's ``autoload.js`` route (which embeds an
+app into another site's page, answering any Origin with a session) is not served: these pages are
+only ever opened as themselves."""
 from __future__ import annotations
 
 import socket
@@ -11,6 +13,9 @@ from rnnscope.errors import RnnscopeError, first_line
 from .app import WINDOW, RunData, build, make_document
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ANY = "*"        # --origin '*': any Host and any Origin, said in one warning line at start
+ANY_WARNING = ("rnnscope: warning: --origin '*' lets any web page, on any site, open sessions on this server "
+               "and drive it; pass --origin HOST:PORT to name the pages that may")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -43,9 +48,10 @@ def allowed_hosts(host: str, port: int, origins: list[str] | None = None) -> lis
 
 
 def guard_hosts(server, allowed: list[str]) -> None:
-    """Answer 403 to any request, page or websocket, whose Host is not in ``allowed``. Bokeh's server
-    checks only the websocket's Origin; its tornado application (``server._tornado``: Bokeh gives no
-    public handle) routes every request through ``find_handler``, so the check sits there."""
+    """Answer 403 to any request, page or websocket, whose Host is not in ``allowed`` (``*``: any), and
+    404 to ``autoload.js``. Bokeh's server checks only the websocket's Origin; its tornado application
+    (``server._tornado``: Bokeh gives no public handle) routes every request through ``find_handler``,
+    so the checks sit there."""
     from tornado.web import ErrorHandler
     app = server._tornado
     route = app.find_handler
@@ -53,8 +59,10 @@ def guard_hosts(server, allowed: list[str]) -> None:
     app.websocket_origins.update(ok)       # Bokeh's own list cannot be given an IPv6 "[::1]:port"
 
     def find_handler(request, **kwargs):
-        if (request.headers.get("Host") or "").lower() not in ok:
+        if ANY not in ok and (request.headers.get("Host") or "").lower() not in ok:
             return app.get_handler_delegate(request, ErrorHandler, {"status_code": 403})
+        if request.path.rstrip("/").endswith("/autoload.js"):    # Access-Control-Allow-Origin: * and a session
+            return app.get_handler_delegate(request, ErrorHandler, {"status_code": 404})
         return route(request, **kwargs)
     app.find_handler = find_handler
 
@@ -103,6 +111,9 @@ def serve_documents(make, what, *, port: int = 5006, host: str = "127.0.0.1", sh
 
     _check_port(host, port)
     allowed = allowed_hosts(host, port, origins)
+    if ANY in allowed:
+        import sys
+        print(ANY_WARNING, file=sys.stderr, flush=True)
     app = Application(FunctionHandler(make))
     server = Server({"/": app}, port=port, address=host, allow_websocket_origin=[a for a in allowed if "[" not in a],
                     num_procs=1, check_unused_sessions_milliseconds=5000, unused_session_lifetime_milliseconds=15000)

@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rnnscope.errors import RnnscopeError, first_line
+from rnnscope.errors import RnnscopeError, escaped, first_line
 from rnnscope.store.files import read_text
 
 
@@ -37,9 +37,20 @@ def _read(path: Path) -> str:
     return read_text(path, "convert it to UTF-8, or leave it out of the corpus")
 
 
+def _unpaired(value: str) -> int | None:
+    """Where ``value`` holds a lone surrogate (JSON's ``"\\ud800"``), which no file or terminal can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 def _jsonl(path: Path) -> Documents:
     docs = Documents(source=str(path))
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    # lines end at "\n" only (JSON Lines): str.splitlines would also split at U+2028, U+0085 and the
+    # other separators, which a JSON string may hold raw
+    for n, line in enumerate(_read(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -52,6 +63,12 @@ def _jsonl(path: Path) -> Documents:
         name = row.get("name", f"{path.name}:{n}")
         if not isinstance(name, str):
             raise RnnscopeError(f"{path} line {n} has a \"name\" that is not a string", "make each name a string")
+        for field_, value in (("name", name), ("text", row["text"])):
+            at = _unpaired(value)
+            if at is not None:
+                raise RnnscopeError(f"{path} line {n}: its {field_} holds an unpaired surrogate "
+                                    f"{escaped(value[at])} at character {at}, which UTF-8 cannot store",
+                                    "write the character it stands for, or remove it")
         docs.names.append(name)
         docs.texts.append(row["text"])
     if not docs.texts:
@@ -67,7 +84,13 @@ def _directory(root: Path) -> Documents:
             p = Path(folder, name)
             if name.startswith(".") or not p.resolve().is_relative_to(real_root):
                 continue
-            if stat.S_ISREG(os.stat(p).st_mode):     # not a FIFO or a device: those would hang
+            try:
+                mode = os.stat(p).st_mode
+            except OSError as err:                  # a link to nothing, or a file that cannot be read
+                raise RnnscopeError(f"{p} in the corpus cannot be read ({err.strerror}"
+                                    f"{', a link to nothing' if p.is_symlink() else ''})",
+                                    "remove it or restore what it points to") from None
+            if stat.S_ISREG(mode):                  # not a FIFO or a device: those would hang
                 files.append(p)
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     if not files:

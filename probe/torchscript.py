@@ -8,17 +8,23 @@ the archive's ``forward`` graph is replayed node by node: every aten op runs as 
 ``torch.ops`` overload the graph names, a call into a submodule without recurrent modules runs
 compiled, and a call into a recurrent module runs its eager rebuild, which a Probe can patch. The
 replay is ordinary autograd, so gradients flow through it. ``tests/test_models_spec.py`` checks
-that the replayed output equals the archive's own, bit for bit.
+that the replayed output equals the archive's own, bit for bit. An archive is someone else's code:
+before a node runs, ``probe.archive_ops`` checks that it runs only arithmetic (no file, storage,
+process or print operator, no write into its input or parameters), and a replayed call runs under a
+step budget; a submodule is run compiled only when it holds no loop.
 """
 from __future__ import annotations
 
+import functools
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rnnscope.errors import RnnscopeError, first_line
+from rnnscope.errors import RnnscopeError, escaped, first_line
+
+from . import archive_ops
 
 RECURRENT = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -26,6 +32,10 @@ KERNELS = {"aten::lstm": "LSTM", "aten::gru": "GRU", "aten::rnn_tanh": "RNN", "a
 # the dense overloads' arguments: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
 # batch_first); the packed overloads have batch_sizes second and no batch_first
 DROPOUT, BATCH_FIRST = 5, 8
+
+
+# a TorchScript archive's compiled source, read before torch.jit.load: its size bounds the read
+CODE_LIMIT = 64 * 2**20
 
 
 def is_archive(path: Path) -> bool:
@@ -38,16 +48,53 @@ def is_archive(path: Path) -> bool:
 
 
 def load_archive(path: Path) -> torch.jit.ScriptModule:
+    if not is_archive(path) and _zip_head(path):
+        raise RnnscopeError(f"{path} is a damaged or truncated zip (a TorchScript archive's container cannot "
+                            "be read)", "copy or save the archive again")
     if not is_archive(path):
         raise RnnscopeError(f"{path} is not a TorchScript archive (no compiled code inside)",
                             "save it with torch.jit.save(torch.jit.script(model), path), or give a state_dict "
                             "with its builder: weights.pt@file.py:build")
+    _no_load_time_code(path)
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        archive = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:       # torch's own loader: a damaged or incompatible archive
         first = first_line(err)
         raise RnnscopeError(f"{path} cannot be loaded by torch.jit.load ({first})",
                             "save it again with torch.jit.save from this PyTorch version") from None
+    if getattr(archive, "original_name", None) not in RECURRENT:    # one scripted RNN: only its weights are used
+        archive_ops.check(archive, str(path))
+    return archive
+
+
+def _zip_head(path: Path) -> bool:
+    """Whether the file starts as a zip does (``PK\\x03\\x04``) but cannot be read as one: cut short
+    (``torch.save`` files are zips too, whole ones, without code)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return False
+        zipfile.ZipFile(path).close()
+        return False
+    except zipfile.BadZipFile:
+        return True
+    except OSError:
+        return False
+
+
+def _no_load_time_code(path: Path) -> None:
+    """``torch.jit.load`` runs a module's ``__setstate__`` while loading, before anything could check its
+    graph: an archive that defines one is refused from its source text, unloaded."""
+    with zipfile.ZipFile(path) as z:
+        code = [i for i in z.infolist() if "/code/" in i.filename and i.filename.endswith(".py")]
+        if sum(i.file_size for i in code) > CODE_LIMIT:
+            raise RnnscopeError(f"{path} holds more than {CODE_LIMIT >> 20} MB of compiled code",
+                                "record the eager model through a spec file (file.py:fn) instead")
+        for i in code:
+            if b"__setstate__" in z.read(i):
+                raise RnnscopeError(f"the TorchScript archive {path} defines __setstate__ "
+                                    f"({escaped(i.filename, limit=120)}), code torch.jit.load would run",
+                                    "record the eager model through a spec file (file.py:fn) instead")
 
 
 def _graphs(block):
@@ -101,11 +148,12 @@ def rebuild(name: str, sm) -> nn.Module:
     return m.eval()
 
 
-def eager(archive: torch.jit.ScriptModule) -> nn.Module:
+def eager(archive: torch.jit.ScriptModule, where: str = "") -> nn.Module:
     """What a Probe can record in place of ``archive``: the module itself rebuilt when the archive is
     one scripted RNN / LSTM / GRU, else a ``Replayed`` model."""
     if getattr(archive, "original_name", None) in RECURRENT:
         return rebuild("", archive)
+    archive_ops.check(archive, where or f"({archive.original_name})")
     return Replayed(archive).eval()
 
 
@@ -151,7 +199,8 @@ class Replayed(nn.Module):
         return self.archive.state_dict(*args, **kwargs)
 
     def forward(self, *args):
-        return _Replay(self._eager, self._holding, self._shapes).graph(self.archive.graph, [self.archive, *args])
+        replay = _Replay(self._eager, self._holding, self._shapes, archive_ops.budget(args))
+        return replay.graph(self.archive.graph, [self.archive, *args])
 
 
 def _function_graph(call):
@@ -196,11 +245,18 @@ def _fill(shape, flat: list):
     return flat[shape] if isinstance(shape, int) else tuple(_fill(s, flat) for s in shape)
 
 
+# prim operators with a plain Python meaning
+SIMPLE = {"prim::device": lambda t: t.device, "prim::dtype": lambda t: t.dtype, "prim::NumToTensor": torch.scalar_tensor,
+          "prim::min": lambda *a: min(*a), "prim::max": lambda *a: max(*a), "prim::shape": lambda t: list(t.shape),
+          "prim::DictConstruct": lambda *a: dict(zip(a[::2], a[1::2]))}
+
+
 class _Replay:
     """Runs a TorchScript graph node by node (see the module docstring)."""
 
-    def __init__(self, eager: dict[int, nn.Module], holding: set[int], shapes: dict):
+    def __init__(self, eager: dict[int, nn.Module], holding: set[int], shapes: dict, budget: int):
         self.eager, self.holding, self.shapes = eager, holding, shapes     # shapes: kept between calls
+        self.left = budget                                                 # nodes this call may still run
 
     def graph(self, graph, args: list):
         """The graph's result (TorchScript graphs return one value; a tuple is built inside)."""
@@ -210,6 +266,11 @@ class _Replay:
 
     def block(self, block, env: dict) -> list:
         for node in block.nodes():
+            self.left -= 1
+            if self.left < 0:
+                raise RnnscopeError("the TorchScript model ran past its step budget "
+                                    f"({archive_ops.STEPS_PER_ELEMENT:,} nodes per input element): a loop that "
+                                    "does not end", "record the eager model through a spec file (file.py:fn)")
             outs = list(node.outputs())
             result = self.node(node, [env[v.unique()] for v in node.inputs()], env)
             if node.kind() in ("prim::If", "prim::Loop"):        # a block's outputs: already a list
@@ -236,6 +297,8 @@ class _Replay:
             return list(ins[0])
         if kind in ("prim::TupleIndex", "aten::__getitem__"):
             return ins[0][ins[1]]
+        if kind in SIMPLE:
+            return SIMPLE[kind](*ins)
         if kind in ("prim::unchecked_cast", "prim::Uninitialized"):
             return ins[0] if ins else None
         if kind in ("aten::__is__", "aten::__isnot__"):
@@ -261,9 +324,12 @@ class _Replay:
                 return out, state
             flat = [out, *(state if isinstance(state, tuple) else (state,))]    # the kernel's outputs
             return _fill(shape, flat)
-        if id(obj) in self.holding:
-            return self.graph(getattr(obj, method).graph, [obj, *args])
-        return getattr(obj, method)(*args)                 # no recurrent module inside: run it compiled
+        if ("loops", id(obj), method) not in self.shapes:
+            inlined = getattr(obj, method).inlined_graph
+            self.shapes["loops", id(obj), method] = any(n.kind() == "prim::Loop" for n in _graphs(inlined))
+        if id(obj) in self.holding or self.shapes["loops", id(obj), method]:
+            return self.graph(getattr(obj, method).graph, [obj, *args])     # replayed: under the step budget
+        return getattr(obj, method)(*args)                 # no recurrent module or loop inside: run it compiled
 
     def loop(self, node, ins: list, env: dict) -> list:
         trips, go, carried = ins[0], ins[1], ins[2:]
@@ -277,12 +343,20 @@ class _Replay:
 
     @staticmethod
     def aten(node, ins: list):
-        schema = torch._C.parse_schema(node.schema())
-        op = getattr(getattr(torch.ops.aten, schema.name.split("::")[1]), schema.overload_name or "default")
+        op, kwarg_only = _overload(node.schema())
         args, kwargs = [], {}
-        for a, v in zip(schema.arguments, ins):
-            if a.kwarg_only:
-                kwargs[a.name] = v
+        for name, v in zip(kwarg_only, ins):
+            if name:
+                kwargs[name] = v
             else:
                 args.append(v)
         return op(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _overload(schema: str):
+    """The ``torch.ops`` overload a node's schema names, and each argument's name if it is keyword-only
+    (parsing a schema costs more than most ops: a replayed loop runs the same few nodes many times)."""
+    parsed = torch._C.parse_schema(schema)
+    op = getattr(getattr(torch.ops.aten, parsed.name.split("::")[1]), parsed.overload_name or "default")
+    return op, tuple(a.name if a.kwarg_only else "" for a in parsed.arguments)

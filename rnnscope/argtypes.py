@@ -47,8 +47,32 @@ def _checked(what: str, convert, ok, rule: str, fix: str):
     return parse
 
 
+# Upper bounds of the counts that size memory or time, by flag: a count past these is a typo or an attack,
+# refused before a model is loaded (measured on one CPU core, a 2x128 LSTM)
+UPPER = {
+    # generate: each character is one forward step (~0.2 ms) and one row per seed; 1e9 ended in MemoryError
+    "--length": 1_000_000, "--seeds": 10_000,
+    # spectrum: every position costs max_lag QR steps of [units, exponents]; 100,000 characters at the
+    # defaults take minutes, more is hours with no progress
+    "--chars": 1_000_000, "--positions": 100_000, "--max-lag": 100_000,
+    # exponents are at most the layer's units: no recurrent layer rnnscope records has more than this
+    "--exponents": 65_536,
+}
+
+
 def int_at_least(low: int, what: str = "a number"):
-    return _checked(what, _integer, lambda v: v >= low, f"at least {low}", f"give {low} or more")
+    """A whole number ``>= low`` (and, for a flag in ``UPPER``, at most its bound)."""
+    at_least = _checked(what, _integer, lambda v: v >= low, f"at least {low}", f"give {low} or more")
+    high = UPPER.get(what)
+    if high is None:
+        return at_least
+    at_most = _checked(what, _integer, lambda v: v <= high, f"at most {high:,}",
+                       f"give at most {high:,} (a larger {what} would run out of memory or time)")
+
+    def parse(text: str) -> int:
+        return at_most(str(at_least(text)))
+    parse.__name__ = what
+    return parse
 
 
 def int_between(low: int, high: int, what: str):

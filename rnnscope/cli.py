@@ -129,6 +129,8 @@ def spectrum(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from rnnscope.errors import RnnscopeError, first_line
+    from rnnscope.store.writer import interrupt_on_sigterm
+    interrupt_on_sigterm()             # `kill` and `timeout` clean up like Ctrl-C
     try:
         args.func(args)
     except RnnscopeError as err:

@@ -29,7 +29,7 @@ def test_analyze_writes_every_table(tmp_path, c_checkpoint):
     run_dir = tmp_path / "run"
     rnnscope("probe", c_checkpoint, "--text", text, "--out", run_dir, "--grad")
     proc = rnnscope("analyze", run_dir, "--max-lag", "20", "--shifts", "8", "--sparse", "--ablate",
-                    "--controls", "5")
+                    "--controls", "5", "--checkpoint", c_checkpoint)
     assert "top units per feature" in proc.stdout and "in_comment" in proc.stdout
     assert "gradient half-life" in proc.stdout
     run = open_run(run_dir)
@@ -57,7 +57,7 @@ def test_analyze_says_what_it_skipped_and_refuses_the_wrong_model(tmp_path, c_ch
     proc = rnnscope("analyze", run_dir, "--features", "in_comment,column", "--shifts", "4")
     assert "skipped saturation: no gates recorded" in proc.stdout
     assert "skipped grad_norms: no gradients recorded (probe with --grad)" in proc.stdout
-    assert "skipped grad_decay: the model is not at" in proc.stdout
+    assert "skipped grad_decay: the Run was probed from" in proc.stdout and "pass --checkpoint" in proc.stdout
     rnnscope("analyze", run_dir, "--features", "column", "--checkpoint", moved, "--max-lag", "10")
     assert read_table(open_run(run_dir), "half_lives") is not None
     one_line_error(rnnscope("analyze", run_dir, "--checkpoint", "zoo:lstm-linux", check=False),

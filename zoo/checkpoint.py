@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from rnnscope.errors import RnnscopeError, first_line
 from rnnscope.store import atomic_write, regular_file
-from rnnscope.store.files import read_bytes
+from rnnscope.store.files import inside, read_bytes
 
 from .model import Architecture, CharModel
 from .vocab import Vocab
@@ -32,6 +32,9 @@ CARD, WEIGHTS = "card.json", "weights.safetensors"
 SHIPPED = Path(__file__).parent / "checkpoints"
 CARD_LIMIT = 16 << 20       # a card is names, sizes and a vocabulary: kilobytes
 RESTORE = "restore the checkpoint from its source or retrain it"
+# a safetensors header is names, dtypes, shapes and offsets: a CharModel's is under 2 KB, a model of a
+# thousand tensors about 100 KB; a larger header (a 90 MB __metadata__) is refused before it is parsed
+HEADER_LIMIT = 16 << 20
 
 
 @dataclass
@@ -87,8 +90,13 @@ def _resolve(spec: str | os.PathLike) -> tuple[Path, str]:
     return path, spec
 
 
+def _own(path: Path, name: str) -> Path:
+    """``path/name``, refused when a link takes it out of the checkpoint's folder."""
+    return inside(path, name, what="the checkpoint's folder", fix=RESTORE)
+
+
 def _read_card(path: Path) -> dict:
-    data = read_bytes(path / CARD, "the checkpoint card", RESTORE, CARD_LIMIT)
+    data = read_bytes(_own(path, CARD), "the checkpoint card", RESTORE, CARD_LIMIT)
     try:
         card = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -129,6 +137,7 @@ def _read_weights(path: Path, arch: Architecture, source: str) -> dict[str, torc
     alone, before any tensor is read."""
     try:
         if path.suffix == ".safetensors":
+            _check_header(path)
             with safe_open(str(path), "pt") as f:
                 _check_shapes(arch, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, source)
             return load_file(str(path))
@@ -142,6 +151,17 @@ def _read_weights(path: Path, arch: Architecture, source: str) -> dict[str, torc
         raise RnnscopeError(f"{path} does not hold a state_dict of tensors", "save it with torch.save(model.state_dict())")
     _check_shapes(arch, {k: tuple(v.shape) for k, v in state.items()}, source)
     return state
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a safetensors file whose header (its first 8 bytes give its length) is beyond ``HEADER_LIMIT``."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < size <= HEADER_LIMIT:
+        raise RnnscopeError(f"{path} has a safetensors header of {size:,} bytes"
+                            + (f", more than the {HEADER_LIMIT >> 20} MB a header of names and shapes needs"
+                               if size > 0 else " (not a safetensors file)"), RESTORE)
 
 
 def _build(arch: Architecture, vocab: Vocab, weights: Path, source: str) -> CharModel:
@@ -166,7 +186,7 @@ def load(spec: str | os.PathLike, *, arch: str | None = None, vocab: str | None 
     path, source = _resolve(spec)
     if path.is_dir():
         card = _read_card(path)
-        weights = path / WEIGHTS
+        weights = _own(path, WEIGHTS)
         regular_file(weights, "the weights file", RESTORE)
         if verify:
             sha = card.get("weights_sha256")

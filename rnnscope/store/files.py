@@ -30,28 +30,28 @@ def atomic_write(path, write) -> Path:
     return path
 
 
-def inside(root, relative: str, *, write: bool = False) -> Path:
+def inside(root, relative: str, *, write: bool = False, what: str = "the Run",
+           fix: str = "the Run is damaged or hostile; record it again with `rnnscope probe`") -> Path:
     """``root / relative``, refused unless it stays inside ``root`` once every link is resolved.
 
     With ``write``, no existing part of the path below ``root`` may be a symbolic link at all, so
-    nothing is ever written through one (a Run whose ``analysis/`` points elsewhere).
+    nothing is ever written through one (a Run whose ``analysis/`` points elsewhere). ``what`` names
+    the folder in a message (a Run, a watch log, a checkpoint), ``fix`` says what to do.
     """
     root = Path(root)
     parts = Path(relative).parts
     if not parts or Path(relative).is_absolute() or ".." in parts or "\0" in relative:
-        raise RnnscopeError(f"{root}: the path {relative!r} leaves the Run", "the Run is damaged or hostile; "
-                            "record it again with `rnnscope probe`")
+        raise RnnscopeError(f"{root}: the path {relative!r} leaves {what}", fix)
     target = root.joinpath(*parts)
     if write:
         for i in range(1, len(parts) + 1):
             part = root.joinpath(*parts[:i])
             if part.is_symlink():
-                raise RnnscopeError(f"{part} is a symbolic link inside the Run; rnnscope does not write through one",
+                raise RnnscopeError(f"{part} is a symbolic link inside {what}; rnnscope does not write through one",
                                     "replace the link with a real directory or file")
     real_root = root.resolve()
     if not target.resolve().is_relative_to(real_root):
-        raise RnnscopeError(f"{target} points outside the Run ({target.resolve()})",
-                            "the Run is damaged or hostile; record it again with `rnnscope probe`")
+        raise RnnscopeError(f"{target} points outside {what} ({target.resolve()})", fix)
     return target
 
 

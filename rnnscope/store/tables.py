@@ -48,6 +48,14 @@ SCHEMAS = {
                  "p_value": F, "beats_controls": F, "feature": S},
 }
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# what one table may hold, checked from its footer and then while it is read: the largest tables rnnscope
+# writes (grad_norms of a million steps and 32 gradient keys; contexts of 8,192 units) are 256 MB as
+# Arrow data; a 220 KB file of repeated rows that unpacks to 2.2 GB (a pandas frame twice or thrice
+# that) is refused before it is held
+MAX_ROWS, MAX_BYTES, BATCH = 20_000_000, 512 << 20, 65_536
+# contexts: 2 sides x k windows per unit, each with its text and values (~1 KB a row); 8,192 units at
+# --contexts 100 is 1.6M rows; 5M rows ended in MemoryError under a 4 GB address space
+ROWS = {"contexts": 2_000_000}
 ANALYZE = "run `rnnscope analyze RUN` again"
 
 
@@ -94,13 +102,32 @@ def _check_values(frame: pd.DataFrame, where, name: str = "") -> None:
                 raise RnnscopeError(f"{where}: column {str(col)[:60]!r} is not a gradient key of floats", ANALYZE)
 
 
+def _bounded(path: Path, rows: int = MAX_ROWS) -> pa.Table:
+    """The table at ``path``, read in batches of ``BATCH`` rows and refused as soon as its rows or bytes
+    pass ``MAX_ROWS`` / ``MAX_BYTES`` (the footer's own counts first: they are someone else's too)."""
+    f = pq.ParquetFile(path)
+    md = f.metadata
+    declared = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+    if md.num_rows > rows or declared > MAX_BYTES:
+        raise RnnscopeError(f"{path} holds {md.num_rows:,} rows ({declared >> 20:,} MB), more than this "
+                            f"table can ({rows:,} rows, {MAX_BYTES >> 20} MB)", ANALYZE)
+    batches, size = [], 0
+    for batch in f.iter_batches(batch_size=BATCH):
+        size += batch.nbytes
+        if size > MAX_BYTES:
+            raise RnnscopeError(f"{path} unpacks to more than {MAX_BYTES >> 20} MB", ANALYZE)
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=f.schema_arrow)
+
+
 def read_parquet(path: Path, want: dict, name: str = "") -> pd.DataFrame:
     check_schema(path, want)
     try:
-        frame = pd.read_parquet(path)
-    except (pa.ArrowException, OSError, ValueError, TypeError) as err:
-        raise RnnscopeError(f"{path} is not a readable Parquet table ({first_line(err, 100)})",
-                            ANALYZE) from None
+        frame = _bounded(path, ROWS.get(name, MAX_ROWS)).to_pandas()
+    except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as err:
+        # KeyError / IndexError: pandas metadata naming an index column the file lacks
+        raise RnnscopeError(f"{path} is not a readable Parquet table ({type(err).__name__}: "
+                            f"{first_line(err, 100)})", ANALYZE) from None
     _check_values(frame, path, name)
     return frame
 

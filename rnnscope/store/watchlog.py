@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from rnnscope.errors import RnnscopeError, first_line
 
-from .files import atomic_write, read_bytes
+from .files import atomic_write, inside, read_bytes
 from .keys import KEY
 
 FORMAT, FORMAT_VERSION = "rnnscope-watch", 1
@@ -53,7 +53,14 @@ TABLES = tuple(SCHEMAS)
 # columns added after format 1 was first written: a block without them reads as this value
 ADDED = {("steps", "clips"): 0}
 _MANIFEST_LIMIT = 1 << 20
+# a block is the tables of ``flush_every`` watched steps: steps x keys x lags rows, kilobytes to a few
+# MB; a larger file (a 57 MB compressed block unpacked to 4 GB) is refused before it is read
+BLOCK_LIMIT = 64 << 20
+# a lag or timestep is a position in one training sequence: no BPTT window is longer, and a lag of 1e12
+# in one row sized a 7 TiB array for its plot
+MAX_LAG = 10_000_000
 NOT_LOG = "point at the folder a Watch wrote (its out=)"
+LINKED = "the log is damaged or hostile; point at a watch log whose files are its own"
 
 
 def _empty(name: str) -> pd.DataFrame:
@@ -69,9 +76,14 @@ def _block_order(name: str) -> tuple:
     return int(m[1]), int(m[2]), int(m[3] or 0)
 
 
+def _in_log(log: Path, name: str, write: bool = False) -> Path:
+    """``LOG/name``, refused when a link takes it out of the log (or, to write, when it is a link at all)."""
+    return inside(log, name, write=write, what="the watch log", fix=LINKED)
+
+
 def block_names(log: Path) -> list[str]:
     """The blocks under ``LOG/blocks`` in order; temporary and moved-aside files are not blocks."""
-    d = log / BLOCKS
+    d = _in_log(log, BLOCKS)
     if not d.is_dir():
         return []
     return sorted((p.name for p in d.iterdir() if BLOCK.match(p.name)), key=_block_order)
@@ -100,15 +112,15 @@ def _check_manifest(m, path: Path) -> dict:
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise RnnscopeError(f"{where}: 'every' is not a positive integer", "the log is damaged; watch again")
     keys = m.get("keys")
-    if not isinstance(keys, list) or not all(isinstance(k, str) and KEY.match(k) for k in keys):
-        raise RnnscopeError(f"{where}: 'keys' is not a list of state keys", "the log is damaged; watch again")
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and KEY.match(k) for k in keys):
+        raise RnnscopeError(f"{where}: 'keys' is not a non-empty list of state keys", "the log is damaged; watch again")
     if not isinstance(m.get("model"), dict) or not isinstance(m["model"].get("modules"), dict):
         raise RnnscopeError(f"{where}: 'model' lacks its modules", "the log is damaged; watch again")
     return m
 
 
 def read_manifest(log: Path) -> dict:
-    path = log / MANIFEST
+    path = _in_log(log, MANIFEST)
     raw = read_bytes(path, "the watch log manifest", NOT_LOG, _MANIFEST_LIMIT)
     try:
         m = json.loads(raw.decode("utf-8"))
@@ -133,6 +145,8 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("not a regular file")
+    if st.st_size > BLOCK_LIMIT:
+        raise ValueError(f"it is {st.st_size:,} bytes, more than a block can be ({BLOCK_LIMIT >> 20} MB)")
     try:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_file(source).read_all()
@@ -140,6 +154,8 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
         raise ValueError(first_line(err, 100)) from None
     if "table" not in table.column_names:
         raise ValueError("it has no 'table' column")
+    if not pa.types.is_string(table.schema.field("table").type):
+        raise ValueError(f"its 'table' column holds {table.schema.field('table').type}, not text (a wrong schema)")
     out = {}
     for name, schema in SCHEMAS.items():
         part = table.filter(pc.equal(table["table"], name))
@@ -155,6 +171,10 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
             except (pa.ArrowException, ValueError):
                 raise ValueError(f"its {name} column {f.name!r} holds {part[f.name].type}, not {f.type}") from None
         frame = pa.table(cols, schema=schema).to_pandas()
+        for col in ("lag", "t"):
+            if col in frame and len(frame) and not frame[col].between(0, MAX_LAG).all():
+                bad = frame[col][~frame[col].between(0, MAX_LAG)].iloc[0]
+                raise ValueError(f"its {name} {col} {bad} is not a position in a sequence (0 to {MAX_LAG:,})")
         if "key" in frame:
             pattern = LAYER if name == "layers" else KEY
             bad = frame["key"][~frame["key"].astype(str).str.match(pattern.pattern)]
@@ -195,7 +215,7 @@ class WatchLog:
                                         "and it is not the last one", "restore it, or move it aside to drop "
                                         "those steps knowingly") from None
                 if name != self.dropped:            # once, not on every refresh of a live view
-                    warnings.warn(f"rnnscope: the last watch log block {name} is torn ({err}); its steps are "
+                    warnings.warn(f"rnnscope: the last watch log block {name} is torn or wrong ({err}); its steps are "
                                   "dropped", stacklevel=2)
                 dropped = name
                 continue
@@ -233,6 +253,8 @@ class WatchLogWriter:
 
     def __init__(self, path, every: int, model: dict, keys: list[str]):
         self.path = Path(path)
+        for name in (BLOCKS, MANIFEST, LOCK):            # nothing is written through a link
+            _in_log(self.path, name, write=True)
         try:
             (self.path / BLOCKS).mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -240,7 +262,12 @@ class WatchLogWriter:
                                 "pass an out= folder you can write to") from None
         if not self.path.is_dir() or (self.path / BLOCKS).is_symlink():
             raise RnnscopeError(f"{self.path} is not a folder a watch log can be written to", "pass another out=")
-        self._lock = open(self.path / LOCK, "a")
+        try:    # O_NOFOLLOW: a link put there between the check and the open is refused, not followed
+            self._lock = os.fdopen(os.open(self.path / LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                                           | os.O_CLOEXEC, 0o644), "a")
+        except OSError as err:
+            raise RnnscopeError(f"cannot open the watch log's lock {self.path / LOCK} ({err.strerror})",
+                                "pass an out= folder you can write to, with no link inside") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

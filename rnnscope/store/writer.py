@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -59,6 +60,26 @@ class NpyRows:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (what ``kill``, ``timeout`` and job schedulers send) interrupt like Ctrl-C: the
+    partial Run is removed and the old one left as it was, with one line, instead of a partial folder
+    that only the next write to the same output removes. (SIGKILL cannot be caught: it leaves a
+    ``.NAME.partial-PID-…`` folder, which the next probe of that output removes, saying so.)"""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:      # not over a handler the caller installed
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _no_space(err: OSError, out: Path, need: int) -> RnnscopeError:
+    """One line for a disk that filled while the Run was written (the partial Run is already removed)."""
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        free = 0
+    return RnnscopeError(f"no space left on {out.parent}: the Run needs {need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB "
+                         f"are free; nothing was written to {out}",
+                         "free space (another process filled the disk while this one wrote), or pass another --out")
 
 
 def text_bytes(text: str) -> bytes:
@@ -182,19 +203,27 @@ class RunWriter:
                 np.save(self.tmp / "ids.npy", self.ids, allow_pickle=False)
             write_parquet(self.tmp / "documents.parquet", self.documents[list(DOCUMENTS_SCHEMA)], DOCUMENTS_SCHEMA,
                           "documents")
+        except OSError as err:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if err.errno == errno.ENOSPC:
+                raise _no_space(err, self.out, len(self.data)) from None
+            raise
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         self.rows: list[NpyRows] = []
+        self.need = len(self.data) + self.spans.nbytes     # grows with every file declared
         self.done = False
 
     def __enter__(self) -> RunWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, err, tb) -> None:
         self.close()
         if not self.done:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise _no_space(err, self.out, self.need) from None
 
     def close(self) -> None:
         for r in self.rows:
@@ -204,6 +233,7 @@ class RunWriter:
         """The row writer of ``states/{key}.npy`` ``[steps, units]`` in the Run's dtype."""
         self.rows.append(NpyRows(inside(self.tmp, key_file(key), write=True), DTYPES[self.dtype],
                                  (self.steps, units)))
+        self.need += self.steps * units * np.dtype(DTYPES[self.dtype]).itemsize
         return self.rows[-1]
 
     def loss(self) -> NpyRows:
@@ -243,12 +273,13 @@ class RunWriter:
         return self.out
 
     def _swap(self) -> None:
-        swap_in(self.tmp, self.out, self.overwrite)
+        swap_in(self.tmp, self.out, self.overwrite, placed=lambda: setattr(self, "done", True))
 
 
-def swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
+def swap_in(tmp: Path, out: Path, overwrite: bool, placed=lambda: None) -> None:
     """Swap the whole Run in the folder ``tmp`` in as ``out`` (under a lock on the parent folder,
-    atomically where the kernel can); an old Run at ``out`` is deleted under ``tmp``'s name."""
+    atomically where the kernel can); ``placed()`` is called as soon as the new Run is in place; an old
+    Run at ``out`` is then deleted (``remove_old``)."""
     fd = os.open(out.parent, os.O_RDONLY)
     try:
         if fcntl is not None:
@@ -260,8 +291,10 @@ def swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
                                 err.fix) from None
         if not out.exists():
             os.rename(tmp, out)
+            placed()
         elif _exchange(tmp, out):
-            shutil.rmtree(tmp)                      # the old Run, now under the partial's name
+            placed()
+            remove_old(tmp, out)                    # the old Run, now under the partial's name
         else:
             old = tmp.with_name(tmp.name + ".old")
             os.rename(out, old)
@@ -270,6 +303,18 @@ def swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
             except BaseException:
                 os.rename(old, out)                 # put the old Run back
                 raise
-            shutil.rmtree(old)
+            placed()
+            remove_old(old, out)
     finally:
         os.close(fd)
+
+
+def remove_old(old: Path, out: Path) -> None:
+    """Delete the replaced Run. The new one is already in place at ``out``: an interrupt here must say
+    so, not that no Run was written (what is left of the old one is removed by the next probe)."""
+    try:
+        shutil.rmtree(old)
+    except KeyboardInterrupt:
+        raise RnnscopeError(f"interrupted after the new Run was written to {out}: the old one is "
+                            f"partly deleted at {old}", "nothing to redo; the next probe of this "
+                            "output removes the rest") from None

@@ -1,0 +1,119 @@
+"""Issue 24, kills and a full disk: what a command says is what happened, and the old Run survives."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rnnscope.probe import open_run
+
+TEXT = "if (a) {\n\tb(c, d);\n}\n" * 20
+SLOW = '''import pathlib, time, torch
+def slow(output, ids):
+    pathlib.Path({ready!r}).write_text("x")
+    time.sleep(60)
+    return torch.zeros(output.shape[1])
+'''
+
+
+def _probe(ck, tmp_path, *more, loss=None):
+    (tmp_path / "t.c").write_text(TEXT)
+    args = [sys.executable, "-m", "rnnscope.cli", "probe", str(ck), "--text", str(tmp_path / "t.c"), "--out",
+            str(tmp_path / "run"), *more]
+    if loss:
+        args += ["--loss", loss]
+    return args
+
+
+def test_sigterm_during_probe_cleans_up_like_ctrl_c_and_keeps_the_old_run(tmp_path, tiny_checkpoint):
+    subprocess.run(_probe(tiny_checkpoint, tmp_path), check=True, capture_output=True, timeout=300)
+    before = (tmp_path / "run" / "manifest.json").read_bytes()
+    (tmp_path / "slow.py").write_text(SLOW.format(ready=str(tmp_path / "ready")))
+    proc = subprocess.Popen(_probe(tiny_checkpoint, tmp_path, "--overwrite", loss=f"{tmp_path / 'slow.py'}:slow"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "ready").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.1)
+    assert any(p.name.startswith(".run.partial-") for p in tmp_path.iterdir())      # mid-write
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    errors = [line for line in err.splitlines() if line.startswith("rnnscope:")]     # (and the progress bar)
+    assert proc.returncode == 2 and len(errors) == 1 and "interrupted" in errors[0], err
+    assert (tmp_path / "run" / "manifest.json").read_bytes() == before             # the old Run, untouched
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no partial left behind
+
+
+REPLACE = '''import sys
+from rnnscope import probe, zoo
+ck = zoo.load(sys.argv[1])
+probe.record(ck, sys.argv[2], sys.argv[3], overwrite=True, progress=False)
+'''
+
+
+def test_an_interrupt_while_the_old_run_is_deleted_says_the_new_run_is_written(tmp_path, tiny_checkpoint):
+    """The old Run holds many files, so deleting it takes a while; the interrupt comes once the new Run
+    is in place (its manifest is the new one), while the old is being removed."""
+    from rnnscope import probe, zoo
+    old = probe.record(zoo.load(tiny_checkpoint), TEXT, tmp_path / "run", progress=False).path
+    clutter = old / "notes"
+    clutter.mkdir()
+    for i in range(40_000):
+        (clutter / f"{i}.txt").touch()
+    (tmp_path / "replace.py").write_text(REPLACE)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "replace.py"), str(tiny_checkpoint), TEXT[:50],
+                             str(old)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while True:
+        try:
+            if json.loads((old / "manifest.json").read_text())["steps"] == 50:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None and time.time() < deadline, "the new Run never appeared while the old was removed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "no run was written" not in err
+    assert "interrupted after the new Run was written" in err, err
+    assert len(open_run(old)) == 50
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+FILL = '''import torch
+def fill(output, ids):
+    with open({path!r}, "wb") as f:        # another process fills the disk while the probe writes
+        try:
+            while True:
+                f.write(b"x" * 65536)
+        except OSError:
+            pass
+    return torch.zeros(output.shape[1])
+'''
+
+
+def test_a_disk_that_fills_while_probe_writes_says_so(small_disk, tmp_path, tiny_checkpoint):
+    (tmp_path / "fill.py").write_text(FILL.format(path=str(small_disk / "filler")))
+    (tmp_path / "t.c").write_text(TEXT * 20)
+    proc = subprocess.run([sys.executable, "-m", "rnnscope.cli", "probe", str(tiny_checkpoint), "--text",
+                           str(tmp_path / "t.c"), "--out", str(small_disk / "run"), "--loss",
+                           f"{tmp_path / 'fill.py'}:fill"], capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rnnscope:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    err = errors[0]
+    assert "no space left on" in err and "MB needed" not in err and "the Run needs" in err
+    assert f"nothing was written to {small_disk / 'run'}" in err
+    assert sorted(p.name for p in Path(small_disk).iterdir()) == ["filler"]

@@ -1,0 +1,109 @@
+"""Issue 24, sizes and the terminal: every count from someone else's table or log, and every count on
+the command line, is checked before memory or time is spent; what reaches the terminal is escaped
+and cut to a readable length."""
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rnnscope import argtypes as T
+from rnnscope.analysis.report import unit_contexts
+from rnnscope.errors import RnnscopeError
+from rnnscope.store.tables import SCHEMAS, read_parquet
+from rnnscope.store.watchlog import WatchLogWriter, open_watch_log
+
+from test_untrusted_paths import KEYS, MODEL, _block
+
+N = 5_000_000
+
+
+def _contexts_table(n: int) -> pa.Table:
+    kinds = {"string": pa.string(), "integer": pa.int64(), "float": pa.float64(), "floats": pa.list_(pa.float64())}
+    cols = {c: pa.nulls(n, kinds[k]) if k in ("string", "floats") else pa.array(np.zeros(n, kinds[k].to_pandas_dtype()))
+            for c, k in SCHEMAS["contexts"].items()}
+    return pa.table(cols)
+
+
+def test_a_table_of_millions_of_rows_is_refused_from_its_footer(tmp_path):
+    path = tmp_path / "contexts.parquet"
+    pq.write_table(_contexts_table(N), path)
+    assert path.stat().st_size < 5 << 20                   # small on disk: it is the rows that cost
+    t = time.perf_counter()
+    with pytest.raises(RnnscopeError, match="5,000,000 rows") as e:
+        read_parquet(path, SCHEMAS["contexts"], "contexts")
+    assert "\n" not in str(e.value) and time.perf_counter() - t < 5
+    pq.write_table(_contexts_table(1000), path)             # a table of its size still reads
+    assert len(read_parquet(path, SCHEMAS["contexts"], "contexts")) == 1000
+
+
+def _log_with(tmp_path, bad: dict):
+    w = WatchLogWriter(tmp_path / "log", 1, MODEL, KEYS)
+    w.append(bad)
+    w.append(_block(1))
+    w.close()
+    return tmp_path / "log"
+
+
+def test_a_watch_block_with_an_absurd_lag_is_refused_not_sized(tmp_path):
+    bad = _block(0)
+    bad["decay"].loc[1, "lag"] = 10 ** 12
+    with pytest.raises(RnnscopeError, match="lag 1000000000000 is not a position") as e:
+        open_watch_log(_log_with(tmp_path, bad))
+    assert "\n" not in str(e.value)
+
+
+def test_a_watch_block_whose_table_column_is_not_text_is_a_wrong_schema(tmp_path):
+    log = _log_with(tmp_path, _block(0))
+    block = sorted((log / "blocks").glob("*.arrow"))[-1]
+    table = pa.table({"table": pa.array([1, 2]), "step": pa.array([1, 1])})
+    with pa.OSFile(str(block), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log_ = open_watch_log(log)
+    assert len(log_.steps) == 1                          # the last block dropped, with one warning saying why
+    assert any("'table' column holds int64" in str(c.message) for c in caught)
+
+
+@pytest.mark.parametrize("flag,value", [("--length", "1000000000"), ("--seeds", "100000000"),
+                                        ("--chars", "10000000000"), ("--positions", "100000000"),
+                                        ("--exponents", "10000000"), ("--max-lag", "1000000000000")])
+def test_counts_that_size_memory_or_time_are_bounded(flag, value):
+    with pytest.raises(Exception, match="must be at most") as e:
+        T.int_at_least(1, flag)(value)
+    assert "run out of memory or time" in str(e.value)
+    with pytest.raises(Exception, match="must be at least 1"):
+        T.int_at_least(1, flag)("0")
+    assert T.int_at_least(1, flag)("300") == 300
+
+
+def test_generate_with_a_billion_characters_is_refused_before_the_model_loads(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rnnscope.cli", "generate", str(tmp_path / "absent"), "--prime",
+                           "a", "--length", "1000000000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--length" in proc.stderr and "at most" in proc.stderr
+
+
+def test_unit_contexts_escape_the_side_and_cut_a_megabyte_context():
+    context = "x" * 500_000 + "\x1b]0;pwned\x07" + "y" * 500_000
+    rows = pd.DataFrame({"unit": ["rnn.l0.h:0"] * 2, "side": ["\x1b[2Jtop", "bottom\u202e"], "rank": [0, 0],
+                         "step": [3, 4], "value": [1.0, -1.0], "offset": [500_000, 3], "context": [context, "ab\ncd"]})
+    out = unit_contexts(rows, "rnn.l0.h:0")
+    assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "\\x1b[2Jtop" in out and "bottom\\u202e" in out and "ab\\ncd" in out.replace("[", "").replace("]", "")
+    assert max(len(line) for line in out.splitlines()) < 1000
+
+
+def test_an_empty_keys_list_in_watch_json_is_named(tmp_path):
+    import json
+    log = _log_with(tmp_path, _block(0))
+    m = json.loads((log / "watch.json").read_text())
+    (log / "watch.json").write_text(json.dumps({**m, "keys": []}))
+    with pytest.raises(RnnscopeError, match="'keys' is not a non-empty list") as e:
+        open_watch_log(log)
+    assert "None" not in str(e.value)
