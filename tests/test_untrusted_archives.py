@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rnnscope.errors import RnnscopeError
-from rnnscope.probe import models
+from rnnscope.probe import specs as models
 
 
 class Base(nn.Module):
