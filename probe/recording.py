@@ -147,13 +147,34 @@ def _chosen(mods: dict, modules) -> dict:
 
 
 def _dry_run(model, call, x, grad, kinds, wanted):
-    """Key -> units of the modules ``wanted``, and the model's output, from a run over ``x [1, n]``."""
+    """Key -> units of the modules ``wanted``, and the model's output, from a run over ``x [1, n]``;
+    refused if a module ``wanted`` ran another number of steps than ``x`` has."""
     with Probe(model, grad=grad, kinds=kinds, param_grads=False) as p:
         out = _forward(model, call, x)
         if grad and isinstance(first_tensor(out), torch.Tensor) and first_tensor(out).requires_grad:
             first_tensor(out).float().sum().backward()
         layout = {k: p.trace[k].shape[-1] for k in p.trace if split_key(k)["module"] in wanted}
+        check_aligned(p.trace, {k: u for k, u in layout.items() if split_key(k)["module"] not in p.cells},
+                      x.shape[-1], "(a dry run over the first document's first steps)")     # cells: in _stream
     return layout, out
+
+
+def check_aligned(trace, layout: dict, steps: int, where: str) -> None:
+    """Refuse, in one line, a recorded module whose ``trace`` is not ``[1, steps, units]``: a decoder fed
+    ``SOS + target`` (n + 1 steps for n), a free-running one (its own number), a module called twice or
+    not at all. Its rows would be zero-filled or cut and placed under the wrong characters."""
+    modules = {split_key(k)["module"]: k for k in layout}
+    for module, k in modules.items():
+        shape = tuple(trace[k].shape[:2]) if k in trace else (1, 0)
+        if shape == (1, steps):
+            continue
+        got = f"{shape[1]:,} steps" if shape[0] == 1 else f"a batch of {shape[0]}"
+        others = sorted({split_key(j)["module"] for j in trace if tuple(trace[j].shape[:2]) == (1, steps)})
+        fix = (f"record only the modules on the text's steps with --modules {','.join(others)}" if others else
+               "make the call run each recorded module once over the encoder's ids [1, T] (or --modules to leave "
+               "it out)")
+        raise RnnscopeError(f"the recurrent module {module or '<model>'!r} ran {got} where the encoder gave "
+                            f"{steps:,} steps {where}; its rows would not line up with the text", fix)
 
 
 def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step_loss, *, grad, carry, chunk,
@@ -170,7 +191,7 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
     with tqdm(total=S, unit="step", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
             Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
         looped = [k for k in layout if split_key(k)["module"] in p.cells]
-        for a, b in bounds:
+        for d, (a, b) in enumerate(bounds):
             if not carry:
                 p.reset()
             for s in range(a, b, chunk):
@@ -192,6 +213,7 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                         raise RnnscopeError(f"cell {split_key(k)['module']} took {p.trace[k].shape[1]} steps "
                                             f"(batch {p.trace[k].shape[0]}) over {ahead - s} steps of the encoder",
                                             "make the model call its cell once per id of its input [1, T]")
+                check_aligned(p.trace, layout, ahead - s, f"in document {d} (steps {s:,}..{ahead - 1:,})")
                 if ahead > e:
                     p.carry_from(e - s - 1)             # the next chunk starts where this one ends
                 if step_loss:
