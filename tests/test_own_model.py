@@ -76,3 +76,155 @@ def test_a_user_loss_of_the_wrong_length_is_refused(tmp_path):
     with pytest.raises(RnnscopeError, match=r"loss returned shape \[10\] for 9 steps"):
         probe.record(probe.Subject(model, char_ids, loss=loss, modules=["encoder"]), "abcdefghi", tmp_path / "r",
                      grad=True, progress=False)
+
+
+# 2. gradients that survive storage ----------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """An LSTM over a review, its label read at the last step: most steps' gradients are tiny."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb, self.lstm, self.head = nn.Embedding(V, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 2)
+
+    def forward(self, ids):
+        return self.head(self.lstm(self.emb(ids))[0][:, -1])
+
+
+def reviews(n: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {f"r{i}": "".join(rng.choice(list("abcdefgh "), rng.integers(30, 60))) for i in range(n)}
+
+
+def first_class(output, ids):
+    return F.cross_entropy(output.float(), torch.tensor([1]))
+
+
+def test_gradients_are_stored_so_that_none_becomes_zero_or_loses_float16_precision(tmp_path):
+    model, docs = Classifier(), reviews(12)
+    run = probe.record(probe.Subject(model, char_ids, loss=first_class), docs, tmp_path / "run", grad=True,
+                       progress=False)
+    assert run.manifest["keys"]["lstm.l0.h"]["dtype"] == "float16"            # states stay compact
+    assert run.manifest["keys"]["lstm.l0.grad_h"]["dtype"] == "float32"
+    assert run["lstm.l0.grad_h"].dtype == np.float32
+    for name, text in docs.items():     # the in-memory probe of each document: the reference
+        with probe.Probe(model, grad=True) as p:
+            first_class(model(char_ids(text)[None]), None).backward()
+        ref = p.trace["lstm.l0.grad_h"][0].numpy()
+        doc = run.documents.set_index("name").loc[name]
+        got = np.asarray(run["lstm.l0.grad_h"][doc.step_start:doc.step_end], np.float64)
+        nz = ref != 0
+        assert (np.abs(ref[nz]) < np.finfo(np.float16).tiny).any()          # float16 would have lost these
+        assert (got[nz] != 0).all()
+        np.testing.assert_allclose(got, ref, rtol=2.0 ** -11, atol=0)
+    assert run.underflow == {} or not any(".grad_" in k for k in run.underflow)
+
+
+def test_underflow_is_counted_in_the_manifest_and_said(tmp_path, capsys):
+    model, docs = Classifier(), reviews(6)
+    sub = probe.Subject(model, char_ids, loss=first_class)
+    wide = probe.record(sub, docs, tmp_path / "wide", grad=True, progress=False)
+    narrow = probe.record(sub, docs, tmp_path / "narrow", grad=True, grad_dtype="float16", progress=False)
+    g = np.asarray(wide["lstm.l0.grad_h"])
+    want = int(((g != 0) & (np.abs(g) < np.finfo(np.float16).tiny)).sum())
+    assert want > 0 and narrow.manifest["keys"]["lstm.l0.grad_h"]["underflow"] == want
+    assert narrow.underflow["lstm.l0.grad_h"] == want
+    assert f"lstm.l0.grad_h has {want:,} non-zero values that became zero or subnormal in float16" \
+        in capsys.readouterr().out
+    reopened = open_run(tmp_path / "narrow")
+    assert reopened["lstm.l0.grad_h"].dtype == np.float16 and reopened["lstm.l0.h"].dtype == np.float16
+
+
+def test_a_run_written_before_keys_had_their_own_dtype_still_opens(tmp_path):
+    model = Classifier()
+    probe.record(probe.Subject(model, char_ids, loss=first_class), reviews(2), tmp_path / "run", grad=True,
+                 dtype="float32", progress=False)
+    path = tmp_path / "run" / "manifest.json"
+    m = json.loads(path.read_text())
+    for info in m["keys"].values():
+        del info["dtype"], info["underflow"]
+    path.write_text(json.dumps(m))
+    run = open_run(tmp_path / "run")
+    assert run["lstm.l0.grad_h"].dtype == np.float32 and run.underflow == {}
+    m["keys"]["lstm.l0.grad_h"]["dtype"] = "float16"          # a key's own dtype is checked against its file
+    path.write_text(json.dumps(m))
+    with pytest.raises(RnnscopeError, match="holds float32, expected float16"):
+        open_run(tmp_path / "run")
+
+
+# 3. a document's fields reach the user's call and loss; a per-document loss is stored per document ------
+
+def labelled(tmp_path, n: int = 8):
+    rows = [{"name": f"review {i}", "text": t, "label": int(t.count("a") > t.count("b")), "stars": i % 5}
+            for i, t in enumerate(reviews(n).values())]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def label_loss(output, ids, document):
+    return F.cross_entropy(output.float(), torch.tensor([document["label"]]))
+
+
+def test_a_documents_fields_reach_the_call_and_the_loss_and_the_loss_is_kept_per_document(tmp_path):
+    path, rows = labelled(tmp_path)
+    docs = probe.read_documents(path)
+    assert docs.document(2) == {"name": "review 2", "text": rows[2]["text"], "label": rows[2]["label"], "stars": 2}
+    model, seen = Classifier(), []
+
+    def call(model, ids, *, document):
+        seen.append((document["name"], document["stars"], ids.shape[-1]))
+        return model(ids)
+
+    run = probe.record(probe.Subject(model, char_ids, loss=label_loss, call=call), docs, tmp_path / "run",
+                       grad=True, progress=False)
+    assert [s[:2] for s in seen[1:]] == [(r["name"], r["stars"]) for r in rows]       # after the dry run
+    assert [s[2] for s in seen[1:]] == [len(r["text"]) for r in rows]
+    with torch.no_grad():
+        want = [float(F.cross_entropy(model(char_ids(r["text"])[None]), torch.tensor([r["label"]]))) for r in rows]
+    assert run.manifest["loss"]["per"] == "document" and run.document_loss.shape == (len(rows),)
+    np.testing.assert_allclose(run.document_loss, want, rtol=1e-5)
+    assert run.manifest["loss"]["mean_nats"] == pytest.approx(np.mean(want), rel=1e-5)
+    # the label moves the gradient: the other label's loss gives another grad_h at the last step
+    flipped = [{**r, "label": 1 - r["label"]} for r in rows]
+    other = probe.record(probe.Subject(model, char_ids, loss=label_loss), flipped, tmp_path / "other", grad=True,
+                         progress=False)
+    last = run.documents.step_end.to_numpy() - 1
+    assert not np.allclose(run["lstm.l0.grad_h"][last], other["lstm.l0.grad_h"][last])
+    assert probe.record(probe.Subject(model, char_ids, loss=label_loss), flipped, tmp_path / "steps",
+                        progress=False).document_loss is not None
+
+
+def test_the_command_line_reports_a_per_document_loss_per_document(tmp_path, capsys):
+    from rnnscope.cli import main
+    path, rows = labelled(tmp_path, 4)
+    spec = tmp_path / "classifier.py"
+    spec.write_text(f'''
+import torch
+from torch import nn
+from torch.nn import functional as F
+from rnnscope.probe import Subject
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb, self.lstm, self.head = nn.Embedding({V}, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 2)
+
+    def forward(self, ids):
+        return self.head(self.lstm(self.emb(ids))[0][:, -1])
+
+def encode(text):
+    return torch.tensor([ord(c) % {V - 1} + 1 for c in text])
+
+def loss(output, ids, document):
+    return F.cross_entropy(output.float(), torch.tensor([document["label"]]))
+
+def build():
+    return Subject(Classifier(), encode, loss=loss)
+''')
+    assert main(["probe", "--model", f"{spec}:build", "--text", str(path), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    mean = open_run(tmp_path / "run").manifest["loss"]["mean_nats"]
+    assert f"loss {mean:.4f} nats/document" in out and "nats/step" not in out
