@@ -15,6 +15,7 @@ least a document's steps the gradients equal those of a single pass.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -42,6 +43,18 @@ TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 OVERFLOW = {"float16": 65520.0, "float32": np.inf}    # |x| from which the stored value is Inf
 # |x| below which a non-zero value is stored subnormal (relative error up to 100%) or zero
 UNDERFLOW = {d: float(np.finfo(t).tiny) for d, t in DTYPES.items()}
+CHUNK = 2048            # steps per chunk when none is given (a bidirectional model: its longest document)
+# bytes a step holds in memory per recorded unit in one pass, beyond the rows: the trace's float32 value
+# and the engine's own output (x 2), with gradients also the gradient and the graph autograd keeps (x 4)
+PASS_BYTES = {False: 2 * 4, True: 4 * 4}
+
+
+def pass_memory() -> int:
+    """The default bound on one pass's memory: a quarter of the machine's physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):      # no sysconf (Windows): 4 GB
+        return 4 << 30
 
 
 def model_checksum(model: torch.nn.Module) -> str:
@@ -260,9 +273,9 @@ def _check_ids_fit(model, ids: torch.Tensor) -> None:
 
 
 def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry: bool = False, grad: bool = False,
-           chunk: int = 2048, horizon: int = 512, kinds=None, dtype: str = "float16", grad_dtype: str = "float32",
-           overwrite: bool = False, unk: str | None = None, progress: bool = True, source: str = "", client=None,
-           shard_docs: int | None = None, spec=None):
+           chunk: int | None = None, horizon: int = 512, kinds=None, dtype: str = "float16",
+           grad_dtype: str = "float32", overwrite: bool = False, unk: str | None = None, progress: bool = True,
+           source: str = "", memory: int | None = None, client=None, shard_docs: int | None = None, spec=None):
     """Probe a model over one text or many documents and write a Run to ``out``; returns the opened Run.
 
     Args:
@@ -276,6 +289,9 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         modules: qualified names of the recurrent modules to record (default every one).
         carry: carry the state across documents instead of starting each from zeros.
         grad: also record ``grad_h`` / ``grad_c``, the derivatives of the summed loss.
+        chunk: steps per pass (default 2048). A bidirectional module reads each document whole, so its
+            default is the longest document, refused in one line when one pass would need more than
+            ``memory`` bytes (default a quarter of the machine's memory).
         dtype: the states' on-disk dtype; ``grad_dtype`` the gradients' (float32: gradients are small by
             nature and span more binades than float16 holds, see benchmarks/grad_storage.py).
         client: a Dask ``distributed.Client``: record on its workers, ``shard_docs`` documents a task, into a
@@ -300,6 +316,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     for d in (dtype, grad_dtype):
         if d not in DTYPES:
             raise RnnscopeError(f"unknown dtype {d!r}", f"use one of {', '.join(DTYPES)}")
+    asked_chunk = chunk is not None
+    chunk = CHUNK if chunk is None else chunk
     if chunk < 1 or horizon < 0:
         raise RnnscopeError(f"chunk must be >= 1 and horizon >= 0 (got {chunk}, {horizon})", "fix --chunk/--horizon")
     docs = documents_of(texts)
@@ -325,8 +343,11 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     if kinds is not None and set(kinds) - known and None not in cell_kinds:
         raise RnnscopeError(f"unknown state kind(s) {', '.join(sorted(set(kinds) - known))} for this model",
                             f"choose from {', '.join(sorted(known))}")
-    if any(m.bidirectional for m in Probe(model).modules.values()):
-        if longest > chunk:             # its future is in the next chunk
+    whole = [n for n, m in Probe(model).modules.items() if m.bidirectional]
+    if whole:
+        if longest > chunk and not asked_chunk:     # its future would be in the next chunk: one pass each
+            chunk = longest
+        elif longest > chunk:
             raise RnnscopeError("a bidirectional module reads the text backwards too, so it cannot be streamed in "
                                 f"chunks", f"pass --chunk {longest} (or more) to probe each document in one pass")
         if carry and len(docs) > 1:
@@ -352,6 +373,9 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
             except RnnscopeError:
                 raise RnnscopeError(f"the state key {k[:80]!r} cannot name a file in a Run",
                                     "name recurrent submodules with letters, digits and _ only") from None
+        if whole and chunk == longest and not asked_chunk:
+            _check_pass(whole[0], docs.names[int(np.argmax([b - a for a, b in bounds]))], longest,
+                        sum(layout.values()) * PASS_BYTES[grad], pass_memory() if memory is None else memory)
         dtypes = {k: grad_dtype if split_key(k)["kind"].startswith("grad_") else dtype for k in layout}
         per_step = sum(u * np.dtype(DTYPES[dtypes[k]]).itemsize for k, u in layout.items())
         need = S * per_step + S * 28 + len(text.encode())
@@ -391,6 +415,20 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     finally:
         model.train(was_training)
     return open_run(out)
+
+
+def _check_pass(module: str, name: str, steps: int, per_step: int, bound: int) -> None:
+    """A bidirectional ``module`` reads each document in one pass: say so, or refuse when the longest
+    (``name``, ``steps``) would hold more than ``bound`` bytes (``per_step`` each) in memory."""
+    need = steps * per_step
+    if need > bound:
+        raise RnnscopeError(f"the bidirectional module {module!r} reads each document whole, and the longest "
+                            f"({name!r}, {steps:,} steps) would hold about {need / 1e9:.2f} GB in one pass, over "
+                            f"the {bound / 1e9:.2f} GB bound", "split long documents, record fewer --kinds or "
+                            f"--modules, or pass --chunk {steps} to go over the bound")
+    if steps > CHUNK:
+        print(f"probe: the bidirectional module {module!r} reads each document whole: one pass of up to "
+              f"{steps:,} steps (the longest document, about {need / 1e6:,.0f} MB)")
 
 
 def _loss_entry(step_loss, w: RunWriter, totals: list[float]) -> dict | None:

@@ -228,3 +228,47 @@ def build():
     out = capsys.readouterr().out
     mean = open_run(tmp_path / "run").manifest["loss"]["mean_nats"]
     assert f"loss {mean:.4f} nats/document" in out and "nats/step" not in out
+
+
+# 4. a bidirectional model gets the chunk it needs -------------------------------------------------------
+
+class BiTagger(nn.Module):
+    """A bidirectional char LSTM tagger (segmentation tags B/I) over ids with BOS and EOS steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb, self.lstm = nn.Embedding(V, 6), nn.LSTM(6, 5, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, ids):
+        return self.head(self.lstm(self.emb(ids))[0])
+
+
+def bos_eos(text: str):
+    """(ids, spans): BOS, one step per character, EOS; BOS and EOS read no text."""
+    ids = torch.tensor([1] + [ord(c) % (V - 3) + 3 for c in text] + [2])
+    spans = np.array([(-1, -1)] + [(i, i + 1) for i in range(len(text))] + [(-1, -1)], np.int64)
+    return ids, spans
+
+
+def test_a_bidirectional_model_reads_each_document_whole_by_default(tmp_path, capsys):
+    long = "我们今天去北京看长城。" * 240                     # 2,640 characters: longer than the default chunk
+    docs = {"short": "你好，世界。", "long": long}
+    model = BiTagger()
+    run = probe.record(probe.Subject(model, bos_eos, loss=None), docs, tmp_path / "run", dtype="float32",
+                       progress=False)
+    assert run.manifest["chunk"] == len(long) + 2
+    assert "reads each document whole: one pass of up to 2,642 steps" in capsys.readouterr().out
+    with torch.no_grad():           # the reverse direction at the first step has read the whole document
+        want = model.lstm(model.emb(bos_eos(long)[0][None]))[0][0, :, 5:].numpy()
+    doc = run.documents.set_index("name").loc["long"]
+    np.testing.assert_allclose(run["lstm.l0_reverse.h"][doc.step_start:doc.step_end], want, rtol=1e-5, atol=1e-6)
+    assert run.spans[doc.step_start].tolist() == [-1, -1] and run.spans[doc.step_end - 1].tolist() == [-1, -1]
+    # asked for a smaller chunk, it is still refused; over the memory bound, refused naming the bound
+    with pytest.raises(RnnscopeError, match="pass --chunk 2642"):
+        probe.record(probe.Subject(model, bos_eos, loss=None), docs, tmp_path / "small", chunk=100, progress=False)
+    with pytest.raises(RnnscopeError, match=r"'lstm' reads each document whole, and the longest \('long', "
+                                            r"2,642 steps\) would hold about .* over the 0.00 GB bound"):
+        probe.record(probe.Subject(model, bos_eos, loss=None), docs, tmp_path / "big", memory=1000, progress=False)
+    assert not (tmp_path / "small").exists() and not (tmp_path / "big").exists()
