@@ -272,3 +272,34 @@ def test_a_bidirectional_model_reads_each_document_whole_by_default(tmp_path, ca
                                             r"2,642 steps\) would hold about .* over the 0.00 GB bound"):
         probe.record(probe.Subject(model, bos_eos, loss=None), docs, tmp_path / "big", memory=1000, progress=False)
     assert not (tmp_path / "small").exists() and not (tmp_path / "big").exists()
+
+
+# 5. find_neurons on an in-memory trace of a word-level model ---------------------------------------------
+
+def test_find_neurons_takes_a_word_level_trace_in_memory_with_its_spans(tmp_path):
+    from rnnscope.analysis import find_neurons
+    from rnnscope.analysis.source import as_source
+    from test_encoders import WordTokenizer
+    rng = np.random.default_rng(3)
+    words = ["the", "cat", "sat", "on", "a", "mat", "(", ")", "dog", "ran"]
+    text = " ".join(rng.choice(words, 200))
+    tok = WordTokenizer(text)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Embedding(len(tok.words), 6), nn.GRU(6, 8, batch_first=True))
+    ids, spans = tok.encode(text)
+    with torch.no_grad(), probe.Probe(model) as p:
+        model(ids[None])
+    assert p.trace["1.l0.h"].shape[1] == len(spans) != len(text)
+    features = {"long_word": lambda t: np.array([c.isalpha() for c in t], float)}
+    with pytest.raises(RnnscopeError, match="spans="):
+        find_neurons(p.trace, features, text=text, progress=False)
+    table = find_neurons(as_source(p.trace, text=text, spans=spans), features, progress=False)
+    # the same trace written as a Run (the store's step layout) gives the same table
+    run = probe.record(probe.Subject(model, tok, loss=None), text, tmp_path / "run", dtype="float32", progress=False)
+    on_disk = find_neurons(run, features, progress=False)
+    cols = ["unit", "feature", "selection_score"]
+    mem, disk = (t[cols].sort_values(cols[:2]).reset_index(drop=True) for t in (table, on_disk))
+    assert (mem["unit"] == disk["unit"]).all() and len(mem) == len(disk) == 32      # h r z n, 8 units each
+    np.testing.assert_allclose(mem["selection_score"], disk["selection_score"], rtol=1e-4)
+    with pytest.raises(RnnscopeError, match="pass the spans the encoder gave"):
+        as_source(p.trace, text=text, spans=spans[::-1].copy())
