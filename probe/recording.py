@@ -224,8 +224,10 @@ def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int]
                         else (None, None)
                     if grad:        # a window without a loss (a document's last step alone) has zero gradients
                         (total if total is not None else first_tensor(output).float().sum() * 0).backward()
-                if p.overridden:                        # a chunk after the first started from the caller's state
-                    raise RnnscopeError(f"the model's call passes its own initial state to {sorted(p.overridden)[0]}, "
+                # a chunk after the first started from the caller's state (a module left out may keep its own)
+                overridden = p.overridden & {split_key(k)["module"] for k in layout}
+                if overridden:
+                    raise RnnscopeError(f"the model's call passes its own initial state to {sorted(overridden)[0]}, "
                                         "so rnnscope cannot carry the state from one chunk into the next",
                                         "pass None as the initial state in call= (rnnscope carries it), or --chunk "
                                         "at least the longest document's steps")

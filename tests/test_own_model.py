@@ -303,3 +303,97 @@ def test_find_neurons_takes_a_word_level_trace_in_memory_with_its_spans(tmp_path
     np.testing.assert_allclose(mem["selection_score"], disk["selection_score"], rtol=1e-4)
     with pytest.raises(RnnscopeError, match="pass the spans the encoder gave"):
         as_source(p.trace, text=text, spans=spans[::-1].copy())
+
+
+# 6. the issue's model kinds, probe -> analyze, nothing silently wrong -----------------------------------
+
+def analyzed(run_path, capsys) -> "pd.DataFrame":
+    """``rnnscope analyze RUN`` as a user runs it, on two language-free features; its neuron table, checked
+    against the Run it was written into."""
+    import pandas as pd
+    from rnnscope.cli import main
+    assert main(["analyze", str(run_path), "--features", "column,to_line_end", "--no-decay", "--shifts", "4",
+                 "--contexts", "2"]) == 0
+    capsys.readouterr()
+    run = open_run(run_path)
+    table = pd.read_parquet(run_path / "analysis" / "neurons.parquet")
+    assert len(table) > 0 and set(table["key"]) <= set(run.keys())
+    assert table["index"].max() < max(run.manifest["keys"][k]["units"] for k in run.keys())
+    return table
+
+
+def test_a_bidirectional_chinese_tagger_with_bos_eos_goes_through_probe_and_analyze(tmp_path, capsys):
+    docs = {f"d{i}": "我们今天去北京看长城。" * (3 + i) + "\n你好，世界。" for i in range(6)}
+    run = probe.record(probe.Subject(BiTagger(), bos_eos, loss=None), docs, tmp_path / "run", progress=False)
+    assert run.manifest["encoder"]["kind"] == "spans" and (run.spans[run.documents.step_start, 0] == -1).all()
+    table = analyzed(tmp_path / "run", capsys)
+    assert {"lstm.l0.h", "lstm.l0_reverse.h"} <= set(table["key"])
+
+
+class AttnSeq2Seq(nn.Module):
+    """A GRU encoder and a GRU decoder stepping over the target with dot-product attention on the source."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb = nn.Embedding(V, 8)
+        self.encoder, self.decoder = nn.GRU(8, 8, batch_first=True), nn.GRU(16, 8, batch_first=True)
+        self.out = nn.Linear(16, V)
+
+    def forward(self, ids):
+        src, h = self.encoder(self.emb(ids))
+        prev, outs = torch.zeros_like(ids[:, :1]), []
+        ctx = torch.zeros(ids.shape[0], 1, 8)
+        for _ in range(ids.shape[1] + 1):          # SOS + target: one step more than the source
+            y, h = self.decoder(torch.cat([self.emb(prev), ctx], -1), h)
+            ctx = torch.softmax(y @ src.transpose(1, 2), -1) @ src
+            logits = self.out(torch.cat([y, ctx], -1))
+            outs.append(logits)
+            prev = logits.argmax(-1)
+        return torch.cat(outs, 1)
+
+
+def test_a_gru_seq2seq_with_attention_records_its_encoder_and_refuses_its_decoder(tmp_path, capsys):
+    docs = reviews(8, seed=5)
+    sub = probe.Subject(AttnSeq2Seq(), char_ids, loss=None)
+    with pytest.raises(RnnscopeError, match=r"'decoder' ran 3 steps where the encoder gave 2 steps"):
+        probe.record(sub, docs, tmp_path / "run", progress=False)
+    run = probe.record(sub, docs, tmp_path / "run", modules=["encoder"], progress=False)
+    assert {k.split(".")[0] for k in run.keys()} == {"encoder"}
+    analyzed(tmp_path / "run", capsys)
+
+
+class PackedClassifier(nn.Module):
+    """An LSTM classifier over a padded batch, packed to its lengths (batch 1 when probed)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.emb, self.lstm, self.head = nn.Embedding(V, 8), nn.LSTM(8, 12, batch_first=True), nn.Linear(12, 2)
+
+    def forward(self, ids, lengths=None):
+        lengths = torch.full((ids.shape[0],), ids.shape[1]) if lengths is None else lengths
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return self.head(h[-1])
+
+
+def test_a_packed_lstm_classifier_over_many_short_reviews_goes_through_probe_and_analyze(tmp_path, capsys):
+    rows = [{"text": t, "label": int(t.count("a") > t.count("b"))} for t in reviews(60, seed=6).values()]
+    model = PackedClassifier()
+    opt = torch.optim.Adam(model.parameters(), 3e-2)
+    for _ in range(2):                     # a few seconds of training on the labels
+        for r in rows:
+            loss = F.cross_entropy(model(char_ids(r["text"])[None]), torch.tensor([r["label"]]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = probe.record(probe.Subject(model, char_ids, loss=label_loss), rows, tmp_path / "run", grad=True,
+                       progress=False)
+    assert run.manifest["documents"] == 60 and run.document_loss.shape == (60,)
+    g = np.asarray(run["lstm.l0.grad_h"])
+    assert run["lstm.l0.grad_h"].dtype == np.float32 and (g[run.documents.step_end - 1] != 0).all()
+    with torch.no_grad():
+        want = [float(F.cross_entropy(model(char_ids(r["text"])[None]), torch.tensor([r["label"]]))) for r in rows]
+    np.testing.assert_allclose(run.document_loss, want, rtol=1e-5)
+    analyzed(tmp_path / "run", capsys)
