@@ -15,7 +15,6 @@ least a document's steps the gradients equal those of a single pass.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from . import cells
 from .corpus import documents_of
 from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
+from .passes import CHUNK, PASS_BYTES, check_aligned, check_pass, pass_memory
 from .probe import Probe
 from .steploss import first_tensor, resolve_loss
 from .subject import CharVocabulary, subject_of, takes_document
@@ -43,18 +43,6 @@ TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 OVERFLOW = {"float16": 65520.0, "float32": np.inf}    # |x| from which the stored value is Inf
 # |x| below which a non-zero value is stored subnormal (relative error up to 100%) or zero
 UNDERFLOW = {d: float(np.finfo(t).tiny) for d, t in DTYPES.items()}
-CHUNK = 2048            # steps per chunk when none is given (a bidirectional model: its longest document)
-# bytes a step holds in memory per recorded unit in one pass, beyond the rows: the trace's float32 value
-# and the engine's own output (x 2), with gradients also the gradient and the graph autograd keeps (x 4)
-PASS_BYTES = {False: 2 * 4, True: 4 * 4}
-
-
-def pass_memory() -> int:
-    """The default bound on one pass's memory: a quarter of the machine's physical memory."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):      # no sysconf (Windows): 4 GB
-        return 4 << 30
 
 
 def model_checksum(model: torch.nn.Module) -> str:
@@ -176,24 +164,6 @@ def _dry_run(model, call, x, grad, kinds, wanted, document: dict):
         check_aligned(p.trace, {k: u for k, u in layout.items() if split_key(k)["module"] not in p.cells},
                       x.shape[-1], "(a dry run over the first document's first steps)")     # cells: in _stream
     return layout, out
-
-
-def check_aligned(trace, layout: dict, steps: int, where: str) -> None:
-    """Refuse, in one line, a recorded module whose ``trace`` is not ``[1, steps, units]``: a decoder fed
-    ``SOS + target`` (n + 1 steps for n), a free-running one (its own number), a module called twice or
-    not at all. Its rows would be zero-filled or cut and placed under the wrong characters."""
-    modules = {split_key(k)["module"]: k for k in layout}
-    for module, k in modules.items():
-        shape = tuple(trace[k].shape[:2]) if k in trace else (1, 0)
-        if shape == (1, steps):
-            continue
-        got = f"{shape[1]:,} steps" if shape[0] == 1 else f"a batch of {shape[0]}"
-        others = sorted({split_key(j)["module"] for j in trace if tuple(trace[j].shape[:2]) == (1, steps)})
-        fix = (f"record only the modules on the text's steps with --modules {','.join(others)}" if others else
-               "make the call run each recorded module once over the encoder's ids [1, T] (or --modules to leave "
-               "it out)")
-        raise RnnscopeError(f"the recurrent module {module or '<model>'!r} ran {got} where the encoder gave "
-                            f"{steps:,} steps {where}; its rows would not line up with the text", fix)
 
 
 def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int], step_loss, *, grad, carry, chunk,
@@ -376,7 +346,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                 raise RnnscopeError(f"the state key {k[:80]!r} cannot name a file in a Run",
                                     "name recurrent submodules with letters, digits and _ only") from None
         if whole and chunk == longest and not asked_chunk:
-            _check_pass(whole[0], docs.names[int(np.argmax([b - a for a, b in bounds]))], longest,
+            check_pass(whole[0], docs.names[int(np.argmax([b - a for a, b in bounds]))], longest,
                         sum(layout.values()) * PASS_BYTES[grad], pass_memory() if memory is None else memory)
         dtypes = {k: grad_dtype if split_key(k)["kind"].startswith("grad_") else dtype for k in layout}
         per_step = sum(u * np.dtype(DTYPES[dtypes[k]]).itemsize for k, u in layout.items())
@@ -417,20 +387,6 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     finally:
         model.train(was_training)
     return open_run(out)
-
-
-def _check_pass(module: str, name: str, steps: int, per_step: int, bound: int) -> None:
-    """A bidirectional ``module`` reads each document in one pass: say so, or refuse when the longest
-    (``name``, ``steps``) would hold more than ``bound`` bytes (``per_step`` each) in memory."""
-    need = steps * per_step
-    if need > bound:
-        raise RnnscopeError(f"the bidirectional module {module!r} reads each document whole, and the longest "
-                            f"({name!r}, {steps:,} steps) would hold about {need / 1e9:.2f} GB in one pass, over "
-                            f"the {bound / 1e9:.2f} GB bound", "split long documents, record fewer --kinds or "
-                            f"--modules, or pass --chunk {steps} to go over the bound")
-    if steps > CHUNK:
-        print(f"probe: the bidirectional module {module!r} reads each document whole: one pass of up to "
-              f"{steps:,} steps (the longest document, about {need / 1e6:,.0f} MB)")
 
 
 def _loss_entry(step_loss, w: RunWriter, totals: list[float]) -> dict | None:

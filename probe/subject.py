@@ -56,14 +56,14 @@ class Subject:
 
 
 def takes_document(fn) -> bool:
-    """Whether the user's ``fn`` accepts ``document=`` (by name, or ``**kwargs``)."""
+    """Whether the user's ``fn`` has a parameter named ``document`` (not merely ``**kwargs``: a call that
+    passes its keywords on to the model would hand it one it does not take)."""
     import inspect
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):         # a builtin or C callable without a signature: called as before
         return False
-    return any(p.name == "document" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               or p.kind == p.VAR_KEYWORD for p in params)
+    return any(p.name == "document" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
 
 
 def subject_of(x) -> Subject:
