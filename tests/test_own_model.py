@@ -194,6 +194,12 @@ def test_a_documents_fields_reach_the_call_and_the_loss_and_the_loss_is_kept_per
     assert not np.allclose(run["lstm.l0.grad_h"][last], other["lstm.l0.grad_h"][last])
     assert probe.record(probe.Subject(model, char_ids, loss=label_loss), flipped, tmp_path / "steps",
                         progress=False).document_loss is not None
+    # a call that passes its keywords on to the model is not given one it would hand on
+
+    def passing_on(model, ids, **kwargs):
+        return model(ids, **kwargs)
+
+    probe.record(probe.Subject(model, char_ids, loss=None, call=passing_on), docs, tmp_path / "kw", progress=False)
 
 
 def test_the_command_line_reports_a_per_document_loss_per_document(tmp_path, capsys):
