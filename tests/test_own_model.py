@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rnnscope import probe
+import rnnscope.probe as probe        # (`from rnnscope import probe` first gives probe/probe.py on main today)
 from rnnscope.errors import RnnscopeError
 from rnnscope.store import open_run
 
