@@ -276,7 +276,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         from .distributed import record_on
         return record_on(client, subject, texts, out, spec=spec, shard_docs=shard_docs, encode=encode, loss=loss,
                          modules=modules, carry=carry, grad=grad, chunk=chunk, horizon=horizon, kinds=kinds,
-                         dtype=dtype, overwrite=overwrite, unk=unk, progress=progress, source=source)
+                         dtype=dtype, grad_dtype=grad_dtype, memory=memory, overwrite=overwrite, unk=unk,
+                         progress=progress, source=source)
     out, sub = Path(out), subject_of(subject)
     model, call = sub.model, sub.call or _default_call
     loss = sub.loss if isinstance(loss, str) and loss == "auto" else loss
