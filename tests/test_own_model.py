@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import rnnscope.probe as probe        # (`from rnnscope import probe` first gives probe/probe.py on main today)
+import rnnscope.probe as probe        # the package (main fixed in 8d83309 a lazy lookup that gave probe/probe.py)
 from rnnscope.errors import RnnscopeError
 from rnnscope.store import open_run
 
