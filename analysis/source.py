@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from rnnscope.errors import RnnscopeError
-from rnnscope.store import Run, StepLayout, char_spans, one_document, parse_key
+from rnnscope.store import Run, StepLayout, char_spans, check_steps, one_document, parse_key
 
 CORPUS_LANGUAGE = {"linux": "c", "python": "python", "shakespeare": None}
 
@@ -91,9 +91,11 @@ def language_of(run: Run) -> str | None:
     return CORPUS_LANGUAGE.get(corpus, "c")
 
 
-def as_source(run, text: str | None = None, language: str | None = "auto") -> Source:
+def as_source(run, text: str | None = None, language: str | None = "auto", spans=None, documents=None) -> Source:
     """``run``: a ``Source``, a ``probe.Run``, or a mapping ``key -> [time, units]`` / ``[1, time, units]``
-    (a ``probe.trace``), with ``text`` giving one character per step."""
+    (a ``probe.trace``), with ``text`` giving one character per step, or ``spans [time, 2]`` giving each
+    step's characters (a word or subword model's: the encoder's spans, (-1, -1) for BOS/EOS) and
+    optionally ``documents`` (as a Run's); ``find_neurons(as_source(trace, text=..., spans=...))``."""
     if isinstance(run, Source):
         return run
     if isinstance(run, Run):
@@ -109,6 +111,14 @@ def as_source(run, text: str | None = None, language: str | None = "auto") -> So
                             "pass a probe.Run (probe.open_run) or a probe.trace with text=")
     if text is None:
         raise RnnscopeError("an in-memory trace needs its text", "pass text= (one character per step)")
+    steps = len(text) if spans is None else len(spans)
+    if spans is not None:
+        spans = np.asarray(spans, np.int64)
+        try:
+            check_steps(spans, one_document(len(text), len(spans)) if documents is None else documents, len(text),
+                        "the trace's spans")
+        except RnnscopeError as err:
+            raise RnnscopeError(err.problem, "pass the spans the encoder gave for this text") from None
     arrays = {}
     for k, v in run.items():
         a = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
@@ -117,8 +127,10 @@ def as_source(run, text: str | None = None, language: str | None = "auto") -> So
                 raise RnnscopeError(f"trace key {k} has batch {a.shape[0]}; analyses read one sequence",
                                     "probe one sequence (batch 1) or pass trace[key][b] per sequence")
             a = a[0]
-        if a.ndim != 2 or a.shape[0] != len(text):
-            raise RnnscopeError(f"trace key {k} has shape {list(a.shape)} but the text has {len(text)} characters",
-                                "pass the text the trace was recorded on")
+        if a.ndim != 2 or a.shape[0] != steps:
+            has = f"{len(text)} characters" if spans is None else f"{steps} steps (spans)"
+            raise RnnscopeError(f"trace key {k} has shape {list(a.shape)} but the text has {has}",
+                                "pass the text the trace was recorded on" + (", and spans= (one [start, end) per "
+                                "step) for a word or subword model" if spans is None else ""))
         arrays[k] = a
-    return Source(text, arrays, None, "c" if language == "auto" else language)
+    return Source(text, arrays, None, "c" if language == "auto" else language, spans=spans, documents=documents)

@@ -3,8 +3,9 @@
 ``read_documents(path)`` reads a text file (one document), a directory of text files (each a
 document, sorted by relative path, recursive, regular files only, hidden names and links that lead
 out of the directory skipped), or a ``.jsonl`` file with a ``"text"`` field (and an optional
-``"name"``) on each line. ``documents_of(texts)`` turns a str, a list, a dict name -> text or a
-``Documents`` into one. Texts are read byte for byte (UTF-8, line endings untouched), so a Run's
+``"name"``) on each line, its other fields (a label, metadata) kept for the user's ``call`` and
+``loss`` (``Documents.document(i)``). ``documents_of(texts)`` turns a str, a list (of str, or of
+dicts with a ``"text"`` like the ``.jsonl``'s lines), a dict name -> text or a ``Documents`` into one. Texts are read byte for byte (UTF-8, line endings untouched), so a Run's
 text matches the files.
 """
 from __future__ import annotations
@@ -21,10 +22,16 @@ from rnnscope.store.files import read_text
 
 @dataclass
 class Documents:
-    """Named texts, in order: ``for name, text in docs``."""
+    """Named texts, in order: ``for name, text in docs``; ``fields[i]``: document i's other fields
+    (empty, or one dict per document)."""
     names: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     source: str = ""
+    fields: list[dict] = field(default_factory=list)
+
+    def document(self, i: int) -> dict:
+        """Document ``i`` as the user's ``call`` and ``loss`` see it: ``name``, ``text`` and its other fields."""
+        return {**(self.fields[i] if self.fields else {}), "name": self.names[i], "text": self.texts[i]}
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -58,22 +65,27 @@ def _jsonl(path: Path) -> Documents:
         except (json.JSONDecodeError, RecursionError) as err:
             raise RnnscopeError(f"{path} line {n} is not JSON ({first_line(err, 80)})",
                                 'write one JSON object per line, like {"text": "...", "name": "..."}') from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise RnnscopeError(f"{path} line {n} has no \"text\" string", 'give each line a "text" field')
-        name = row.get("name", f"{path.name}:{n}")
-        if not isinstance(name, str):
-            raise RnnscopeError(f"{path} line {n} has a \"name\" that is not a string", "make each name a string")
-        for field_, value in (("name", name), ("text", row["text"])):
-            at = _unpaired(value)
-            if at is not None:
-                raise RnnscopeError(f"{path} line {n}: its {field_} holds an unpaired surrogate "
-                                    f"{escaped(value[at])} at character {at}, which UTF-8 cannot store",
-                                    "write the character it stands for, or remove it")
-        docs.names.append(name)
-        docs.texts.append(row["text"])
+        _add_row(docs, row, f"{path} line {n}", f"{path.name}:{n}")
     if not docs.texts:
         raise RnnscopeError(f"{path} holds no documents", 'write one JSON object per line with a "text" field')
     return docs
+
+
+def _add_row(docs: Documents, row, where: str, default_name: str) -> None:
+    """One ``{"text": ..., "name": ..., **fields}`` row into ``docs``."""
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise RnnscopeError(f"{where} has no \"text\" string", 'give each line a "text" field')
+    name = row.get("name", default_name)
+    if not isinstance(name, str):
+        raise RnnscopeError(f"{where} has a \"name\" that is not a string", "make each name a string")
+    for field_, value in (("name", name), ("text", row["text"])):
+        at = _unpaired(value)
+        if at is not None:
+            raise RnnscopeError(f"{where}: its {field_} holds an unpaired surrogate {escaped(value[at])} at "
+                                f"character {at}, which UTF-8 cannot store", "write the character it stands for, or remove it")
+    docs.names.append(name)
+    docs.texts.append(row["text"])
+    docs.fields.append({k: v for k, v in row.items() if k not in ("text", "name")})
 
 
 def _directory(root: Path) -> Documents:
@@ -124,6 +136,10 @@ def documents_of(texts) -> Documents:
         docs = Documents(["text"], [texts])
     elif isinstance(texts, dict):
         docs = Documents([str(k) for k in texts], list(texts.values()))
+    elif isinstance(texts, (list, tuple)) and texts and all(isinstance(t, dict) for t in texts):
+        docs = Documents()
+        for i, row in enumerate(texts):
+            _add_row(docs, row, f"document {i}", str(i))
     elif isinstance(texts, (list, tuple)):
         docs = Documents([str(i) for i in range(len(texts))], list(texts))
     else:

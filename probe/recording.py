@@ -35,11 +35,14 @@ from . import cells
 from .corpus import documents_of
 from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
+from .passes import CHUNK, PASS_BYTES, check_aligned, check_pass, pass_memory
 from .probe import Probe
 from .steploss import first_tensor, resolve_loss
-from .subject import CharVocabulary, subject_of
+from .subject import CharVocabulary, subject_of, takes_document
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 OVERFLOW = {"float16": 65520.0, "float32": np.inf}    # |x| from which the stored value is Inf
+# |x| below which a non-zero value is stored subnormal (relative error up to 100%) or zero
+UNDERFLOW = {d: float(np.finfo(t).tiny) for d, t in DTYPES.items()}
 
 
 def model_checksum(model: torch.nn.Module) -> str:
@@ -52,12 +55,13 @@ def model_checksum(model: torch.nn.Module) -> str:
 
 
 @njit(cache=True, boundscheck=False)
-def _accumulate(a, n, s, ss, lo, hi, limit):
+def _accumulate(a, n, s, ss, lo, hi, limit, tiny):
     """One pass over ``a [rows, units]`` (float32, any strides): per unit, the count, sum and sum of
-    squares (float64), min and max of the finite values. Returns the number of NaN/Inf values and
-    of finite ones at or beyond ``limit`` in magnitude (those float16 stores as Inf)."""
+    squares (float64), min and max of the finite values. Returns the number of NaN/Inf values, of
+    finite ones at or beyond ``limit`` in magnitude (those float16 stores as Inf), and of non-zero
+    ones below ``tiny`` (stored subnormal or zero)."""
     rows, units = a.shape
-    bad, over = 0, 0
+    bad, over, under = 0, 0, 0
     for r in range(rows):
         for j in range(units):
             v = a[r, j]
@@ -70,9 +74,11 @@ def _accumulate(a, n, s, ss, lo, hi, limit):
                 hi[j] = max(hi[j], v)
                 if abs(v) >= limit:
                     over += 1
+                elif v != 0 and abs(v) < tiny:
+                    under += 1
             else:
                 bad += 1
-    return bad, over
+    return bad, over, under
 
 
 class _UnitStats:
@@ -84,9 +90,10 @@ class _UnitStats:
         self.n, self.s, self.ss = np.zeros(units), np.zeros(units), np.zeros(units)
         self.lo, self.hi = np.full(units, np.inf), np.full(units, -np.inf)
 
-    def add(self, a: np.ndarray, limit: float) -> tuple[int, int]:
-        """``a [rows, units]`` float32; returns ``(nonfinite, beyond limit)`` counts."""
-        return _accumulate(a, self.n, self.s, self.ss, self.lo, self.hi, limit)
+    def add(self, a: np.ndarray, dtype: str) -> tuple[int, int, int]:
+        """``a [rows, units]`` float32, to be stored in ``dtype``; returns ``(nonfinite, overflow,
+        underflow)`` counts."""
+        return _accumulate(a, self.n, self.s, self.ss, self.lo, self.hi, OVERFLOW[dtype], UNDERFLOW[dtype])
 
     def frame(self, key: str) -> pd.DataFrame:
         seen = self.n > 0
@@ -146,31 +153,35 @@ def _chosen(mods: dict, modules) -> dict:
     return {n: mods[n] for n in modules}
 
 
-def _dry_run(model, call, x, grad, kinds, wanted):
-    """Key -> units of the modules ``wanted``, and the model's output, from a run over ``x [1, n]``."""
+def _dry_run(model, call, x, grad, kinds, wanted, document: dict):
+    """Key -> units of the modules ``wanted``, and the model's output, from a run over ``x [1, n]``;
+    refused if a module ``wanted`` ran another number of steps than ``x`` has."""
     with Probe(model, grad=grad, kinds=kinds, param_grads=False) as p:
-        out = _forward(model, call, x)
+        out = _forward(model, call, x, document)
         if grad and isinstance(first_tensor(out), torch.Tensor) and first_tensor(out).requires_grad:
             first_tensor(out).float().sum().backward()
         layout = {k: p.trace[k].shape[-1] for k in p.trace if split_key(k)["module"] in wanted}
+        check_aligned(p.trace, {k: u for k, u in layout.items() if split_key(k)["module"] not in p.cells},
+                      x.shape[-1], "(a dry run over the first document's first steps)")     # cells: in _stream
     return layout, out
 
 
-def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step_loss, *, grad, carry, chunk,
-            horizon, kinds, dtype, progress):
+def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int], step_loss, *, grad, carry, chunk,
+            horizon, kinds, dtypes: dict[str, str], progress):
     """The streaming loop: document by document (the state reset between them unless ``carry``),
-    chunk by chunk within each (the state carried), each chunk's rows written to ``w``.
+    chunk by chunk within each (the state carried), each chunk's rows written to ``w``; the user's
+    call and loss may take the ``document`` each chunk starts in (``docs.document(d)``).
     Returns per-key running statistics, NaN/Inf/overflow counts, and the loss of each window."""
     S, x = len(ids), ids[None]
-    arrays = {k: w.states(k, u) for k, u in layout.items()}
+    arrays = {k: w.states(k, u, dtypes[k]) for k, u in layout.items()}
     losses = w.loss() if step_loss else None
     stats = {k: _UnitStats(u) for k, u in layout.items()}
-    bad = {k: {"nonfinite": 0, "overflow": 0} for k in layout}
+    bad = {k: {"nonfinite": 0, "overflow": 0, "underflow": 0} for k in layout}
     totals = []
     with tqdm(total=S, unit="step", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
             Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
         looped = [k for k in layout if split_key(k)["module"] in p.cells]
-        for a, b in bounds:
+        for d, (a, b) in enumerate(bounds):
             if not carry:
                 p.reset()
             for s in range(a, b, chunk):
@@ -178,12 +189,15 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                 reach = S if carry else b               # a reset state: later documents' losses cannot reach back
                 ahead = min(reach, e + horizon) if grad else e
                 with torch.set_grad_enabled(grad):
-                    output = _forward(model, call, x[:, s:ahead])
-                    per_step, total = step_loss.window(output, s, ahead) if step_loss else (None, None)
+                    output = _forward(model, call, x[:, s:ahead], docs.document(d))
+                    per_step, total = step_loss.window(output, s, ahead, docs.document(d)) if step_loss \
+                        else (None, None)
                     if grad:        # a window without a loss (a document's last step alone) has zero gradients
                         (total if total is not None else first_tensor(output).float().sum() * 0).backward()
-                if p.overridden:                        # a chunk after the first started from the caller's state
-                    raise RnnscopeError(f"the model's call passes its own initial state to {sorted(p.overridden)[0]}, "
+                # a chunk after the first started from the caller's state (a module left out may keep its own)
+                overridden = p.overridden & {split_key(k)["module"] for k in layout}
+                if overridden:
+                    raise RnnscopeError(f"the model's call passes its own initial state to {sorted(overridden)[0]}, "
                                         "so rnnscope cannot carry the state from one chunk into the next",
                                         "pass None as the initial state in call= (rnnscope carries it), or --chunk "
                                         "at least the longest document's steps")
@@ -192,6 +206,7 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                         raise RnnscopeError(f"cell {split_key(k)['module']} took {p.trace[k].shape[1]} steps "
                                             f"(batch {p.trace[k].shape[0]}) over {ahead - s} steps of the encoder",
                                             "make the model call its cell once per id of its input [1, T]")
+                check_aligned(p.trace, layout, ahead - s, f"in document {d} (steps {s:,}..{ahead - 1:,})")
                 if ahead > e:
                     p.carry_from(e - s - 1)             # the next chunk starts where this one ends
                 if step_loss:
@@ -199,10 +214,9 @@ def _stream(model, call, ids, bounds, w: RunWriter, layout: dict[str, int], step
                     totals.append(float(total.detach()) if total is not None else np.nan)
                 for k in layout:
                     h = p.trace[k][0, : e - s].detach()
-                    arrays[k].write(s, h.to(TORCH_DTYPES[dtype]).numpy())    # torch's F16C conversion
-                    nonfinite, overflow = stats[k].add(h.numpy(), OVERFLOW[dtype])
-                    bad[k]["nonfinite"] += nonfinite
-                    bad[k]["overflow"] += overflow
+                    arrays[k].write(s, h.to(TORCH_DTYPES[dtypes[k]]).numpy())    # torch's F16C conversion
+                    for what, count in zip(("nonfinite", "overflow", "underflow"), stats[k].add(h.numpy(), dtypes[k])):
+                        bad[k][what] += count
                 p.clear()            # bounded memory: this chunk is on disk
                 bar.update(e - s)
     return stats, bad, totals
@@ -212,11 +226,12 @@ def _default_call(model, ids):
     return model(ids)
 
 
-def _forward(model, call, x):
-    """``call(model, x)``; the user's model failing on the encoder's ids (a dtype it does not take,
-    an index it does not hold) is said in one line, not a traceback from deep inside torch."""
+def _forward(model, call, x, document: dict):
+    """``call(model, x[, document=])``; the user's model failing on the encoder's ids (a dtype it does not
+    take, an index it does not hold) is said in one line, not a traceback from deep inside torch."""
+    extra = {"document": document} if takes_document(call) else {}
     return call_user(call, model, x, doing=f"the model failed on the encoder's ids [1, {x.shape[-1]}]",
-                     fix="make the model take ids [1, T] from the encoder (or give Subject(call=...))")
+                     fix="make the model take ids [1, T] from the encoder (or give Subject(call=...))", **extra)
 
 
 def _check_ids_fit(model, ids: torch.Tensor) -> None:
@@ -230,9 +245,9 @@ def _check_ids_fit(model, ids: torch.Tensor) -> None:
 
 
 def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry: bool = False, grad: bool = False,
-           chunk: int = 2048, horizon: int = 512, kinds=None, dtype: str = "float16", overwrite: bool = False,
-           unk: str | None = None, progress: bool = True, source: str = "", client=None, shard_docs: int | None = None,
-           spec=None):
+           chunk: int | None = None, horizon: int = 512, kinds=None, dtype: str = "float16",
+           grad_dtype: str = "float32", overwrite: bool = False, unk: str | None = None, progress: bool = True,
+           source: str = "", memory: int | None = None, client=None, shard_docs: int | None = None, spec=None):
     """Probe a model over one text or many documents and write a Run to ``out``; returns the opened Run.
 
     Args:
@@ -246,6 +261,11 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         modules: qualified names of the recurrent modules to record (default every one).
         carry: carry the state across documents instead of starting each from zeros.
         grad: also record ``grad_h`` / ``grad_c``, the derivatives of the summed loss.
+        chunk: steps per pass (default 2048). A bidirectional module reads each document whole, so its
+            default is the longest document, refused in one line when one pass would need more than
+            ``memory`` bytes (default a quarter of the machine's memory).
+        dtype: the states' on-disk dtype; ``grad_dtype`` the gradients' (float32: gradients are small by
+            nature and span more binades than float16 holds, see benchmarks/grad_storage.py).
         client: a Dask ``distributed.Client``: record on its workers, ``shard_docs`` documents a task, into a
             sharded Run equal to this one (``probe.distributed``; ``spec``: a ``FromSpec`` the workers load
             the model from instead of the pickled subject).
@@ -256,7 +276,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         from .distributed import record_on
         return record_on(client, subject, texts, out, spec=spec, shard_docs=shard_docs, encode=encode, loss=loss,
                          modules=modules, carry=carry, grad=grad, chunk=chunk, horizon=horizon, kinds=kinds,
-                         dtype=dtype, overwrite=overwrite, unk=unk, progress=progress, source=source)
+                         dtype=dtype, grad_dtype=grad_dtype, memory=memory, overwrite=overwrite, unk=unk,
+                         progress=progress, source=source)
     out, sub = Path(out), subject_of(subject)
     model, call = sub.model, sub.call or _default_call
     loss = sub.loss if isinstance(loss, str) and loss == "auto" else loss
@@ -265,8 +286,11 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     if encode is None and sub.encoder is None:
         raise RnnscopeError("no encoder for this model", "pass encode=fn(text) -> ids, or (ids, spans)")
     encoder = as_encoder(sub.encoder if encode is None else encode, unk=unk)
-    if dtype not in DTYPES:
-        raise RnnscopeError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    for d in (dtype, grad_dtype):
+        if d not in DTYPES:
+            raise RnnscopeError(f"unknown dtype {d!r}", f"use one of {', '.join(DTYPES)}")
+    asked_chunk = chunk is not None
+    chunk = CHUNK if chunk is None else chunk
     if chunk < 1 or horizon < 0:
         raise RnnscopeError(f"chunk must be >= 1 and horizon >= 0 (got {chunk}, {horizon})", "fix --chunk/--horizon")
     docs = documents_of(texts)
@@ -292,8 +316,11 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     if kinds is not None and set(kinds) - known and None not in cell_kinds:
         raise RnnscopeError(f"unknown state kind(s) {', '.join(sorted(set(kinds) - known))} for this model",
                             f"choose from {', '.join(sorted(known))}")
-    if any(m.bidirectional for m in Probe(model).modules.values()):
-        if longest > chunk:             # its future is in the next chunk
+    whole = [n for n, m in Probe(model).modules.items() if m.bidirectional]
+    if whole:
+        if longest > chunk and not asked_chunk:     # its future would be in the next chunk: one pass each
+            chunk = longest
+        elif longest > chunk:
             raise RnnscopeError("a bidirectional module reads the text backwards too, so it cannot be streamed in "
                                 f"chunks", f"pass --chunk {longest} (or more) to probe each document in one pass")
         if carry and len(docs) > 1:
@@ -311,7 +338,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     model.eval()
     try:
         n = min(2, bounds[0][1])
-        layout, dry = _dry_run(model, call, ids[None, :n], grad, kinds, set(mods))
+        layout, dry = _dry_run(model, call, ids[None, :n], grad, kinds, set(mods), docs.document(0))
         step_loss = resolve_loss(loss, dry, n, ids, next_ok, bounds, grad=grad)
         for k in layout:                # a module name the store cannot hold as a file name is refused here
             try:
@@ -319,23 +346,31 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
             except RnnscopeError:
                 raise RnnscopeError(f"the state key {k[:80]!r} cannot name a file in a Run",
                                     "name recurrent submodules with letters, digits and _ only") from None
-        itemsize = np.dtype(DTYPES[dtype]).itemsize
-        need = S * sum(layout.values()) * itemsize + S * 28 + len(text.encode())
+        if whole and chunk == longest and not asked_chunk:
+            check_pass(whole[0], docs.names[int(np.argmax([b - a for a, b in bounds]))], longest,
+                        sum(layout.values()) * PASS_BYTES[grad], pass_memory() if memory is None else memory)
+        dtypes = {k: grad_dtype if split_key(k)["kind"].startswith("grad_") else dtype for k in layout}
+        per_step = sum(u * np.dtype(DTYPES[dtypes[k]]).itemsize for k, u in layout.items())
+        need = S * per_step + S * 28 + len(text.encode())
         free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
         print(f"probe: {len(layout)} keys, {sum(layout.values()):,} units x {S:,} steps ({len(docs):,} documents) "
-              f"in {dtype}: {need / 1e6:,.1f} MB ({sum(layout.values()) * itemsize / 1e3:.1f} KB per step)")
+              f"in {'/'.join(sorted(set(dtypes.values())))}: {need / 1e6:,.1f} MB ({per_step / 1e3:.1f} KB per step)")
         if need * 1.05 > free:
             raise RnnscopeError(f"the run needs {need / 1e9:.2f} GB but {out.parent} has {free / 1e9:.2f} GB free",
                                 "record fewer --kinds, use --dtype float16, a shorter text, or another disk")
         with RunWriter(out, text, spans=spans, ids=ids.numpy(), documents=frame, dtype=dtype,
                        overwrite=overwrite) as w:
-            stats, bad, totals = _stream(model, call, ids, bounds, w, layout, step_loss, grad=grad, carry=carry,
-                                         chunk=chunk, horizon=horizon, kinds=kinds, dtype=dtype, progress=progress)
+            stats, bad, totals = _stream(model, call, ids, docs, bounds, w, layout, step_loss, grad=grad, carry=carry,
+                                         chunk=chunk, horizon=horizon, kinds=kinds, dtypes=dtypes, progress=progress)
             w.units(pd.concat([stats[k].frame(k) for k in layout], ignore_index=True))
             flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
             for k, v in flagged.items():
                 print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that overflow "
-                      f"{dtype}; flagged in the manifest")
+                      f"{dtypes[k]}; flagged in the manifest")
+            for k, v in bad.items():        # a state's tiny values are tiny next to its unit; a gradient's are its news
+                if v["underflow"] and split_key(k)["kind"].startswith("grad_"):
+                    print(f"probe: warning: {k} has {v['underflow']:,} non-zero values that became zero or subnormal "
+                          f"in {dtypes[k]}; counted in the manifest (record gradients in float32)")
             w.commit({
                 "model": _identity(model, {**Probe(model).modules, **looped}, sub.card, source),
                 "encoder": {"kind": "char" if np.array_equal(spans, char_spans(len(text))) else "spans",
@@ -356,10 +391,14 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
 
 
 def _loss_entry(step_loss, w: RunWriter, totals: list[float]) -> dict | None:
-    """The manifest's loss: its kind and mean in nats per step (a scalar loss: per document)."""
+    """The manifest's loss: its kind and mean in nats per step, or per document for a scalar loss (each
+    window then is one whole document, so ``totals`` are the documents' losses, written beside)."""
     if step_loss is None:
         return None
+    if step_loss.scalar:
+        w.document_loss(np.asarray(totals, np.float32))
     with warnings.catch_warnings():       # all NaN (no next token, or a model producing NaN): the mean is NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = float(np.nanmean(totals)) if step_loss.scalar else float(np.nanmean(w.read_loss()))
-    return {"kind": step_loss.kind, "mean_nats": mean, "bits_per_step": mean / np.log(2)}
+    per = "document" if step_loss.scalar else "step"
+    return {"kind": step_loss.kind, "per": per, "mean_nats": mean, f"bits_per_{per}": mean / np.log(2)}

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from rnnscope.errors import RnnscopeError, call_user
 
+from .subject import takes_document
+
 SHAPE_FIX = "pass --loss none, or --loss file.py:fn"
 USER_FIX = "return one loss per step [T] for the ids [T] it is given, or a scalar"
 
@@ -58,8 +60,9 @@ class StepLoss:
     def __post_init__(self):
         self.max_id, self.whole = int(self.ids.max()), set(self.bounds)
 
-    def window(self, output, s: int, e: int) -> tuple[np.ndarray, torch.Tensor | None]:
-        """Per-step losses ``[e - s]`` (float32, NaN where none) and their sum to differentiate."""
+    def window(self, output, s: int, e: int, document: dict | None = None) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Per-step losses ``[e - s]`` (float32, NaN where none) and their sum to differentiate; the user's
+        loss may take the ``document`` (its name, text and fields) the steps belong to."""
         per_step = np.full(e - s, np.nan, np.float32)
         if self.kind == "next-token":
             if not is_next_token_logits(output, e - s, self.max_id):
@@ -76,14 +79,15 @@ class StepLoss:
                 loss = F.cross_entropy(logits[rows].float(), targets[rows], reduction="none")
                 per_step[rows.numpy()] = loss.detach().numpy()
             return per_step, loss.sum() if n else None
-        value = self._user(output, s, e)
+        value = self._user(output, s, e, document)
         if value.dim() == 1:
             per_step[:] = value.detach().float().numpy()
         return per_step, value.sum()
 
-    def _user(self, output, s: int, e: int) -> torch.Tensor:
+    def _user(self, output, s: int, e: int, document: dict | None) -> torch.Tensor:
         """The user's loss on steps ``s .. e-1``: ``[e - s]``, or a scalar over one whole document."""
-        value = call_user(self.fn, output, self.ids[s:e], fix=USER_FIX,
+        extra = {"document": document} if document is not None and takes_document(self.fn) else {}
+        value = call_user(self.fn, output, self.ids[s:e], fix=USER_FIX, **extra,
                           doing=f"the loss failed on the model's output {shape_of(output, e - s)} and ids [{e - s}]")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise RnnscopeError(f"the loss returned {type(value).__name__}"

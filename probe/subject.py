@@ -38,8 +38,10 @@ class Subject:
             ``encode(text) -> (ids [1, T], spans [T, 2])``, a ``str -> ids`` callable for char models, or a
             tokenizer callable returning offsets as Hugging Face tokenizers do).
         loss: ``"auto"`` (next-token cross-entropy when the output is ``[1, T, V]`` logits), ``None`` (no
-            loss: states only), or ``fn(output, ids [T]) -> [T]`` per step, or a scalar.
+            loss: states only), or ``fn(output, ids [T]) -> [T]`` per step, or a scalar (one per document).
         call: ``fn(model, ids [1, T]) -> output`` when the model is not called as ``model(ids)``.
+            ``call`` and ``loss`` that take a ``document`` keyword are given the document the steps
+            belong to: a dict of its ``name``, ``text`` and other fields (a ``.jsonl`` line's label).
         name, source, card: what it is and where it came from (``source`` is the SPEC).
         modules: the qualified names of the recurrent modules to record (``None``: every one).
     """
@@ -51,6 +53,17 @@ class Subject:
     source: str = ""
     card: dict = field(default_factory=dict)
     modules: list[str] | None = None
+
+
+def takes_document(fn) -> bool:
+    """Whether the user's ``fn`` has a parameter named ``document`` (not merely ``**kwargs``: a call that
+    passes its keywords on to the model would hand it one it does not take)."""
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):         # a builtin or C callable without a signature: called as before
+        return False
+    return any(p.name == "document" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
 
 
 def subject_of(x) -> Subject:

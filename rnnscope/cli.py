@@ -48,8 +48,11 @@ def probe(args) -> None:
     loss = run.manifest["loss"]
     per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
     steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
+    per = "document" if (loss or {}).get("per") == "document" else per
     said = f", loss {loss['mean_nats']:.4f} nats/{per} ({loss['mean_nats'] / math.log(2):.3f} bits/{per})" \
         if loss else ", no loss"
+    under = {k: n for k, n in run.underflow.items() if ".grad_" in k}     # a gradient's small values are its news
+    said += f", {sum(under.values()):,} gradient values underflowed to zero or subnormal" if under else ""
     print(f"wrote {run.path}: {steps}, {len(run.keys())} keys{said}")
 
 

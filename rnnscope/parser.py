@@ -97,9 +97,11 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--carry", action="store_true", help="carry the state from one document into the next "
                                                          "(default: reset at each document)")
     pr.add_argument("--grad", action="store_true", help="also record dL/dh and dL/dc at every step")
-    pr.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk dtype (default float16)")
+    pr.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                    help="the states' on-disk dtype (default float16; gradients are float32)")
     pr.add_argument("--kinds", type=T.names, help="comma-separated state kinds to keep, e.g. h,c (default: all)")
-    pr.add_argument("--chunk", type=T.int_at_least(1, "--chunk"), default=2048, help="steps per chunk (memory is bounded by it)")
+    pr.add_argument("--chunk", type=T.int_at_least(1, "--chunk"), default=None,
+                    help="steps per chunk (memory is bounded by it; default 2048, a bidirectional model's longest document)")
     pr.add_argument("--horizon", type=T.int_at_least(0, "--horizon"), default=512,
                     help="with --grad: each step's gradient includes the losses of at least this many following "
                          "steps (default 512)")

@@ -57,8 +57,10 @@ def check_manifest(m, where) -> None:
             bad(f"has key {key[:80]!r}, which is not a state key like 'rnn.l0.c'")
         if (not isinstance(info, dict) or not _is_int(info.get("units")) or info["units"] < 1
                 or info.get("file", key_file(key)) != key_file(key)
-                or not all(_is_int(info.get(c, 0)) and info.get(c, 0) >= 0 for c in ("nonfinite", "overflow"))):
-            bad(f"has a malformed entry for key {key!r} (units, file, nonfinite, overflow)")
+                or info.get("dtype", m.get("dtype")) not in DTYPES
+                or not all(_is_int(info.get(c, 0)) and info.get(c, 0) >= 0
+                           for c in ("nonfinite", "overflow", "underflow"))):
+            bad(f"has a malformed entry for key {key!r} (units, file, dtype, nonfinite, overflow, underflow)")
     model = m.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("checksum"), str):
         bad("lacks model.checksum")
@@ -76,6 +78,12 @@ def check_manifest(m, where) -> None:
         _check_v2(m, bad)
     if version >= 3:
         _check_shards(m, bad)
+
+
+def key_dtype(manifest: dict, key: str) -> str:
+    """The dtype ``states/{key}.npy`` is stored in: the key's own (gradients are float32 by default, since
+    float16 zeroes small ones), else the Run's (a Run written before keys had their own)."""
+    return manifest["keys"][key].get("dtype", manifest["dtype"])
 
 
 ENCODER_KINDS, LOSS_KINDS = ("char", "spans"), ("next-token", "user")
@@ -98,8 +106,10 @@ def _check_v2(m: dict, bad) -> None:
     loss = m.get("loss")
     if loss is not None and (not isinstance(loss, dict) or loss.get("kind") not in LOSS_KINDS
                              or not isinstance(loss.get("mean_nats"), (int, float))
-                             or isinstance(loss.get("mean_nats"), bool)):
-        bad(f"has a malformed loss (null, or a kind among {', '.join(LOSS_KINDS)} and mean_nats)")
+                             or isinstance(loss.get("mean_nats"), bool)
+                             or loss.get("per", "step") not in ("step", "document")):
+        bad(f"has a malformed loss (null, or a kind among {', '.join(LOSS_KINDS)}, mean_nats and per step "
+            "or document)")
 
 
 _SHARD_COUNTS = (("doc_start", "documents"), ("step_start", "steps"), ("char_start", "chars"))

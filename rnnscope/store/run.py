@@ -6,6 +6,7 @@
     RUN/ids.npy              [steps] int64: the model's input id at each step
     RUN/documents.parquet    one row per document: name, char_start, char_end, step_start, step_end
     RUN/loss.npy             [steps] per-step loss in nats (NaN where none); only when the manifest has a loss
+    RUN/document_loss.npy    [documents] float32: a loss that is one scalar per document (loss.per "document")
     RUN/states/{key}.npy     [steps, units] NumPy arrays, opened with mmap_mode='r', never loaded whole
     RUN/units.parquet        one row per unit: key, index, layer, kind, mean, std, min, max
     RUN/analysis/*.parquet   the tables `rnnscope analyze` writes (see ``tables``)
@@ -31,7 +32,7 @@ import pandas as pd
 from rnnscope.errors import RnnscopeError, first_line
 
 from .files import inside, read_bytes, regular_file
-from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, key_file
+from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, key_dtype, key_file
 from .layout import StepLayout
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, read_parquet
 
@@ -125,6 +126,14 @@ class Run(StepLayout):
             return None
         return np.load(inside(self.path, "loss.npy"), mmap_mode="r", allow_pickle=False)
 
+    @property
+    def document_loss(self) -> np.ndarray | None:
+        """``[documents]`` float32: the loss of each document, when the loss was one scalar per document
+        (a classifier's); None otherwise (then ``loss`` is per step)."""
+        if (self.manifest["loss"] or {}).get("per") != "document":
+            return None
+        return np.load(inside(self.path, "document_loss.npy"), mmap_mode="r", allow_pickle=False)
+
     @cached_property
     def units(self) -> pd.DataFrame:
         return read_parquet(inside(self.path, "units.parquet"), UNITS_SCHEMA)
@@ -134,6 +143,11 @@ class Run(StepLayout):
         """Keys whose recording held NaN or Inf (or overflowed the on-disk dtype): key -> count."""
         return {k: v.get("nonfinite", 0) + v.get("overflow", 0) for k, v in self.manifest["keys"].items()
                 if v.get("nonfinite") or v.get("overflow")}
+
+    @property
+    def underflow(self) -> dict[str, int]:
+        """Keys whose non-zero values became zero or subnormal in their on-disk dtype: key -> count."""
+        return {k: v["underflow"] for k, v in self.manifest["keys"].items() if v.get("underflow")}
 
 
 def _read_text(path: Path, manifest: dict) -> str:
@@ -186,9 +200,12 @@ def _read_npy(path: Path, name: str, shape: tuple, dtype) -> np.ndarray:
 
 
 def _check_arrays(path: Path, manifest: dict) -> None:
-    steps, dtype = manifest["steps"], DTYPES[manifest["dtype"]]
+    steps = manifest["steps"]
     wanted = {"loss.npy": ((steps,), np.float32)} if manifest["loss"] is not None else {}
-    wanted.update({key_file(k): ((steps, v["units"]), dtype) for k, v in manifest["keys"].items()})
+    if (manifest["loss"] or {}).get("per") == "document":
+        wanted["document_loss.npy"] = ((manifest["documents"],), np.float32)
+    wanted.update({key_file(k): ((steps, v["units"]), DTYPES[key_dtype(manifest, k)])
+                   for k, v in manifest["keys"].items()})
     for name, (shape, dt) in wanted.items():
         file = inside(path, name)
         if not file.exists():

@@ -300,9 +300,9 @@ class ShardBuild:
             at = {"doc_start": at["doc_start"] + e["documents"], "step_start": at["step_start"] + e["steps"],
                   "char_start": at["char_start"] + e["chars"]}
             digest.update((self.dir / "shards" / e["name"] / "text.txt").read_bytes())
-        keys = {k: {"units": v["units"], "file": key_file(k),
-                    **{c: sum(m["keys"][k].get(c, 0) for m in shards) for c in ("nonfinite", "overflow")}}
-                for k, v in first["keys"].items()}
+        keys = {k: {"units": v["units"], "file": key_file(k), "dtype": v.get("dtype", first["dtype"]),
+                    **{c: sum(m["keys"][k].get(c, 0) for m in shards) for c in ("nonfinite", "overflow", "underflow")}}
+                for k, v in first["keys"].items()}          # a key's own dtype: gradients are float32
         manifest = {**first, **fields, "format": FORMAT, "format_version": SHARDED_VERSION, "complete": True,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "text": {"chars": at["char_start"], "sha256": digest.hexdigest(), "newlines": "as stored"},

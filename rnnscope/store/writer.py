@@ -213,6 +213,7 @@ class RunWriter:
             raise
         self.rows: list[NpyRows] = []
         self.need = len(self.data) + self.spans.nbytes     # grows with every file declared
+        self.key_dtypes: dict[str, str] = {}
         self.done = False
 
     def __enter__(self) -> RunWriter:
@@ -229,17 +230,25 @@ class RunWriter:
         for r in self.rows:
             r.close()
 
-    def states(self, key: str, units: int) -> NpyRows:
-        """The row writer of ``states/{key}.npy`` ``[steps, units]`` in the Run's dtype."""
-        self.rows.append(NpyRows(inside(self.tmp, key_file(key), write=True), DTYPES[self.dtype],
+    def states(self, key: str, units: int, dtype: str | None = None) -> NpyRows:
+        """The row writer of ``states/{key}.npy`` ``[steps, units]`` in ``dtype`` (default the Run's)."""
+        self.key_dtypes[key] = dtype or self.dtype
+        self.rows.append(NpyRows(inside(self.tmp, key_file(key), write=True), DTYPES[self.key_dtypes[key]],
                                  (self.steps, units)))
-        self.need += self.steps * units * np.dtype(DTYPES[self.dtype]).itemsize
+        self.need += self.steps * units * np.dtype(DTYPES[self.key_dtypes[key]]).itemsize
         return self.rows[-1]
 
     def loss(self) -> NpyRows:
         """The row writer of ``loss.npy`` ``[steps]`` (kept only if the manifest names a loss)."""
         self.rows.append(NpyRows(self.tmp / "loss.npy", np.float32, (self.steps,)))
         return self.rows[-1]
+
+    def document_loss(self, values: np.ndarray) -> None:
+        """``document_loss.npy`` ``[documents]`` float32: a loss that is one scalar per document."""
+        if np.shape(values) != (len(self.documents),):
+            raise RnnscopeError(f"{len(values)} document losses for {len(self.documents)} documents",
+                                "give one loss per document")
+        np.save(self.tmp / "document_loss.npy", np.asarray(values, np.float32), allow_pickle=False)
 
     def read_loss(self) -> np.ndarray:
         return np.load(self.tmp / "loss.npy", mmap_mode="r", allow_pickle=False)
@@ -261,11 +270,14 @@ class RunWriter:
                              "newlines": "as stored"},
                     "steps": self.steps, "documents": len(self.documents), "ids": self.ids is not None,
                     "dtype": self.dtype}
+        if manifest["loss"] is None or manifest["loss"].get("per") != "document":
+            (self.tmp / "document_loss.npy").unlink(missing_ok=True)
         if manifest["loss"] is None:
             (self.tmp / "loss.npy").unlink(missing_ok=True)
         elif not (self.tmp / "loss.npy").exists():
             raise RnnscopeError("the manifest names a loss but none was written", "fill w.loss() before commit")
-        manifest["keys"] = {k: {**v, "file": key_file(k)} for k, v in manifest["keys"].items()}
+        manifest["keys"] = {k: {**v, "file": key_file(k), "dtype": self.key_dtypes.get(k, self.dtype)}
+                            for k, v in manifest["keys"].items()}
         check_manifest(manifest, self.tmp)
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         self._swap()
