@@ -1,5 +1,7 @@
 """The README's "Step loops, cells and attention" code, run as written (training shortened through
-$ATTENTION_LOOP_STEPS, the Run written under tmp_path), from the repository root as after a clone."""
+$ATTENTION_LOOP_STEPS, the Run written under tmp_path), from the repository root as after a clone.
+Its blocks are fenced ```py: they import examples/, which tests/test_readme.py (every ```python block,
+run from an empty folder) could not."""
 import re
 from pathlib import Path
 
@@ -12,7 +14,7 @@ ROOT = Path(__file__).parents[1]
 def blocks() -> list[str]:
     section = ROOT.joinpath("README.md").read_text().split("## Step loops, cells and attention", 1)[1]
     section = section.split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    return re.findall(r"```py\n(.*?)```", section, re.S)
 
 
 def test_the_readme_attention_example_trains_probes_and_records(tmp_path, monkeypatch, capsys):
