@@ -1,6 +1,6 @@
 """A translation-like model written as a step loop with attention, trained to reverse short strings, probed by rnnscope.
 
-    python examples/attention_loop.py            # trains ~20 s (ATTENTION_LOOP_STEPS, default 600), probes, writes runs/reverse/
+    python examples/attention_loop.py      # trains ~20 s ($ATTENTION_LOOP_STEPS, default 600), writes runs/reverse/
 
 Everything in the model is the user's own code: a bidirectional ``nn.GRU`` encoder over the source
 letters, then a decoder that calls an ``nn.LSTMCell`` once per target letter (teacher forcing), with

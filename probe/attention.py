@@ -62,7 +62,8 @@ def _describe(out) -> str:
     if isinstance(out, torch.Tensor):
         return f"a tensor of shape [{', '.join(map(str, out.shape))}]"
     if isinstance(out, (tuple, list)):
-        return f"a {type(out).__name__} of {', '.join(_describe(o) if isinstance(o, torch.Tensor) else type(o).__name__ for o in out)}"
+        parts = (_describe(o) if isinstance(o, torch.Tensor) else type(o).__name__ for o in out)
+        return f"a {type(out).__name__} of {', '.join(parts)}"
     return f"a {type(out).__name__}"
 
 

@@ -147,7 +147,8 @@ def test_attention_without_weights_is_refused_in_one_line():
         Probe(model, attention={"attention": 3})
     # scores before the softmax: a [B, P, 1] tensor, no weights
     with pytest.raises(rs.RnnscopeError, match=r"full_att returned a tensor of shape \[4, 9, 1\], which holds no "
-                                               r"weights .* give a picker"), Probe(model, attention=["attention.full_att"]):
+                                               r"weights .* give a picker"), \
+            Probe(model, attention=["attention.full_att"]):
         model(feats, caps, lengths)
     # a picker that picks the scores, squeezed: [B, P] but rows are not weights
     with pytest.raises(rs.RnnscopeError, match=r"picker of attention module attention.full_att returned a tensor of "
