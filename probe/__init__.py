@@ -8,14 +8,14 @@ from rnnscope.lazy import exports
 
 _API = {
     "CallTrace": "probe", "Probe": "probe", "Trace": "probe",
-    "CellCall": "cells", "cell": "cells", "cell_modules": "cells",
+    "CellCall": "cells", "cell": "cells", "cell_modules": "cells", "Attention": "attention",
     "parse_key": "keys", "recurrent_modules": "keys", "state_key": "keys",
     "Documents": "corpus", "read_documents": "corpus", "Encoder": "encoders", "as_encoder": "encoders",
     "model_checksum": "recording", "record": "recording", "Subject": "subject", "subject_of": "subject",
     "Intervention": "intervention", "Run": "rnnscope.store.run", "open_run": "rnnscope.store.run",
 }
 __all__ = sorted(_API)
-for _m in ("adjoint", "autograd", "cells", "corpus",
+for _m in ("adjoint", "attention", "autograd", "cells", "corpus",
            "encoders", "engine", "families", "gemm", "intervention", "keys", "packed",
            "probe", "recording", "replay", "specs", "scan", "steploss", "subject", "torchscript", "watch", "workspace"):
     _API.setdefault(_m, _m)        # ``from rnnscope.probe import replay`` keeps working

@@ -20,7 +20,7 @@ from torch import nn
 
 from rnnscope.errors import RnnscopeError
 
-from . import cells, engine, families, packed, workspace
+from . import attention as attention_steps, cells, engine, families, packed, workspace
 from .autograd import RecordedDirection
 from .engine import Direction, Flow
 from .keys import recurrent_modules, state_key
@@ -102,11 +102,13 @@ class Probe:
     this block ended, so a long text can be fed in chunks and read as one sequence.
     ``param_grads=False`` (with ``grad=True``): parameters are frozen inside the block, so
     ``backward()`` computes state gradients only, faster, and leaves every ``.grad`` untouched.
+    ``attention``: modules whose weights over the source to keep at every call (``{name: picker or
+    None}`` or a list of names; see ``probe.attention``): ``probe.attention[name] -> [batch, steps, source]``.
     Inside or around an ``Intervention`` it records the edited model.
     """
 
     def __init__(self, model: nn.Module, grad: bool = False, kinds=None, carry: bool = False,
-                 param_grads: bool = True):
+                 param_grads: bool = True, attention=None):
         self.model, self.grad, self.carry, self.param_grads = model, grad, carry, param_grads
         self.overridden: set[str] = set()     # modules whose call passed its own state where one was carried
         self.kinds = None if kinds is None else set(kinds) | {"h"}
@@ -117,6 +119,7 @@ class Probe:
                                 "cell (nn.RNNCell, nn.LSTMCell, nn.GRUCell)",
                                 "probe a model built from PyTorch's recurrent modules, or declare its own cell "
                                 "with rnnscope.cell")
+        self.attention = attention_steps.Attention(model, attention)
         self.calls: list[CallTrace] = []
         self.cell_calls: list[cells.CellCall] = []      # each sequence of each cell, in the order they began
         self._tapes: list[cells.CellTape] = []
@@ -133,7 +136,8 @@ class Probe:
                           f"layers={m.num_layers}{', bidirectional' if m.bidirectional else ''})"
                           for n, m in self.modules.items()] +
                          [f"  {n or '<model>'}: {type(m).__name__} (a cell: one step per call)"
-                          for n, m in self.cells.items()])
+                          for n, m in self.cells.items()] +
+                         [f"  {n}: attention, {len(self.attention.sequences(n))} sequence(s)" for n in self.attention])
         return f"Probe({what}; {len(self.calls)} call(s), {len(self.cell_calls)} cell sequence(s) recorded)\n{mods}"
 
     def gradients_apart(self, output: torch.Tensor, grad_output: torch.Tensor, inputs, call: CallTrace) -> dict:
@@ -153,6 +157,7 @@ class Probe:
         cells.check(self.cells)              # checks before touching anything: a refusal leaves the model as it was
         engine.join(self.modules, self)
         self._tapes = cells.join(self.cells, self)
+        self.attention.join()
         if not self.param_grads:
             self._saved = {p: p.requires_grad for p in self.model.parameters()}
             for p in self._saved:
@@ -162,6 +167,7 @@ class Probe:
     def __exit__(self, *exc) -> None:
         engine.leave(self.modules, self)
         cells.leave(self._tapes)
+        self.attention.leave()
         for p, flag in self._saved.items():
             p.requires_grad_(flag)
         self._saved = {}
@@ -174,6 +180,7 @@ class Probe:
         """Drop every call recorded so far (``record`` has written it); each cell starts a new sequence."""
         self.calls.clear()
         self.cell_calls.clear()
+        self.attention.clear()
         cells.restart(self._tapes)
 
     def carry_from(self, step: int) -> None:
