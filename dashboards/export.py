@@ -77,9 +77,10 @@ def unit_figure(run, unit: str, start: int = 0, end: int | None = None, document
     run = _run(run)
     key, index = parse_unit(run, unit)
     s, e, docs, d = _span(run, start, end, document)
-    cells, lines, half = text_cells(run, docs, d, key, index, s, e)
+    page = text_cells(run, docs, d, key, index, s, e)
     where = f", document {shown_name(docs.names[d])}" if len(docs) > 1 else ""
-    return text_figure(ColumnDataSource(cells), ColumnDataSource(lines), half=half, lines=10 ** 6,
+    return text_figure(ColumnDataSource(page.cells), ColumnDataSource(page.lines),
+                       wide_source=ColumnDataSource(page.wide), half=page.half, lines=10 ** 6,
                        title=f"{unit}, {step_word(run)} {s:,}-{e:,}{where}", loss=loss_name(run))
 
 

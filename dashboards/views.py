@@ -13,7 +13,8 @@ from bokeh.models import (Button, ColumnDataSource, DataTable, Div, Select, Spin
                           TableColumn)
 
 from . import queries as q
-from .figures import heatmap_figure, set_heatmap, text_figure
+from .picker import DocumentPicker
+from .figures import fit, heatmap_figure, set_heatmap, text_figure
 from .steps import span_text
 
 HEAT = 2000              # steps in the heatmap (from the page's start)
@@ -41,13 +42,6 @@ def on_row_click(source: ColumnDataSource, data, sel) -> None:
     source.selected.on_change("indices", pick)
 
 
-def document_options(docs) -> list[tuple[str, str]]:
-    """The document picker's ``(index, label)`` options: names with control and bidi characters made
-    visible and cut short (a Select writes its labels as text, never as HTML)."""
-    return [(str(i), f"{i}: {''.join(q.shown(c) for c in name[:60])}{'...' if len(name) > 60 else ''}")
-            for i, name in enumerate(docs.names)]
-
-
 class Controls:
     """Key, unit index, document and page: widgets that mirror the selection and write it."""
 
@@ -56,8 +50,7 @@ class Controls:
         self.key = Select(title="key", value=sel.key, options=data.keys, name="unit_key", width=180)
         self.index = Spinner(title="unit index", low=0, high=data.units[sel.key] - 1, step=1, value=sel.index,
                              name="unit_index", width=110)
-        self.document = Select(title="document", value=str(sel.document), options=document_options(data.docs),
-                               name="document", width=220, visible=len(data.docs) > 1)
+        self.document = DocumentPicker(data.docs, sel.document, self._pick)
         self.start = Spinner(title="window start", low=0, high=max(data.steps - 1, 0),
                              step=max(data.window // 2, 1), value=sel.start, name="window_start", width=130)
         prev, nxt = Button(label="\u25c0 page", width=80), Button(label="page \u25b6", width=80)
@@ -65,19 +58,18 @@ class Controls:
         nxt.on_click(lambda: sel.set(**data.turn(sel, +1)))
         self.key.on_change("value", lambda a, o, n: sel.set(key=n, index=min(sel.index, data.units[n] - 1)))
         self.index.on_change("value", lambda a, o, n: sel.set(index=int(min(max(n or 0, 0), data.units[sel.key] - 1))))
-        self.document.on_change("value", lambda a, o, n: self._pick(n))
         self.start.on_change("value", lambda a, o, n: sel.set(**data.at(int(n or 0))))
-        self.root = row(self.key, self.index, self.document, self.start, column(div("", height=12), row(prev, nxt)))
+        self.root = row(self.key, self.index, self.document.root, self.start, column(div("", height=12), row(prev, nxt)))
         sel.watch(self.update)
 
-    def _pick(self, value: str) -> None:
-        if value.isdigit() and int(value) < len(self.data.docs) and int(value) != self.sel.document:
-            self.sel.set(**self.data.at(int(self.data.docs.step_start[int(value)])))
+    def _pick(self, document: int) -> None:
+        if document != self.sel.document:
+            self.sel.set(**self.data.at(int(self.data.docs.step_start[document])))
 
     def update(self, changed: set[str]) -> None:
         self.index.high = self.data.units[self.sel.key] - 1
         self.key.value, self.index.value, self.start.value = self.sel.key, self.sel.index, self.sel.start
-        self.document.value = str(self.sel.document)
+        self.document.show(self.sel.document)
 
 
 class TextView:
@@ -85,23 +77,28 @@ class TextView:
 
     def __init__(self, data, sel):
         self.data, self.sel = data, sel
-        cells, lines, self.half = self._cells()
-        self.source = ColumnDataSource(cells, name="text_source")
-        self.lines = ColumnDataSource(lines, name="lines_source")
+        page = self._cells()
+        self.half = page.half
+        self.source = ColumnDataSource(page.cells, name="text_source")
+        self.lines = ColumnDataSource(page.lines, name="lines_source")
+        self.wide = ColumnDataSource(page.wide, name="wide_source")
         self.info = div("", name="unit_info", width=700)
-        self.plot = text_figure(self.source, self.lines, title=str(data.run.path.name), loss=q.loss_name(data.run))
+        self.plot = text_figure(self.source, self.lines, wide_source=self.wide, title=str(data.run.path.name),
+                                loss=q.loss_name(data.run))
         self._info()
         sel.watch(self.update)
 
-    def _cells(self):
+    def _cells(self) -> q.TextPage:
         return q.text_cells(self.data.run, self.data.docs, self.sel.document, self.sel.key, self.sel.index,
                             *self.data.span(self.sel))
 
     def update(self, changed: set[str]) -> None:
         if "start" in changed or "document" in changed:
             self.source.selected.indices = []
-            cells, lines, self.half = self._cells()
-            self.source.data, self.lines.data = cells, lines
+            page = self._cells()
+            self.half = page.half
+            self.source.data, self.lines.data, self.wide.data = page.cells, page.lines, page.wide
+            fit(self.plot, page.cells, len(page.lines["y"]))
         elif changed & {"key", "index"}:
             columns, self.half = q.recolour(self.data.run, self.sel.key, self.sel.index, *self.data.span(self.sel),
                                             self.source.data["step"])
@@ -182,6 +179,7 @@ class PatternView:
         on_row_click(self.source, data, sel)
         text.source.selected.on_change("indices", lambda a, o, n: self.search(n))
         self.root = column(self.info, grid)
+        self.search(text.source.selected.indices)      # a span selected before this tab was built
 
     def search(self, indices: list[int]) -> None:
         found = self.text.steps(indices) if indices else None
