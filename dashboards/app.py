@@ -137,15 +137,16 @@ def build(doc, data: RunData, *, defer: bool | None = None, timings: dict | None
     sel = timed("selection", data.first_selection)
     text = timed("text view", lambda: TextView(data, sel))
     controls = timed("controls", lambda: Controls(data, sel))
-    contexts = data.tables.get("contexts")
-    views = [("heatmap", lambda: timed("heatmap", lambda: HeatmapView(data, sel)), False),
-             ("neurons", lambda: timed("neurons", lambda: NeuronView(data, sel)), data.neurons is None),
-             ("top contexts", lambda: timed("top contexts", lambda: ContextsView(data, sel)), contexts is None),
-             ("gradient flow", lambda: timed("gradient flow", lambda: GradientView(data, sel)), not data.grad_keys),
-             ("gate saturation", lambda: timed("gate saturation", lambda: SaturationView(data, sel)),
-              data.tables.get("saturation") is None),
-             ("pattern search", lambda: timed("pattern search", lambda: PatternView(data, sel, text)), True)]
-    # (pattern search is cheap: its table is empty until a span is selected)
+    # title: (build the view, whether it is cheap enough for the first paint: a note that the data is
+    # missing, or pattern search's table, empty until a span is selected)
+    makers = {"heatmap": (lambda: HeatmapView(data, sel), False),
+              "neurons": (lambda: NeuronView(data, sel), data.neurons is None),
+              "top contexts": (lambda: ContextsView(data, sel), data.tables.get("contexts") is None),
+              "gradient flow": (lambda: GradientView(data, sel), not data.grad_keys),
+              "gate saturation": (lambda: SaturationView(data, sel), data.tables.get("saturation") is None),
+              "pattern search": (lambda: PatternView(data, sel, text), True)}
+    views = [(title, lambda title=title, make=make: timed(title, make), cheap)
+             for title, (make, cheap) in makers.items()]
     tabs = LazyTabs(doc, views, defer=defer)
     doc.add_root(column(row(controls.root, text.info), text.plot, tabs.tabs, name="dashboard"))
     doc.title = f"rnnscope: {data.run.path.name}"
@@ -153,8 +154,8 @@ def build(doc, data: RunData, *, defer: bool | None = None, timings: dict | None
 
 
 def make_document(doc, run, window: int = WINDOW):
-    """One session's page, over the Run as it is on disk now (``RunData.current``). A failure shows one escaped line on the page (the traceback goes to the
-    server's log only), never a traceback page."""
+    """One session's page, over the Run as it is on disk now (``RunData.current``). A failure shows
+    one escaped line on the page (the traceback goes to the server's log only), never a traceback."""
     try:
         data = run.current() if isinstance(run, RunData) else RunData(run, window)
         return build(doc, data)

@@ -153,8 +153,13 @@ def colour_range(key: str, values: np.ndarray) -> float:
 
 
 def row_ranges(key: str, rows: np.ndarray) -> np.ndarray:
-    """``colour_range`` of each row of ``rows [units, time]`` of one key, float32 ``[units]``."""
-    if parse_key(key)["kind"] in BOUNDED:
+    """``colour_range`` of each row of ``rows [units, time]`` of one key, float32 ``[units]``; a row
+    that is not a state key's (a feature's own track) on the percentile scale."""
+    try:
+        bounded = parse_key(key)["kind"] in BOUNDED
+    except ValueError:
+        bounded = False
+    if bounded:
         return np.ones(len(rows), np.float32)
     if not rows.shape[1]:
         return np.ones(len(rows), np.float32)
@@ -273,7 +278,7 @@ def set_heatmap(p, src, mapper, matrix: np.ndarray, labels: list[str], start: in
     T = max(matrix.shape[1], 1)
     for key in dict.fromkeys(lab.rsplit(":", 1)[0] for lab in labels):
         rows = [j for j, lab in enumerate(labels) if lab.rsplit(":", 1)[0] == key]
-        matrix[rows] /= row_ranges(key if "." in key else "x.l0.c", matrix[rows])[:, None]
+        matrix[rows] /= row_ranges(key, matrix[rows])[:, None]
     mapper.update(low=-1, high=1)
     src.data = {"image": [matrix[::-1]], "x": [start], "y": [0], "dw": [T], "dh": [max(len(labels), 1)]}
     p.x_range.update(start=start, end=start + T)

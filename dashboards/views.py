@@ -14,7 +14,7 @@ from bokeh.models import (Button, ColumnDataSource, DataTable, Div, Select, Spin
 
 from . import queries as q
 from .picker import DocumentPicker
-from .figures import fit, heatmap_figure, set_heatmap, text_figure
+from .figures import columns as cell_columns, fit, heatmap_figure, set_heatmap, text_figure
 from .steps import span_text
 
 HEAT = 2000              # steps in the heatmap (from the page's start)
@@ -26,11 +26,21 @@ def div(text: str, **kw) -> Div:
     return Div(text=text, disable_math=True, **kw)
 
 
-def table(source: ColumnDataSource, columns: list[str], **kw) -> DataTable:
+def table(source: ColumnDataSource, columns: list[str], widths: dict[str, int] | None = None, **kw) -> DataTable:
     """Cells as plain text, numbers pre-formatted (``queries.fmt``): sorting them as strings would
-    mislead, so the rows keep the order the analysis ranked them in."""
-    return DataTable(source=source, sortable=False, columns=[TableColumn(field=c, title=c, formatter=StringFormatter())
-                                                             for c in columns], **kw)
+    mislead, so the rows keep the order the analysis ranked them in. ``widths``: pixels for some
+    columns (the rest 90): the table then scrolls sideways rather than squeeze a unit's name."""
+    widths = widths or {}
+    return DataTable(source=source, sortable=False, autosize_mode="none" if widths else "force_fit",
+                     columns=[TableColumn(field=c, title=c, formatter=StringFormatter(), width=widths.get(c, 90))
+                              for c in columns], **kw)
+
+
+def text_width(strings, lo: int = 60, hi: int = 2400) -> int:
+    """Pixels a table column needs for the longest of ``strings`` (a wide character counts two)."""
+    longest = sorted({str(t) for t in strings}, key=len)[-50:]       # the widest is among the longest
+    most = max((sum(cell_columns(ch) for ch in t) for t in longest), default=0)
+    return int(min(max(7 * most + 24, lo), hi))
 
 
 def on_row_click(source: ColumnDataSource, data, sel) -> None:
@@ -155,7 +165,8 @@ class NeuronView:
         self.data, self.sel = data, sel
         self.feature = Select(title="feature", value=sel.feature, options=data.features, name="feature_filter")
         self.source = ColumnDataSource(q.neuron_rows(data.neurons, sel.feature), name="neuron_rows")
-        grid = table(self.source, q.NEURON_COLUMNS, name="neuron_table", width=900, height=420)
+        widths = {"unit": text_width(data.neurons["unit"]), "feature": text_width(data.features)}
+        grid = table(self.source, q.NEURON_COLUMNS, widths, name="neuron_table", width=900, height=420)
         self.feature.on_change("value", lambda a, o, n: sel.set(feature=n))
         on_row_click(self.source, data, sel)
         self.root = column(self.feature, grid)
@@ -205,7 +216,8 @@ class ContextsView:
                                            data.why.get("contexts")), width=900)
             return
         self.source = ColumnDataSource(q.context_rows(contexts, sel.unit), name="context_rows")
-        grid = table(self.source, q.CONTEXT_COLUMNS, name="context_table", width=900, height=420)
+        widths = {"side": 60, "rank": 50, "context": text_width(contexts["context"], hi=1600) + 14}   # + brackets
+        grid = table(self.source, q.CONTEXT_COLUMNS, widths, name="context_table", width=900, height=420)
         self.source.selected.on_change("indices", lambda a, o, n: self._jump(n))
         self.root = grid
         sel.watch(self.update)
