@@ -72,20 +72,21 @@ def test_a_run_replaced_while_served_in_a_real_browser(texts, tmp_path, driver):
     from rnnscope.probe import open_run
     out = tmp_path / "run"
     probe(texts, "a.c", out)
-    first = open_run(out)
     with served(out) as (url, proc):
         driver.get(url)
         wait_for_model(driver, "text_source")
         key = get(driver, "unit_key", "value")
+        first = np.array(open_run(out)[key], np.float64)    # read now: a plain Run reopens its files by path
         probe(texts, "b.c", out, "--overwrite")
         set_prop(driver, "unit_index", "value", 5)          # the page opened before asks for a new unit
         wait_until(lambda: get(driver, "unit_info", "text") and f"{key}:5" in get(driver, "unit_info", "text"))
         steps = column(driver, "text_source", "step")
         wait_until(lambda: column(driver, "text_source", "value")[:50] ==
-                   pytest.approx(_values(first, key, 5, steps[:50]), rel=1e-6))
+                   pytest.approx(first[steps[:50], 5].tolist(), rel=1e-6))
         assert "".join(column(driver, "lines_source", "line")).startswith("int main")   # its own text
         driver.get("about:blank")
         driver.get(url)                                     # a new page: the new Run, text and values
+        wait_for_model(driver, "text_source")
         wait_until(lambda: "comment" in "".join(column(driver, "lines_source", "line")))
         second = open_run(out)
         steps, values = column(driver, "text_source", "step"), column(driver, "text_source", "value")
@@ -96,6 +97,6 @@ def test_a_run_replaced_while_served_in_a_real_browser(texts, tmp_path, driver):
         wait_until(lambda: column(driver, "text_source", "value") != values)
         driver.get("about:blank")
         driver.get(url)
-        wait_for_model(driver, "page_error")
+        wait_for_model(driver, "page_error", timeout=60)
         assert "changed on disk" in get(driver, "page_error", "text")
     assert "FileNotFoundError" not in proc.stderr.read()

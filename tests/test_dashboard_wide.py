@@ -84,10 +84,9 @@ def _hover(driver, index):
 
 @pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium and chromium-driver")
 def test_hover_lands_on_the_chinese_character_under_the_mouse(chinese, driver):
+    from test_dashboard import _open
     with served(chinese.path) as (url, _):
-        driver.get("about:blank")
-        driver.get_log("browser")
-        driver.get(url)
+        _open(driver, url)
         wait_for_model(driver, "text_source")
         chars, widths = column(driver, "text_source", "char"), column(driver, "text_source", "w")
         assert [int(w) for w in widths[:4]] == [2, 2, 2, 2]
