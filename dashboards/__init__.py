@@ -5,7 +5,7 @@ if __name__ != "rnnscope.dashboards":      # run from the repository root, ``imp
                       "use `from rnnscope import dashboards` (pip install -e . first)")
 from rnnscope.lazy import exports
 
-_API = {"top_units_for": "export", "unit_figure": "export", "units_figure": "export",
+_API = {"feature_figure": "export", "top_units_for": "export", "unit_figure": "export", "units_figure": "export",
         "serve": "server"}
 __all__ = sorted(_API)
 __getattr__, __dir__ = exports(__name__, _API, globals())

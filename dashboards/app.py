@@ -5,23 +5,27 @@ coloured by the selected unit, one step's span (a character, subword or word) at
 units x time heatmap of the page; gradient flow (per-step norms of the page, the decay curve); gate
 saturation (the paper's scatter); pattern search (select a span of text, get the units on inside it
 and off around it). Controls change the selection; each view updates its own ``ColumnDataSource``;
-no figure is rebuilt after the first paint.
+no figure is rebuilt after the first paint. The first paint carries the controls, the text and the
+open tab; the other tabs follow it (``tabs.LazyTabs``). A session reads only the files its
+``RunData`` opened (``snapshot``): a Run replaced while served is shown whole to new sessions.
 """
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 
 from bokeh.layouts import column, row
-from bokeh.models import TabPanel, Tabs
 
-from rnnscope.store import open_run, parse_key, read_table
+from rnnscope.store import parse_key, read_table
 
 from rnnscope.errors import RnnscopeError, first_line
 
 from .plots import GradientView, SaturationView
 from .queries import axis_name, checked, esc, step_word
+from .snapshot import hold, same
 from .state import Selection
+from .tabs import LazyTabs
 from .steps import Documents, page
 from .views import Controls, ContextsView, HeatmapView, NeuronView, PatternView, TextView, div
 
@@ -37,20 +41,37 @@ class RunData:
     def __init__(self, run_path, window: int = WINDOW):
         if window < 1:
             raise RnnscopeError(f"--window {window} shows no text", "pass --window 1 or more")
-        self.run = open_run(run_path)
+        self.run, self.tables, self.seen = hold(run_path, lambda run: {name: read_table(run, name) for name in TABLES})
         self.window, self.text, self.keys = window, self.run.text, self.run.keys()
         if not self.keys:
             raise RnnscopeError(f"{self.run.path} holds no recorded keys", "probe again with some --kinds")
         self.state_keys = [k for k in self.keys if not parse_key(k)["kind"].startswith("grad_")]
         self.grad_keys = [k for k in self.keys if parse_key(k)["kind"].startswith("grad_")]
         self.units = {k: int(self.run[k].shape[1]) for k in self.keys}
-        self.tables, self.why = {}, {}
+        self.why = {}
         for name in TABLES:
-            self.tables[name], self.why[name] = checked(read_table(self.run, name), name)
+            self.tables[name], self.why[name] = checked(self.tables[name], name)
         self.neurons = self.tables["neurons"]
         self.features = list(dict.fromkeys(self.neurons["feature"])) if self.neurons is not None else []
         self.docs, self.steps = Documents(self.run.documents), len(self.run)
         self.word, self.axis = step_word(self.run), axis_name(self.run)
+        self._newest = [self]             # shared by every RunData that succeeds this one (``current``)
+
+    def current(self) -> "RunData":
+        """What a new session shows: the newest RunData while the Run on disk is still the one it
+        holds, else the Run now there, opened whole (sessions already open keep the one they have).
+        A Run that is gone or cannot be opened is one line."""
+        newest = self._newest[0]
+        if same(newest.run.path, newest.seen):
+            return newest
+        try:
+            fresh = RunData(newest.run.path, newest.window)
+        except RnnscopeError as err:
+            raise RnnscopeError(f"the Run being served changed on disk and cannot be opened now: {err.problem}",
+                                "reload once it is written again, or restart `rnnscope serve`") from None
+        fresh._newest = self._newest
+        self._newest[0] = fresh
+        return fresh
 
     def span(self, sel: Selection) -> tuple[int, int]:
         """The selected page: steps ``[s, e)`` inside the selected document."""
@@ -91,25 +112,51 @@ class RunData:
         return Selection(cells[-1], 0, 0, feature)
 
 
-def build(doc, data: RunData):
-    """Every view over one fresh selection, added to ``doc``."""
-    sel = data.first_selection()
-    controls, text = Controls(data, sel), TextView(data, sel)
-    views = [("heatmap", HeatmapView(data, sel)), ("neurons", NeuronView(data, sel)),
-             ("top contexts", ContextsView(data, sel)),
-             ("gradient flow", GradientView(data, sel)), ("gate saturation", SaturationView(data, sel)),
-             ("pattern search", PatternView(data, sel, text))]
-    tabs = Tabs(tabs=[TabPanel(child=v.root, title=t) for t, v in views], name="views")
-    doc.add_root(column(row(controls.root, text.info), text.plot, tabs, name="dashboard"))
+class Page:
+    """One session's dashboard: the selection, the tabs (``tabs.open_all()`` builds any left) and,
+    when asked for, how long each part took to build (``timings``: name -> seconds)."""
+
+    def __init__(self, sel: Selection, tabs: LazyTabs, timings: dict):
+        self.sel, self.tabs, self.timings = sel, tabs, timings
+
+
+def build(doc, data: RunData, *, defer: bool | None = None, timings: dict | None = None) -> Page:
+    """Every view over one fresh selection, added to ``doc``: the controls, the text and the open tab
+    at once; the other tabs on first use or after the first paint (``tabs.LazyTabs``). ``defer``:
+    whether to wait with them (default: when a browser session waits on the page, not when the
+    server checks a Run at start, which builds every view so that a Run it cannot show is refused)."""
+    defer = doc.session_context is not None if defer is None else defer
+    clock = {} if timings is None else timings
+
+    def timed(name, make):
+        t = time.perf_counter()
+        made = make()
+        clock[name] = clock.get(name, 0.0) + time.perf_counter() - t
+        return made
+    sel = timed("selection", data.first_selection)
+    text = timed("text view", lambda: TextView(data, sel))
+    controls = timed("controls", lambda: Controls(data, sel))
+    # title: (build the view, whether it is cheap enough for the first paint: a note that the data is
+    # missing, or pattern search's table, empty until a span is selected)
+    makers = {"heatmap": (lambda: HeatmapView(data, sel), False),
+              "neurons": (lambda: NeuronView(data, sel), data.neurons is None),
+              "top contexts": (lambda: ContextsView(data, sel), data.tables.get("contexts") is None),
+              "gradient flow": (lambda: GradientView(data, sel), not data.grad_keys),
+              "gate saturation": (lambda: SaturationView(data, sel), data.tables.get("saturation") is None),
+              "pattern search": (lambda: PatternView(data, sel, text), True)}
+    views = [(title, lambda title=title, make=make: timed(title, make), cheap)
+             for title, (make, cheap) in makers.items()]
+    tabs = LazyTabs(doc, views, defer=defer)
+    doc.add_root(column(row(controls.root, text.info), text.plot, tabs.tabs, name="dashboard"))
     doc.title = f"rnnscope: {data.run.path.name}"
-    return sel
+    return Page(sel, tabs, clock)
 
 
 def make_document(doc, run, window: int = WINDOW):
-    """One session's page. A failure shows one escaped line on the page (the traceback goes to the
-    server's log only), never a traceback page."""
+    """One session's page, over the Run as it is on disk now (``RunData.current``). A failure shows
+    one escaped line on the page (the traceback goes to the server's log only), never a traceback."""
     try:
-        data = run if isinstance(run, RunData) else RunData(run, window)
+        data = run.current() if isinstance(run, RunData) else RunData(run, window)
         return build(doc, data)
     except Exception as err:      # noqa: BLE001 -- whatever broke, the page says so in one line
         if not isinstance(err, RnnscopeError):

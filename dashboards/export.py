@@ -76,9 +76,10 @@ def unit_figure(run, unit: str, start: int = 0, end: int | None = None, document
     run = _run(run)
     key, index = parse_unit(run, unit)
     s, e, docs, d = _span(run, start, end, document)
-    cells, lines, half = text_cells(run, docs, d, key, index, s, e)
+    page = text_cells(run, docs, d, key, index, s, e)
     where = f", document {shown_name(docs.names[d])}" if len(docs) > 1 else ""
-    return text_figure(ColumnDataSource(cells), ColumnDataSource(lines), half=half, lines=10 ** 6,
+    return text_figure(ColumnDataSource(page.cells), ColumnDataSource(page.lines),
+                       wide_source=ColumnDataSource(page.wide), half=page.half, lines=10 ** 6,
                        title=f"{unit}, {step_word(run)} {s:,}-{e:,}{where}", loss=loss_name(run))
 
 
@@ -91,6 +92,48 @@ def units_figure(run, units: list[str], start: int = 0, end: int | None = None, 
     matrix = np.stack([np.asarray(run[k][s:e, i], np.float32) for k, i in parsed])
     fig, _, _ = heatmap_figure(matrix, list(units), s, width=width, axis=axis_name(run),
                                title=f"{len(units)} units, {step_word(run)} {s:,}-{e:,} (each row on its own scale)")
+    return fig
+
+
+def feature_values(run: Run, feature: str, docs: Documents, d: int, s: int, e: int) -> np.ndarray | None:
+    """float64 ``[e - s]``: a built-in feature at each step of ``[s, e)`` in document ``d`` (the value at
+    the last character of its span; NaN for a step without text), computed over the document from its
+    start so a comment or string opened before ``s`` counts. None for a feature rnnscope does not
+    compute (a user's own, which lives in their code)."""
+    from rnnscope.analysis.features import BUILTIN, compute
+    from rnnscope.analysis.source import language_of
+    if feature not in BUILTIN:
+        return None
+    c0 = int(docs.char_start[d])
+    ends = run.spans[s:e, 1]
+    c1 = int(ends.max()) if (ends > 0).any() else c0
+    if c1 <= c0:
+        return np.full(e - s, np.nan)
+    import warnings
+    with warnings.catch_warnings():                 # a feature constant over the window is still drawn
+        warnings.simplefilter("ignore")
+        track = compute(run.text[c0:c1], [feature], language_of(run) or "c")[feature].to_numpy(np.float64)
+    return np.where(ends > 0, track[np.maximum(ends - 1 - c0, 0)], np.nan)
+
+
+def feature_figure(run, feature: str, top: int = 10, start: int = 0, end: int | None = None,
+                   document: str | int | None = None, *, own_row: bool = True, width: int | None = None):
+    """The ``top`` units for ``feature`` as a heatmap over steps (``start``, ``end``, ``document`` as
+    ``unit_figure``), titled with the feature and the document, with the feature's own values as the
+    top row when rnnscope computes it (``own_row``). ``width`` defaults to one pixel per step from
+    1,400 to 10,000 pixels, so thousands of steps keep a column each."""
+    run = _run(run)
+    units = top_units_for(run, feature, top)
+    s, e, docs, d = _span(run, start, end, document)
+    matrix = np.stack([np.asarray(run[k][s:e, i], np.float32) for k, i in (parse_unit(run, u) for u in units)])
+    labels = list(units)
+    track = feature_values(run, feature, docs, d, s, e) if own_row else None
+    if track is not None:
+        matrix, labels = np.vstack([track[None].astype(np.float32), matrix]), [f"feature {feature}", *labels]
+    where = f", document {shown_name(docs.names[d])}" if len(docs) > 1 else ""
+    title = f"{feature}: top {len(units)} units, {step_word(run)} {s:,}-{e:,}{where} (each row on its own scale)"
+    fig, _, _ = heatmap_figure(matrix, labels, s, width=width or int(min(max(1400, e - s + 200), 10000)),
+                               axis=axis_name(run), title=shown_name(title))
     return fig
 
 

@@ -9,9 +9,12 @@ hold a Run's strings is ``PlainText``, which Bokeh never typesets as TeX.
 """
 from __future__ import annotations
 
+import warnings
+from unicodedata import east_asian_width
+
 import numpy as np
 from bokeh.models import (ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, PlainText,
-                          Range1d, WheelPanTool)
+                          Range1d, Text, WheelPanTool)
 from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
@@ -50,6 +53,8 @@ def _legible(colour: str, ratio: float = 5.0) -> str:
 
 PALETTE = tuple(_legible(c) for c in reversed(RdBu11))     # blue negative, white 0, red positive
 SHOWN = {"\n": "\u21b5", "\t": " "}
+
+
 def shown(ch: str) -> str:
     """What is drawn for one stored character (``⟨U+202E⟩`` for a control or bidi character: the one
     policy of ``rnnscope.errors.hidden``, which would otherwise reorder or hide text)."""
@@ -58,44 +63,88 @@ def shown(ch: str) -> str:
     return f"\u27e8U+{ord(ch):04X}\u27e9" if hidden(ch) else ch
 
 
+class _ShowTable(dict):
+    """``str.translate``'s table of ``shown``: filled as characters are met (the hidden ones are
+    categories, not a list), so each code point is decided once."""
+
+    def __missing__(self, cp: int) -> str:
+        self[cp] = shown(chr(cp))
+        return self[cp]
+
+
+SHOW_TABLE = _ShowTable()
+
+
+def shown_text(text: str) -> str:
+    """``shown`` of every character of ``text`` (one ``str.translate``: a page's 10,000 tokens in ms)."""
+    return text.translate(SHOW_TABLE)
+
+
 def plain(text: str) -> PlainText:
     """A label Bokeh draws as written: a string holding ``$$`` would otherwise be typeset as TeX."""
     return PlainText(text=text)
 COL, ROW = 9, 20                  # pixels per column and per line of text
 FONT, ADVANCE = "DejaVu Sans Mono, Liberation Mono, monospace", 0.6021   # advance width in em
+# Wide characters are drawn one glyph each, centred on their two columns, so whatever advance the font
+# gives them (a CJK font's 1 em is 1.66 of our columns) neither they nor the text after them drift.
+FIRST_WIDE = "\u1100"             # no character before Hangul Jamo is wide: ASCII skips the lookup
+MIN_ROWS = 6                      # a one-line document's colour bar still has room for its labels
+WIDE_FONT = "Noto Sans Mono CJK SC, Noto Sans CJK SC, Noto Sans CJK JP, Droid Sans Fallback, sans-serif"
 
 
-def layout(drawn) -> tuple[dict, dict]:
+def columns(written: str) -> int:
+    """Columns one drawn entry takes: 2 for an East Asian wide or full-width character (Unicode's
+    ``W`` and ``F``: ideographs, kana, hangul, full-width punctuation), else one per character."""
+    return 2 if len(written) == 1 and east_asian_width(written) in "WF" else len(written)
+
+
+def layout(drawn) -> tuple[dict, dict, dict]:
     """Where each cell sits and what is written there. ``drawn``: the page's characters in order (a
     string, or a list whose one-character entries are characters of the text and whose longer entries
     are the marks of steps without text, ``⟨id 3⟩``, drawn as they are).
 
     Returns ``cells`` (one per entry: ``x`` the centre of its cell, ``w`` its width in columns, a tab
-    spanning to the next stop, ``y`` minus the line number, ``char`` as shown) and ``lines`` (one per
-    displayed line: ``y`` and the ``line`` string, drawn as one glyph: one canvas call per line
-    instead of per character keeps a repaint of 10,000 characters cheap)."""
-    xs, ws, ys = (np.empty(len(drawn), np.float64) for _ in range(3))
+    spanning to the next stop and a wide character two, ``y`` minus the line number, ``char`` as
+    shown), ``lines`` (one per displayed line: ``y`` and the ``line`` string, drawn as one glyph: one
+    canvas call per line instead of per character keeps a repaint of 10,000 characters cheap; a wide
+    character is two spaces there) and ``wide`` (one per wide character: ``x``, ``y``, ``char``, drawn
+    centred on its cell). A line wraps before an entry that would pass WRAP columns."""
+    xs, ws, ys, chars = [], [], [], []
+    wide = {"x": [], "y": [], "char": []}
     rows: list[list[str]] = [[]]
-    chars = []
     col = row = 0
-    for i, ch in enumerate(drawn):
-        if col >= WRAP:
+    for ch in drawn:
+        written = shown(ch) if len(ch) == 1 else ch
+        if ch == "\t":
+            w = TAB - col % TAB
+        else:
+            w = columns(written) if ch >= FIRST_WIDE else len(written)
+        if col and col + w > WRAP:
             col, row = 0, row + 1
             rows.append([])
-        written = shown(ch) if len(ch) == 1 else ch
-        w = TAB - col % TAB if ch == "\t" else len(written)
-        xs[i], ws[i], ys[i] = col + (w - 1) / 2, w, -row
-        rows[-1].append(" " * w if ch == "\t" else written)
+        x = col + (w - 1) / 2
+        xs.append(x)
+        ws.append(w)
+        ys.append(-row)
         chars.append(written)
+        if ch == "\t" or w == 2 and len(written) == 1:
+            rows[-1].append(" " * w)
+            if ch != "\t":
+                for col_, v in zip(wide.values(), (x, -row, written)):
+                    col_.append(v)
+        else:
+            rows[-1].append(written)
         if ch == "\n":
             col, row = 0, row + 1
             rows.append([])
         else:
             col += w
-    cells = {"x": xs, "w": ws, "y": ys, "char": chars}
+    cells = {"x": np.asarray(xs, np.float64), "w": np.asarray(ws, np.float64), "y": np.asarray(ys, np.float64),
+             "char": chars}
     lines = {"x": np.full(len(rows), -0.5), "y": -np.arange(len(rows), dtype=np.float64),
              "line": ["".join(r) for r in rows]}
-    return cells, lines
+    return cells, lines, {"x": np.asarray(wide["x"], np.float64), "y": np.asarray(wide["y"], np.float64),
+                          "char": wide["char"]}
 
 
 def colour_range(key: str, values: np.ndarray) -> float:
@@ -109,10 +158,38 @@ def colour_range(key: str, values: np.ndarray) -> float:
     return top if top > 0 else 1.0
 
 
-def text_figure(source: ColumnDataSource, lines_source: ColumnDataSource, *, half: float | None = None,
-                lines: int = 40, title: str = "", loss: str | None = "loss") -> figure:
+def row_ranges(key: str, rows: np.ndarray) -> np.ndarray:
+    """``colour_range`` of each row of ``rows [units, time]`` of one key, float32 ``[units]``; a row
+    that is not a state key's (a feature's own track) on the percentile scale."""
+    try:
+        bounded = parse_key(key)["kind"] in BOUNDED
+    except ValueError:
+        bounded = False
+    if bounded:
+        return np.ones(len(rows), np.float32)
+    if not rows.shape[1]:
+        return np.ones(len(rows), np.float32)
+    with warnings.catch_warnings():                     # a row of NaN only: its range is 1, as below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        top = np.nanquantile(np.abs(np.where(np.isfinite(rows), rows, np.nan)).astype(np.float64), 0.99, axis=1)
+    return np.where(np.isfinite(top) & (top > 0), top, 1.0).astype(np.float32)
+
+
+def fit(p, cells: dict, n_lines: int, lines: int = 40) -> None:
+    """Size the text plot's frame to a page: one column exactly COL pixels (the monospace font's
+    advance), ``lines`` lines at most and MIN_ROWS at least, scrolled to the page's top."""
+    cols = max(int(np.max(cells["x"] + cells["w"] / 2)) + 1 if len(cells["x"]) else 0, 80)
+    rows = max(min(lines, n_lines), MIN_ROWS)
+    p.frame_width, p.frame_height = COL * cols, ROW * rows
+    p.x_range.update(start=-0.5, end=cols - 0.5)
+    p.y_range.update(start=-rows + 0.5, end=0.5)
+
+
+def text_figure(source: ColumnDataSource, lines_source: ColumnDataSource, *, wide_source=None,
+                half: float | None = None, lines: int = 40, title: str = "", loss: str | None = "loss") -> figure:
     """The coloured text: ``source`` holds the cells (``x w y char step pos token id value shade alpha
-    edge loss``, see ``text_data``), ``lines_source`` the line strings drawn over them. Shows ``lines``
+    edge loss``, see ``text_data``), ``lines_source`` the line strings drawn over them and
+    ``wide_source`` (``layout``'s ``wide``) the wide characters, one glyph each. Shows ``lines``
     lines at a time and scrolls with the mouse wheel. The plot's frame is sized so that one column is
     exactly COL pixels and the monospace font's advance matches it; a new unit changes only the cells'
     ``value`` and ``shade`` columns, so the browser does not lay the text out again. Cells are
@@ -122,25 +199,25 @@ def text_figure(source: ColumnDataSource, lines_source: ColumnDataSource, *, hal
     left uncoloured (``alpha`` 0); the marks of steps without text are outlined (``edge`` 1). The
     hover names the loss ``loss`` (None: the Run has no loss, and the hover no loss line)."""
     mapper = LinearColorMapper(palette=PALETTE, low=-1, high=1, nan_color=NAN_COLOUR)
-    n_lines = len(lines_source.data["y"])
-    cols = max(int(max(source.data["x"] + source.data["w"] / 2, default=0)) + 1, 80)
-    rows = min(lines, n_lines)
-    p = figure(frame_width=COL * cols, frame_height=ROW * rows, name="text_plot",
-               x_range=Range1d(-0.5, cols - 0.5), y_range=Range1d(-rows + 0.5, 0.5),
+    p = figure(name="text_plot", x_range=Range1d(0, 1), y_range=Range1d(0, 1), x_axis_type=None, y_axis_type=None,
                tools="pan,box_select,tap,reset", toolbar_location="above", output_backend="canvas",
-               min_border_left=4, min_border_right=4)
+               min_border_left=4, min_border_right=4)        # no axes: ten fewer models to build and send
+    fit(p, source.data, len(lines_source.data["y"]), lines)
     p.title.text = plain(title)
     p.add_tools(WheelPanTool(dimension="height"))
     p.toolbar.active_scroll = p.tools[-1]
     cells = p.rect(x="x", y="y", width="w", height=1, source=source, line_color=INK, line_alpha="edge",
                    line_dash="dotted", fill_alpha="alpha", fill_color={"field": "shade", "transform": mapper})
-    p.text(x="x", y="y", text="line", source=lines_source, text_font={"value": FONT},
-           text_font_size=f"{COL / ADVANCE:.2f}px", text_align="left", text_baseline="middle", text_color=INK, name="text_ink")
+    size = f"{COL / ADVANCE:.2f}px"
+    wide_source = wide_source if wide_source is not None else ColumnDataSource({"x": [], "y": [], "char": []})
+    for src, field, font, align, name in ((lines_source, "line", FONT, "left", "text_ink"),
+                                          (wide_source, "char", WIDE_FONT, "center", "text_wide")):
+        # add_glyph: one glyph model per renderer (p.text builds five, for selection states ink never has)
+        p.add_glyph(src, Text(x="x", y="y", text=field, text_font={"value": font}, text_font_size=size,
+                              text_align=align, text_baseline="middle", text_color=INK), name=name)
     cells.name = "text_cells"
     tips = [("token", "@token"), ("id", "@id"), ("step", "@step"), ("value", "@value{0.0000}")]
     p.add_tools(HoverTool(renderers=[cells], tooltips=tips + ([(loss, "@loss{0.000}")] if loss else [])))
-    p.axis.visible = False
-    p.grid.visible = False
     ends = ("-max", "+max") if half is None else (f"{-half:.3g}", f"{half:.3g}")
     p.add_layout(ColorBar(color_mapper=mapper, ticker=FixedTicker(ticks=[-1, -0.5, 0, 0.5, 1]), width=12,
                           major_label_overrides={-1: ends[0], 0: "0", 1: ends[1], -0.5: "", 0.5: ""},
@@ -164,21 +241,23 @@ def per_cell(values: np.ndarray | None, steps: np.ndarray, s: int) -> np.ndarray
 
 
 def text_data(drawn, steps: np.ndarray, pos: np.ndarray, s: int, values: np.ndarray, loss: np.ndarray | None,
-              tokens: list[str], ids: list[str], half: float) -> tuple[dict, dict]:
-    """``(cells, lines)`` for ``text_figure``'s two sources; colours span ``-half..half``. ``drawn``,
+              tokens: list[str], ids: np.ndarray | None, half: float) -> tuple[dict, dict, dict]:
+    """``(cells, lines, wide)`` for ``text_figure``'s three sources; colours span ``-half..half``. ``drawn``,
     ``steps`` and ``pos`` as ``steps.pieces`` gives them; ``values`` and ``loss`` (or None) per step of
-    the page ``s..``; ``tokens`` and ``ids`` as shown, per step of the page."""
-    cells, lines = layout(drawn)
+    the page ``s..``; ``tokens`` as shown and ``ids`` (int64, or None: -1 in every cell), per step of
+    the page."""
+    cells, lines, wide = layout(drawn)
     has = steps >= 0
     cells["step"], cells["pos"] = steps, pos
     cells["token"] = [tokens[t - s] if t >= 0 else "" for t in steps]
-    cells["id"] = [ids[t - s] if t >= 0 else "" for t in steps]
+    cells["id"] = np.where(has, ids[np.maximum(steps - s, 0)], -1) if ids is not None and len(ids) \
+        else np.full(len(steps), -1, np.int64)          # numbers, not strings: 10,000 strings cost 50 ms to send
     cells["value"] = per_cell(values, steps, s)        # NaN stays NaN: the hover prints "NaN"
     cells["shade"] = shade(cells["value"], half)
     cells["loss"] = per_cell(loss, steps, s)
     cells["alpha"] = has.astype(np.float32)
     cells["edge"] = (has & (pos < 0)).astype(np.float32)
-    return cells, lines
+    return cells, lines, wide
 
 
 def heatmap_figure(matrix: np.ndarray, labels: list[str], start: int, *, width: int = 1400,
@@ -201,11 +280,11 @@ def set_heatmap(p, src, mapper, matrix: np.ndarray, labels: list[str], start: in
     """Replace the heatmap's data in place (the dashboard calls this on every change). Each row is
     divided by its own unit's colour range (1 for bounded kinds), so a cell state at 40 and a gate at
     0.9 share one -1..1 scale."""
-    matrix = np.array(matrix, np.float64).reshape(len(labels), -1)       # NaN stays NaN: NAN_COLOUR
+    matrix = np.array(matrix, np.float32).reshape(len(labels), -1)       # NaN stays NaN: NAN_COLOUR
     T = max(matrix.shape[1], 1)
-    for j, lab in enumerate(labels):
-        key = lab.rsplit(":", 1)[0]
-        matrix[j] /= colour_range(key if "." in key else "x.l0.c", matrix[j])
+    for key in dict.fromkeys(lab.rsplit(":", 1)[0] for lab in labels):
+        rows = [j for j, lab in enumerate(labels) if lab.rsplit(":", 1)[0] == key]
+        matrix[rows] /= row_ranges(key, matrix[rows])[:, None]
     mapper.update(low=-1, high=1)
     src.data = {"image": [matrix[::-1]], "x": [start], "y": [0], "dw": [T], "dh": [max(len(labels), 1)]}
     p.x_range.update(start=start, end=start + T)

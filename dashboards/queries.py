@@ -7,6 +7,7 @@ formatted for reading (``fmt``), and analysis tables are checked against the col
 from __future__ import annotations
 
 import html
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import pandas as pd
 from rnnscope.analysis.patterns import rank_units, span_scores
 from rnnscope.store import parse_key
 
-from .figures import colour_range, per_cell, shade, shown, text_data
+from .figures import colour_range, per_cell, shade, shown, shown_text, text_data
 from .steps import Documents, marker, page_chars, pieces
 
 # The columns each view reads; a table without them is shown as missing, never as a traceback.
@@ -82,18 +83,24 @@ def loss_name(run) -> str | None:
     return f"{kind} loss" if kind == "next-token" else "loss"
 
 
-def text_cells(run, docs: Documents, document: int, key: str, index: int, s: int,
-               e: int) -> tuple[dict, dict, float]:
-    """The page of steps ``[s, e)`` of ``document``: the text view's ``(cells, lines, half)``."""
+class TextPage(NamedTuple):
+    """A page of the text view: ``text_figure``'s three sources and the colour scale's half-width."""
+    cells: dict
+    lines: dict
+    wide: dict
+    half: float
+
+
+def text_cells(run, docs: Documents, document: int, key: str, index: int, s: int, e: int) -> TextPage:
+    """The page of steps ``[s, e)`` of ``document``, as the text view draws it."""
     c0, c1 = page_chars(run.spans, docs, document, s, e)
     drawn, steps, pos = pieces(run.text, run.spans, run.ids, s, e, c0, c1)
     values = unit_values(run, key, index, s, e)
     half = colour_range(key, values)
-    tokens = ["".join(shown(c) for c in t) if t else marker(run.ids, s + i) for i, t in enumerate(run.tokens(s, e))]
-    ids = [str(int(i)) for i in run.ids[s:e]] if run.ids is not None else ["-"] * (e - s)
+    tokens = [shown_text(t) if t else marker(run.ids, s + i) for i, t in enumerate(run.tokens(s, e))]
+    ids = None if run.ids is None else np.asarray(run.ids[s:e], np.int64)
     loss = None if run.loss is None else run.loss[s:e]
-    cells, lines = text_data(drawn, steps, pos, s, values, loss, tokens, ids, half)
-    return cells, lines, half
+    return TextPage(*text_data(drawn, steps, pos, s, values, loss, tokens, ids, half), half)
 
 
 def recolour(run, key: str, index: int, s: int, e: int, steps: np.ndarray) -> tuple[dict, float]:
@@ -166,9 +173,17 @@ def top_units(neurons: pd.DataFrame, feature: str, k: int) -> list[str]:
 
 
 def heat_matrix(run, units: list[str], s: int, e: int) -> np.ndarray:
-    """``[units, e - s]`` float32 (NaN kept)."""
-    rows = [np.asarray(run[u.rsplit(":", 1)[0]][s:e, int(u.rsplit(":", 1)[1])], np.float32) for u in units]
-    return np.stack(rows) if rows else np.zeros((1, max(e - s, 1)), np.float32)
+    """``[units, e - s]`` float32 (NaN kept). Each key's page is read once, as one block of rows
+    (a whole key of 256 units read unit by unit cost 257 opens and strided reads: 0.3 s)."""
+    if not units:
+        return np.zeros((1, max(e - s, 1)), np.float32)
+    parts = [u.rsplit(":", 1) for u in units]
+    out = np.empty((len(units), e - s), np.float32)
+    for key in dict.fromkeys(k for k, _ in parts):
+        rows = [j for j, (k, _) in enumerate(parts) if k == key]
+        block = np.asarray(run[key][s:e], np.float32)             # [e - s, units of key]
+        out[rows] = block[:, [int(parts[j][1]) for j in rows]].T
+    return out
 
 
 def grad_norms(run, keys: list[str], s: int, e: int) -> dict:

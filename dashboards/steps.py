@@ -32,6 +32,19 @@ class Documents:
         """The document holding ``step``."""
         return int(np.searchsorted(self.step_end, step, side="right"))
 
+    def search(self, query: str) -> np.ndarray:
+        """int64: the documents whose name holds ``query`` (ignoring case), or whose index it is, in
+        order; every document for an empty query."""
+        query = query.strip().casefold()
+        if not query:
+            return np.arange(len(self), dtype=np.int64)
+        if not hasattr(self, "_folded"):
+            self._folded = [n.casefold() for n in self.names]
+        hits = [i for i, n in enumerate(self._folded) if query in n]
+        if query.isdigit() and int(query) < len(self) and int(query) not in hits:
+            hits = sorted(hits + [int(query)])
+        return np.asarray(hits, np.int64)
+
     def find(self, name_or_index: str | int) -> int:
         """A document by its name, else by its index (a name that is a number wins)."""
         if str(name_or_index) in self.names:
@@ -98,6 +111,8 @@ def pieces(text: str, spans: np.ndarray, ids: np.ndarray | None, s: int, e: int,
     text_steps = s + np.flatnonzero(page_spans[:, 0] >= 0)
     nxt = np.searchsorted(text_steps, bare)
     following = np.append(spans[text_steps, 0], c1)        # the next text step's start, else the page's end
+    if not len(bare):                                      # most pages: the text, one entry per character
+        return list(text[c0:c1]), own, np.arange(c0, c1, dtype=np.int64)
     at = following[nxt]
     drawn, step, pos = [], [], []
     m = 0

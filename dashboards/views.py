@@ -13,7 +13,8 @@ from bokeh.models import (Button, ColumnDataSource, DataTable, Div, Select, Spin
                           TableColumn)
 
 from . import queries as q
-from .figures import heatmap_figure, set_heatmap, text_figure
+from .picker import DocumentPicker
+from .figures import columns as cell_columns, fit, heatmap_figure, set_heatmap, text_figure
 from .steps import span_text
 
 HEAT = 2000              # steps in the heatmap (from the page's start)
@@ -25,11 +26,21 @@ def div(text: str, **kw) -> Div:
     return Div(text=text, disable_math=True, **kw)
 
 
-def table(source: ColumnDataSource, columns: list[str], **kw) -> DataTable:
+def table(source: ColumnDataSource, columns: list[str], widths: dict[str, int] | None = None, **kw) -> DataTable:
     """Cells as plain text, numbers pre-formatted (``queries.fmt``): sorting them as strings would
-    mislead, so the rows keep the order the analysis ranked them in."""
-    return DataTable(source=source, sortable=False, columns=[TableColumn(field=c, title=c, formatter=StringFormatter())
-                                                             for c in columns], **kw)
+    mislead, so the rows keep the order the analysis ranked them in. ``widths``: pixels for some
+    columns (the rest 90): the table then scrolls sideways rather than squeeze a unit's name."""
+    widths = widths or {}
+    return DataTable(source=source, sortable=False, autosize_mode="none" if widths else "force_fit",
+                     columns=[TableColumn(field=c, title=c, formatter=StringFormatter(), width=widths.get(c, 90))
+                              for c in columns], **kw)
+
+
+def text_width(strings, lo: int = 60, hi: int = 2400) -> int:
+    """Pixels a table column needs for the longest of ``strings`` (a wide character counts two)."""
+    longest = sorted({str(t) for t in strings}, key=len)[-50:]       # the widest is among the longest
+    most = max((sum(cell_columns(ch) for ch in t) for t in longest), default=0)
+    return int(min(max(7 * most + 24, lo), hi))
 
 
 def on_row_click(source: ColumnDataSource, data, sel) -> None:
@@ -41,13 +52,6 @@ def on_row_click(source: ColumnDataSource, data, sel) -> None:
     source.selected.on_change("indices", pick)
 
 
-def document_options(docs) -> list[tuple[str, str]]:
-    """The document picker's ``(index, label)`` options: names with control and bidi characters made
-    visible and cut short (a Select writes its labels as text, never as HTML)."""
-    return [(str(i), f"{i}: {''.join(q.shown(c) for c in name[:60])}{'...' if len(name) > 60 else ''}")
-            for i, name in enumerate(docs.names)]
-
-
 class Controls:
     """Key, unit index, document and page: widgets that mirror the selection and write it."""
 
@@ -56,8 +60,7 @@ class Controls:
         self.key = Select(title="key", value=sel.key, options=data.keys, name="unit_key", width=180)
         self.index = Spinner(title="unit index", low=0, high=data.units[sel.key] - 1, step=1, value=sel.index,
                              name="unit_index", width=110)
-        self.document = Select(title="document", value=str(sel.document), options=document_options(data.docs),
-                               name="document", width=220, visible=len(data.docs) > 1)
+        self.document = DocumentPicker(data.docs, sel.document, self._pick)
         self.start = Spinner(title="window start", low=0, high=max(data.steps - 1, 0),
                              step=max(data.window // 2, 1), value=sel.start, name="window_start", width=130)
         prev, nxt = Button(label="\u25c0 page", width=80), Button(label="page \u25b6", width=80)
@@ -65,19 +68,18 @@ class Controls:
         nxt.on_click(lambda: sel.set(**data.turn(sel, +1)))
         self.key.on_change("value", lambda a, o, n: sel.set(key=n, index=min(sel.index, data.units[n] - 1)))
         self.index.on_change("value", lambda a, o, n: sel.set(index=int(min(max(n or 0, 0), data.units[sel.key] - 1))))
-        self.document.on_change("value", lambda a, o, n: self._pick(n))
         self.start.on_change("value", lambda a, o, n: sel.set(**data.at(int(n or 0))))
-        self.root = row(self.key, self.index, self.document, self.start, column(div("", height=12), row(prev, nxt)))
+        self.root = row(self.key, self.index, self.document.root, self.start, column(div("", height=12), row(prev, nxt)))
         sel.watch(self.update)
 
-    def _pick(self, value: str) -> None:
-        if value.isdigit() and int(value) < len(self.data.docs) and int(value) != self.sel.document:
-            self.sel.set(**self.data.at(int(self.data.docs.step_start[int(value)])))
+    def _pick(self, document: int) -> None:
+        if document != self.sel.document:
+            self.sel.set(**self.data.at(int(self.data.docs.step_start[document])))
 
     def update(self, changed: set[str]) -> None:
         self.index.high = self.data.units[self.sel.key] - 1
         self.key.value, self.index.value, self.start.value = self.sel.key, self.sel.index, self.sel.start
-        self.document.value = str(self.sel.document)
+        self.document.show(self.sel.document)
 
 
 class TextView:
@@ -85,23 +87,28 @@ class TextView:
 
     def __init__(self, data, sel):
         self.data, self.sel = data, sel
-        cells, lines, self.half = self._cells()
-        self.source = ColumnDataSource(cells, name="text_source")
-        self.lines = ColumnDataSource(lines, name="lines_source")
+        page = self._cells()
+        self.half = page.half
+        self.source = ColumnDataSource(page.cells, name="text_source")
+        self.lines = ColumnDataSource(page.lines, name="lines_source")
+        self.wide = ColumnDataSource(page.wide, name="wide_source")
         self.info = div("", name="unit_info", width=700)
-        self.plot = text_figure(self.source, self.lines, title=str(data.run.path.name), loss=q.loss_name(data.run))
+        self.plot = text_figure(self.source, self.lines, wide_source=self.wide, title=str(data.run.path.name),
+                                loss=q.loss_name(data.run))
         self._info()
         sel.watch(self.update)
 
-    def _cells(self):
+    def _cells(self) -> q.TextPage:
         return q.text_cells(self.data.run, self.data.docs, self.sel.document, self.sel.key, self.sel.index,
                             *self.data.span(self.sel))
 
     def update(self, changed: set[str]) -> None:
         if "start" in changed or "document" in changed:
             self.source.selected.indices = []
-            cells, lines, self.half = self._cells()
-            self.source.data, self.lines.data = cells, lines
+            page = self._cells()
+            self.half = page.half
+            self.source.data, self.lines.data, self.wide.data = page.cells, page.lines, page.wide
+            fit(self.plot, page.cells, len(page.lines["y"]))
         elif changed & {"key", "index"}:
             columns, self.half = q.recolour(self.data.run, self.sel.key, self.sel.index, *self.data.span(self.sel),
                                             self.source.data["step"])
@@ -158,7 +165,8 @@ class NeuronView:
         self.data, self.sel = data, sel
         self.feature = Select(title="feature", value=sel.feature, options=data.features, name="feature_filter")
         self.source = ColumnDataSource(q.neuron_rows(data.neurons, sel.feature), name="neuron_rows")
-        grid = table(self.source, q.NEURON_COLUMNS, name="neuron_table", width=900, height=420)
+        widths = {"unit": text_width(data.neurons["unit"]), "feature": text_width(data.features)}
+        grid = table(self.source, q.NEURON_COLUMNS, widths, name="neuron_table", width=900, height=420)
         self.feature.on_change("value", lambda a, o, n: sel.set(feature=n))
         on_row_click(self.source, data, sel)
         self.root = column(self.feature, grid)
@@ -182,6 +190,7 @@ class PatternView:
         on_row_click(self.source, data, sel)
         text.source.selected.on_change("indices", lambda a, o, n: self.search(n))
         self.root = column(self.info, grid)
+        self.search(text.source.selected.indices)      # a span selected before this tab was built
 
     def search(self, indices: list[int]) -> None:
         found = self.text.steps(indices) if indices else None
@@ -207,7 +216,8 @@ class ContextsView:
                                            data.why.get("contexts")), width=900)
             return
         self.source = ColumnDataSource(q.context_rows(contexts, sel.unit), name="context_rows")
-        grid = table(self.source, q.CONTEXT_COLUMNS, name="context_table", width=900, height=420)
+        widths = {"side": 60, "rank": 50, "context": text_width(contexts["context"], hi=1600) + 14}   # + brackets
+        grid = table(self.source, q.CONTEXT_COLUMNS, widths, name="context_table", width=900, height=420)
         self.source.selected.on_change("indices", lambda a, o, n: self._jump(n))
         self.root = grid
         sel.watch(self.update)

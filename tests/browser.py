@@ -23,7 +23,7 @@ def served(run, *args, host: str = "127.0.0.1"):
                              "--host", host, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180          # a loaded 2-core machine takes a minute to import and check
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {proc.stderr.read()}")
