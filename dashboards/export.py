@@ -222,6 +222,8 @@ def export_run(run, out, *, unit=None, units=None, feature=None, top: int = 10, 
                             "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
     if unit:
         fig = unit_figure(run, unit, start, end, document=document)
-    else:
-        fig = units_figure(run, units or top_units_for(run, feature, top), start, end, document=document)
+    elif units:
+        fig = units_figure(run, units, start, end, document=document)
+    else:                               # named for its feature and document, the feature's own row on top
+        fig = feature_figure(run, feature, top, start, end, document)
     return export(fig, out)
