@@ -200,6 +200,15 @@ class Engine:
     def module(self) -> nn.Module:
         return self._module()
 
+    def __getstate__(self) -> dict:
+        # a model pickled while probed or edited (cloudpickle sends one to Dask workers) arrives as the
+        # plain model: its copy's engine records and edits nothing (the Probe stays here), and holds the
+        # module itself, since a weak reference cannot be pickled
+        return {"_module": self.module}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["_module"])
+
     def __repr__(self) -> str:
         return (f"Engine({self.family.name}: recorder {'on' if self.recorder else 'off'}, "
                 f"{len(self.editors)} editor(s))")

@@ -100,3 +100,19 @@ def test_lazy_names_resolve_to_what_they_name():
     assert probe_module.__name__ == "rnnscope.probe.probe" and probe.Probe is probe_module.Probe is rs.Probe
     assert analysis.features.__name__ == "rnnscope.analysis.features" and rs.features is analysis.features
     assert rs.Intervention is probe.Intervention is analysis.Intervention and callable(rs.dashboards.serve)
+
+
+def test_a_probed_model_still_pickles():
+    """The engine holds its module weakly (no reference cycle), yet a model probed at the moment it is
+    pickled (as Dask's cloudpickle may send it) pickles, and its copy runs."""
+    import pickle
+
+    import cloudpickle
+    import torch
+
+    import rnnscope as rs
+    m = torch.nn.LSTM(3, 4)
+    with rs.Probe(m):
+        copy = pickle.loads(cloudpickle.dumps(m))
+    out, _ = copy(torch.randn(5, 1, 3))
+    assert out.shape == (5, 1, 4)
