@@ -1,0 +1,96 @@
+"""The whole-Run reads other than the neuron search as Dask reductions over a sharded Run's shards:
+one task per shard file, opened by path on the worker (``distributed._files``), its small result
+reduced on the client.
+
+- ``extremes``: each shard's top-k and bottom-k steps per unit with their values; the client keeps
+  the k best of the union under the single-process order (value, then the earlier step), so the
+  steps are exactly those of ``contexts._extremes``.
+- ``saturation``: each shard's counts below / above the thresholds (integers: exact) and its float64
+  sum (equal to one process's up to the order of the additions).
+- ``grad_norms``: each shard's per-step norms (computed row by row: exact), concatenated.
+
+Each function returns None when ``a`` is not a Run's memory-mapped array (an in-memory trace); the
+caller then computes in this process.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _files(a):
+    from .distributed import _files        # imported when a client is given: the numba kernels load only then
+    return _files(a)
+
+
+def _shards(client, a, fn, *args) -> list | None:
+    """``fn(path, lo, hi, *args)`` for each file of ``a`` (its rows ``[lo, hi)``) on ``client``'s
+    workers, in step order; None for an array that is not a Run's."""
+    found = _files(a)
+    if found is None:
+        return None
+    files, bounds = found
+    futures = [client.submit(fn, f, int(lo), int(hi), *args, pure=False)
+               for f, lo, hi in zip(files, bounds[:-1], bounds[1:]) if hi > lo]
+    return client.gather(futures)
+
+
+def _open(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _shard_extremes(path, lo, hi, k, chunk, has_text):
+    """A shard's ``{side: (values [k', units], steps [k', units])}`` (``k' = min(k, rows)``, steps in Run
+    numbering) with ``contexts._extreme_sets``."""
+    from .contexts import _extreme_sets
+    sets = _extreme_sets(_open(path), min(k, hi - lo), chunk, has_text)
+    return {side: (v, s + lo) for side, (v, s) in sets.items()}
+
+
+def extremes(client, a, k: int, chunk: int, has_text: np.ndarray) -> dict[str, np.ndarray] | None:
+    """``contexts._extremes(a, k, chunk, has_text)`` with one task per shard: ``{side: steps [k, units]}``,
+    strongest first."""
+    found = _files(a)
+    if found is None:
+        return None
+    files, b = found
+    got = client.gather([client.submit(_shard_extremes, f, int(lo), int(hi), k, chunk, has_text[lo:hi], pure=False)
+                         for f, lo, hi in zip(files, b[:-1], b[1:]) if hi > lo])
+    out = {}
+    for side in ("top", "bottom"):
+        v = np.concatenate([g[side][0] for g in got])                  # [shards * k', units]
+        s = np.concatenate([g[side][1] for g in got])
+        order = np.lexsort((s, -v), axis=0)[:k]                        # value first, then earliest step
+        out[side] = np.take_along_axis(s, order, 0)
+    return out
+
+
+def _shard_saturation(path, lo, hi, low, high, chunk):
+    """A shard's ``left, right`` counts (int64) and float64 ``total`` per unit, chunked as one process."""
+    a = _open(path)
+    U = a.shape[1]
+    left, right, total = np.zeros(U, np.int64), np.zeros(U, np.int64), np.zeros(U)
+    for s in range(0, hi - lo, chunk):
+        x = np.asarray(a[s:s + chunk], np.float32)
+        left += (x < low).sum(0)
+        right += (x > high).sum(0)
+        total += np.nan_to_num(x).sum(0, dtype=np.float64)
+    return left, right, total
+
+
+def saturation(client, a, low: float, high: float, chunk: int):
+    """``(left, right, total)`` per unit over the whole key: the shards' counts and sums added."""
+    got = _shards(client, a, _shard_saturation, low, high, chunk)
+    if got is None:
+        return None
+    return tuple(sum(g[i] for g in got) for i in range(3))
+
+
+def _shard_norms(path, lo, hi, chunk):
+    from .gradflow import _norms
+    return _norms(_open(path), chunk)
+
+
+def grad_norms(client, a, chunk: int) -> np.ndarray | None:
+    """``gradflow._norms(a, chunk)``: ``[steps]``, the shards' per-step norms in step order."""
+    got = _shards(client, a, _shard_norms, chunk)
+    return None if got is None else np.concatenate(got)
