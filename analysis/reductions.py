@@ -8,11 +8,15 @@ reduced on the client.
 - ``saturation``: each shard's counts below / above the thresholds (integers: exact) and its float64
   sum (equal to one process's up to the order of the additions).
 - ``grad_norms``: each shard's per-step norms (computed row by row: exact), concatenated.
+- ``worker_features``: each shard's feature tracks from its own text and spans (a shard is whole
+  documents and the tracks are per character within a document: the same numbers), concatenated.
 
 Each function returns None when ``a`` is not a Run's memory-mapped array (an in-memory trace); the
 caller then computes in this process.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -94,3 +98,44 @@ def grad_norms(client, a, chunk: int) -> np.ndarray | None:
     """``gradflow._norms(a, chunk)``: ``[steps]``, the shards' per-step norms in step order."""
     got = _shards(client, a, _shard_norms, chunk)
     return None if got is None else np.concatenate(got)
+
+
+def _shard_steps(path, by_char, language):
+    """A shard's ``features.steps`` frame ``[shard steps x features]``, from its own text and spans."""
+    from rnnscope.store import open_run
+    from .features import steps
+    from .source import as_source
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # as feature_table: a feature constant on one document is no news
+        return steps(as_source(open_run(path), language=language), by_char, language)
+
+
+def shard_steps(client, src, features, language: str) -> dict[str, np.ndarray] | None:
+    """``features.steps(src, features, language)`` for the per-character features (names, or a dict's
+    functions ``text -> array[chars]``) of a sharded Run's ``src``, one task per shard: ``name -> [steps]``;
+    None when ``src`` is not a sharded Run's or asks no per-character feature."""
+    from rnnscope.store.shards import ShardedRun
+    from .features import on_tokens
+    if not isinstance(getattr(src, "run", None), ShardedRun):
+        return None
+    named = isinstance(features, dict)
+    by_char = {k: f for k, f in features.items() if not isinstance(f, on_tokens)} if named else list(features)
+    if not by_char:
+        return None
+    got = client.gather([client.submit(_shard_steps, str(s.path), by_char, language, pure=False)
+                         for s in src.run.shards])
+    return {k: np.concatenate([g[k].to_numpy() for g in got]) for k in by_char}
+
+
+def worker_features(client, src, features) -> dict | list | None:
+    """``features`` for ``neurons.feature_table`` with the per-character ones computed on ``client``'s
+    workers, shard by shard: each becomes an ``on_tokens`` feature returning its column (steps without
+    text already NaN); ``features`` unchanged when ``src`` is not a sharded Run's."""
+    from .features import on_tokens
+    from .neurons import default_features
+    features = default_features(src.language) if features is None else features
+    cols = shard_steps(client, src, features, src.language or "c")
+    if cols is None:
+        return features
+    items = features.items() if isinstance(features, dict) else ((k, None) for k in features)
+    return {k: f if isinstance(f, on_tokens) else on_tokens(lambda _, c=cols[k]: c) for k, f in items}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,28 @@ def test_contexts_saturation_and_gradient_norms_on_the_cluster_equal_one_process
     trace = {"rnn.l0.f": np.full((4, 2), 0.95, np.float32)}          # an in-memory trace: counted here
     assert reductions.saturation(client, trace["rnn.l0.f"], 0.1, 0.9, 2) is None
     assert gate_saturation(trace, text="abcd", client=client)["right"].tolist() == [1.0, 1.0]
+
+
+
+def test_features_computed_on_the_workers_from_each_shards_text_equal_the_clients(client, runs):
+    """Each shard is whole documents and the tracks are per character within one, so a worker's
+    columns from its shard's own text and spans are the client's over the whole text, exactly."""
+    from rnnscope.analysis import features as F, reductions
+    from rnnscope.analysis.neurons import feature_table
+    from rnnscope.analysis.source import as_source
+    one, many = runs
+    names = ["in_string", "column", "brace_depth"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # some documents hold no string: said per document
+        ref, src = F.steps(as_source(one), names, "c"), as_source(many)
+    got = reductions.shard_steps(client, src, names, "c")
+    assert list(got) == names and len(got["column"]) == len(many)
+    for k, col in got.items():
+        np.testing.assert_array_equal(col, ref[k].to_numpy())
+        assert np.nanmax(col) > 0                                        # the planted C text makes them vary
+    mixed = {"in_string": F.in_string, "vowel": lambda text: np.array([c in "aeiou" for c in text], float),
+             "paren": F.on_tokens(lambda ts: [t == "(" for t in ts]), "column": F.column}
+    table, binary = feature_table(src, reductions.worker_features(client, src, mixed))
+    want, want_binary = feature_table(as_source(one), mixed)
+    assert list(table) == list(mixed) and binary == want_binary and table.equals(want)
+    assert reductions.worker_features(client, as_source(one), names) == names     # unsharded: the client's path
