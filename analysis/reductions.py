@@ -69,16 +69,9 @@ def extremes(client, a, k: int, chunk: int, has_text: np.ndarray) -> dict[str, n
 
 
 def _shard_saturation(path, lo, hi, low, high, chunk):
-    """A shard's ``left, right`` counts (int64) and float64 ``total`` per unit, chunked as one process."""
-    a = _open(path)
-    U = a.shape[1]
-    left, right, total = np.zeros(U, np.int64), np.zeros(U, np.int64), np.zeros(U)
-    for s in range(0, hi - lo, chunk):
-        x = np.asarray(a[s:s + chunk], np.float32)
-        left += (x < low).sum(0)
-        right += (x > high).sum(0)
-        total += np.nan_to_num(x).sum(0, dtype=np.float64)
-    return left, right, total
+    """A shard's ``left, right`` counts (int64) and float64 ``total`` per unit (``gates._counts``)."""
+    from .gates import _counts
+    return _counts(_open(path), low, high, chunk)
 
 
 def saturation(client, a, low: float, high: float, chunk: int):
