@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from rnnscope.errors import RnnscopeError
 
+from . import reductions
 from .source import as_source
 
 
@@ -36,6 +37,16 @@ def _keep_largest(best_v: np.ndarray, best_s: np.ndarray, vals: np.ndarray, step
 def _extremes(a, k: int, chunk: int, has_text: np.ndarray) -> dict[str, np.ndarray]:
     """``a [steps, units]`` -> ``{"top": steps [k, units], "bottom": ...}``, strongest first. NaN and
     steps without text never rank above a number."""
+    out = {}
+    for side, (best_v, best_s) in _extreme_sets(a, k, chunk, has_text).items():
+        order = np.lexsort((best_s, -best_v), axis=0)                 # value first, then earliest step
+        out[side] = np.take_along_axis(best_s, order, 0)
+    return out
+
+
+def _extreme_sets(a, k: int, chunk: int, has_text: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{side: (values [k, units], steps [k, units])}`` in step order: the k largest of ``±a`` per unit
+    (NaN and steps without text at -inf; equal values keep the earlier step), ``k <= steps``."""
     T = a.shape[0]
 
     def rows(s, e, sign):
@@ -51,13 +62,12 @@ def _extremes(a, k: int, chunk: int, has_text: np.ndarray) -> dict[str, np.ndarr
         for s in range(k, T, chunk):
             e = min(T, s + chunk)
             best_v, best_s = _keep_largest(best_v, best_s, rows(s, e, sign), np.arange(s, e), k)
-        order = np.lexsort((best_s, -best_v), axis=0)                 # value first, then earliest step
-        out[side] = np.take_along_axis(best_s, order, 0)
+        out[side] = best_v, best_s
     return out
 
 
 def top_contexts(run, k: int = 10, window: int = 40, text: str | None = None, *, keys=None,
-                 chunk: int = 16384, progress: bool = True) -> pd.DataFrame:
+                 chunk: int = 16384, progress: bool = True, client=None) -> pd.DataFrame:
     """For every unit of every state key (or of ``keys``), the ``k`` steps where it is highest and the
     ``k`` where it is lowest, with the text around each.
 
@@ -71,7 +81,8 @@ def top_contexts(run, k: int = 10, window: int = 40, text: str | None = None, *,
     the unit's value at each step of the window), ``char_start`` (where ``context`` starts in the
     text) and ``token_start, token_end`` (the step's own span in ``context``; -1 for a step without
     text). On a character Run steps are characters: ``token_start == offset``. Equal values rank by
-    the earlier step.
+    the earlier step. ``client``: a Dask client; a Run's keys are then ranked shard by shard on its
+    workers (the same steps).
     """
     src = as_source(run, text)
     T = src.steps
@@ -92,7 +103,8 @@ def top_contexts(run, k: int = 10, window: int = 40, text: str | None = None, *,
         a = src.array(key)
         U = a.shape[1]
         sides = []
-        for side, steps in _extremes(a, k, chunk, src.has_text).items():
+        found = None if client is None else reductions.extremes(client, a, k, chunk, src.has_text)
+        for side, steps in (found or _extremes(a, k, chunk, src.has_text)).items():
             steps = steps.T.ravel()                                    # unit-major: [units * k]
             unit = np.repeat(np.arange(U), k)
             doc = src.step_bounds[src.step_document[steps]]

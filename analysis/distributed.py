@@ -12,8 +12,9 @@ cutting the float32 products at shard boundaries costs). The ranking, the shift 
 the passes run on the client, unchanged.
 
 Workers open the shard's ``.npy`` by the path the client checked (``open_run``), so they must see
-the Run on a shared file system; the feature columns of a shard's rows travel with its task (they
-are computed on the client from the whole text: per shard on the workers is left to do).
+the Run on a shared file system; the label columns of a shard's rows travel with its task (the raw
+feature tracks are computed on the workers from each shard's text, ``reductions.worker_features``,
+but normalised, ranked and shifted over the whole part on the client).
 """
 from __future__ import annotations
 

@@ -22,32 +22,41 @@ from tqdm.auto import tqdm
 from rnnscope.probe import Probe, parse_key
 from rnnscope.errors import RnnscopeError
 
+from . import reductions
 from .source import as_source
 
 
-def gradient_norms(run, *, text: str | None = None, chunk: int = 65536, explode: float = 100.0) -> pd.DataFrame:
+def gradient_norms(run, *, text: str | None = None, chunk: int = 65536, explode: float = 100.0,
+                   client=None) -> pd.DataFrame:
     """``[time]`` rows, one column per gradient key: the L2 norm over units at each step (NaN where a
     gradient is NaN or infinite: it stays visible, never 0). Steps whose norm exceeds ``explode`` times
     that key's median (over finite steps) are counted in ``frame.attrs['exploding']``, non-finite ones
-    in ``frame.attrs['nonfinite']``."""
+    in ``frame.attrs['nonfinite']``. ``client``: a Dask client; a Run's shards' norms are then computed
+    on its workers (the same numbers)."""
     src = as_source(run, text)
     keys = src.need({"grad_h", "grad_c"}, "gradient norms", "record with `rnnscope probe ... --grad`")
     cols = {}
     for key in keys:
         a = src.arrays[key]
-        out = np.empty(a.shape[0], np.float64)
-        for s in range(0, a.shape[0], chunk):
-            x = np.asarray(a[s:s + chunk], np.float64)
-            with np.errstate(over="ignore", invalid="ignore"):
-                n = np.sqrt((x * x).sum(1))
-            out[s:s + len(x)] = np.where(np.isfinite(n), n, np.nan)
-        cols[key] = out
+        found = None if client is None else reductions.grad_norms(client, a, chunk)
+        cols[key] = _norms(a, chunk) if found is None else found
     frame = pd.DataFrame(cols)
     frame.index.name = "step"
     med = frame.median()
     frame.attrs["exploding"] = {k: int((frame[k] > explode * med[k]).sum()) for k in keys}
     frame.attrs["nonfinite"] = {k: int((~np.isfinite(frame[k].to_numpy())).sum()) for k in keys}
     return frame
+
+
+def _norms(a, chunk: int) -> np.ndarray:
+    """``a [steps, units]`` -> ``[steps]`` float64 L2 norms over units, NaN where not finite."""
+    out = np.empty(a.shape[0], np.float64)
+    for s in range(0, a.shape[0], chunk):
+        x = np.asarray(a[s:s + chunk], np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            n = np.sqrt((x * x).sum(1))
+        out[s:s + len(x)] = np.where(np.isfinite(n), n, np.nan)
+    return out
 
 
 def decay_ends(bounds: np.ndarray, window: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from rnnscope.store import parse_key
 from rnnscope.errors import RnnscopeError
 
 from . import features as feats
-from . import kernels
+from . import kernels, reductions
 from .controls import character_controls, token_pair_ids
 from .kernels import BINS
 from .nulls import draw_lags, independent_test, null_of, resolved_test, shift_test, shifted
@@ -242,7 +242,7 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     direction: ``2 * (AUC - 0.5)`` or ``direction * r``, in [-1, 1].
     """
     src = as_source(run, text, language)
-    F, binary = feature_table(src, features)
+    F, binary = feature_table(src, features if client is None else reductions.worker_features(client, src, features))
     keys = list(keys) if keys is not None else src.state_keys
     if not keys:
         raise RnnscopeError("nothing to score: the source has no state keys", "record states, not only gradients")

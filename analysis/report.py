@@ -93,15 +93,15 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
                          .assign(units_needed=lambda d: d.attrs.get("units_needed")))
         out["sparse"] = pd.concat(paths, ignore_index=True)
     if any(k.rsplit(".", 1)[1] in GATES for k in src.state_keys):
-        out["saturation"] = gate_saturation(run)
+        out["saturation"] = gate_saturation(run, client=client)
     else:
         types = {m["type"] for m in run.manifest["model"].get("modules", {}).values()}
         skipped["saturation"] = ("a plain RNN has no gates" if types == {"RNN"}
                                  else "no gates recorded (probe without --kinds)")
     if contexts:
-        out["contexts"] = top_contexts(run, k=contexts, window=context_window, progress=progress)
+        out["contexts"] = top_contexts(run, k=contexts, window=context_window, progress=progress, client=client)
     if src.grad_keys:
-        norms = gradient_norms(run)
+        norms = gradient_norms(run, client=client)
         exploding, nonfinite = norms.attrs["exploding"], norms.attrs["nonfinite"]
         out["grad_norms"] = norms.reset_index()
     else:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,60 @@ def test_a_hostile_sharded_run_is_refused_in_one_line(runs, tmp_path, capsys, ca
         assert main(argv) == 2
         out = capsys.readouterr().err.strip()
         assert len(out.splitlines()) == 1 and said in out, (argv, out)
+
+
+def test_contexts_saturation_and_gradient_norms_on_the_cluster_equal_one_process(client, runs):
+    """The other whole-Run reads as reductions over the shards give the single-process tables: the same
+    top-k steps (ties by the earlier step, checked against a full sort), the same counts, the same norms."""
+    from rnnscope.analysis import reductions
+    from rnnscope.analysis.contexts import top_contexts
+    from rnnscope.analysis.gates import gate_saturation
+    from rnnscope.analysis.gradflow import gradient_norms
+    one, many = runs
+    sizes = np.diff([s["step_start"] for s in many.manifest["shards"]] + [len(many)])
+    k = int(sizes.min()) + 2                     # more than one shard holds: its top-k is all its rows
+    keys = ["rnn.l0.h", "rnn.l1.c"]
+    ref = top_contexts(one, k=k, keys=keys, chunk=7, progress=False)
+    got = top_contexts(many, k=k, keys=keys, chunk=7, progress=False, client=client)
+    a = np.asarray(one["rnn.l1.c"], np.float32)  # an independent reference: sort every step
+    has = rs.analysis.source.as_source(one).has_text
+    v = np.where(has[:, None], np.nan_to_num(a, nan=-np.inf), -np.inf)
+    want = np.lexsort((np.broadcast_to(np.arange(len(v))[:, None], v.shape), -v), axis=0)[:k]
+    top = got[(got.key == "rnn.l1.c") & (got.side == "top")].sort_values(["index", "rank"])
+    np.testing.assert_array_equal(top["step"].to_numpy().reshape(-1, k).T, want)
+    plain = [c for c in ref.columns if c != "values"]
+    assert ref[plain].equals(got[plain])
+    assert all(np.array_equal(x, y) for x, y in zip(ref["values"], got["values"]))
+    sat_ref, sat = gate_saturation(one), gate_saturation(many, client=client)
+    assert len(sat) and sat[["key", "index", "left", "right"]].equals(sat_ref[["key", "index", "left", "right"]])
+    np.testing.assert_allclose(sat["mean"], sat_ref["mean"], rtol=0, atol=1e-9)
+    norms_ref, norms = gradient_norms(one, chunk=5), gradient_norms(many, chunk=5, client=client)
+    assert norms.shape[1] >= 2 and norms.equals(norms_ref) and norms.attrs == norms_ref.attrs
+    trace = {"rnn.l0.f": np.full((4, 2), 0.95, np.float32)}          # an in-memory trace: counted here
+    assert reductions.saturation(client, trace["rnn.l0.f"], 0.1, 0.9, 2) is None
+    assert gate_saturation(trace, text="abcd", client=client)["right"].tolist() == [1.0, 1.0]
+
+
+
+def test_features_computed_on_the_workers_from_each_shards_text_equal_the_clients(client, runs):
+    """Each shard is whole documents and the tracks are per character within one, so a worker's
+    columns from its shard's own text and spans are the client's over the whole text, exactly."""
+    from rnnscope.analysis import features as F, reductions
+    from rnnscope.analysis.neurons import feature_table
+    from rnnscope.analysis.source import as_source
+    one, many = runs
+    names = ["in_string", "column", "brace_depth"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # some documents hold no string: said per document
+        ref, src = F.steps(as_source(one), names, "c"), as_source(many)
+    got = reductions.shard_steps(client, src, names, "c")
+    assert list(got) == names and len(got["column"]) == len(many)
+    for k, col in got.items():
+        np.testing.assert_array_equal(col, ref[k].to_numpy())
+        assert np.nanmax(col) > 0                                        # the planted C text makes them vary
+    mixed = {"in_string": F.in_string, "vowel": lambda text: np.array([c in "aeiou" for c in text], float),
+             "paren": F.on_tokens(lambda ts: [t == "(" for t in ts]), "column": F.column}
+    table, binary = feature_table(src, reductions.worker_features(client, src, mixed))
+    want, want_binary = feature_table(as_source(one), mixed)
+    assert list(table) == list(mixed) and binary == want_binary and table.equals(want)
+    assert reductions.worker_features(client, as_source(one), names) == names     # unsharded: the client's path
