@@ -19,7 +19,7 @@ from bokeh.palettes import RdBu11
 from bokeh.plotting import figure
 
 from rnnscope.errors import hidden
-from rnnscope.store import parse_key
+from rnnscope.store import KEY, parse_key
 
 TAB, WRAP = 8, 160
 BOUNDED = {"h", "g", "n", "i", "f", "o", "r", "z"}       # tanh or sigmoid: fixed -1..1
@@ -161,11 +161,8 @@ def colour_range(key: str, values: np.ndarray) -> float:
 def row_ranges(key: str, rows: np.ndarray) -> np.ndarray:
     """``colour_range`` of each row of ``rows [units, time]`` of one key, float32 ``[units]``; a row
     that is not a state key's (a feature's own track) on the percentile scale."""
-    try:
-        bounded = parse_key(key)["kind"] in BOUNDED
-    except ValueError:
-        bounded = False
-    if bounded:
+    m = KEY.match(key)
+    if m and m["kind"] in BOUNDED:
         return np.ones(len(rows), np.float32)
     if not rows.shape[1]:
         return np.ones(len(rows), np.float32)
