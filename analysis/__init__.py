@@ -10,7 +10,7 @@ if __name__ != "rnnscope.analysis":      # run from the repository root, ``impor
                       "use `from rnnscope import analysis` (pip install -e . first)")
 from rnnscope.lazy import exports
 
-_API = {"features": "features", "find_neurons": "neurons", "top_units": "neurons", "benjamini_hochberg": "neurons",
+_API = {"features": "features", "find_neurons": "neurons", "analyze": "report", "top_units": "neurons", "benjamini_hochberg": "neurons",
         "Intervention": "intervene", "ablate": "intervene", "position_mask": "intervene"}
 __all__ = sorted(_API)
 __getattr__, __dir__ = exports(__name__, _API, globals())

@@ -17,6 +17,7 @@ every step's text ('' for BOS, EOS, padding).
 """
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -26,7 +27,7 @@ import pandas as pd
 from pygments.lexers import get_lexer_by_name
 from pygments.token import Comment, Keyword, Punctuation, String
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, call_user, escaped
 
 TAB = 8
 ELISIONS = ("'tis", "'twas", "'twere", "'twill", "'twixt", "'tween", "'em", "'gainst", "'d ", "'s ", "'ll ")
@@ -197,11 +198,21 @@ BUILTIN: dict[str, Callable] = {
     "in_if_condition": in_if_condition,
 }
 CODE = {"in_string", "in_comment", "paren_depth", "bracket_depth", "brace_depth", "in_if_condition"}
+# the defaults by what is known of the text: a zoo model's corpus names its language; a user's model
+# gets the tracks that assume no language (an English apostrophe rule or a C lexer would be guesses)
+LANGUAGE_FREE = ["in_double_quotes", "column", "to_line_end", "indent"]
+PROSE = ["in_double_quotes", "in_single_quotes", "column", "to_line_end", "indent"]
+CODE_DEFAULTS = ["in_string", "in_comment", "column", "to_line_end", "indent", "paren_depth", "bracket_depth",
+                 "brace_depth", "in_if_condition", "in_double_quotes"]
+
+
+class FeatureSkipped(UserWarning):
+    """A feature that could not be scored (constant on the scored steps): the table's attrs say which."""
 
 
 def compute(text: str, features=None, language: str = "c") -> pd.DataFrame:
-    """``[time x features]`` DataFrame. ``features``: built-in names, or a dict name -> ``text -> array``;
-    default every built-in. ``language`` is the lexer for the code tracks."""
+    """``[time x features]`` DataFrame. ``features``: built-in names, or a dict name -> ``text -> array``
+    (or -> a built-in's name); default every built-in. ``language`` is the lexer for the code tracks."""
     if not text:
         raise RnnscopeError("the text is empty", "features need at least one character")
     if features is None:
@@ -211,17 +222,53 @@ def compute(text: str, features=None, language: str = "c") -> pd.DataFrame:
         if unknown:
             raise RnnscopeError(f"unknown feature(s) {', '.join(map(repr, unknown))}",
                                 f"use built-ins ({', '.join(BUILTIN)}) or pass a dict of name -> function")
-        features = {f: (lambda s, f=f: BUILTIN[f](s, language)) if f in CODE else BUILTIN[f] for f in features}
+        features = {f: f for f in features}
+    features = {k: builtin(f, language) if isinstance(f, str) else f for k, f in features.items()}
     cols = {}
     for name, fn in features.items():
-        values = np.asarray(fn(text))
+        values = np.asarray(fn(text) if getattr(fn, "__module__", "").startswith("rnnscope.") else
+                            call_user(fn, text, doing=f"feature {name!r} failed"))
         if values.shape != (len(text),):
             raise RnnscopeError(f"feature {name!r} gave shape {list(values.shape)} for a text of {len(text)} characters",
                                 "a feature must return one number per character")
+        if not _numbers(values):
+            raise RnnscopeError(f"feature {name!r} gave {values.dtype} values", "return numbers or booleans")
         if np.nanmin(values) == np.nanmax(values):
             warnings.warn(f"feature {name!r} is constant on this text; its scores will be NaN", stacklevel=2)
         cols[name] = values
     return pd.DataFrame(cols)
+
+
+def _numbers(values: np.ndarray) -> bool:
+    return values.dtype == bool or np.issubdtype(values.dtype, np.number)
+
+
+def builtin(name: str, language: str = "c") -> Callable:
+    """The built-in feature ``name`` as ``text -> array[chars]``, its code tracks read with ``language``'s lexer."""
+    if name not in BUILTIN:
+        raise RnnscopeError(f"unknown feature {name!r}", f"use a built-in ({', '.join(BUILTIN)}) or a function")
+    return (lambda s: BUILTIN[name](s, language)) if name in CODE else BUILTIN[name]
+
+
+def own_features(own: Mapping) -> dict:
+    """The user's features checked: names that can be a table's column and shown on a page, each a
+    function (or ``on_tokens``), never a built-in's name (a table would hold two meanings for it)."""
+    if not isinstance(own, Mapping):
+        raise RnnscopeError(f"own features are a {type(own).__name__}", "pass a dict of name -> text -> array")
+    for name, fn in own.items():
+        if not isinstance(name, str) or not FEATURE_NAME.fullmatch(name):
+            shown = escaped(name, limit=40) if isinstance(name, str) else type(name).__name__
+            raise RnnscopeError(f"feature name {shown} is not a name",
+                                "use letters, digits and underscores, at most 64, starting with a letter")
+        if name in BUILTIN or name == "step":
+            raise RnnscopeError(f"feature {name!r} is a built-in's name", "give your feature a name of its own")
+        if not (callable(fn) or isinstance(fn, on_tokens)):
+            raise RnnscopeError(f"feature {name!r} is a {type(fn).__name__}, not a function",
+                                "map each name to a function text -> array (one number per character)")
+    return dict(own)
+
+
+FEATURE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}", re.ASCII)
 
 
 class on_tokens:
@@ -251,7 +298,10 @@ def steps(src, features, language: str = "c") -> pd.DataFrame:
         cols.update({k: src.per_step(chars[k].to_numpy()) for k in chars.columns})
     tokens = src.tokens() if by_token else []
     for name, feat in by_token.items():
-        values = np.asarray(feat.fn(tokens), np.float64)
+        values = np.asarray(call_user(feat.fn, tokens, doing=f"token feature {name!r} failed"))
+        if not _numbers(values):
+            raise RnnscopeError(f"token feature {name!r} gave {values.dtype} values", "return numbers or booleans")
+        values = values.astype(np.float64)
         if values.shape != (src.steps,):
             raise RnnscopeError(f"token feature {name!r} gave shape {list(values.shape)} for {src.steps} steps",
                                 "a token feature must return one number per step")

@@ -243,6 +243,7 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     """
     src = as_source(run, text, language)
     F, binary = feature_table(src, features if client is None else reductions.worker_features(client, src, features))
+    skipped_features = dict(F.attrs.get("skipped", {}))
     keys = list(keys) if keys is not None else src.state_keys
     if not keys:
         raise RnnscopeError("nothing to score: the source has no state keys", "record states, not only gradients")
@@ -285,6 +286,7 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
                        scored_steps=len(sp.rows), selection_documents=sp.documents[0],
                        heldout_documents=sp.documents[1], constant_units=constant[0],
                        constant_on_one_part=constant[1], **_nulls_said(sp, shifts))
+    table.attrs["skipped_features"] = skipped_features
     return table
 
 
@@ -373,35 +375,41 @@ def _spearman(acc: dict, part: _Part, name: str) -> np.ndarray:
 
 def feature_table(src: Source, features) -> tuple[pd.DataFrame, list[str]]:
     """``[scored steps x features]`` (indexed by step; steps without text left out) and the names of
-    the binary ones. Constant features are dropped with a warning (no unit can be scored against them)."""
-    if features is None:
-        features = default_features(src.language)
+    the binary ones. A feature constant on the scored steps is left out (no unit can be scored against
+    it), with a ``FeatureSkipped`` warning; ``F.attrs["skipped"]`` says why, feature by feature."""
+    features = chosen_features(src, features)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         F = feats.steps(src, features, src.language or "c")
     F = F[src.has_text]
-    keep = []
+    keep, skipped = [], {}
     for name in F.columns:
         col = F[name].to_numpy(np.float64)
         if not np.isfinite(col).all():
             raise RnnscopeError(f"feature {name!r} has NaN or Inf values", "features must be finite numbers")
         if col.min() == col.max():
-            warnings.warn(f"feature {name!r} is constant on this text ({col[0]:g}); skipped", stacklevel=3)
+            skipped[name] = f"constant on the scored steps ({col[0]:g})"
+            warnings.warn(f"feature {name!r} is {skipped[name]}; skipped", feats.FeatureSkipped, stacklevel=3)
         else:
             keep.append(name)
     if not keep:
         raise RnnscopeError("every feature is constant on this text", "use a longer or more varied text")
     F = F[keep].astype(np.float64)
+    F.attrs["skipped"] = skipped
     binary = [c for c in keep if set(np.unique(F[c])) <= {0.0, 1.0}]
     return F, binary
 
 
+def chosen_features(src: Source, features):
+    """``features``, or the built-ins that suit ``src`` when None (``source.default_features``)."""
+    if features is not None:
+        return features
+    return src.defaults if src.defaults is not None else default_features(src.language)
+
+
 def default_features(language: str | None) -> list[str]:
-    prose = ["in_double_quotes", "in_single_quotes", "column", "to_line_end", "indent"]
-    if language is None:
-        return prose
-    return ["in_string", "in_comment", "column", "to_line_end", "indent", "paren_depth", "bracket_depth",
-            "brace_depth", "in_if_condition", "in_double_quotes"]
+    """The defaults for a lexer language (None: prose)."""
+    return list(feats.PROSE if language is None else feats.CODE_DEFAULTS)
 
 
 def top_units(table: pd.DataFrame, k: int = 3) -> pd.DataFrame:

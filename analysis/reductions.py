@@ -125,8 +125,8 @@ def worker_features(client, src, features) -> dict | list | None:
     workers, shard by shard: each becomes an ``on_tokens`` feature returning its column (steps without
     text already NaN); ``features`` unchanged when ``src`` is not a sharded Run's."""
     from .features import on_tokens
-    from .neurons import default_features
-    features = default_features(src.language) if features is None else features
+    from .neurons import chosen_features
+    features = chosen_features(src, features)
     cols = shard_steps(client, src, features, src.language or "c")
     if cols is None:
         return features

@@ -1,6 +1,7 @@
 """``rnnscope analyze RUN``: every analysis the Run's data allows, written into the Run as Parquet.
 
     RUN/analysis/neurons.parquet       find_neurons: every unit x feature
+    RUN/analysis/features.parquet      the user's own features (``own=``, ``--features file.py:fn``) per step
     RUN/analysis/contexts.parquet      top_contexts: each unit's top and bottom steps with their text
     RUN/analysis/sparse.parquet        sparse_probe path per feature (with --sparse)
     RUN/analysis/saturation.parquet    gate_saturation (when gates were recorded)
@@ -20,6 +21,7 @@ beside its final name and renamed, never through a link, and checked against its
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,8 @@ from rnnscope.store import Run, open_run
 from rnnscope.store import inside, read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
 
 from .contexts import top_contexts
-from .features import compute
+from .features import FeatureSkipped, compute, own_features
+from .features import steps as feature_steps
 from .gates import GATES, gate_saturation
 from .gradflow import gradient_decay, gradient_norms, half_lives
 from .intervene import ablate, position_mask
@@ -40,7 +43,7 @@ from .neurons import find_neurons, top_units
 from .source import as_source
 from .sparse import sparse_probe
 
-TABLES = ("neurons", "contexts", "sparse", "saturation", "grad_norms", "grad_decay", "half_lives", "ablation")
+TABLES = ("neurons", "features", "contexts", "sparse", "saturation", "grad_norms", "grad_decay", "half_lives", "ablation")
 
 
 def load_model(run: Run, checkpoint: str | None = None):
@@ -66,12 +69,17 @@ def load_model(run: Run, checkpoint: str | None = None):
     return ck, None
 
 
-def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts: int = 16,
+def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0.3, shifts: int = 16,
             checkpoint: str | None = None, decay: bool = True, max_lag: int = 200, positions: int = 512,
             sparse: bool = False, ablation: bool = False, controls: int = 100, ablate_chars: int = 20000,
             contexts: int = 10, context_window: int = 40, progress: bool = True, log=print, client=None) -> dict:
-    """Run what the Run supports, write the tables, return ``{name: DataFrame}`` (the neuron search's
-    passes on the Dask ``client``'s workers when one is given)."""
+    """Run what the Run supports, write the tables into the Run, return ``{name: DataFrame}`` (the neuron
+    search's passes on the Dask ``client``'s workers when one is given).
+
+    ``features``: built-in names (default: those that suit the Run: a zoo model's corpus language, else
+    the language-free ones). ``own``: the user's features, scored beside them, a dict name ->
+    ``text -> array[chars]`` (or ``features.on_tokens(fn)``); their values at every step are written to
+    ``analysis/features.parquet`` so ``serve`` and ``export --feature NAME`` draw them without the code."""
     run = run if isinstance(run, Run) else open_run(run)
     for name in (*TABLES, "summary"):          # a table that cannot be written is refused before the work
         inside(run.path, f"analysis/{name}.{'json' if name == 'summary' else 'parquet'}", write=True)
@@ -82,14 +90,23 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
         ck, why = load_model(run, checkpoint)
         if ck is None:
             skipped.update({"grad_decay": why} if decay else {}, **({"ablation": why} if ablation else {}))
-    out["neurons"] = find_neurons(run, features, language=language, heldout=heldout, shifts=shifts,
-                                  progress=progress, client=client)
+    names = list(features) if features is not None else src.defaults
+    chosen = {**{n: n for n in names}, **own_features(own)} if own else features
+    with warnings.catch_warnings():             # said once below, as one line each, not as a warning
+        warnings.simplefilter("ignore", FeatureSkipped)
+        out["neurons"] = find_neurons(src, chosen, language=language, heldout=heldout, shifts=shifts,
+                                      progress=progress, client=client)
+    skipped.update({f"feature {k}": why for k, why in out["neurons"].attrs.get("skipped_features", {}).items()})
+    if own:
+        tracks = feature_steps(src, own_features(own), src.language or "c")
+        out["features"] = tracks.assign(step=np.arange(len(tracks)))[["step", *tracks.columns]]
     if sparse:
         paths = []
         for feat, g in out["neurons"].groupby("feature", sort=False):
             cands = g.dropna(subset=["score"]).assign(a=lambda d: np.where(
                 d.metric == "auc", d.score - 0.5, d.score.abs())).nlargest(256, "a")["unit"].tolist()
-            paths.append(sparse_probe(run, feat, language=language, units=cands, heldout=heldout)
+            asked = {feat: own[feat]} if own and feat in own else feat
+            paths.append(sparse_probe(run, asked, language=language, units=cands, heldout=heldout)
                          .assign(units_needed=lambda d: d.attrs.get("units_needed")))
         out["sparse"] = pd.concat(paths, ignore_index=True)
     if any(k.rsplit(".", 1)[1] in GATES for k in src.state_keys):
@@ -149,7 +166,7 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
         write_table(run, name, frame)
     tested = {k: v for k, v in out["neurons"].attrs.items() if isinstance(v, (int, float, str))}
     summary = {"tables": sorted(out), "skipped": skipped, "heldout": heldout, "shifts": shifts,
-               "language": src.language, "neuron_tests": tested, "exploding_steps": exploding,
+               "language": src.language, "features": sorted(set(out["neurons"]["feature"])), "neuron_tests": tested, "exploding_steps": exploding,
                "nonfinite_gradient_steps": nonfinite}
     write_json(run, "summary", summary)
     out["summary"] = summary

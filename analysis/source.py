@@ -32,6 +32,7 @@ class Source(StepLayout):
     meta: dict = field(default_factory=dict)
     spans: np.ndarray | None = None
     documents: pd.DataFrame | None = None
+    defaults: list[str] | None = None  # the built-in features that suit the text (None: those of ``language``)
 
     def __post_init__(self):
         if self.spans is None:
@@ -83,12 +84,33 @@ class Source(StepLayout):
         return keys
 
 
+def corpus_of(run: Run) -> str | None:
+    """The zoo corpus a char model of the zoo was trained on (``linux``, ``python``, ``shakespeare``), from
+    the Run's manifest; None for any other model, whose language rnnscope does not know."""
+    model = run.manifest.get("model") or {}
+    name = model.get("card_name") or ""
+    char = (run.manifest.get("encoder") or {}).get("kind", "char") == "char"
+    corpus = name.rsplit("-", 1)[-1]
+    return corpus if char and "-" in name and corpus in CORPUS_LANGUAGE else None
+
+
 def language_of(run: Run) -> str | None:
     """The lexer for code features: from the checkpoint's corpus (linux -> c, python -> python,
-    prose -> None); 'c' when the Run does not say."""
-    name = (run.manifest.get("model") or {}).get("card_name") or ""
-    corpus = name.rsplit("-", 1)[-1]
-    return CORPUS_LANGUAGE.get(corpus, "c")
+    prose -> None); 'c' when the Run does not say (code features are then computed only when asked)."""
+    corpus = corpus_of(run)
+    return CORPUS_LANGUAGE[corpus] if corpus else "c"
+
+
+def default_features(run: Run | None, language="auto") -> list[str]:
+    """The built-in features scored when none are named: those of ``language`` when one is given (None:
+    prose), else of the zoo corpus the Run's model was trained on, else the language-free ones."""
+    from . import features as feats
+    if language == "auto":
+        corpus = corpus_of(run) if run is not None else None
+        if corpus is None:
+            return list(feats.LANGUAGE_FREE)
+        language = CORPUS_LANGUAGE[corpus]
+    return list(feats.PROSE if language is None else feats.CODE_DEFAULTS)
 
 
 def as_source(run, text: str | None = None, language: str | None = "auto", spans=None, documents=None) -> Source:
@@ -105,7 +127,8 @@ def as_source(run, text: str | None = None, language: str | None = "auto", spans
         lang = language_of(run) if language == "auto" else language
         # a format-1 Run (one step per character, one document) has no layout of its own
         spans, docs = getattr(run, "spans", None), getattr(run, "documents", None)
-        return Source(run.text, {k: run[k] for k in run.keys()}, run, lang, run.manifest, spans, docs)
+        return Source(run.text, {k: run[k] for k in run.keys()}, run, lang, run.manifest, spans, docs,
+                      default_features(run, language))
     if not isinstance(run, Mapping):
         raise RnnscopeError(f"cannot analyse a {type(run).__name__}",
                             "pass a probe.Run (probe.open_run) or a probe.trace with text=")

@@ -96,12 +96,19 @@ def units_figure(run, units: list[str], start: int = 0, end: int | None = None, 
 
 
 def feature_values(run: Run, feature: str, docs: Documents, d: int, s: int, e: int) -> np.ndarray | None:
-    """float64 ``[e - s]``: a built-in feature at each step of ``[s, e)`` in document ``d`` (the value at
-    the last character of its span; NaN for a step without text), computed over the document from its
-    start so a comment or string opened before ``s`` counts. None for a feature rnnscope does not
-    compute (a user's own, which lives in their code)."""
+    """float64 ``[e - s]``: ``feature`` at each step of ``[s, e)`` in document ``d`` (the value at the last
+    character of its span; NaN for a step without text): a user's own from the Run's
+    ``analysis/features.parquet`` (written by ``analyze --features file.py:fn``), a built-in computed over
+    the document from its start so a comment or string opened before ``s`` counts. None for a feature
+    neither holds."""
     from rnnscope.analysis.features import BUILTIN, compute
     from rnnscope.analysis.source import language_of
+    stored = read_table(run, "features")
+    if stored is not None and feature in stored.columns and feature != "step":
+        if len(stored) != len(run):
+            raise RnnscopeError(f"{run.path}'s features table has {len(stored):,} rows for {len(run):,} steps",
+                                "run `rnnscope analyze` with --features again")
+        return stored[feature].to_numpy(np.float64)[s:e]
     if feature not in BUILTIN:
         return None
     c0 = int(docs.char_start[d])

@@ -118,7 +118,18 @@ def _import_file(path: Path):
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
+    _by_value(module)
     return module
+
+
+def _by_value(module) -> None:
+    """Its functions (a feature, a model builder) pickle with their code, so a Dask worker that cannot
+    import a module of this made-up name still runs them."""
+    try:
+        import cloudpickle
+    except ImportError:             # no Dask installed: nothing pickles them
+        return
+    cloudpickle.register_pickle_by_value(module)
 
 
 def _import_module(name: str):

@@ -6,6 +6,7 @@
     with rs.Probe(ck.model, grad=True) as p: ...   # every state, gate and gradient in memory
     run = rs.record(ck, text, "runs/x")            # the same, streamed into a Run on disk
     run = rs.open_run("runs/x"); rs.find_neurons(run)
+    rs.analyze(run, own={"vowel": fn})             # every table, your features too, written into the Run
     rs.show(run, "rnn.l0.c:199")                   # in Jupyter: the text coloured by that unit, inline
 
 The subpackages are ``rnnscope.probe``, ``rnnscope.analysis``, ``rnnscope.dashboards`` and
@@ -23,7 +24,7 @@ _API = {
     "RnnscopeError": "rnnscope.errors",
     "load": "rnnscope.probe.specs", "Checkpoint": "rnnscope.zoo", "Subject": "rnnscope.probe.subject",
     "Probe": "rnnscope.probe", "cell": "rnnscope.probe", "record": "rnnscope.probe", "open_run": "rnnscope.store", "Run": "rnnscope.store",
-    "find_neurons": "rnnscope.analysis", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.probe",
+    "find_neurons": "rnnscope.analysis", "analyze": "rnnscope.analysis.report", "ablate": "rnnscope.analysis", "Intervention": "rnnscope.probe",
     "position_mask": "rnnscope.analysis", "features": "rnnscope.analysis",
     "show": "rnnscope.dashboards.notebook",
     "Watch": "rnnscope.probe.watch",

@@ -172,6 +172,21 @@ def names(text: str) -> list[str]:
     return [name(p) for p in text.split(",")]
 
 
+def features(text: str) -> list[str]:
+    """A comma-separated list of built-in feature names and ``file.py:fn`` / ``package.module:fn`` specs
+    (a spec's function is loaded later, by the command)."""
+    items = [p.strip() for p in text.split(",")]
+    for item in items:
+        if ":" in item:
+            target, _, attr = item.rpartition(":")
+            if not target or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", attr, re.ASCII):
+                raise _bad(f"{item!r} is not file.py:function or package.module:function",
+                           "write e.g. feats.py:features, beside built-in names such as column")
+        else:
+            name(item)
+    return items
+
+
 def clamp(text: str) -> str:
     """``KEY:INDEX=VALUE`` with a finite number; the unit itself is checked against the model."""
     unit_part, eq, value = text.rpartition("=")

@@ -69,8 +69,10 @@ def analyze(args) -> None:
         return
     language = "auto" if args.language == "auto" else (None if args.language == "prose" else args.language)
     from rnnscope.probe.distributed import cluster_for
+    from rnnscope import loading
+    names, own = loading.features_of(args.features or [])
     with cluster_for(args.scheduler, args.workers) as client:
-        out = report.analyze(given, features=args.features or None, language=language, heldout=args.heldout,
+        out = report.analyze(given, features=names, own=own, language=language, heldout=args.heldout,
                              shifts=args.shifts, checkpoint=args.checkpoint, decay=not args.no_decay,
                              max_lag=args.max_lag, sparse=args.sparse, ablation=args.ablate, controls=args.controls,
                              contexts=args.contexts, client=client)
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from rnnscope.errors import RnnscopeError, first_line
     from rnnscope.store.writer import interrupt_on_sigterm
     interrupt_on_sigterm()             # `kill` and `timeout` clean up like Ctrl-C
+    import warnings                    # a warning is one line of news, not our file and line number
+    warnings.formatwarning = lambda message, *_, **__: f"rnnscope: warning: {first_line(message, 400)}\n"
     try:
         args.func(args)
     except RnnscopeError as err:

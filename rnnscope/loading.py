@@ -23,6 +23,30 @@ def spec_of(checkpoint: str | None, model: str | None) -> str:
     return model or checkpoint
 
 
+def features_of(items: list[str]) -> tuple[list[str] | None, dict]:
+    """``--features``: the built-in names (None: none named, so the Run's defaults) and the user's own
+    features from each ``file.py:fn``: ``fn()`` returns a dict of name -> function ``text -> array``, or one
+    such function (named ``fn``); a function that takes the text is itself the feature."""
+    from rnnscope.analysis.features import own_features
+    from rnnscope.probe.specs import call, resolve
+    names = [i for i in items if ":" not in i] or None
+    own = {}
+    for spec in (i for i in items if ":" in i):
+        fn = resolve(spec, "--features")
+        got = call(fn, spec) if _takes_nothing(fn) else fn
+        own.update(got if isinstance(got, dict) else {spec.rpartition(":")[2].rsplit(".", 1)[-1]: got})
+    return names, own_features(own)
+
+
+def _takes_nothing(fn) -> bool:
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
 def texts_of(path: Path, max_chars: int = 0):
     """``--text``: a text file is one document, stored byte for byte (``max_chars`` cuts it); a
     directory or a ``.jsonl`` is a corpus of documents."""

@@ -117,7 +117,10 @@ def parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="find the units that track text features; saturation; gradient flow")
     an.add_argument("run", help="a Run written by `rnnscope probe`, or a watch log (then: how far back the gradient "
                     "reaches as training goes)")
-    an.add_argument("--features", type=T.names, help="comma-separated built-in features (default: those of the run's language)")
+    an.add_argument("--features", type=T.features,
+                    help="comma-separated built-in features and your own as file.py:fn (fn returns a dict of name -> "
+                    "function text -> one number per character, or is one such function); default built-ins: "
+                    "those of a zoo model's language, else the language-free ones")
     an.add_argument("--language", default="auto",
                     help="lexer for code features: c, python, ... or prose (default: from the checkpoint's corpus)")
     an.add_argument("--heldout", type=T.fraction("--heldout"), default=0.3, help="share of the text, at its end, held out (default 0.3)")

@@ -57,3 +57,8 @@ def test_the_readme_own_model_example_runs_as_written(tmp_path):
     runs = tmp_path / "runs" / "words"
     assert (runs / "manifest.json").exists() and (runs / "analysis" / "neurons.parquet").exists()
     assert (runs / "to_line_end.html").stat().st_size > 10_000
+    import pandas as pd                                   # the user's features reached the Run and the page
+    neurons = pd.read_parquet(runs / "analysis" / "neurons.parquet")
+    assert {"capitalised", "after_comma", "to_line_end", "in_single_quotes"} <= set(neurons["feature"])
+    assert set(pd.read_parquet(runs / "analysis" / "features.parquet").columns) == {"step", "capitalised", "after_comma"}
+    assert "feature capitalised" in (runs / "capitalised.html").read_text()

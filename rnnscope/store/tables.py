@@ -38,6 +38,7 @@ SCHEMAS = {
     "sparse": {"feature": S, "lam": F, "n_units": I, "metric": S, "heldout_score": F, "units": S},
     "saturation": {"key": S, "layer": I, "gate": S, "index": I, "unit": S, "left": F, "right": F, "mean": F},
     "grad_norms": {"step": I},                  # and one float column per gradient key
+    "features": {"step": I},                    # and one float column per user feature
     "grad_decay": {"key": S, "layer": I, "kind": S, "lag": I, "mean": F, "geo_mean": F, "q10": F, "q90": F,
                    "positions": I},
     "half_lives": {"key": S, "layer": I, "kind": S, "slope_per_step": F, "half_life": F, "fit_r2": F,
