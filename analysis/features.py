@@ -262,9 +262,10 @@ def own_features(own: Mapping) -> dict:
                                 "use letters, digits and underscores, at most 64, starting with a letter")
         if name in BUILTIN or name == "step":
             raise RnnscopeError(f"feature {name!r} is a built-in's name", "give your feature a name of its own")
-        if not (callable(fn) or isinstance(fn, on_tokens)):
+        if isinstance(fn, str) or not (callable(fn) or isinstance(fn, on_tokens) or hasattr(fn, "__len__")):
             raise RnnscopeError(f"feature {name!r} is a {type(fn).__name__}, not a function",
-                                "map each name to a function text -> array (one number per character)")
+                                "map each name to a function text -> array (one number per character), "
+                                "on_tokens(fn), or an array of one number per step")
     return dict(own)
 
 
@@ -286,10 +287,11 @@ def steps(src, features, language: str = "c") -> pd.DataFrame:
     document and taken at the last character of each step's span, ``on_tokens`` features called on
     the step list; NaN at steps without text."""
     if isinstance(features, Mapping):
-        by_char = {k: f for k, f in features.items() if not isinstance(f, on_tokens)}
+        by_char = {k: f for k, f in features.items() if callable(f) or isinstance(f, str)}
         by_token = {k: f for k, f in features.items() if isinstance(f, on_tokens)}
+        by_step = {k: f for k, f in features.items() if k not in by_char and k not in by_token}
     else:
-        by_char, by_token = list(features), {}
+        by_char, by_token, by_step = list(features), {}, {}
     cols = {}
     if by_char:
         docs = src.documents[["char_start", "char_end"]].to_numpy(np.int64)
@@ -306,5 +308,12 @@ def steps(src, features, language: str = "c") -> pd.DataFrame:
             raise RnnscopeError(f"token feature {name!r} gave shape {list(values.shape)} for {src.steps} steps",
                                 "a token feature must return one number per step")
         cols[name] = np.where(src.has_text, values, np.nan)
+    for name, values in by_step.items():        # given per step already: an audio frame's label, a probe's target
+        values = np.asarray(values)
+        if values.shape != (src.steps,) or not _numbers(values):
+            raise RnnscopeError(f"feature {name!r} is a {values.dtype} array of shape {list(values.shape)} for "
+                                f"{src.steps} steps", "give one number per step, a function text -> array, "
+                                "or on_tokens(fn)")
+        cols[name] = np.where(src.has_text, values.astype(np.float64), np.nan)
     names = list(features) if isinstance(features, Mapping) else list(by_char)
     return pd.DataFrame({k: cols[k] for k in names})

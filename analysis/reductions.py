@@ -108,11 +108,10 @@ def shard_steps(client, src, features, language: str) -> dict[str, np.ndarray] |
     functions ``text -> array[chars]``) of a sharded Run's ``src``, one task per shard: ``name -> [steps]``;
     None when ``src`` is not a sharded Run's or asks no per-character feature."""
     from rnnscope.store.shards import ShardedRun
-    from .features import on_tokens
     if not isinstance(getattr(src, "run", None), ShardedRun):
         return None
     named = isinstance(features, dict)
-    by_char = {k: f for k, f in features.items() if not isinstance(f, on_tokens)} if named else list(features)
+    by_char = {k: f for k, f in features.items() if callable(f) or isinstance(f, str)} if named else list(features)
     if not by_char:
         return None
     got = client.gather([client.submit(_shard_steps, str(s.path), by_char, language, pure=False)
@@ -131,4 +130,4 @@ def worker_features(client, src, features) -> dict | list | None:
     if cols is None:
         return features
     items = features.items() if isinstance(features, dict) else ((k, None) for k in features)
-    return {k: f if isinstance(f, on_tokens) else on_tokens(lambda _, c=cols[k]: c) for k, f in items}
+    return {k: on_tokens(lambda _, c=cols[k]: c) if k in cols else f for k, f in items}

@@ -88,10 +88,13 @@ def corpus_of(run: Run) -> str | None:
     """The zoo corpus a char model of the zoo was trained on (``linux``, ``python``, ``shakespeare``), from
     the Run's manifest; None for any other model, whose language rnnscope does not know."""
     model = run.manifest.get("model") or {}
-    name = model.get("card_name") or ""
-    char = (run.manifest.get("encoder") or {}).get("kind", "char") == "char"
-    corpus = name.rsplit("-", 1)[-1]
-    return corpus if char and "-" in name and corpus in CORPUS_LANGUAGE else None
+    if (run.manifest.get("encoder") or {}).get("kind", "char") != "char":
+        return None
+    corpus = model.get("corpus")                    # recorded from the card since the corpus was named there
+    if not isinstance(corpus, str):
+        name = model.get("card_name") or ""         # a Run from before: a zoo checkpoint's name ends in it
+        corpus = name.rsplit("-", 1)[-1] if "-" in name else None
+    return corpus if corpus in CORPUS_LANGUAGE else None
 
 
 def language_of(run: Run) -> str | None:

@@ -116,6 +116,9 @@ def _identity(model, mods: dict, card: dict, source: str) -> dict:
         return v if isinstance(v, str) else None
     return {"source": str(source), "class": type(model).__name__, "checksum": model_checksum(model),
             "card_name": text_or_none(card.get("name")), "weights_sha256": text_or_none(card.get("weights_sha256")),
+            # a zoo card's corpus names the text's language, so analysis knows which features suit it
+            "corpus": text_or_none((card.get("corpus") or {}).get("name") if isinstance(card.get("corpus"), dict)
+                                   else None),
             "modules": {n: cells.identity(m) if cells.spec_of(m) is not None else
                         {"type": family_name(m), "layers": m.num_layers, "hidden": m.hidden_size,
                          "bidirectional": m.bidirectional, "proj_size": getattr(m, "proj_size", 0)}

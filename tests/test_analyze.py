@@ -29,7 +29,7 @@ def test_analyze_writes_every_table(tmp_path, c_checkpoint):
     run_dir = tmp_path / "run"
     rnnscope("probe", c_checkpoint, "--text", text, "--out", run_dir, "--grad")
     proc = rnnscope("analyze", run_dir, "--max-lag", "20", "--shifts", "8", "--sparse", "--ablate",
-                    "--controls", "5", "--checkpoint", c_checkpoint)
+                    "--controls", "5", "--checkpoint", c_checkpoint, "--language", "c")   # its card names no corpus
     assert "top units per feature" in proc.stdout and "in_comment" in proc.stdout
     assert "gradient half-life" in proc.stdout
     run = open_run(run_dir)

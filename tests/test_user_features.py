@@ -160,3 +160,14 @@ def test_a_bad_feature_is_one_line_and_writes_nothing(user_run, feats_file, spec
     lines = got.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rnnscope: error:") and said in lines[0], got.stderr
     assert before == {p: p.stat().st_mtime_ns for p in (user_run / "analysis").glob("*")}
+
+
+def test_a_feature_given_per_step_as_an_array_scores_as_its_function(user_run):
+    """Steps that are not characters (audio frames, a label computed elsewhere) take a feature as an
+    array of one number per step; it scores exactly as the function that gives the same values."""
+    run = rs.open_run(user_run)
+    as_array = rs.find_neurons(run, {"vowel": vowel(TEXT)}, progress=False)
+    as_function = rs.find_neurons(run, {"vowel": vowel}, progress=False)
+    pd.testing.assert_frame_equal(as_array, as_function)
+    with pytest.raises(rs.RnnscopeError, match=r"shape \[10\] for 3280 steps"):
+        rs.find_neurons(run, {"vowel": np.zeros(10)}, progress=False)

@@ -65,10 +65,10 @@ def check_manifest(m, where) -> None:
     if not isinstance(model, dict) or not isinstance(model.get("checksum"), str):
         bad("lacks model.checksum")
     modules = model.get("modules", {})
-    if (not all(isinstance(model.get(f), (str, type(None))) for f in ("source", "card_name", "weights_sha256"))
+    if (not all(isinstance(model.get(f), (str, type(None))) for f in ("source", "card_name", "weights_sha256", "corpus"))
             or not isinstance(modules, dict)
             or not all(isinstance(v, dict) and isinstance(v.get("type"), str) for v in modules.values())):
-        bad("has a malformed model.source, card_name, weights_sha256 or modules")
+        bad("has a malformed model.source, card_name, weights_sha256, corpus or modules")
     for field in ("vocab", "unk"):
         if not isinstance(m.get(field), (str, type(None))):
             bad(f"has a {field} that is not a string")
