@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from rnnscope.store.writer import interrupt_on_sigterm
     interrupt_on_sigterm()             # `kill` and `timeout` clean up like Ctrl-C
     import warnings                    # a warning is one line of news, not our file and line number
-    warnings.formatwarning = lambda message, *_, **__: f"rnnscope: warning: {first_line(message, 400)}\n"
+    plain, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: \
+        f"rnnscope: warning: {first_line(message, 400)}\n"
     try:
         args.func(args)
     except RnnscopeError as err:
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rnnscope: error: internal error {type(err).__name__}: {first} — this is a bug in rnnscope; "
               "run again with RNNSCOPE_DEBUG=1 for the traceback and report it", file=sys.stderr)
         return 3
+    finally:
+        warnings.formatwarning = plain        # main() called in a process of the caller's leaves it as it was
     return 0
 
 
