@@ -3,7 +3,10 @@
     python benchmarks/probe_overhead.py [--arch lstm] [--chars 20000] [--hidden 512] [--repeat 3]
 
 Model: a char model (embedding 64 -> 2 x 512 LSTM, GRU or RNN -> linear), random weights (speed
-does not depend on them). Batch 1 x CHARS and batch 64 x 400. Rows, each the median of --repeat runs:
+does not depend on them). Batch 1 x CHARS and batch 64 x 400. The sides of each group run in --repeat
+rounds, every side once a round in a rotating order; each row gives its minimum and median seconds,
+the ratio of its minimum to the baseline's, and the median over rounds of its ratio to the baseline's
+time in the same round (the figure to read on a shared machine). Rows:
   plain forward               model(ids) under no_grad: the baseline (1.00x)
   probe, every kind           the same forward inside Probe(model): h c i f g o of every layer
   probe, h only               Probe(model, kinds=["h"]): every layer's h_t, nothing replayed
@@ -28,14 +31,28 @@ from rnnscope.probe.families import KINDS
 from rnnscope.zoo import Architecture, CharModel
 
 
-def timed(fn, repeat: int) -> float:
-    fn()                                   # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def rounds(sides: dict, repeat: int) -> dict[str, list[float]]:
+    """Seconds of each side in each of ``repeat`` rounds, after one warm-up call of each. Every round
+    runs every side once, in an order rotated round by round, so a stall of the shared machine hits the
+    sides of one round alike and none always runs after the same neighbour."""
+    names = list(sides)
+    for fn in sides.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times = {n: [] for n in names}
+    for r in range(repeat):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            sides[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def rows_against(times: dict[str, list[float]], base: str) -> list[tuple[str, float, float, str, str]]:
+    """``(side, min s, median s, ratio of the minimums, median of the per-round ratios)`` against ``base``:
+    a ratio taken within a round cancels the load that round ran under, so its median is the stable one."""
+    b = times[base]
+    return [(n, min(t), statistics.median(t), f"{min(t) / min(b):.2f}x",
+             f"{statistics.median(x / y for x, y in zip(t, b)):.2f}x") for n, t in times.items()]
 
 
 def naive_loop(model: CharModel, ids: torch.Tensor) -> dict:
@@ -68,8 +85,8 @@ def loss_of(model, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
 
 
-def recording(module: torch.nn.Module, inp, keys: int, repeat: int) -> tuple[float, float]:
-    """Seconds for ``module(inp)`` under no_grad, plain and inside ``Probe(module)`` (every kind)."""
+def recording_sides(module: torch.nn.Module, inp, keys: int) -> dict:
+    """``module(inp)`` under no_grad, plain and inside ``Probe(module)`` (every kind)."""
     def plain():
         with torch.no_grad():
             module(inp)
@@ -78,10 +95,10 @@ def recording(module: torch.nn.Module, inp, keys: int, repeat: int) -> tuple[flo
         with torch.no_grad(), Probe(module) as p:
             module(inp)
         assert len(p.trace) == keys
-    return timed(plain, repeat), timed(probed, repeat)
+    return {"plain forward": plain, "probe, every kind": probed}
 
 
-def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list[tuple[str, float, str]]:
+def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list[tuple]:
 
     def probed_h():
         with torch.no_grad(), Probe(model, kinds=["h"]) as p:
@@ -104,26 +121,31 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
             if "grad" in k:
                 p.trace[k]
 
-    base_f, every = recording(model, ids, 2 * len(KINDS[type(model.rnn).__name__]), repeat)
-    rows = [("plain forward", base_f, "forward"), ("probe, every kind", every, "forward"),
-            ("probe, h only", timed(probed_h, repeat), "forward")]
-    if naive:
-        rows.append(("naive cell loop", timed(cell_loop, max(1, repeat // 2)), "forward"))
-    base_b = timed(plain_backward, repeat)
-    rows += [("plain forward+backward", base_b, "backward"),
-             ("probe grad", timed(probe_grad, repeat), "backward"),
-             ("probe grad, frozen params", timed(lambda: probe_grad(False), repeat), "backward")]
-    return [(name, t, f"{t / (base_f if kind == 'forward' else base_b):.2f}x") for name, t, kind in rows]
+    forward = {**recording_sides(model, ids, 2 * len(KINDS[type(model.rnn).__name__])), "probe, h only": probed_h}
+    rows = rows_against(rounds(forward, repeat), "plain forward")
+    if naive:                              # slow: a few rounds of its own against the same baseline
+        rows += rows_against(rounds({"plain forward": forward["plain forward"], "naive cell loop": cell_loop},
+                                    max(1, repeat // 3)), "plain forward")[1:]
+    backward = {"plain forward+backward": plain_backward, "probe grad": probe_grad,
+                "probe grad, frozen params": lambda: probe_grad(False)}
+    return rows + rows_against(rounds(backward, repeat), "plain forward+backward")
 
 
-def bench_packed(rnn: torch.nn.Module, repeat: int) -> list[tuple[str, float, str]]:
+def bench_packed(rnn: torch.nn.Module, repeat: int) -> list[tuple]:
     """The recurrent module alone on a PackedSequence: 64 sequences of 200-400 steps."""
     from torch.nn.utils.rnn import pack_padded_sequence
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(200, 401, (64,), generator=g)
     seq = pack_padded_sequence(torch.randn(400, 64, rnn.input_size, generator=g), lengths, enforce_sorted=False)
-    base, every = recording(rnn, seq, 2 * len(KINDS[type(rnn).__name__]), repeat)
-    return [(name, t, f"{t / base:.2f}x") for name, t in (("plain packed forward", base), ("probe, every kind", every))]
+    sides = recording_sides(rnn, seq, 2 * len(KINDS[type(rnn).__name__]))
+    sides["plain packed forward"] = sides.pop("plain forward")
+    return rows_against(rounds(sides, repeat), "plain packed forward")
+
+
+def show(rows) -> None:
+    print(f"  {'':28s} {'min s':>8s} {'median s':>9s} {'min/min':>8s} {'median of round ratios':>23s}")
+    for name, lo, med, at_min, paired in rows:
+        print(f"  {name:28s} {lo:8.3f} {med:9.3f} {at_min:>8s} {paired:>23s}")
 
 
 def main() -> None:
@@ -131,7 +153,7 @@ def main() -> None:
     ap.add_argument("--arch", choices=("lstm", "gru", "rnn"), default="lstm")
     ap.add_argument("--chars", type=int, default=20000)
     ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=7, help="rounds; each runs every side once (default 7)")
     ap.add_argument("--no-naive", action="store_true", help="skip the slow cell loop")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -140,11 +162,9 @@ def main() -> None:
     for shape in ((1, args.chars), (64, 400)):
         ids = torch.randint(0, 98, shape)
         print(f"\nbatch {shape[0]} x {shape[1]} steps")
-        for name, t, ratio in bench(model, ids, args.repeat, args.arch == "lstm" and not args.no_naive):
-            print(f"  {name:28s} {t:8.3f} s  {ratio:>7s}")
+        show(bench(model, ids, args.repeat, args.arch == "lstm" and not args.no_naive))
     print(f"\nPackedSequence, batch 64 x 200-400 steps ({args.arch.upper()} module alone)")
-    for name, t, ratio in bench_packed(model.rnn, args.repeat):
-        print(f"  {name:28s} {t:8.3f} s  {ratio:>7s}")
+    show(bench_packed(model.rnn, args.repeat))
 
 
 if __name__ == "__main__":
