@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 
 from rnnscope.errors import RnnscopeError, escaped
+from rnnscope.probe.keys import recurrent_modules
 
 from . import features as feats
-from .calls import forward, measure, metric_of, run_documents
+from .calls import Doc, forward, measure, metric_of, run_documents
 from .gradflow import decay_through, half_lives
 from .intervene import ablate_documents
 from .neurons import top_units
@@ -53,17 +54,32 @@ def own_decay(subject, docs, *, positions: int, max_lag: int, progress: bool) ->
     return {"grad_decay": curve, "half_lives": half_lives(curve)}, None
 
 
+def first_steps(docs: list, steps: int, cut: bool) -> list:
+    """The first documents holding ``steps`` steps: the one that crosses it cut there when ``cut`` (a
+    per-step loss of a model that reads forwards only: its prefix's losses are the document's), else
+    left out (but the first, which is always kept whole)."""
+    ends = np.cumsum([d.ids.shape[1] for d in docs])
+    k = int(np.searchsorted(ends, steps, side="left")) + 1
+    docs, over = docs[:k], int(ends[min(k, len(ends)) - 1]) - steps
+    if over > 0 and cut:
+        last = docs[-1]
+        docs[-1] = Doc(last.ids[:, :last.ids.shape[1] - over], last.document, last.start)
+    elif over > 0 and k > 1:
+        docs = docs[:-1]
+    return docs
+
+
 def own_ablation(run, src, subject, docs, neurons: pd.DataFrame, *, units=None, controls: int, steps: int,
                  progress: bool, log=print) -> pd.DataFrame | None:
     """``ablate_documents`` of each named unit (``units``), else of each binary feature's best unit, held at
-    its mean over the Run, on the first documents holding ``steps`` steps (at least one); the metric is the
+    its mean over the Run, on the first documents holding ``steps`` steps (``first_steps``); the metric is the
     Subject's loss. A per-step loss is compared on the feature's steps and elsewhere; a loss per document
     over all the documents. Returns the table (a ``feature`` column: the feature, or "named")."""
-    ends = np.cumsum([d.ids.shape[1] for d in docs])
-    docs = docs[:max(1, int(np.searchsorted(ends, steps, side="right")))]
-    n = sum(d.ids.shape[1] for d in docs)
     probe = next(iter(measure(metric_of(subject), forward(subject, docs[0]), docs[0]).values()))
     per_step = np.ndim(probe) == 1
+    docs = first_steps(docs, steps, cut=per_step and not any(m.bidirectional for m in
+                                                              recurrent_modules(subject.model).values()))
+    n = sum(d.ids.shape[1] for d in docs)
     targets = [(u, "named", None) for u in units or []]
     if not units and (neurons["metric"] == "auc").any():
         names = sorted(set(neurons.query("metric == 'auc'")["feature"]))

@@ -292,3 +292,15 @@ def test_analyze_refuses_the_wrong_model_and_says_a_field_the_run_does_not_keep(
     err = capsys.readouterr().err
     assert err.startswith("rnnscope: error:") and err.count("\n") == 1      # before any work (no progress bar)
     assert "has no field 'label'" in err and "--documents" in err
+
+
+def test_ablation_on_a_long_run_takes_its_first_steps_a_forward_models_last_document_cut_there():
+    from rnnscope.analysis.causal import first_steps
+    docs = encoded(build(), [r["text"] for r in labelled(5)])
+    lengths = [d.ids.shape[1] for d in docs]
+    cut = first_steps(docs, lengths[0] + 3, cut=True)
+    assert [d.ids.shape[1] for d in cut] == [lengths[0], 3] and cut[1].document == docs[1].document
+    assert [d.ids.shape[1] for d in first_steps(docs, lengths[0] + 3, cut=False)] == [lengths[0]]
+    assert [d.ids.shape[1] for d in first_steps(docs, 2, cut=False)] == [lengths[0]]      # the first, whole
+    assert [d.ids.shape[1] for d in first_steps(docs, 2, cut=True)] == [2]
+    assert len(first_steps(docs, 10 ** 6, cut=True)) == 5
