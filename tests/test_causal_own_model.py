@@ -304,3 +304,15 @@ def test_ablation_on_a_long_run_takes_its_first_steps_a_forward_models_last_docu
     assert [d.ids.shape[1] for d in first_steps(docs, 2, cut=False)] == [lengths[0]]      # the first, whole
     assert [d.ids.shape[1] for d in first_steps(docs, 2, cut=True)] == [2]
     assert len(first_steps(docs, 10 ** 6, cut=True)) == 5
+
+
+def test_a_corpus_that_is_not_the_runs_is_refused_in_one_line(cli_run, capsys):
+    from rnnscope.cli import main
+    where, spec, _ = cli_run
+    other = where / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in labelled(24, seed=5)))
+    capsys.readouterr()
+    assert main(["analyze", str(where / "run"), "--model", f"{spec}:build", "--documents", str(other),
+                 "--ablate-units", "rnn.l0.h:1", "--features", "column"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnscope: error: document 0 of the corpus") and err.count("\n") == 1
