@@ -316,3 +316,16 @@ def test_a_corpus_that_is_not_the_runs_is_refused_in_one_line(cli_run, capsys):
                  "--ablate-units", "rnn.l0.h:1", "--features", "column"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rnnscope: error: document 0 of the corpus") and err.count("\n") == 1
+
+
+def test_analyze_says_why_a_user_model_has_nothing_to_ablate_or_follow(cli_run):
+    from rnnscope.analysis.report import analyze
+    where, spec, corpus = cli_run
+    out = analyze(where / "run", features=["column"], shifts=2, contexts=0, ablation=True, max_lag=3,
+                  model=f"{spec}:build", documents=corpus, progress=False, log=lambda *a: None)
+    assert out["summary"]["skipped"]["ablation"] == "no binary feature has a best unit to ablate"
+    assert "half_lives" in out and "grad_decay" in out["summary"]["tables"]
+    out = analyze(where / "run", features=["column"], shifts=2, contexts=0, ablation=True, model=f"{spec}:build",
+                  model_loss="none", progress=False, log=lambda *a: None)
+    assert set(out["summary"]["skipped"]) >= {"grad_decay", "ablation"}
+    assert "has no loss" in out["summary"]["skipped"]["grad_decay"] and "grad_decay" not in out
