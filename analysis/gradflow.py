@@ -10,6 +10,11 @@ averaged over positions; ``half_lives`` fits log-norm against lag and reports th
 A plain RNN's Jacobian product shrinks geometrically; the LSTM's cell path multiplies by forget gates
 only, which can stay near 1. With several documents (the state reset at each), a window never
 crosses a boundary: the lag-k gradient is measured only where step t - k is in t's own document.
+
+``decay_through(subject, documents)``: the same curve for any model (a ``Subject``: a classifier, a
+tagger, a word model), through its own ``call`` and loss, one whole document per call: each norm
+relative to its lag-0 norm, from sampled steps of a per-step loss, or from each document's last
+step for a scalar loss per document.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rnnscope.probe import Probe, parse_key
+from rnnscope.probe.subject import subject_of
 from rnnscope.errors import RnnscopeError
 
 from . import reductions
@@ -155,3 +161,112 @@ def half_lives(curve: pd.DataFrame, *, start: int = 1, stat: str = "geo_mean") -
                      "max_lag": int(g["lag"].max()), "nonfinite": nonfinite,
                      "exploding": bool(np.isposinf(y).any() or slope > 0 or (y > 1e3 * y[0]).any())})
     return pd.DataFrame(rows)
+
+
+def decay_ratios(subject, documents, *, positions: int = 512, max_lag: int = 200, loss=None, seed: int = 0,
+                 progress: bool = False) -> pd.DataFrame:
+    """How far back the loss of any model reaches, through its own ``call`` (one whole document per
+    call, as ``record`` runs it; ``documents`` as ``ablate_documents`` takes them).
+
+    For a per-step loss ``[T]`` (the Subject's, or ``loss=fn(output, ids[, document=])``): at up to
+    ``positions`` steps t sampled over every document, ``||dL_t/dh_{t-k}|| / ||dL_t/dh_t||`` for lags
+    k = 0..``max_lag`` that stay in t's document. For a scalar loss per document (a classifier's): in
+    up to ``positions`` documents, ``||dL/dh_{T-1-k}|| / ||dL/dh_{T-1}||`` from its last step back. A
+    reverse direction reads its document backwards, so its lags run forwards (its "last" step is 0).
+    Returns one row per (key, document, step, lag): ``key, document, step, lag, ratio``;
+    ``attrs["per"]``: "step" or "document"; ``attrs["zero_at_lag0"]``: positions left out because their
+    gradient at lag 0 was exactly 0 (a key the loss at t does not read)."""
+    from .calls import Doc, encoded, forward, measure, metric_of
+    subject = subject_of(subject)
+    docs = documents if isinstance(documents, list) and documents and all(isinstance(d, Doc) for d in documents) \
+        else encoded(subject, documents)
+    fn, model = metric_of(subject, loss), subject.model
+    rng = np.random.default_rng(seed)
+    total = sum(d.ids.shape[1] for d in docs)
+    steps = set(rng.choice(total, size=min(positions, total), replace=False).tolist())
+    chosen_docs = set(rng.choice(len(docs), size=min(positions, len(docs)), replace=False).tolist())
+    per, rows, zero = None, [], 0
+    was = model.training
+    model.eval()
+    try:
+        for i, d in enumerate(tqdm(docs, desc="decay", unit="document", disable=not progress)):
+            here = sorted(s - d.start for s in steps if d.start <= s < d.start + d.ids.shape[1])
+            if (per == "step" and not here) or (per == "document" and i not in chosen_docs):
+                continue
+            with torch.enable_grad(), Probe(model, grad=True, param_grads=False) as p:
+                value = _one_loss(measure(fn, forward(subject, d), d, keep_graph=True))
+                kind = "document" if value.dim() == 0 else "step"
+                if per not in (None, kind):
+                    raise RnnscopeError("the loss gave a scalar for some documents and per-step values for others",
+                                        "return one kind for every document")
+                per = kind
+                T = d.ids.shape[1]
+                seeds = ([(T - 1, value)] if i in chosen_docs else []) if per == "document" else \
+                    [(t, value[t]) for t in here if torch.isfinite(value[t])]
+                for t, L in seeds:
+                    _forget_grads(p)
+                    L.backward(retain_graph=True)
+                    for key in [k for k in p.trace if parse_key(k)["kind"].startswith("grad_")]:
+                        reverse = parse_key(key)["reverse"]
+                        at = 0 if reverse and per == "document" else t      # where a reverse direction ends
+                        ratios = _lag_ratios(p.trace[key][0].detach().double(), at, max_lag, reverse)
+                        if ratios is None:
+                            zero += 1
+                            continue
+                        rows.append(pd.DataFrame({"key": key, "document": i, "step": at,
+                                                  "lag": np.arange(len(ratios)), "ratio": ratios}))
+    finally:
+        model.train(was)
+    frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        {"key": [], "document": [], "step": [], "lag": [], "ratio": []})
+    frame.attrs.update(per=per, zero_at_lag0=zero)
+    return frame
+
+
+def decay_through(subject, documents, **options) -> pd.DataFrame:
+    """``decay_ratios`` summarised per (key, lag) as ``gradient_decay``'s table (``mean``, ``geo_mean``,
+    ``q10``, ``q90`` of the ratios, ``positions``, ``nonfinite``), plus ``documents`` (how many reach
+    that lag): ``half_lives`` reads it the same way. ``attrs`` are ``decay_ratios``'."""
+    ratios = decay_ratios(subject, documents, **options)
+    rows = []
+    for (key, lag), g in ratios.groupby(["key", "lag"], sort=False):
+        col = g["ratio"].to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.log(col)
+        info = parse_key(key)
+        rows.append({"key": key, "layer": info["layer"], "kind": info["kind"], "lag": int(lag),
+                     **_lag_stats(col, logs), "positions": len(col), "nonfinite": int((~np.isfinite(col)).sum()),
+                     "documents": int(g["document"].nunique())})
+    curve = pd.DataFrame(rows, columns=["key", "layer", "kind", "lag", "mean", "geo_mean", "q10", "q90",
+                                        "positions", "nonfinite", "documents"])
+    curve.attrs.update(ratios.attrs)
+    return curve.sort_values(["key", "lag"], kind="stable", ignore_index=True)
+
+
+def _one_loss(values: dict) -> torch.Tensor:
+    """The loss to differentiate: the metric's value (the first, of a dict), as a tensor with a graph."""
+    value = next(iter(values.values()))
+    if not value.requires_grad:
+        raise RnnscopeError("the loss does not depend on the model's output (it has no gradient)",
+                            "compute the loss from the output it is given (no .detach())")
+    return value
+
+
+def _forget_grads(p: Probe) -> None:
+    """Every record's state gradients emptied, so the next backward's are its own."""
+    for call in p.calls:
+        for key in call:
+            call.direction(key).swap_grads({})
+    for cell in p.cell_calls:
+        cell.swap_grads()
+
+
+def _lag_ratios(g: torch.Tensor, t: int, max_lag: int, reverse: bool) -> np.ndarray | None:
+    """``g [T, units]`` dL/dstate: ``||g[t -/+ k]|| / ||g[t]||`` for k = 0..max_lag inside ``[0, T)``
+    (forwards for a reverse direction); None when ``||g[t]||`` is 0."""
+    n = g.norm(dim=-1)
+    n = n[t:t + max_lag + 1] if reverse else n[:t + 1].flip(0)[:max_lag + 1]
+    if n[0] == 0:
+        return None
+    with np.errstate(all="ignore"):
+        return (n / n[0]).numpy()

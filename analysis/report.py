@@ -6,15 +6,16 @@
     RUN/analysis/sparse.parquet        sparse_probe path per feature (with --sparse)
     RUN/analysis/saturation.parquet    gate_saturation (when gates were recorded)
     RUN/analysis/grad_norms.parquet    gradient_norms per step (when recorded with --grad)
-    RUN/analysis/grad_decay.parquet    gradient_decay curve (needs the model: zoo:NAME or a checkpoint path)
+    RUN/analysis/grad_decay.parquet    gradient_decay curve (needs the model: zoo:NAME, --checkpoint or --model SPEC)
     RUN/analysis/half_lives.parquet    half_lives of that curve
-    RUN/analysis/ablation.parquet      ablate of each binary feature's best unit (with --ablate)
+    RUN/analysis/ablation.parquet      ablate of each binary feature's best unit (with --ablate; --ablate-units)
     RUN/analysis/summary.json          what ran, with which settings, and what was skipped and why
 
 On a Run of words, subwords or several documents every table is on steps: neurons scores only steps
 with text and splits by document, contexts are windows of steps inside one document, the gradient
-decay never crosses a document boundary. Ablation edits a char model's input, so it runs only on a
-Run of one step per character.
+decay never crosses a document boundary. A zoo char model's ablation edits its input, so it runs only
+on a Run of one step per character; a user's model (``--model SPEC``) is run through its own ``call``
+and loss, one document per call (``analysis.causal``): decay ratios to lag 0, ablation of its loss.
 
 The tables are read and written by the Run store (``rnnscope.store.tables``): each is written
 beside its final name and renamed, never through a link, and checked against its schema on read.
@@ -30,9 +31,11 @@ import torch
 
 from rnnscope.errors import RnnscopeError, escaped
 from rnnscope.probe import model_checksum
+from rnnscope.probe.corpus import read_documents
 from rnnscope.store import Run, open_run
 from rnnscope.store import inside, read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
 
+from . import causal
 from .contexts import top_contexts
 from .features import FeatureSkipped, compute, own_features
 from .features import steps as feature_steps
@@ -46,21 +49,25 @@ from .sparse import sparse_probe
 TABLES = ("neurons", "features", "contexts", "sparse", "saturation", "grad_norms", "grad_decay", "half_lives", "ablation")
 
 
-def load_model(run: Run, checkpoint: str | None = None):
+def load_model(run: Run, checkpoint: str | None = None, *, model: str | None = None, encoder: str | None = None,
+               loss: str | None = None):
     """The Run's model for decay and ablation, checked against the checksum in the manifest. Returns
-    ``(Checkpoint, None)`` or ``(None, why not)``.
+    ``(Checkpoint or Subject, None)`` or ``(None, why not)``.
 
-    The model comes from ``checkpoint`` (what the user passed: ``--checkpoint``), or from a manifest
-    that names one of the zoo's shipped checkpoints by name. A Run may be someone else's: a source in its
-    manifest is never a path rnnscope opens (``/dev/zero``, ``/root``) nor code it runs."""
+    The model comes from ``model`` (``--model SPEC``, with ``--encoder`` and ``--loss`` specs: the grammar
+    and loader of ``rnnscope probe``), from ``checkpoint`` (``--checkpoint``), or from a manifest that names
+    one of the zoo's shipped checkpoints by name. A Run may be someone else's: a source in its manifest is
+    never a path rnnscope opens (``/dev/zero``, ``/root``) nor code it runs."""
     from rnnscope import zoo
+    if model is not None:
+        return _own_model(run, model, encoder, loss, checkpoint), None
     source = run.manifest["model"].get("source")
     if checkpoint is None:
         name = source[4:] if isinstance(source, str) and source.startswith("zoo:") else None
         if name not in zoo.shipped():
             shown = escaped(source, limit=80) if isinstance(source, str) else type(source).__name__
             return None, (f"the Run was probed from {shown}, which rnnscope does not open from a Run's manifest; "
-                          "pass --checkpoint with that model to compute it")
+                          "pass --checkpoint (a zoo model) or --model SPEC with that model to compute it")
         checkpoint = source
     ck = zoo.load(checkpoint)
     if model_checksum(ck.model) != run.manifest["model"]["checksum"]:
@@ -69,27 +76,54 @@ def load_model(run: Run, checkpoint: str | None = None):
     return ck, None
 
 
+def _own_model(run: Run, spec: str, encoder: str | None, loss: str | None, checkpoint: str | None):
+    """``--model SPEC`` loaded as ``rnnscope probe`` loads it: a zoo Checkpoint stays one (unless
+    ``--encoder`` or ``--loss`` makes it a Subject), anything else is a Subject with those replaced."""
+    from rnnscope.probe.specs import subject_and_options
+    from rnnscope.probe.subject import Subject, subject_of
+    if checkpoint is not None and checkpoint != spec:
+        raise RnnscopeError(f"two models given: --checkpoint {checkpoint} and --model {spec}", "give one of them")
+    got, asked = subject_and_options(spec, encoder, None, loss)
+    if isinstance(got, Subject) or asked:
+        got = subject_of(got)
+        got.loss = asked.get("loss", got.loss)
+        got.encoder = asked.get("encode", got.encoder)
+    if model_checksum(got.model) != run.manifest["model"]["checksum"]:
+        raise RnnscopeError(f"{spec} is not the model this Run was recorded with (checksums differ)",
+                            "pass --model with the model (and weights) used for `rnnscope probe`")
+    return got
+
+
 def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0.3, shifts: int = 16,
             checkpoint: str | None = None, decay: bool = True, max_lag: int = 200, positions: int = 512,
             sparse: bool = False, ablation: bool = False, controls: int = 100, ablate_chars: int = 20000,
-            contexts: int = 10, context_window: int = 40, progress: bool = True, log=print, client=None) -> dict:
+            contexts: int = 10, context_window: int = 40, progress: bool = True, log=print, client=None,
+            model: str | None = None, encoder: str | None = None, model_loss: str | None = None,
+            documents=None, ablate_units: list[str] | None = None) -> dict:
     """Run what the Run supports, write the tables into the Run, return ``{name: DataFrame}`` (the neuron
     search's passes on the Dask ``client``'s workers when one is given).
 
     ``features``: built-in names (default: those that suit the Run: a zoo model's corpus language, else
     the language-free ones). ``own``: the user's features, scored beside them, a dict name ->
     ``text -> array[chars]`` (or ``features.on_tokens(fn)``); their values at every step are written to
-    ``analysis/features.parquet`` so ``serve`` and ``export --feature NAME`` draw them without the code."""
+    ``analysis/features.parquet`` so ``serve`` and ``export --feature NAME`` draw them without the code.
+
+    ``model``, ``encoder``, ``model_loss``: ``--model``, ``--encoder``, ``--loss`` specs (``load_model``);
+    a user's model is run through its Subject's ``call`` and loss (``analysis.causal``) over the Run's
+    documents, their fields (a label) from ``documents`` (the corpus it was probed from); ``ablate_units``:
+    the units to ablate (each alone) instead of each feature's best (``ablation`` then need not be set)."""
     run = run if isinstance(run, Run) else open_run(run)
     for name in (*TABLES, "summary"):          # a table that cannot be written is refused before the work
         inside(run.path, f"analysis/{name}.{'json' if name == 'summary' else 'parquet'}", write=True)
     src = as_source(run, language=language)
     out, skipped = {}, {}
-    ck = None
+    ck, docs = None, None
+    ablation = ablation or bool(ablate_units)
     if decay or ablation:                # first: a wrong model is refused before any long work
-        ck, why = load_model(run, checkpoint)
+        ck, why = load_model(run, checkpoint, model=model, encoder=encoder, loss=model_loss)
         if ck is None:
             skipped.update({"grad_decay": why} if decay else {}, **({"ablation": why} if ablation else {}))
+        docs = _own_documents(run, ck, documents, skipped, decay, ablation)
     names = list(features) if features is not None else src.defaults
     chosen = {**{n: n for n in names}, **own_features(own)} if own else features
     with warnings.catch_warnings():             # said once below, as one line each, not as a warning
@@ -125,7 +159,13 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
         exploding = nonfinite = None
         skipped["grad_norms"] = "no gradients recorded (probe with --grad)"
     loss = run.manifest.get("loss")            # format 1 has no "kind": its loss is next-character
-    if decay and ck is not None and (not isinstance(loss, dict) or loss.get("kind", "next-token") != "next-token"):
+    if decay and docs:
+        found, why = causal.own_decay(ck, docs, positions=positions, max_lag=max_lag, progress=progress)
+        out.update(found)
+        skipped.update({"grad_decay": why} if why else {})
+    elif decay and docs is not None:
+        pass                            # said in skipped: the model has no loss here
+    elif decay and ck is not None and (not isinstance(loss, dict) or loss.get("kind", "next-token") != "next-token"):
         skipped["grad_decay"] = "the Run has no next-token loss to follow back"
     elif decay and ck is not None:
         stored = getattr(run, "ids", None)
@@ -139,7 +179,16 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
         else:
             skipped["grad_decay"] = (f"the text is shorter than {max_lag + 60} characters" if src.char_level
                                      else f"every document is shorter than {max_lag + 60} steps")
-    if ablation and ck is not None and not src.char_level:
+    if ablation and docs:
+        table = causal.own_ablation(run, src, ck, docs, out["neurons"], units=ablate_units, controls=controls,
+                                    steps=ablate_chars, progress=progress, log=log)
+        out.update({"ablation": table} if table is not None else {})
+        skipped.update({} if table is not None else {"ablation": "no binary feature has a best unit to ablate"})
+    elif ablation and docs is not None:
+        pass
+    elif ablation and ck is not None and ablate_units:
+        skipped["ablation"] = "--ablate-units runs through a model's call: give it with --model SPEC"
+    elif ablation and ck is not None and not src.char_level:
         skipped["ablation"] = "ablation edits a char model's input: the Run's steps are not its characters"
     elif ablation and ck is not None:
         text = run.text[:ablate_chars]
@@ -171,6 +220,19 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
     write_json(run, "summary", summary)
     out["summary"] = summary
     return out
+
+
+def _own_documents(run: Run, model, corpus, skipped: dict, decay: bool, ablation: bool):
+    """For a user's model (a Subject, not a zoo char model): the Run's documents as its call sees them,
+    or ``[]`` with the reason said in ``skipped`` when it has no loss here; None for a zoo model."""
+    from rnnscope.probe.subject import Subject
+    if not isinstance(model, Subject):
+        return None
+    why = causal.nothing_to_measure(run, model)
+    if why:
+        skipped.update({"grad_decay": why} if decay else {}, **({"ablation": why} if ablation else {}))
+        return []
+    return causal.documents(run, model, None if corpus is None else read_documents(corpus))
 
 
 def top_table(neurons: pd.DataFrame, k: int = 3) -> str:

@@ -75,7 +75,8 @@ def analyze(args) -> None:
         out = report.analyze(given, features=names, own=own, language=language, heldout=args.heldout,
                              shifts=args.shifts, checkpoint=args.checkpoint, decay=not args.no_decay,
                              max_lag=args.max_lag, sparse=args.sparse, ablation=args.ablate, controls=args.controls,
-                             contexts=args.contexts, client=client)
+                             contexts=args.contexts, client=client, model=args.model, encoder=args.encoder,
+                             model_loss=args.loss, documents=args.documents, ablate_units=args.ablate_units)
     print("\n".join(report.report_lines(out, args.heldout, args.top)))
     print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(given, 'neurons').parent}")
 

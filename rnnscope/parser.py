@@ -136,6 +136,18 @@ def parser() -> argparse.ArgumentParser:
                     help="top and bottom contexts kept per unit (default 10; 0: none)")
     an.add_argument("--unit", type=T.unit, help="print this unit's top and bottom contexts (KEY:INDEX) and stop")
     an.add_argument("--controls", type=T.int_at_least(1, "--controls"), default=100, help="random units per ablation (default 100)")
+    an.add_argument("--model", metavar="SPEC", help="your own model for decay and ablation, as `rnnscope probe --model` "
+                    "takes it (file.py:fn, package.module:fn, model.pt, weights.pt@file.py:build, zoo:NAME); checked "
+                    "against the Run's checksum, run through its call and loss")
+    an.add_argument("--encoder", metavar="SPEC", help="with --model: the encoder, as for `rnnscope probe`")
+    an.add_argument("--loss", metavar="none|FILE.py:FN", help="with --model: the loss to follow back and to ablate "
+                    "(default: the model's own)")
+    an.add_argument("--documents", type=T.text_source, metavar="CORPUS",
+                    help="with --model: the corpus the Run was probed from (a .jsonl's fields, a label, reach the "
+                         "call and loss; a Run keeps only names and texts)")
+    an.add_argument("--ablate-units", type=T.units, metavar="KEY:I,...",
+                    help="with --model: ablate these units (each alone, against random units of its key) instead "
+                         "of each feature's best")
     _cluster_flags(an, "analyse")
     an.set_defaults(func=command("analyze"))
 
