@@ -6,12 +6,12 @@ the kinds of its family (LSTM ``h c i f g o``, GRU ``h r z n``, RNN ``h``; gradi
 ``grad_c``) or, for a declared cell, its state kinds and the gates its gate function returns.
 These keys are stable.
 
-Inside a ``Probe`` block each built-in cell's ``forward`` is ``CellTape.forward``: one step from
-the equations of the cell's own CPU kernel (ATen's ``LSTMCell``/``GRUCell``/``SimpleCell``, in
-their operation order and memory layouts, which decide the last bit of a vectorised ``sigmoid``),
-so the gates come out of the work the step does anyway and h and c are the kernel's to the bit.
-That is checked against the kernel itself on the first call of each batch size, dtype and device;
-elsewhere than the CPU the device's fused kernel rounds differently, and the check is to 1e-5.
+Inside a ``Probe`` block each cell's ``forward`` is a ``probe.cellstep.CellForward``, which runs
+one step from the equations of the cell's own CPU kernel (bit for bit; checked against the kernel on
+the first call of each batch size, dtype and device, to 1e-5 elsewhere than the CPU, whose fused
+kernel rounds differently), applies an ``Intervention``'s edits if one holds the cell too, and hands
+the step to the Probe's ``CellTape`` here: so the gates come out of the work the step does anyway,
+and a Probe records the edited cell in either nesting.
 
 Consecutive calls form one sequence while the batch stays or shrinks by dropping its last rows
 (captions sorted longest first: ``h[:b_t]``); the rows gone read NaN. A call without state, or a
@@ -23,8 +23,7 @@ does to the state between calls, and the layers above; nothing past a ``detach``
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -32,98 +31,9 @@ from torch import nn
 
 from rnnscope.errors import RnnscopeError, call_user
 
+from . import cellstep
+from .cellstep import BUILTIN, CellSpec, _gru, _lstm, _rnn, _rows, cell, spec_of  # noqa: F401  (the cells' API)
 from .keys import state_key
-
-F = nn.functional
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """A module declared a recurrent cell: it returns its states in ``kinds`` order (one tensor
-    for one kind, else a tuple), each ``[batch, units]`` (or ``[units]`` unbatched); its state
-    comes in ``state`` (a position after the input, or a keyword), None on a first step. Its
-    ``grad_c`` is the gradient of the ``c`` tensor it returns: the total dL/dc_t where its ``h`` is
-    computed from that same tensor, as in any LSTM written the plain way;
-    ``gates(module, *args, **kwargs) -> {kind: [batch, units]}`` gives its gates from the call's
-    inputs, and the states they imply, which are checked against the module's own on the first call."""
-    kinds: tuple[str, ...]
-    gates: Callable | None = None
-    state: int | str = 1
-
-
-def cell(target=None, *, kinds=("h",), gates: Callable | None = None, state: int | str = 1):
-    """Declare a module class (as a decorator) or one module instance a recurrent cell.
-
-    Args:
-        target: the ``nn.Module`` subclass or instance; omitted, ``cell(...)`` returns a decorator.
-        kinds: the states its ``forward`` returns, in order: ``("h",)`` (one tensor) or ``("h", "c")``.
-        gates: optional ``gates(module, *args, **kwargs) -> dict`` computing, from the same call's
-            arguments, the gates to record and the states they give (``"h"``, ``"c"``), e.g. for a
-            LayerNorm LSTM::
-
-                def ln_gates(m, x, state=None):
-                    h, c = state if state is not None else (x.new_zeros(len(x), m.hidden),) * 2
-                    i, f, g, o = m.ln(m.ih(x) + m.hh(h)).chunk(4, -1)
-                    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-                    c = f * c + i * g
-                    return {"i": i, "f": f, "g": g, "o": o, "c": c, "h": o * torch.tanh(m.ln_c(c))}
-
-                @rs.cell(kinds=("h", "c"), gates=ln_gates)
-                class LayerNormLSTMCell(nn.Module): ...
-        state: where the state is passed: a position (1: ``forward(x, state)``) or a keyword.
-
-    Returns:
-        ``target`` (declared), or the decorator.
-    """
-    kinds = tuple(kinds)
-    bad = [k for k in kinds if k not in ("h", "c")] or ([] if kinds[:1] == ("h",) and len(set(kinds)) == len(kinds)
-                                                         else ["order"])
-    if bad:
-        raise RnnscopeError(f"cell kinds {kinds} are not ('h',) or ('h', 'c')",
-                            "declare the states the module returns: kinds=('h',) or kinds=('h', 'c')")
-    spec = CellSpec(kinds, gates, state)
-
-    def mark(t):
-        setattr(t, "__rnnscope_cell__", spec)
-        return t
-    return mark if target is None else mark(target)
-
-
-def _lstm(m, x, h, c) -> dict:
-    """ATen's LSTMCell: ``gates = W_hh h + b_hh + (W_ih x + b_ih)``, chunked in place."""
-    i, f, g, o = (F.linear(h, m.weight_hh, m.bias_hh) + F.linear(x, m.weight_ih, m.bias_ih)).chunk(4, 1)
-    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-    c = f * c + i * g
-    return {"h": o * c.tanh(), "c": c, "i": i, "f": f, "g": g, "o": o}
-
-
-def _gru(m, x, h, c) -> dict:
-    """ATen's GRUCell, ``h' = (h - n) z + n``. r and z are taken through views of one ``[B, 3H]``
-    sum, as the kernel's in-place ``sigmoid_`` on its chunks is: a contiguous ``[B, H]`` would
-    vectorise across rows and differ from the kernel in the last bit."""
-    H = m.hidden_size
-    ai, ah = F.linear(x, m.weight_ih, m.bias_ih), F.linear(h, m.weight_hh, m.bias_hh)
-    s = ah + ai
-    r, z = s[:, :H].sigmoid(), s[:, H:2 * H].sigmoid()
-    n = (ai[:, 2 * H:] + ah[:, 2 * H:] * r).tanh()
-    return {"h": (h - n) * z + n, "r": r, "z": z, "n": n}
-
-
-def _rnn(m, x, h, c) -> dict:
-    a = F.linear(h, m.weight_hh, m.bias_hh) + F.linear(x, m.weight_ih, m.bias_ih)
-    return {"h": a.tanh() if m.nonlinearity == "tanh" else a.relu()}
-
-
-# class -> (state kinds, gate kinds, step); only the class's own forward is replaced
-BUILTIN = {nn.LSTMCell: (("h", "c"), "ifgo", _lstm), nn.GRUCell: (("h",), "rzn", _gru), nn.RNNCell: (("h",), "", _rnn)}
-
-
-def spec_of(m: nn.Module):
-    """The module's ``CellSpec`` (declared), its ``BUILTIN`` entry, or None."""
-    spec = getattr(m, "__rnnscope_cell__", None)
-    if isinstance(spec, CellSpec):
-        return spec
-    return next((e for cls, e in BUILTIN.items() if isinstance(m, cls) and type(m).forward is cls.forward), None)
 
 
 def cell_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -194,11 +104,6 @@ def _stack(vs: list, B: int) -> torch.Tensor:
     return out
 
 
-def _rows(v: torch.Tensor) -> torch.Tensor:
-    """An unbatched step ``[units]`` as a batch of one."""
-    return v.unsqueeze(0) if v.dim() == 1 else v
-
-
 def _fresh(state) -> bool:
     """A state that starts a sequence: none, or all zeros with no history."""
     parts = [] if state is None else list(state) if isinstance(state, (tuple, list)) else [state]
@@ -206,7 +111,7 @@ def _fresh(state) -> bool:
 
 
 class CellTape:
-    """What one Probe records of one cell; its ``forward`` stands in for the cell's inside the block."""
+    """What one Probe records of one cell: each step its ``CellForward`` runs (``keep_step``, ``keep_declared``)."""
 
     def __init__(self, probe, name: str, m: nn.Module):
         self.probe, self.name, self.m = probe, name, m
@@ -247,91 +152,34 @@ class CellTape:
                 if v.requires_grad:
                     v.register_hook(partial(seq.add_grad, f"grad_{k}", t))
 
-    def _leaf(self, x):
+    def leaf(self, x):
         """With frozen weights and an input that needs no gradient, a leaf, so hooks see dL/dh."""
         if self.probe.grad and torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not x.requires_grad \
                 and x.is_floating_point():
             return x.detach().requires_grad_()
         return x
 
-    def forward(self, *args, **kwargs):
-        if isinstance(self.spec, CellSpec):
-            return self._declared(*args, **kwargs)
-        return self._builtin(*args, **kwargs)
+    def keep_step(self, B: int, state, out: dict, states, gates) -> None:
+        """One step of a built-in cell: ``out`` kind -> ``[B, units]`` (after any edit)."""
+        self._keep(self._sequence(B, state, states, gates), out, states)
 
-    def _builtin(self, input, hx=None):
-        m, (states, gates, step) = self.m, self.spec
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{type(m).__name__}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        batched = input.dim() == 2
-        x = self._leaf(input if batched else input.unsqueeze(0))
-        if hx is None:
-            h = c = x.new_zeros(x.shape[0], m.hidden_size)
-        else:
-            h, c = hx if len(states) == 2 else (hx, None)
-            if not batched:
-                h, c = h.unsqueeze(0), (c.unsqueeze(0) if c is not None else None)
-        if h.shape != (x.shape[0], m.hidden_size) or (c is not None and c.shape != h.shape):
-            # the kernel refuses these; broadcasting in the equations would not
-            raise RuntimeError(f"{type(m).__name__}: state of shape {tuple(h.shape)} for an input of batch "
-                               f"{x.shape[0]} and {m.hidden_size} units")
-        out = step(m, x, h, c)
-        self._check(input, hx, out, x.shape[0])
-        self._keep(self._sequence(x.shape[0], hx, states, gates), out, states)
-        res = tuple(out[k] if batched else out[k].squeeze(0) for k in states)
-        return res if len(res) == 2 else res[0]
-
-    def _check(self, input, hx, out, B: int) -> None:
-        """The first call of each batch size, dtype and device: the cell's own kernel on the same inputs."""
-        sig = (B, input.dtype, input.device)
-        if sig in self.checked:
-            return
-        with torch.no_grad():
-            ref = type(self.m).forward(self.m, input, hx)
-        ref = ref if isinstance(ref, tuple) else (ref,)
-        got = [out[k] if input.dim() == 2 else out[k].squeeze(0) for k in self.spec[0]]
-        same = all(torch.equal(a, b) if input.device.type == "cpu" else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-                   for a, b in zip(got, ref))
-        if not same:
-            diff = max(float((a.detach() - b).abs().max()) for a, b in zip(got, ref))
-            raise RnnscopeError(f"cell {self.name or '<model>'}: rnnscope's {type(self.m).__name__} equations do not "
-                                f"reproduce the kernel's outputs on {input.device.type} (off by {diff:.3g})",
-                                f"report it with torch {torch.__version__}; probe the model without this cell meanwhile")
-        self.checked.add(sig)
-
-    def _declared(self, *args, **kwargs):
-        """A declared cell: its own forward, then (no graph) its gate function; both checked on the first call."""
-        m, spec = self.m, self.spec
-        args = (self._leaf(args[0]), *args[1:]) if args else args
+    def keep_declared(self, args, kwargs, own: dict, outs: dict) -> None:
+        """One step of a declared cell: ``own`` its forward's states, ``outs`` what the caller receives
+        (``own`` with any edit); its gate function, without a graph, checked against ``own`` on the first call."""
+        spec = self.spec
         at = spec.state
         state = (args[at] if len(args) > at else None) if isinstance(at, int) else kwargs.get(at)
-        outs = dict(zip(spec.kinds, _split(type(m).forward(m, *args, **kwargs), spec.kinds, self.name)))
         gates = {}
         if spec.gates is not None:
             with torch.no_grad():
-                gates = call_user(spec.gates, m, *args, doing=f"the gate function of cell {self.name or '<model>'}",
-                                  fix="fix the gate function given to rnnscope.cell", **kwargs)
+                gates = call_user(spec.gates, self.m, *args, fix="fix the gate function given to rnnscope.cell",
+                                  doing=f"the gate function of cell {self.name or '<model>'}", **kwargs)
             if "declared" not in self.checked:
-                _check_gates(self.name, gates, outs)
+                _check_gates(self.name, gates, own)
                 self.checked.add("declared")
             gates = {k: v for k, v in gates.items() if k not in spec.kinds}
         B = _rows(outs["h"]).shape[0]
         self._keep(self._sequence(B, state, spec.kinds, tuple(gates)), {**outs, **gates}, spec.kinds)
-        return outs["h"] if len(spec.kinds) == 1 else tuple(outs[k] for k in spec.kinds)
-
-
-def _split(res, kinds: tuple, name: str) -> list:
-    """The declared states out of what the forward returned, or one line saying they are not there."""
-    parts = [res] if len(kinds) == 1 else list(res) if isinstance(res, (tuple, list)) else None
-    ok = parts is not None and len(parts) == len(kinds) and all(isinstance(p, torch.Tensor) and p.dim() in (1, 2)
-                                                                 for p in parts)
-    if not ok:
-        got = (f"a tuple of {len(res)}" if isinstance(res, (tuple, list)) else
-               f"a {res.dim()}-d tensor" if isinstance(res, torch.Tensor) else type(res).__name__)
-        raise RnnscopeError(f"cell {name or '<model>'} is declared with kinds {kinds} but its forward returned {got}",
-                            "declare kinds=('h',) for a cell returning h [batch, units], ('h', 'c') for one returning "
-                            "(h, c)")
-    return parts
 
 
 def _check_gates(name: str, gates, outs: dict) -> None:
@@ -370,26 +218,28 @@ def restart(tapes: list[CellTape]) -> None:
 
 
 def check(cells: dict[str, nn.Module]) -> None:
-    """Refuse, touching nothing, a cell whose forward someone else replaced (or another Probe records)."""
-    taken = [n for n, m in cells.items() if "forward" in m.__dict__]
-    if taken:
-        owner = getattr(cells[taken[0]].__dict__["forward"], "__self__", None)
-        if isinstance(owner, CellTape):
-            raise RnnscopeError(f"cell {taken[0] or '<model>'} is already recorded by another Probe",
-                                "exit the other Probe first, or read what it records")
-        raise RnnscopeError(f"module {taken[0] or '<model>'} already has an instance-level forward that is not "
-                            "rnnscope's", "remove it (del module.forward) before probing")
+    """Refuse, touching nothing, a cell whose forward someone else replaced, or that another Probe
+    records; an Intervention's editing forward is rnnscope's own, and a Probe records the edited cell."""
+    cellstep.refuse_foreign(cells)
+    busy = [n for n, m in cells.items() if getattr(cellstep.forward_of(m), "tape", None) is not None]
+    if busy:
+        raise RnnscopeError(f"cell {busy[0] or '<model>'} is already recorded by another Probe",
+                            "exit the other Probe first, or read what it records")
 
 
 def join(cells: dict[str, nn.Module], probe) -> list[CellTape]:
-    tapes = [CellTape(probe, name, m) for name, m in cells.items()]
-    for t in tapes:
-        t.m.forward = t.forward
+    tapes = []
+    for name, m in cells.items():
+        fw = cellstep.hold(name, m)
+        fw.tape = CellTape(probe, name, m)
+        tapes.append(fw.tape)
     return tapes
 
 
 def leave(tapes: list[CellTape]) -> None:
-    """Each cell's own forward again: the instance attribute removed, the module as it was."""
+    """Each cell's own forward again once no Intervention edits it: the instance attribute removed."""
     for t in tapes:
-        if getattr(t.m.__dict__.get("forward"), "__self__", None) is t:
-            del t.m.__dict__["forward"]
+        fw = cellstep.forward_of(t.m)
+        if fw is not None and fw.tape is t:
+            fw.tape = None
+            cellstep.release(t.m)
