@@ -89,7 +89,7 @@ def analyze(run, *, features=None, language="auto", heldout: float = 0.3, shifts
         for feat, g in out["neurons"].groupby("feature", sort=False):
             cands = g.dropna(subset=["score"]).assign(a=lambda d: np.where(
                 d.metric == "auc", d.score - 0.5, d.score.abs())).nlargest(256, "a")["unit"].tolist()
-            paths.append(sparse_probe(run, feat, language=language, units=cands, heldout=heldout)
+            paths.append(sparse_probe(run, feat, language=language, units=cands, heldout=heldout, client=client)
                          .assign(units_needed=lambda d: d.attrs.get("units_needed")))
         out["sparse"] = pd.concat(paths, ignore_index=True)
     if any(k.rsplit(".", 1)[1] in GATES for k in src.state_keys):
