@@ -175,6 +175,18 @@ def test_a_labelled_corpus_with_a_loss_per_document_on_a_cluster_equals_one_proc
     assert "fields" not in rs.open_run(tmp_path / "one").documents      # a column on disk, parsed into columns
 
 
+def test_fields_json_cannot_hold_are_left_out_and_a_layout_name_is_refused(subject, tmp_path, capsys):
+    """No cluster: what the documents table keeps of fields from Python (any object may reach a loss)."""
+    import torch
+    rows = [{"text": "abc(x)", "label": 1, "weights": torch.ones(2)}, {"text": "x;y", "label": None}]
+    run = rs.record(subject[0], rows, tmp_path / "r", progress=False)
+    assert "'weights' is not JSON" in capsys.readouterr().out and "weights" not in run.documents
+    assert run.documents["label"].tolist() == [1, None] and run.documents["name"].tolist() == ["0", "1"]
+    with pytest.raises(RnnscopeError, match="has a field 'step_end', the name of a column") as err:
+        rs.record(subject[0], [{"text": "abc", "step_end": 3}], tmp_path / "bad", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "bad").exists()
+
+
 def test_a_worker_killed_mid_record_has_its_shard_recomputed(client, subject, tmp_path):
     docs = _corpus(8, seed=2)
     out, got = tmp_path / "many", {}
