@@ -19,8 +19,9 @@ How the model reaches the workers:
   path, so on a cluster they must be on a shared file system (``zoo:`` names need nothing).
 
 A Dask cluster runs pickled tasks: connect only to a scheduler you trust. Each task runs torch and
-numba on ``threads`` threads (default 1), so a worker's tasks do not oversubscribe its cores; the
-float results are then the same as a single process on as many threads.
+numba on ``threads`` threads (default the worker's: 1, or ``worker_threads(client, n)``, which
+``--threads N`` calls), so a worker's tasks do not oversubscribe its cores; the float results are
+then the same as a single process on as many threads.
 """
 from __future__ import annotations
 
@@ -134,7 +135,10 @@ def task_threads(n: int | None = None) -> int:
 
 
 def _set_threads(n: int) -> None:
+    """The worker's count for its rnnscope tasks; torch's is per process, so a task that sets none
+    (the analysis's other reductions) runs on it too."""
     _TASK_THREADS[0] = n
+    task_threads(n)
 
 
 def worker_threads(client, n: int | None):
