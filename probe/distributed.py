@@ -35,7 +35,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from rnnscope.errors import RnnscopeError
+from rnnscope.store.docfields import with_fields
 from rnnscope.store.shards import ShardBuild, write_shard
 
 from .corpus import Documents, documents_of
@@ -206,6 +209,7 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
     if shard_docs is not None and shard_docs < 1:
         raise RnnscopeError(f"shard_docs must be >= 1 (got {shard_docs})", "give --shard-docs 1 or more")
     docs, sub = documents_of(texts), subject_of(subject)
+    with_fields(pd.DataFrame({"name": docs.names}), docs.fields)       # a field no table holds: refused before a task
     checksum = model_checksum(sub.model)
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     size = shard_docs or max(1, math.ceil(len(docs) / (4 * workers)))   # a few shards a worker: a slow one is shared
