@@ -1,5 +1,5 @@
 """The neuron search's two passes on a Dask cluster: one task per run of blocks of a key, their
-partial sums reduced on the client.
+partial sums reduced on the client; and the sparse probe's rows of its units (``gather_rows``).
 
 ``find_neurons(run, client=client)`` calls ``score_key`` in place of ``neurons._score_key``; the
 table is the single-process one. Pass 1 sends back each shard's per-unit histogram of its scored
@@ -43,8 +43,8 @@ class _Rows:
     """Rows ``[s, e)`` of the Run's key read from the files they lie in, each opened once per task."""
 
     def __init__(self, files, bounds):
-        import numba
-        numba.set_num_threads(1)        # one thread a task: a worker's tasks do not oversubscribe its cores
+        from rnnscope.probe.distributed import task_threads
+        task_threads()          # one thread a task (or --threads): a worker's tasks do not oversubscribe its cores
         self.files, self.bounds, self.open = files, bounds, {}
 
     def __call__(self, s: int, e: int) -> np.ndarray:
@@ -147,4 +147,30 @@ def score_key(client, a, parts, chunk) -> list[dict]:
         sxx = s2 - s1 * s1 / n
         out.append({"n": n, "sd": np.sqrt(np.maximum(sxx, 0)), "mean": ref + s1 / n, "xc": xc, "rc": rc,
                     "rank_sd": rank_sd, "bad": bad, "constant": (s2 == 0) & ~bad})
+    return out
+
+
+def _shard_rows(files, steps, idx) -> np.ndarray:
+    """On a worker: ``[len(steps), units]`` float64, the rows ``steps`` of each key's file (this shard's
+    own step numbers), its units ``idx``, side by side in the order of ``files``."""
+    return np.concatenate([np.asarray(np.load(f, mmap_mode="r", allow_pickle=False)[steps][:, i], np.float64)
+                           for f, i in zip(files, idx)], 1)
+
+
+def gather_rows(client, arrays: dict, by_key: dict[str, list[int]], steps: np.ndarray) -> np.ndarray | None:
+    """``[len(steps), units]`` float64 in C order: at ``steps`` (any order), the units ``by_key[key]`` of each key,
+    side by side in the order of ``by_key``, as ``arrays[key][steps][:, units]`` gives them; one task per
+    shard reads its own rows. None when a key is not a Run's memory map (an in-memory trace: read here)."""
+    found = [_files(arrays[k]) for k in by_key]
+    if any(f is None for f in found):
+        return None
+    bounds = found[0][1]
+    steps = np.asarray(steps, np.int64)
+    shard = np.searchsorted(bounds, steps, "right") - 1
+    out = np.empty((len(steps), sum(len(i) for i in by_key.values())))
+    at = {k: np.flatnonzero(shard == k) for k in np.unique(shard)}
+    futures = {k: client.submit(_shard_rows, [f[0][k] for f in found], steps[pos] - bounds[k], list(by_key.values()),
+                                pure=False) for k, pos in at.items()}
+    for k, rows in zip(futures, client.gather(list(futures.values()))):
+        out[at[k]] = rows
     return out

@@ -140,7 +140,7 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
             cands = g.dropna(subset=["score"]).assign(a=lambda d: np.where(
                 d.metric == "auc", d.score - 0.5, d.score.abs())).nlargest(256, "a")["unit"].tolist()
             asked = {feat: own[feat]} if own and feat in own else feat
-            paths.append(sparse_probe(run, asked, language=language, units=cands, heldout=heldout)
+            paths.append(sparse_probe(run, asked, language=language, units=cands, heldout=heldout, client=client)
                          .assign(units_needed=lambda d: d.attrs.get("units_needed")))
         out["sparse"] = pd.concat(paths, ignore_index=True)
     if any(k.rsplit(".", 1)[1] in GATES for k in src.state_keys):

@@ -52,16 +52,23 @@ def _fista(X, y, lam, w, b, logistic, L, iters=300, tol=1e-4):
 
 def sparse_probe(run, feature: str, *, text: str | None = None, language="auto", units=None, keys=None,
                  heldout: float = 0.3, max_rows: int = 20000, candidates: int = 256, steps: int = 20,
-                 min_ratio: float = 0.01, seed: int = 0) -> pd.DataFrame:
+                 min_ratio: float = 0.01, seed: int = 0, client=None) -> pd.DataFrame:
     """Fit the path for one ``feature`` (a built-in name or ``{name: fn}``). ``units``: ``key:index``
     candidates (e.g. the top of ``find_neurons``), else every unit of ``keys`` (default: h and c);
     the ``candidates`` units most correlated with the feature on the fitting rows enter the path
     (screening, as in the strong rules for the lasso; it keeps the fit to seconds).
     Returns one row per path point: ``lam, n_units, heldout_score, metric, units`` (the selected units,
     largest weight first). ``frame.attrs['units_needed']``: the fewest units reaching 95% of the path's
-    best held-out strength."""
+    best held-out strength. With a Dask ``client`` the inputs are computed on its workers (a sharded
+    Run's feature track shard by shard, and the fitting and held-out rows of the units each shard
+    holds): the same numbers, so the same path; the fit itself is seconds, here.
+    """
     src = as_source(run, text, language)
-    F, binary = feature_table(src, [feature] if isinstance(feature, str) else feature)
+    wanted = [feature] if isinstance(feature, str) else feature
+    if client is not None:
+        from .reductions import worker_features
+        wanted = worker_features(client, src, wanted)
+    F, binary = feature_table(src, wanted)
     name = F.columns[0]
     y_all = F[name].to_numpy(np.float64)
     logistic = name in binary
@@ -83,8 +90,16 @@ def sparse_probe(run, feature: str, *, text: str | None = None, language="auto",
         by_key.setdefault(k, []).append(int(i))
 
     def gather(rows):
+        """``[rows, units]`` float64, C order whichever path read it: a column's mean and spread then add
+        up in the same order (NumPy's follows the layout)."""
         steps = sp.rows[rows]
-        return np.concatenate([np.asarray(src.arrays[k][steps][:, idx], np.float64) for k, idx in by_key.items()], 1)
+        if client is not None:
+            from .distributed import gather_rows
+            got = gather_rows(client, src.arrays, by_key, steps)
+            if got is not None:
+                return got
+        return np.ascontiguousarray(np.concatenate([np.asarray(src.arrays[k][steps][:, idx], np.float64)
+                                                    for k, idx in by_key.items()], 1))
 
     Xtr, Xte = gather(train), gather(test)
     ytr, yte = y_all[train], y_all[test]

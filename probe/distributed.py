@@ -19,21 +19,26 @@ How the model reaches the workers:
   path, so on a cluster they must be on a shared file system (``zoo:`` names need nothing).
 
 A Dask cluster runs pickled tasks: connect only to a scheduler you trust. Each task runs torch and
-numba on ``threads`` threads (default 1), so a worker's tasks do not oversubscribe its cores; the
-float results are then the same as a single process on as many threads.
+numba on ``threads`` threads (default the worker's: 1, or ``worker_threads(client, n)``, which
+``--threads N`` calls), so a worker's tasks do not oversubscribe its cores; the float results are
+then the same as a single process on as many threads.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import io
+import json
 import math
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from rnnscope.errors import RnnscopeError
+from rnnscope.store.docfields import with_fields
 from rnnscope.store.shards import ShardBuild, write_shard
 
 from .corpus import Documents, documents_of
@@ -118,22 +123,62 @@ def _replace(spec: str, local: dict) -> str:
     return spec
 
 
-def _threads(n: int) -> None:
+_TASK_THREADS = [1]     # per worker process: the threads each rnnscope task runs on (``worker_threads``)
+
+
+def task_threads(n: int | None = None) -> int:
+    """Run this task's torch and numba on ``n`` threads (default: the worker's, set by ``worker_threads``,
+    else 1); numba's count is per thread, so every task sets it. Returns the count."""
     import numba
     import torch
+    n = _TASK_THREADS[0] if n is None else n
     torch.set_num_threads(n)
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    return n
 
 
-def _shard_task(subject, names, texts, build, index, expect, options, threads):
-    """On a worker: record shard ``index`` (its documents ``names``, ``texts``) into ``build``."""
+def _set_threads(n: int) -> None:
+    """The worker's count for its rnnscope tasks; torch's is per process, so a task that sets none
+    (the analysis's other reductions) runs on it too."""
+    _TASK_THREADS[0] = n
+    task_threads(n)
+
+
+def worker_threads(client, n: int | None):
+    """Make each rnnscope task on ``client``'s workers run torch and numba on ``n`` threads (``--threads``),
+    until the returned undo is called; None leaves them at one. More threads than a worker's cores
+    per task slot oversubscribe it; the float results are those of one process on ``n`` threads."""
+    if n is None:
+        return lambda: None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise RnnscopeError(f"threads must be a whole number >= 1 (got {n!r})", "give --threads 1 or more")
+    from distributed import WorkerPlugin
+
+    class Threads(WorkerPlugin):
+        """Every rnnscope task on the worker (one joining later too) uses ``n`` threads. Sent by value
+        (a local class), so it sets the worker's own module by importing it there."""
+        def setup(self, worker):
+            from rnnscope.probe.distributed import _set_threads
+            _set_threads(n)
+
+        def teardown(self, worker):
+            from rnnscope.probe.distributed import _set_threads
+            _set_threads(1)
+    client.register_plugin(Threads(), name="rnnscope-threads")
+    return lambda: client.unregister_worker_plugin("rnnscope-threads")
+
+
+def _shard_task(subject, names, texts, fields, build, index, expect, options, threads):
+    """On a worker: record shard ``index`` (its documents ``names``, ``texts`` and their ``fields``, the
+    call's and loss's to read and the documents table's to keep) into ``build``."""
     from .recording import record
-    _threads(threads)
+    task_threads(threads)
     subject, asked = subject.load() if isinstance(subject, FromSpec) else (subject, {})
 
     def write(path):
         with contextlib.redirect_stdout(io.StringIO()):     # the size line of every shard: not the user's
-            record(subject, Documents(list(names), list(texts)), path, progress=False, **asked, **options)
+            record(subject, Documents(list(names), list(texts), fields=list(fields)), path, progress=False,
+                   **asked, **options)
     return write_shard(Path(build), index, expect, write)
 
 
@@ -148,7 +193,8 @@ def _describe(v):
 
 
 def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shard_docs: int | None = None,
-              threads: int = 1, overwrite: bool = False, progress: bool = True, carry: bool = False, **options):
+              threads: int | None = None, overwrite: bool = False, progress: bool = True, carry: bool = False,
+              **options):
     """``record`` on the Dask ``client``'s workers (see the module); returns the opened Run."""
     from distributed import as_completed
     from tqdm import tqdm
@@ -163,18 +209,22 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
     if shard_docs is not None and shard_docs < 1:
         raise RnnscopeError(f"shard_docs must be >= 1 (got {shard_docs})", "give --shard-docs 1 or more")
     docs, sub = documents_of(texts), subject_of(subject)
+    with_fields(pd.DataFrame({"name": docs.names}), docs.fields)       # a field no table holds: refused before a task
     checksum = model_checksum(sub.model)
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     size = shard_docs or max(1, math.ceil(len(docs) / (4 * workers)))   # a few shards a worker: a slow one is shared
-    groups = [(docs.names[i:i + size], docs.texts[i:i + size]) for i in range(0, len(docs), size)]
+    groups = [(docs.names[i:i + size], docs.texts[i:i + size], docs.fields[i:i + size])
+              for i in range(0, len(docs), size)]
     expects = [{"text_sha256": hashlib.sha256("".join(t).encode("utf-8", "surrogatepass")).hexdigest(),
-                "model_checksum": checksum, "names": list(n)} for n, t in groups]
+                "model_checksum": checksum, "names": list(n)} for n, t, _ in groups]
     if spec is not None:            # the workers load these from the spec themselves
         options = {k: v for k, v in options.items() if k not in ("encode", "loss", "modules")}
     options["source"] = options.get("source") or sub.source
     plan = {"model": checksum, "spec": spec and (spec.model, spec.encoder, spec.loss, spec.modules),
             "options": {k: _describe(v) for k, v in sorted(options.items())},
-            "shards": [(e["text_sha256"], e["names"]) for e in expects]}
+            "shards": [(e["text_sha256"], e["names"]) for e in expects],
+            # a label changed in the corpus changes the loss and the documents table: not the same plan
+            "fields": hashlib.sha256(json.dumps(docs.fields, sort_keys=True, default=repr).encode()).hexdigest()}
     build = ShardBuild(out, plan, overwrite=overwrite)
     entries = [build.reusable(i, e) for i, e in enumerate(expects)]
     todo = [i for i, e in enumerate(entries) if e is None]
@@ -189,7 +239,7 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
         if todo:
             ship = spec if spec is not None else client.scatter(sub, broadcast=True, hash=False)
             token = uuid.uuid4().hex[:8]
-            futures = {client.submit(_shard_task, ship, groups[i][0], groups[i][1], str(build.dir), i, expects[i],
+            futures = {client.submit(_shard_task, ship, *groups[i], str(build.dir), i, expects[i],
                                      options, threads, key=f"rnnscope-shard-{i:05d}-{token}", pure=False): i
                        for i in todo}
         with tqdm(total=len(groups), initial=len(groups) - len(todo), unit="shard", desc="probe",
@@ -214,12 +264,27 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
 
 
 @contextlib.contextmanager
-def cluster_for(scheduler: str | None = None, workers: int | None = None):
+def cluster_for(scheduler: str | None = None, workers: int | None = None, threads: int | None = None):
     """A Dask client: of the scheduler at ``scheduler``, or of a ``LocalCluster`` of ``workers`` processes
-    on 127.0.0.1 started here and stopped on leaving; None when neither is given (one process)."""
+    on 127.0.0.1 started here and stopped on leaving; None when neither is given (one process). Its
+    workers' rnnscope tasks run on ``threads`` threads each while it is held (``worker_threads``)."""
     if not scheduler and not workers:
+        if threads is not None:
+            raise RnnscopeError("--threads sets the threads of a cluster's tasks, and no cluster is given",
+                                "add --scheduler ADDRESS or --workers N, or leave --threads out")
         yield None
         return
+    with _client(scheduler, workers) as client:
+        undo = worker_threads(client, threads)
+        try:
+            yield client
+        finally:
+            if scheduler:           # a cluster that outlives the command is left as it was
+                undo()
+
+
+@contextlib.contextmanager
+def _client(scheduler: str | None, workers: int | None):
     if scheduler and workers:
         raise RnnscopeError("both --scheduler and --workers given", "give --scheduler ADDRESS (a running cluster) "
                             "or --workers N (one started on this machine)")

@@ -141,7 +141,7 @@ def _encode_all(encoder, docs):
         spans.append(sp)
         chars.append(chars[-1] + len(text))
         steps.append(steps[-1] + len(i))
-    return torch.cat(ids), np.concatenate(spans), documents_frame(docs.names, chars, steps)
+    return torch.cat(ids), np.concatenate(spans), documents_frame(docs.names, chars, steps, docs.fields)
 
 
 def _chosen(mods: dict, modules) -> dict:

@@ -40,9 +40,10 @@ def probe(args) -> None:
     spec = loading.spec_of(args.checkpoint, args.model)
     subject, asked = loading.subject_and_options(spec, args.encoder, args.modules, args.loss, args.carry)
     from rnnscope.probe.distributed import FromSpec, cluster_for
-    with cluster_for(args.scheduler, args.workers) as client:
+    with cluster_for(args.scheduler, args.workers, args.threads) as client:
         run = record(subject, loading.texts_of(args.text, args.max_chars), args.out, grad=args.grad,
                      chunk=args.chunk, horizon=args.horizon, kinds=args.kinds or None, dtype=args.dtype,
+                     grad_dtype=args.grad_dtype,
                      overwrite=args.overwrite, unk=args.unk, source=spec, client=client, shard_docs=args.shard_docs,
                      spec=FromSpec.of(spec, args.encoder, args.loss, args.modules) if client else None, **asked)
     loss = run.manifest["loss"]
@@ -71,7 +72,7 @@ def analyze(args) -> None:
     from rnnscope.probe.distributed import cluster_for
     from rnnscope import loading
     names, own = loading.features_of(args.features or [])
-    with cluster_for(args.scheduler, args.workers) as client:
+    with cluster_for(args.scheduler, args.workers, args.threads) as client:
         out = report.analyze(given, features=names, own=own, language=language, heldout=args.heldout,
                              shifts=args.shifts, checkpoint=args.checkpoint, decay=not args.no_decay,
                              max_lag=args.max_lag, sparse=args.sparse, ablation=args.ablate, controls=args.controls,

@@ -45,6 +45,10 @@ def _cluster_flags(p, what: str) -> None:
                    "(tcp://host:8786); it runs pickled tasks, so it must be one you trust")
     p.add_argument("--workers", type=T.int_at_least(1, "--workers"), metavar="N",
                    help=f"{what} on a Dask cluster of N worker processes started on 127.0.0.1 for this command")
+    # more threads a task than any machine has cores is a typo
+    p.add_argument("--threads", type=T.int_between(1, 1024, "--threads"), metavar="N",
+                   help="on a cluster: torch and numba threads of each task (default 1, so a worker's tasks do "
+                        "not oversubscribe its cores)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,7 +102,10 @@ def parser() -> argparse.ArgumentParser:
                                                          "(default: reset at each document)")
     pr.add_argument("--grad", action="store_true", help="also record dL/dh and dL/dc at every step")
     pr.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                    help="the states' on-disk dtype (default float16; gradients are float32)")
+                    help="the states' on-disk dtype (default float16; gradients: --grad-dtype)")
+    pr.add_argument("--grad-dtype", choices=["float16", "float32"], default="float32",
+                    help="with --grad: the gradients' on-disk dtype (default float32: float16 turns many of a "
+                         "gradient's small values into zero or subnormals)")
     pr.add_argument("--kinds", type=T.names, help="comma-separated state kinds to keep, e.g. h,c (default: all)")
     pr.add_argument("--chunk", type=T.int_at_least(1, "--chunk"), default=None,
                     help="steps per chunk (memory is bounded by it; default 2048, a bidirectional model's longest document)")

@@ -39,6 +39,23 @@ def build():
     torch.manual_seed(0)
     return CharModel(Architecture("lstm", len(CHARS), 6, 10, 2)).eval(), Vocab(CHARS)
 '''
+# a tiny classifier: the first two logits at a document's last step, against the .jsonl line's label
+CLASSIFIER = '''
+import torch
+import torch.nn.functional as F
+from rnnscope.zoo.model import Architecture, CharModel
+from rnnscope.zoo.vocab import Vocab
+CHARS = "abcxyz (){};=,\\n\\"/*"
+
+
+def classify(output, ids, document):
+    return F.cross_entropy(output[0, -1:, :2].float(), torch.tensor([document["label"]]))
+
+
+def build():
+    torch.manual_seed(1)
+    return CharModel(Architecture("gru", len(CHARS), 5, 8, 1)).eval(), Vocab(CHARS), classify
+'''
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
 
 
@@ -77,6 +94,15 @@ def runs(client, subject, tmp_path_factory):
     return one, many
 
 
+def _labelled(tmp_path: Path, n: int) -> Path:
+    """A .jsonl corpus: a label on every line, a metadata object on some (a field only some documents have)."""
+    lines = [{"text": text, "name": name, "label": i % 2, **({"meta": {"seen": [i, "é"]}} if i % 3 == 0 else {})}
+             for i, (name, text) in enumerate(_corpus(n, seed=5).items())]
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines), encoding="utf-8")
+    return path
+
+
 def _assert_equal(one, many) -> None:
     assert len(many.shards) > 1 and many.manifest["format_version"] == 3
     assert one.keys() == many.keys() and len(one) == len(many) and one.text == many.text
@@ -88,7 +114,10 @@ def _assert_equal(one, many) -> None:
     np.testing.assert_array_equal(one.ids, many.ids)
     assert np.asarray(one.loss).tobytes() == np.asarray(many.loss).tobytes()
     assert one.documents.equals(many.documents)
-    assert one.manifest["loss"]["mean_nats"] == many.manifest["loss"]["mean_nats"]
+    assert one.manifest["loss"] == many.manifest["loss"]
+    assert (one.document_loss is None) == (many.document_loss is None)
+    if one.document_loss is not None:
+        assert np.asarray(one.document_loss).tobytes() == many.document_loss.tobytes()
     assert one.manifest["model"]["checksum"] == many.manifest["model"]["checksum"]
     cols = ["mean", "std", "min", "max", "count"]       # merged from the shards' sums, not read again
     np.testing.assert_allclose(many.units[cols].to_numpy(float), one.units[cols].to_numpy(float), rtol=1e-12,
@@ -121,6 +150,41 @@ def test_a_sharded_record_without_gradients_equals_one_process(client, subject, 
     assert len(again.shards) == 3
     _assert_equal(one, again)
     assert not list(tmp_path.glob(".*"))                # no build folder or partial left beside it
+
+
+def test_a_labelled_corpus_with_a_loss_per_document_on_a_cluster_equals_one_process(client, tmp_path):
+    """The workers' loss reads each document's label, and the sharded Run keeps every field and the
+    loss of each document as one process does; the reference is the classifier's own loss, by hand."""
+    import torch
+    ns = {"__name__": "rnnscope_test_classifier"}       # not importable: cloudpickle sends it by value
+    exec(CLASSIFIER, ns)
+    docs = read_documents(_labelled(tmp_path, 7))
+    one = rs.record(ns["build"](), docs, tmp_path / "one", grad=True, chunk=64, progress=False)
+    many = rs.record(ns["build"](), docs, tmp_path / "many", grad=True, chunk=64, progress=False, client=client,
+                     shard_docs=3)
+    _assert_equal(one, many)
+    assert many.manifest["loss"]["per"] == "document" and "bits_per_document" in many.manifest["loss"]
+    assert many.documents["label"].tolist() == [i % 2 for i in range(7)]
+    assert many.documents["meta"].tolist() == [{"seen": [i, "é"]} if i % 3 == 0 else None for i in range(7)]
+    model, vocab, classify = ns["build"]()
+    with torch.no_grad():
+        want = [float(classify(model(torch.as_tensor(vocab.encode(t)).reshape(1, -1)), None, {"label": i % 2}))
+                for i, t in enumerate(docs.texts)]
+    np.testing.assert_allclose(many.document_loss, want, rtol=1e-5)
+    assert np.isclose(many.manifest["loss"]["mean_nats"], np.mean(want), rtol=1e-5)
+    assert "fields" not in rs.open_run(tmp_path / "one").documents      # a column on disk, parsed into columns
+
+
+def test_fields_json_cannot_hold_are_left_out_and_a_layout_name_is_refused(subject, tmp_path, capsys):
+    """No cluster: what the documents table keeps of fields from Python (any object may reach a loss)."""
+    import torch
+    rows = [{"text": "abc(x)", "label": 1, "weights": torch.ones(2)}, {"text": "x;y", "label": None}]
+    run = rs.record(subject[0], rows, tmp_path / "r", progress=False)
+    assert "'weights' is not JSON" in capsys.readouterr().out and "weights" not in run.documents
+    assert run.documents["label"].tolist() == [1, None] and run.documents["name"].tolist() == ["0", "1"]
+    with pytest.raises(RnnscopeError, match="has a field 'step_end', the name of a column") as err:
+        rs.record(subject[0], [{"text": "abc", "step_end": 3}], tmp_path / "bad", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "bad").exists()
 
 
 def test_a_worker_killed_mid_record_has_its_shard_recomputed(client, subject, tmp_path):
@@ -167,6 +231,41 @@ def test_an_interrupted_command_resumes_with_the_shards_it_finished(client, subj
     _assert_equal(one, rs.open_run(out))
 
 
+def test_the_command_line_sets_the_gradients_dtype_and_the_tasks_threads(client, subject, tmp_path, capsys):
+    from rnnscope.probe.distributed import task_threads, worker_threads
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in _corpus(4, seed=6).items():
+        (corpus / name).write_text(text)
+    base = ["probe", "--model", f"{subject[1]}:build", "--text", str(corpus), "--grad", "--chunk", "8"]
+    out = tmp_path / "run"
+    assert main(base + ["--out", str(out), "--grad-dtype", "float16", "--dtype", "float32", "--scheduler",
+                        client.scheduler.address, "--threads", "2", "--shard-docs", "2"]) == 0
+    run = rs.open_run(out)
+    dtypes = {k: v["dtype"] for k, v in run.manifest["keys"].items()}
+    assert dtypes["rnn.l1.grad_c"] == "float16" and dtypes["rnn.l1.c"] == "float32" and len(run.shards) == 2
+    assert run["rnn.l0.grad_h"].dtype == np.float16 and run.shards[1]["rnn.l0.h"].dtype == np.float32
+    assert client.run(task_threads) == {w: 1 for w in client.run(os.getpid)}    # the cluster is left as it was
+    undo = worker_threads(client, 3)
+    try:                                # each task, on a worker's own thread, runs torch and numba on 3
+        import torch
+        got = client.gather([client.submit(lambda: (task_threads(), torch.get_num_threads()), pure=False)
+                             for _ in range(4)])
+        assert got == [(3, 3)] * 4
+    finally:
+        undo()
+    capsys.readouterr()
+    for flags, said in ((["--threads", "0", "--scheduler", client.scheduler.address], "from 1 to 1024"),
+                        (["--threads", "2"], "no cluster is given"), (["--grad-dtype", "bfloat16"], "invalid choice")):
+        try:
+            code = main(base + ["--out", str(tmp_path / "bad")] + flags)
+        except SystemExit as exit_:         # argparse's own refusal
+            code = exit_.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2
+        assert len(err.splitlines()) == 1 and said in err and not (tmp_path / "bad").exists(), err
+
+
 def test_carry_is_refused_on_a_cluster_in_one_line(client, subject, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("abc")
     code = main(["probe", "--model", f"{subject[1]}:build", "--text", str(tmp_path), "--out", str(tmp_path / "r"),
@@ -187,8 +286,9 @@ def test_distributed_neuron_search_equals_one_process(client, runs, subject, tmp
     small = rs.record(subject[0], _corpus(6, seed=4), tmp_path / "h", kinds=["h"], progress=False, client=client,
                       shard_docs=2)
     assert main(["analyze", str(small.path), "--scheduler", client.scheduler.address, "--no-decay", "--features",
-                 "in_string,column", "--language", "c", "--contexts", "2"]) == 0
+                 "in_string,column", "--language", "c", "--contexts", "2", "--sparse", "--threads", "2"]) == 0
     assert len(read_table(small, "neurons")) == 2 * 20      # 2 keys x 10 units, 2 features
+    assert set(read_table(small, "sparse")["feature"]) == {"in_string", "column"}
 
 
 def _manifest(run: Path, change) -> None:
@@ -212,7 +312,14 @@ def _link_out(run: Path) -> None:
     (run / "shards" / "00001").symlink_to(away.resolve())
 
 
+def _fields_not_json(run: Path) -> None:
+    import pandas as pd
+    table = run / "shards" / "00001" / "documents.parquet"
+    pd.read_parquet(table).assign(fields='{"label": 1').to_parquet(table)
+
+
 HOSTILE = {
+    "a shard whose document fields are not JSON": (_fields_not_json, "are not JSON"),
     "a shard whose manifest lies about its steps": (_lie_about_steps, "says steps"),
     "a shard that is a link out of the Run": (_link_out, "symbolic link"),
     "a missing shard": (lambda r: shutil.rmtree(r / "shards" / "00002"), "shard 00002 is missing"),
@@ -293,3 +400,20 @@ def test_features_computed_on_the_workers_from_each_shards_text_equal_the_client
     want, want_binary = feature_table(as_source(one), mixed)
     assert list(table) == list(mixed) and binary == want_binary and table.equals(want)
     assert reductions.worker_features(client, as_source(one), names) == names     # unsharded: the client's path
+
+
+def test_the_sparse_probe_on_the_cluster_equals_one_process(client, runs):
+    """Its feature track and its fitting and held-out rows come from the workers, shard by shard: the
+    same inputs, so the same path; the rows against NumPy's own fancy indexing of the unsharded Run."""
+    from rnnscope.analysis.sparse import sparse_probe
+    one, many = runs
+    by_key = {"rnn.l1.c": [4, 0, 7], "rnn.l0.h": [2]}
+    steps = np.random.default_rng(0).permutation(len(one))[:50]        # any order, across every shard
+    want = np.concatenate([np.asarray(one[k], np.float64)[steps][:, i] for k, i in by_key.items()], 1)
+    got = dist.gather_rows(client, {k: many[k] for k in by_key}, by_key, steps)
+    assert got.shape == (50, 4) and got.tobytes() == want.tobytes()
+    assert dist.gather_rows(client, {"x": np.zeros((5, 2))}, {"x": [0]}, np.arange(3)) is None   # a trace: here
+    for feature in ("in_string", "column"):                 # logistic and linear
+        ref = sparse_probe(one, feature, language="c", keys=["rnn.l0.h", "rnn.l1.c"], steps=6)
+        path = sparse_probe(many, feature, language="c", keys=["rnn.l0.h", "rnn.l1.c"], steps=6, client=client)
+        assert path.equals(ref) and path.attrs == ref.attrs and path["n_units"].max() > 0

@@ -14,6 +14,8 @@ import pandas as pd
 
 from rnnscope.errors import RnnscopeError
 
+from .docfields import with_fields
+
 
 def char_spans(n: int, start: int = 0) -> np.ndarray:
     """``[n, 2]`` int64 spans of one step per character: ``[i, i + 1]``."""
@@ -21,11 +23,12 @@ def char_spans(n: int, start: int = 0) -> np.ndarray:
     return np.stack([i, i + 1], 1)
 
 
-def documents_frame(names, char_bounds, step_bounds) -> pd.DataFrame:
-    """The documents table from names and their ``len(names) + 1`` character and step boundaries."""
+def documents_frame(names, char_bounds, step_bounds, fields=()) -> pd.DataFrame:
+    """The documents table from names and their ``len(names) + 1`` character and step boundaries, and
+    a column per field of ``fields`` (one dict per document: a ``.jsonl`` line's label, ``docfields``)."""
     c, t = np.asarray(char_bounds, np.int64), np.asarray(step_bounds, np.int64)
-    return pd.DataFrame({"name": [str(n) for n in names], "char_start": c[:-1], "char_end": c[1:],
-                         "step_start": t[:-1], "step_end": t[1:]})
+    return with_fields(pd.DataFrame({"name": [str(n) for n in names], "char_start": c[:-1], "char_end": c[1:],
+                                     "step_start": t[:-1], "step_end": t[1:]}), fields)
 
 
 def one_document(chars: int, steps: int | None = None, name: str = "text") -> pd.DataFrame:

@@ -4,7 +4,8 @@
     RUN/text.txt             every document's text concatenated, stored byte for byte (CR and CRLF kept)
     RUN/spans.npy            [steps, 2] int64: each step's character span [start, end); (-1, -1) = no text
     RUN/ids.npy              [steps] int64: the model's input id at each step
-    RUN/documents.parquet    one row per document: name, char_start, char_end, step_start, step_end
+    RUN/documents.parquet    one row per document: name, char_start, char_end, step_start, step_end (and
+                             ``fields``, its other fields as a JSON object, when it has any)
     RUN/loss.npy             [steps] per-step loss in nats (NaN where none); only when the manifest has a loss
     RUN/document_loss.npy    [documents] float32: a loss that is one scalar per document (loss.per "document")
     RUN/states/{key}.npy     [steps, units] NumPy arrays, opened with mmap_mode='r', never loaded whole
@@ -31,6 +32,7 @@ import pandas as pd
 
 from rnnscope.errors import RnnscopeError, first_line
 
+from .docfields import parsed, with_fields
 from .files import inside, read_bytes, regular_file
 from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, key_dtype, key_file
 from .layout import StepLayout
@@ -89,7 +91,8 @@ class Run(StepLayout):
 
     @cached_property
     def documents(self) -> pd.DataFrame:
-        """One row per document: name, char_start, char_end, step_start, step_end (int64)."""
+        """One row per document: name, char_start, char_end, step_start, step_end (int64), then a column
+        per field the documents were given with (a ``.jsonl`` line's label; None where one lacks it)."""
         return self._steps["documents"]
 
     @cached_property
@@ -181,13 +184,14 @@ def _read_steps(path: Path, manifest: dict) -> dict:
             raise RnnscopeError(f"{path}/ids.npy holds the negative id {int(ids.min())}", RECORD)
     file = inside(path, "documents.parquet")
     regular_file(file, "the Run's document table", RECORD)
-    docs = read_parquet(file, DOCUMENTS_SCHEMA)[list(DOCUMENTS_SCHEMA)]
+    table = read_parquet(file, DOCUMENTS_SCHEMA)
+    docs = table[list(DOCUMENTS_SCHEMA)]
     if len(docs) != manifest["documents"]:
         raise RnnscopeError(f"{file} has {len(docs):,} documents but the manifest says {manifest['documents']:,}",
                             RECORD)
     check_steps(spans, docs, chars, path)
-    return {"spans": spans, "documents": docs.astype({c: np.int64 for c in DOCUMENTS_SCHEMA if c != "name"}),
-            "ids": ids}
+    docs = docs.astype({c: np.int64 for c in DOCUMENTS_SCHEMA if c != "name"})
+    return {"spans": spans, "documents": with_fields(docs, parsed(table, path), str(path)), "ids": ids}
 
 
 def _read_npy(path: Path, name: str, shape: tuple, dtype) -> np.ndarray:

@@ -34,11 +34,12 @@ import pandas as pd
 
 from rnnscope.errors import RnnscopeError
 
+from .docfields import LAYOUT, parsed, with_fields
 from .files import inside, read_bytes, regular_file
 from .format import FORMAT, RECORD, SHARDED_VERSION, check_manifest
 from .keys import key_file, split_key
 from .run import MANIFEST_LIMIT, Run, open_run, read_manifest
-from .tables import UNITS_SCHEMA, check_schema, read_parquet, write_parquet
+from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, read_parquet, write_parquet
 from .writer import _alive, check_out, swap_in
 
 SUMS = ("count", "sum", "sum_sq")       # units.parquet's extra columns in a shard: what merges exactly
@@ -129,6 +130,13 @@ class ShardedRun(Run):
     def loss(self) -> ShardedRows | None:
         return None if self.manifest["loss"] is None else ShardedRows([s.loss for s in self.shards])
 
+    @property
+    def document_loss(self) -> np.ndarray | None:
+        """``[documents]`` float32: every shard's documents' losses in order (a loss per document)."""
+        if (self.manifest["loss"] or {}).get("per") != "document":
+            return None
+        return np.concatenate([s.document_loss for s in self.shards])
+
 
 def _shard_folder(path: Path, name: str) -> Path:
     where = path / "shards" / name
@@ -149,13 +157,17 @@ def _same(shard: dict, top: dict, where) -> None:
                                 f"{str(top.get(field))[:40]!r}", RECORD)
     if {k: v["units"] for k, v in shard["keys"].items()} != {k: v["units"] for k, v in top["keys"].items()}:
         raise RnnscopeError(f"{where} holds other state keys or units than the Run's manifest lists", RECORD)
-    if shard["model"]["checksum"] != top["model"]["checksum"] or (shard["loss"] is None) != (top["loss"] is None):
+    if shard["model"]["checksum"] != top["model"]["checksum"] or _loss_kind(shard) != _loss_kind(top):
         raise RnnscopeError(f"{where} was recorded from another model or loss than the Run", RECORD)
+
+
+def _loss_kind(m: dict):
+    return None if m["loss"] is None else (m["loss"].get("kind"), m["loss"].get("per", "step"))
 
 
 def open_sharded(path: Path, manifest: dict) -> ShardedRun:
     """Open every shard (each checked as a Run), check it against its entry, and join them."""
-    shards, texts, spans, ids, docs = [], [], [], [], []
+    shards, texts, spans, ids, docs, fields = [], [], [], [], [], []
     for entry in manifest["shards"]:
         name = entry["name"]
         where = _shard_folder(path, name)
@@ -176,17 +188,20 @@ def open_sharded(path: Path, manifest: dict) -> ShardedRun:
         texts.append(run.text)
         spans.append(np.where(run.spans >= 0, run.spans + entry["char_start"], -1))
         ids.append(run.ids)
-        d = run.documents.copy()
+        d = run.documents[LAYOUT].copy()
         d[["char_start", "char_end"]] += entry["char_start"]
         d[["step_start", "step_end"]] += entry["step_start"]
         docs.append(d)
+        # each document's fields as stored: joined first, then made columns as one process makes them
+        fields += parsed(read_parquet(inside(where, "documents.parquet"), DOCUMENTS_SCHEMA), where) or [{}] * len(d)
     text = "".join(texts)
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != manifest["text"]["sha256"]:
         raise RnnscopeError(f"{path}: the shards' text does not match the checksum in the manifest", RECORD)
     units = inside(path, "units.parquet")
     regular_file(units, "the Run's unit table", RECORD)
     check_schema(units, UNITS_SCHEMA)
-    steps = {"spans": np.concatenate(spans), "documents": pd.concat(docs, ignore_index=True),
+    steps = {"spans": np.concatenate(spans), "documents": with_fields(pd.concat(docs, ignore_index=True), fields,
+                                                                      str(path)),
              "ids": None if ids[0] is None else np.concatenate(ids)}
     return ShardedRun(path, manifest, text, steps, shards)
 
@@ -319,14 +334,18 @@ class ShardBuild:
         return self.out
 
     def _loss(self, loss: dict | None, entries: list[dict]) -> dict | None:
-        """The mean over every step of the whole Run, as one process computes it (4 bytes a step read)."""
+        """The mean over every step (or document, for a loss per document) of the whole Run, as one
+        process computes it (4 bytes a step read)."""
         if loss is None:
             return None
-        per_step = np.concatenate([np.load(self.dir / "shards" / e["name"] / "loss.npy", allow_pickle=False)
-                                   for e in entries])
+        per = loss.get("per", "step")
+        name = "document_loss.npy" if per == "document" else "loss.npy"
+        # float64, as one process's mean of its documents' losses (floats) or of its float32 loss.npy
+        values = np.concatenate([np.load(self.dir / "shards" / e["name"] / name, allow_pickle=False)
+                                 for e in entries]).astype(np.float64 if per == "document" else np.float32)
         with np.errstate(all="ignore"):
-            mean = float(np.nanmean(per_step)) if np.isfinite(per_step).any() else float("nan")
-        return {**loss, "mean_nats": mean, "bits_per_char": mean / np.log(2)}
+            mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        return {**loss, "mean_nats": mean, f"bits_per_{per}": mean / np.log(2)}
 
 
 def merge_units(frames: list[pd.DataFrame]) -> pd.DataFrame:

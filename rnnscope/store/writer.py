@@ -31,6 +31,7 @@ from .files import inside
 from .layout import char_spans, one_document
 from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, key_file
 from .run import is_run
+from .docfields import stored
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, write_parquet
 
 try:
@@ -201,8 +202,7 @@ class RunWriter:
             np.save(self.tmp / "spans.npy", self.spans, allow_pickle=False)
             if self.ids is not None:
                 np.save(self.tmp / "ids.npy", self.ids, allow_pickle=False)
-            write_parquet(self.tmp / "documents.parquet", self.documents[list(DOCUMENTS_SCHEMA)], DOCUMENTS_SCHEMA,
-                          "documents")
+            write_parquet(self.tmp / "documents.parquet", stored(self.documents, log), DOCUMENTS_SCHEMA, "documents")
         except OSError as err:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if err.errno == errno.ENOSPC:
