@@ -45,12 +45,22 @@ def encoded(subject, documents) -> list[Doc]:
     return out
 
 
+def stored_fields(frame) -> list[dict]:
+    """Each document's own fields from a Run's documents table (the columns after the layout's; None
+    where a document lacks one), numbers as Python numbers."""
+    from rnnscope.store.docfields import LAYOUT
+    extra = [c for c in frame.columns if c not in LAYOUT]
+    return [{c: (v.item() if hasattr(v, "item") else v) for c, v in zip(extra, row) if v is not None}
+            for row in frame[extra].itertuples(index=False)] if extra else [{}] * len(frame)
+
+
 def run_documents(run, corpus=None, subject=None) -> list[Doc]:
     """The Run's documents with the ids it recorded (a format 1 Run's encoded by ``subject``'s encoder);
-    ``corpus``: the documents it was probed from (``read_documents(path)``), whose fields (a label) the
-    Run does not keep, checked to be the Run's own, name for name and text for text."""
+    their fields (a label) those the Run keeps, or from ``corpus``: the documents it was probed from
+    (``read_documents(path)``; a Run written before fields were kept), checked to be the Run's own,
+    name for name and text for text."""
     frame = run.documents
-    fields = [{}] * len(frame)
+    fields = stored_fields(frame)              # the fields the Run was probed with (none in an older Run)
     if corpus is not None:
         docs = documents_of(corpus)
         if len(docs) != len(frame):

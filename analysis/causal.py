@@ -1,9 +1,9 @@
 """What ``rnnscope analyze --model SPEC`` runs on a user's model: the gradient decay and the ablation
 through the Subject's ``call`` and loss, over the Run's own documents and ids.
 
-A Run keeps each document's name and text but not the other fields of its ``.jsonl`` line (a label):
-they come from the corpus given again (``--documents``), checked to be the Run's, and a ``call`` or
-loss that reads a field the Run does not keep is told so in one line.
+A Run keeps each document's fields (a ``.jsonl`` line's label); for a Run without them they come from
+the corpus given again (``--documents``), checked to be the Run's, and a ``call`` or loss that reads a
+field the Run does not hold is told so in one line.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class RunDocument(dict):
 
     def __missing__(self, field):
         raise RnnscopeError(f"document {escaped(str(self.get('name')), limit=60)!r} has no field "
-                            f"{escaped(str(field), limit=40)!r}: a Run keeps each document's name and text only",
+                            f"{escaped(str(field), limit=40)!r} in the Run (a Run keeps the fields it was probed with; "
+                            "one written before rnnscope kept them holds names and texts only)",
                             "pass --documents with the corpus (.jsonl) the Run was probed from")
 
 

@@ -286,12 +286,24 @@ def test_analyze_refuses_the_wrong_model_and_says_a_field_the_run_does_not_keep(
     assert main(["analyze", str(where / "run"), "--model", f"{spec}:build_other", "--ablate"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not the model this Run was recorded with" in err and "--model" in err
-    # the label is a field of the corpus's lines, which a Run does not keep: said in one line
-    assert main(["analyze", str(where / "run"), "--model", f"{spec}:build", "--ablate-units", "rnn.l0.h:1",
-                 "--controls", "2", "--features", "column", "--shifts", "2", "--contexts", "0"]) == 2
+    # the Run keeps the label it was probed with: no --documents needed, the same table as with it
+    flags = ["--ablate-units", f"rnn.l0.h:{CARRIER}", "--controls", "2", "--features", "column", "--shifts", "2",
+             "--contexts", "0", "--no-decay"]
+    assert main(["analyze", str(where / "run"), "--model", f"{spec}:build", *flags]) == 0
+    kept = read_table(rs.open_run(where / "run"), "ablation")
+    assert main(["analyze", str(where / "run"), "--model", f"{spec}:build", "--documents", str(corpus), *flags]) == 0
+    pd.testing.assert_frame_equal(kept, read_table(rs.open_run(where / "run"), "ablation"))
+    # a Run probed from lines without the label (states only) cannot give it to the loss: one line, before work
+    bare = where / "bare.jsonl"
+    bare.write_text("".join(json.dumps({"name": r["name"], "text": r["text"]}) + "\n" for r in labelled(24)))
+    assert main(["probe", "--model", f"{spec}:build", "--loss", "none", "--text", str(bare), "--out",
+                 str(where / "bare")]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(where / "bare"), "--model", f"{spec}:build", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rnnscope: error:") and err.count("\n") == 1      # before any work (no progress bar)
     assert "has no field 'label'" in err and "--documents" in err
+    assert main(["analyze", str(where / "bare"), "--model", f"{spec}:build", "--documents", str(corpus), *flags]) == 0
 
 
 def test_ablation_on_a_long_run_takes_its_first_steps_a_forward_models_last_document_cut_there():
