@@ -17,8 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rnnscope.errors import RnnscopeError
-from rnnscope.probe.intervention import Intervention, module_of
-from rnnscope.probe.keys import parse_key, recurrent_modules
+from rnnscope.probe.intervention import Intervention, editable_modules, module_of
+from rnnscope.probe.keys import parse_key
 from rnnscope.probe.subject import subject_of
 
 
@@ -163,7 +163,7 @@ def _target(model: nn.Module, units: list[str]) -> tuple[str, list[int], int]:
         raise RnnscopeError(f"ablate takes units of one key, got {', '.join(sorted(keys))}", "ablate each key apart")
     key = keys.pop()
     idx = [int(u.rsplit(":", 1)[1]) for u in units]
-    modules = recurrent_modules(model)
+    modules = editable_modules(model)          # fused modules and cells (a step loop's)
     m = modules[module_of(key, modules)]
     info = parse_key(key)
     U = (getattr(m, "proj_size", 0) or m.hidden_size) if info["kind"] == "h" else m.hidden_size

@@ -314,19 +314,9 @@ def _char_loop_and_text():
     return CharLoop().eval(), encode(text), depth
 
 
-@pytest.mark.xfail(strict=True, raises=rs.RnnscopeError,
-                   reason="analysis/intervene.py looks the key's module up in recurrent_modules(model), which has no "
-                          "cells; with probe.intervention.editable_modules(model) there it works (next test)")
 def test_rs_ablate_on_an_lstmcell_char_loop():
-    m, ids, depth = _char_loop_and_text()
-    rs.ablate(m, ids, ["cell.l0.c:0"], depth, controls=5)
-
-
-def test_ablate_on_an_lstmcell_char_loop_once_it_looks_cells_up(monkeypatch):
-    """Everything else ``ablate`` needs works on a cell loop: the Intervention edits a [controls, units]
-    batch of masks, the means come from the Probe; the target's row edits exactly its unit."""
-    from rnnscope.analysis import intervene
-    monkeypatch.setattr(intervene, "recurrent_modules", editable_modules)
+    """``ablate`` works on a cell loop: the Intervention edits a [controls, units] batch of masks, the
+    means come from the Probe; the target's row edits exactly its unit."""
     m, ids, depth = _char_loop_and_text()
     res = rs.ablate(m, ids, ["cell.l0.c:3"], depth, controls=5, mode="zero")
     assert len(res) == 6 and res.iloc[0]["role"] == "target"
