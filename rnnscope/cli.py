@@ -44,7 +44,8 @@ def probe(args) -> None:
         run = record(subject, loading.texts_of(args.text, args.max_chars), args.out, grad=args.grad,
                      chunk=args.chunk, horizon=args.horizon, kinds=args.kinds or None, dtype=args.dtype,
                      overwrite=args.overwrite, unk=args.unk, source=spec, client=client, shard_docs=args.shard_docs,
-                     spec=FromSpec.of(spec, args.encoder, args.loss, args.modules) if client else None, **asked)
+                     spec=FromSpec.of(spec, args.encoder, args.loss, args.modules) if client else None,
+                     attention=args.attention, **asked)
     loss = run.manifest["loss"]
     per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
     steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
@@ -114,7 +115,7 @@ def export(args) -> None:
     if args.key:
         raise RnnscopeError("--key chooses the decay heatmap of a watch log", "leave it out for a Run")
     written = export_run(args.run, out, unit=args.unit, units=args.units, feature=args.feature, top=args.top,
-                         start=args.start, end=args.end, document=args.document)
+                         start=args.start, end=args.end, document=args.document, attention=args.attention)
     print(f"wrote {written}")
 
 

@@ -8,6 +8,8 @@
     RUN/loss.npy             [steps] per-step loss in nats (NaN where none); only when the manifest has a loss
     RUN/document_loss.npy    [documents] float32: a loss that is one scalar per document (loss.per "document")
     RUN/states/{key}.npy     [steps, units] NumPy arrays, opened with mmap_mode='r', never loaded whole
+    RUN/attention/{name}/    a decoder's attention weights over its source at every step (``store.attention``)
+    RUN/source/              the documents' source texts, when they carried one (``store.attention``)
     RUN/units.parquet        one row per unit: key, index, layer, kind, mean, std, min, max
     RUN/analysis/*.parquet   the tables `rnnscope analyze` writes (see ``tables``)
 
@@ -52,7 +54,8 @@ class Run(StepLayout):
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}: {len(self)} steps, {self.chars} chars, {self.manifest['documents']} "
-                f"documents, {len(self.keys())} keys, {self.manifest['dtype']})")
+                f"documents, {len(self.keys())} keys, {self.manifest['dtype']}"
+                + (f", attention {', '.join(self.attention_names())}" if self.attention_names() else "") + ")")
 
     def _repr_html_(self) -> str:
         """Jupyter: what the Run holds, every string from it escaped (``rs.show`` draws a unit)."""
@@ -137,6 +140,35 @@ class Run(StepLayout):
     @cached_property
     def units(self) -> pd.DataFrame:
         return read_parquet(inside(self.path, "units.parquet"), UNITS_SCHEMA)
+
+    def attention_names(self) -> list[str]:
+        """The attention modules recorded (``record(..., attention=[...])``), by qualified name."""
+        return list(self.manifest.get("attention") or {})
+
+    def attention(self, name: str):
+        """``name``'s weights (``store.attention.AttentionWeights``): ``[d] -> [steps, source]`` of document
+        d, ``row(step) -> [source]``, memory-mapped; checked on ``open_run``."""
+        if name not in self.attention_names():
+            raise RnnscopeError(f"{self.path} has no attention module {str(name)[:80]!r}",
+                                f"use one of {', '.join(self.attention_names())}" if self.attention_names() else
+                                "record with attention=[NAME] (rnnscope probe --attention NAME)")
+        if name not in self._attention:
+            from .attention import open_attention
+            self._attention[name] = open_attention(self.path, self.manifest, name, self.step_bounds, self.source)
+        return self._attention[name]
+
+    @cached_property
+    def _attention(self) -> dict:
+        return {}
+
+    @cached_property
+    def source(self):
+        """The documents' source texts (``store.attention.Source``: ``tokens(d)``), or None when the
+        attention's source positions are indexes."""
+        if self.manifest.get("source") is None:
+            return None
+        from .attention import Source
+        return Source(self.path, self.manifest, self.documents)
 
     @property
     def nonfinite(self) -> dict[str, int]:
@@ -271,4 +303,7 @@ def open_run(path) -> Run:
     units = inside(path, "units.parquet")
     regular_file(units, "the Run's unit table", RECORD)
     check_schema(units, UNITS_SCHEMA)
-    return Run(path, manifest, text, steps)
+    run = Run(path, manifest, text, steps)
+    for name in run.attention_names():        # each checked now, so a hostile Run is refused at open
+        run.attention(name)
+    return run
