@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from rnnscope.errors import RnnscopeError, call_user
 from rnnscope.store import DTYPES, RunWriter, check_out, documents_frame, open_run, split_key
+from rnnscope.store.run import grad_passes
 from rnnscope.store.writer import text_bytes
 
 from . import attention as attention_steps, cells
@@ -182,13 +183,12 @@ def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int]
             Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False,
                   attention=stored.picks if stored else None) as p:
         looped = [k for k in layout if split_key(k)["module"] in p.cells]
+        # the passes the Run reports (``Run.grad_passes``): a reset state cannot be reached by later documents' losses
+        passes = grad_passes(np.asarray(bounds, np.int64).reshape(-1, 2), chunk, horizon if grad else 0, carry)
         for d, (a, b) in enumerate(bounds):
             if not carry:
                 p.reset()
-            for s in range(a, b, chunk):
-                e = min(b, s + chunk)
-                reach = S if carry else b               # a reset state: later documents' losses cannot reach back
-                ahead = min(reach, e + horizon) if grad else e
+            for s, e, ahead in passes[(passes[:, 0] >= a) & (passes[:, 0] < b)].tolist():
                 with torch.set_grad_enabled(grad):
                     output = _forward(model, call, x[:, s:ahead], docs.document(d))
                     per_step, total = step_loss.window(output, s, ahead, docs.document(d)) if step_loss \

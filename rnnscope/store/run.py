@@ -170,6 +170,25 @@ class Run(StepLayout):
         from .attention import Source
         return Source(self.path, self.manifest, self.documents)
 
+    @cached_property
+    def grad_passes(self) -> np.ndarray | None:
+        """``[passes, 3]`` int64 of a Run with gradients: each pass's first step, the step after its last,
+        and the step after the last loss its gradients include. The gradient at step t of a pass is
+        that of the losses of steps t .. reach - 1 alone: the state entering a pass after a document's
+        first was carried from the one before detached (truncated BPTT), and the losses past ``reach``
+        never reached it. Follows from the manifest's chunk, grad_horizon and carry (None without grad)."""
+        if not self.manifest.get("grad") or not _is_int(self.manifest.get("chunk")) or \
+                not _is_int(self.manifest.get("grad_horizon")):
+            return None
+        if getattr(self, "shards", None):        # a sharded Run: each shard chose its own chunk
+            parts, at = [], 0
+            for shard in self.shards:
+                parts.append(shard.grad_passes + at)
+                at += len(shard)
+            return np.concatenate(parts)
+        return grad_passes(self.step_bounds, self.manifest["chunk"], self.manifest["grad_horizon"],
+                           bool(self.manifest.get("carry")))
+
     @property
     def nonfinite(self) -> dict[str, int]:
         """Keys whose recording held NaN or Inf (or overflowed the on-disk dtype): key -> count."""
@@ -180,6 +199,23 @@ class Run(StepLayout):
     def underflow(self) -> dict[str, int]:
         """Keys whose non-zero values became zero or subnormal in their on-disk dtype: key -> count."""
         return {k: v["underflow"] for k, v in self.manifest["keys"].items() if v.get("underflow")}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def grad_passes(step_bounds: np.ndarray, chunk: int, horizon: int, carry: bool) -> np.ndarray:
+    """``record``'s passes over documents ``step_bounds [documents, 2]``: chunks of ``chunk`` steps
+    within each, each run ``horizon`` steps on, to its document's end (a state reset at the next one
+    cannot be reached by its losses) or, with ``carry``, the Run's.
+    Returns ``[passes, 3]`` int64 (start, end, reach); see ``Run.grad_passes``."""
+    total, rows = int(step_bounds[-1, 1]), []
+    for a, b in step_bounds.tolist():
+        for s in range(a, b, max(chunk, 1)):
+            e = min(b, s + chunk)
+            rows.append((s, e, min(total if carry else b, e + horizon)))
+    return np.asarray(rows, np.int64).reshape(-1, 3)
 
 
 def _read_text(path: Path, manifest: dict) -> str:
