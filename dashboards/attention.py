@@ -25,12 +25,16 @@ from .views import div
 PALETTE = Blues256[::-1]        # light (0) to dark (the most weight)
 LABELLED = 60                   # axis positions labelled one by one up to this many (past it they overlap)
 CELL = 14                       # pixels per step and per source position, within the figure's bounds
+MAX_STEPS = 20000               # decoder steps one exported picture holds (the export's own limit)
+VIEW_STEPS = 2000               # decoder steps the tab draws (a browser lays out an image this tall at once)
 
 
-def document_attention(run, name: str, d: int) -> tuple[np.ndarray, list[str], list[str]]:
-    """``(weights [steps, source] float32, step labels, source labels)`` of document ``d``."""
-    weights = np.asarray(run.attention(name)[d], np.float32)
-    a, b = (int(x) for x in run.step_bounds[d])
+def document_attention(run, name: str, d: int, steps: int | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+    """``(weights [steps, source] float32, step labels, source labels)`` of document ``d`` (its first
+    ``steps`` steps when given)."""
+    weights = np.asarray(run.attention(name)[d][:steps], np.float32)
+    a = int(run.step_bounds[d, 0])
+    b = a + len(weights)
     steps = [f"{i} {shown_text(t)}" if t else f"{i}" for i, t in enumerate(run.tokens(a, b))]
     source = run.source.tokens(d) if run.source is not None else None
     labels = [shown_text(t) for t in source] if source is not None else [str(i) for i in range(weights.shape[1])]
@@ -115,7 +119,9 @@ class AttentionView:
 
     def _load(self) -> None:
         self.weights, self.steps, self.labels = document_attention(self.data.run, self.module.value,
-                                                                   self.sel.document)
+                                                                   self.sel.document, VIEW_STEPS)
+        total = int(np.diff(self.data.run.step_bounds[self.sel.document])[0])
+        self.more = f" (the first {VIEW_STEPS:,} of the document's {total:,} steps)" if total > VIEW_STEPS else ""
         self.step.update(high=len(self.weights) - 1, value=min(int(self.step.value or 0), len(self.weights) - 1))
 
     def _reload(self) -> None:
@@ -135,7 +141,7 @@ class AttentionView:
         look = int(np.nanargmax(row_)) if np.isfinite(row_).any() else -1
         self.info.text = (f"<p>decoder step <b>{esc(self.steps[t])}</b> looks most at source position "
                           f"<b>{look} {esc(self.labels[look]) if look >= 0 else ''}</b> "
-                          f"(weight {float(row_[look]) if look >= 0 else float('nan'):.3f})</p>")
+                          f"(weight {float(row_[look]) if look >= 0 else float('nan'):.3f}){self.more}</p>")
         self.source.text = source_html(self.labels, row_)
 
 
@@ -144,6 +150,10 @@ def run_attention_figure(run, name: str, document=None):
     the first), titled with the module and the document (``rnnscope export --attention``)."""
     from .steps import Documents
     d = 0 if document is None else Documents(run.documents).find(document)
+    total = int(np.diff(run.step_bounds[d])[0])
+    if total > MAX_STEPS:
+        raise RnnscopeError(f"document {d} has {total:,} steps, more than one picture holds ({MAX_STEPS:,})",
+                            "export another --document, or read run.attention(name)[d] in Python")
     weights, steps, source = document_attention(run, name, d)
     where = f", document {shown_text(str(run.documents['name'].iloc[d]))}" if len(run.documents) > 1 else ""
     over = "source" if run.source is not None else "source positions"

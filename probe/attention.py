@@ -213,7 +213,7 @@ class StoredAttention:
         rows = chunk_rows(attention, steps, where)
         check_source(rows, None if self.sources is None else len(self.sources[1][d]), self.names[d])
         for name, got in rows.items():
-            self.writers[name].add(w.numpy() for w in got)
+            self.writers[name].add([w.numpy() for w in got])
 
     def manifest(self) -> dict:
         """The manifest's ``attention`` and ``source`` (the files closed and written)."""

@@ -54,6 +54,7 @@ def probe(args) -> None:
         if loss else ", no loss"
     under = {k: n for k, n in run.underflow.items() if ".grad_" in k}     # a gradient's small values are its news
     said += f", {sum(under.values()):,} gradient values underflowed to zero or subnormal" if under else ""
+    said += f", attention of {', '.join(run.attention_names())} at every step" if run.attention_names() else ""
     print(f"wrote {run.path}: {steps}, {len(run.keys())} keys{said}")
 
 

@@ -177,7 +177,7 @@ def test_record_refuses_what_it_cannot_store(tmp_path):
     assert not any(tmp_path.iterdir())                     # nothing half-written
 
 
-def test_probe_and_export_from_the_command_line(tmp_path):
+def test_probe_and_export_from_the_command_line(tmp_path, capsys):
     from rnnscope.cli import main
     (tmp_path / "model.py").write_text(
         "import sys\nsys.path.insert(0, %r)\nimport torch\nimport rnnscope as rs\n"
@@ -187,6 +187,7 @@ def test_probe_and_export_from_the_command_line(tmp_path):
     (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS) + "\n")
     assert main(["probe", "--model", f"{tmp_path}/model.py:build", "--text", str(tmp_path / "texts.jsonl"),
                  "--attention", "attention", "--out", str(tmp_path / "run")]) == 0
+    assert "attention of attention at every step" in capsys.readouterr().out
     run = rs.open_run(tmp_path / "run")
     assert run.attention("attention")[2].shape == (5, 5)
     assert main(["export", str(tmp_path / "run"), "--attention", "attention", "--document", "1",
@@ -195,6 +196,31 @@ def test_probe_and_export_from_the_command_line(tmp_path):
     assert "attention of attention, document texts.jsonl:2: 9 steps x 9 source positions" in page
     assert main(["export", str(tmp_path / "run"), "--attention", "nope", "--out", str(tmp_path / "b.html")]) == 2
     assert not (tmp_path / "b.html").exists()
+
+
+def test_the_source_is_shaded_as_escaped_text_darkest_where_the_step_looks_most():
+    from rnnscope.dashboards.attention import source_html
+    html = source_html(["<img src=x onerror=alert(1)>", "b", "$$x$$"], np.array([0.2, 0.5, 0.3], np.float32))
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    shades = [float(a) for a in re.findall(r"rgba\(8, 69, 148, ([0-9.]+)\)", html)]
+    assert shades == [0.4, 1.0, 0.6] and 'title="0.5000"' in html
+
+
+def test_the_tab_follows_the_document_draws_at_most_its_limit_and_a_click_picks_a_step(runs, monkeypatch):
+    from types import SimpleNamespace
+    from bokeh.document import Document
+    from rnnscope.dashboards import attention as view
+    from rnnscope.dashboards.app import RunData, build
+    monkeypatch.setattr(view, "VIEW_STEPS", 4)
+    page = build(Document(), RunData(runs[0] / "pairs"), defer=False)
+    tab = next(v for v in page.tabs.built if isinstance(v, view.AttentionView))
+    assert tab.weights.shape == (3, 6) and tab.step.high == 2 and "first 4" not in tab.info.text
+    page.sel.set(document=1)                                # "hello" over "qrs": 5 steps, 4 drawn
+    assert tab.weights.shape == (4, 3) and tab.step.high == 3 and "the first 4 of the document's 5 steps" in tab.info.text
+    tab._tap(SimpleNamespace(y=3.5))                        # the top row is step 0
+    assert tab.step.value == 0 and tab.marker.data["bottom"] == [3]
+    tab._tap(SimpleNamespace(y=0.2))
+    assert tab.step.value == 3 and tab.info.text.startswith("<p>decoder step <b>3 l<")
 
 
 needs_browser = pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium and chromium-driver")

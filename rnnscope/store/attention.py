@@ -83,12 +83,14 @@ class AttentionWriter:
         self.offsets, self.longest = [0], 0
 
     def add(self, rows) -> None:
-        """One row per step, each ``[source]`` (a list of rows, or an array ``[steps, source]``)."""
-        for r in rows:
-            r = np.asarray(r, np.float32).ravel()
-            self.weights.append(r)
-            self.offsets.append(self.offsets[-1] + len(r))
-            self.longest = max(self.longest, len(r))
+        """One row per step, each ``[source]`` (a list of rows, or an array ``[steps, source]``): one
+        write for them all (a pass's steps)."""
+        rows = [np.asarray(r, np.float32).ravel() for r in rows]
+        if not rows:
+            return
+        self.weights.append(np.concatenate(rows))
+        self.offsets.extend((self.offsets[-1] + np.cumsum([len(r) for r in rows])).tolist())
+        self.longest = max(self.longest, max(len(r) for r in rows))
 
     def finish(self, over: str) -> dict:
         """Close the files; the manifest's entry for this module (``over``: "source" or "positions")."""
