@@ -21,6 +21,7 @@ from rnnscope.store import parse_key, read_table
 
 from rnnscope.errors import RnnscopeError, first_line
 
+from .attention import AttentionView
 from .plots import GradientView, SaturationView
 from .queries import axis_name, checked, esc, step_word
 from .snapshot import hold, same
@@ -144,6 +145,8 @@ def build(doc, data: RunData, *, defer: bool | None = None, timings: dict | None
               "gradient flow": (lambda: GradientView(data, sel), not data.grad_keys),
               "gate saturation": (lambda: SaturationView(data, sel), data.tables.get("saturation") is None),
               "pattern search": (lambda: PatternView(data, sel, text), True)}
+    if data.run.attention_names():      # a decoder's attention: its own tab, built on first use like the rest
+        makers["attention"] = (lambda: AttentionView(data, sel), False)
     views = [(title, lambda title=title, make=make: timed(title, make), cheap)
              for title, (make, cheap) in makers.items()]
     tabs = LazyTabs(doc, views, defer=defer)

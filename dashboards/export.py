@@ -221,12 +221,16 @@ def check_out_file(out, overwrite: bool) -> Path:
 
 
 def export_run(run, out, *, unit=None, units=None, feature=None, top: int = 10, start: int = 0, end=None,
-               document=None) -> Path:
-    """``rnnscope export RUN``: one unit over the text (``unit``), or a heatmap of ``units`` or of
-    the ``top`` units for ``feature``, written to ``out``."""
-    if sum(map(bool, (unit, units, feature))) != 1:
-        raise RnnscopeError("say what to draw with exactly one of --unit, --units or --feature",
-                            "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, or --feature in_comment --top 10")
+               document=None, attention=None) -> Path:
+    """``rnnscope export RUN``: one unit over the text (``unit``), or a heatmap of ``units``, of
+    the ``top`` units for ``feature``, or of an ``attention`` module's steps x source, written to ``out``."""
+    if sum(map(bool, (unit, units, feature, attention))) != 1:
+        raise RnnscopeError("say what to draw with exactly one of --unit, --units, --feature or --attention",
+                            "e.g. --unit rnn.l0.c:12, --units rnn.l0.c:1,rnn.l1.c:2, --feature in_comment --top 10, "
+                            "or --attention decoder.attn")
+    if attention:                       # one document's steps x source
+        from .attention import run_attention_figure
+        return export(run_attention_figure(_run(run), attention, document), out)
     if unit:
         fig = unit_figure(run, unit, start, end, document=document)
     elif units:

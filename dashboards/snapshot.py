@@ -27,6 +27,7 @@ class HeldRun(Run):
                          {"spans": run.spans, "documents": run.documents, "ids": run.ids})
         self._arrays = {k: Run.__getitem__(run, k) for k in run.keys()}
         self._loss = Run.loss.fget(run)
+        self.__dict__.update(_attention=dict(run._attention), source=run.source)   # mapped and read by open_run
 
     def __getitem__(self, key: str):
         if key in self._arrays:

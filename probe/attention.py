@@ -20,17 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from rnnscope.errors import RnnscopeError, call_user
+from rnnscope.store.attention import TOLERANCE, AttentionWriter, write_source   # one tolerance: probe and Run
 
 from .cells import _rows, _stack
 
-TOLERANCE = 1e-4        # how far a row's sum may be from 1: softmax in float32 over a few thousand positions
 
-
-def _named(model: nn.Module, attention) -> dict[str, Callable | None]:
+def named(model: nn.Module, attention) -> dict[str, Callable | None]:
     """``attention`` (a mapping name -> picker or None, or a list of names) as name -> picker, each
     name a module of ``model``; refused in one line otherwise."""
     if isinstance(attention, str):
@@ -90,7 +90,7 @@ class Attention(Mapping):
     """What a Probe records of its attention modules: ``attention[name] -> [batch, steps, source]``."""
 
     def __init__(self, model: nn.Module, attention=None):
-        self.picks = _named(model, attention or {})
+        self.picks = named(model, attention or {})
         self.modules = {n: model.get_submodule(n) for n in self.picks}
         self._seqs: dict[str, list[list[torch.Tensor]]] = {n: [] for n in self.picks}
         self._hooks: list = []
@@ -116,6 +116,10 @@ class Attention(Mapping):
     def clear(self) -> None:
         for seqs in self._seqs.values():
             seqs.clear()
+
+    def calls(self, name: str) -> list[torch.Tensor]:
+        """Every call's weights ``[batch, source]`` in call order, whichever sequence it began."""
+        return [w for seq in self._seqs[name] for w in seq]
 
     def sequences(self, name: str) -> list[torch.Tensor]:
         """Each sequence of ``name``'s steps, ``[batch, steps, source]``, in the order they began."""
@@ -143,3 +147,77 @@ class Attention(Mapping):
     def __repr__(self) -> str:
         return "Attention(" + ", ".join(f"{n}: {sum(len(s) for s in seqs)} step(s)" for n, seqs in self._seqs.items()) \
             + ")"
+
+
+def chunk_rows(attention: Attention, steps: int, where: str) -> dict[str, list[torch.Tensor]]:
+    """Each module's rows ``[source]`` over one pass of ``steps`` steps of a one-sequence batch: one
+    call per step, refused in one line otherwise (``record`` stores a row per step)."""
+    rows = {}
+    for name in attention:
+        got = attention.calls(name)
+        if len(got) != steps or any(w.shape[0] != 1 for w in got):
+            batch = {int(w.shape[0]) for w in got} or {1}
+            raise RnnscopeError(f"attention module {name} was called {len(got)} time(s) (batch {max(batch)}) over "
+                                f"{steps} steps of the encoder {where}",
+                                "make the model call it once per id of its input [1, T], or record without it")
+        rows[name] = [w[0].float() for w in got]
+    return rows
+
+
+def sources_of(docs, encoder) -> tuple[list[str], list] | None:
+    """Each document's ``source`` text and its positions' spans ``[positions, 2]`` (the Run's encoder
+    applied to it), when the documents carry one (an encoder-decoder corpus); None when none does."""
+    have = [isinstance(f.get("source"), str) for f in docs.fields] if docs.fields else [False]
+    if not any(have):
+        return None
+    if not all(have) or not all(f["source"] for f in docs.fields):
+        i = have.index(False) if not all(have) else next(i for i, f in enumerate(docs.fields) if not f["source"])
+        raise RnnscopeError(f"document {docs.names[i]!r} has no source text, while others have one",
+                            'give every document a non-empty "source" string, or none')
+    texts = [f["source"] for f in docs.fields]
+    spans = []
+    for name, text in zip(docs.names, texts):
+        try:
+            spans.append(np.asarray(encoder.encode(text)[1], np.int64))
+        except RnnscopeError as err:
+            raise RnnscopeError(f"the source of document {name!r}: {err.problem}", err.fix) from None
+    return texts, spans
+
+
+def check_source(rows: dict[str, list[torch.Tensor]], positions: int | None, name: str) -> str:
+    """What the rows are over: "source" (their length is the document's encoded source, ``positions``)
+    or "positions" (no source text: indexes); a mismatch is one line."""
+    if positions is None:
+        return "positions"
+    for module, got in rows.items():
+        bad = next((len(w) for w in got if len(w) != positions), None)
+        if bad is not None:
+            raise RnnscopeError(f"attention module {module} weighs {bad} source positions in document {name!r}, "
+                                f"whose source the encoder makes {positions} steps",
+                                "encode the source with the Run's encoder in the model's call, or leave out the "
+                                "documents' source field (the positions are then indexes)")
+    return "source"
+
+
+class StoredAttention:
+    """``record``'s attention modules: each pass's rows appended to ``attention/{name}/`` in the Run
+    being written (``writer``, a ``RunWriter``), each document's checked against its ``sources`` (``sources_of``)."""
+
+    def __init__(self, writer, picks: dict, names: list[str], sources):
+        self.picks, self.names, self.sources, self.run_dir = picks, names, sources, writer.tmp
+        self.writers = {n: AttentionWriter(writer.tmp, n) for n in picks}
+        writer.rows.extend(w.weights for w in self.writers.values())     # closed with the Run's, whatever happens
+        self.over = "positions" if sources is None else "source"
+
+    def add(self, attention: Attention, steps: int, d: int, where: str) -> None:
+        rows = chunk_rows(attention, steps, where)
+        check_source(rows, None if self.sources is None else len(self.sources[1][d]), self.names[d])
+        for name, got in rows.items():
+            self.writers[name].add([w.numpy() for w in got])
+
+    def manifest(self) -> dict:
+        """The manifest's ``attention`` and ``source`` (the files closed and written)."""
+        entry = {"attention": {n: w.finish(self.over) for n, w in self.writers.items()}}
+        if self.sources is not None:
+            entry["source"] = write_source(self.run_dir, *self.sources)
+        return entry

@@ -72,7 +72,10 @@ def _jsonl(path: Path) -> Documents:
 
 
 def _add_row(docs: Documents, row, where: str, default_name: str) -> None:
-    """One ``{"text": ..., "name": ..., **fields}`` row into ``docs``."""
+    """One ``{"text": ..., "name": ..., **fields}`` row into ``docs``; an encoder-decoder row
+    ``{"source": ..., "target": ...}`` is its target's text, its source kept as a field."""
+    if isinstance(row, dict) and "text" not in row and isinstance(row.get("source"), str) and "target" in row:
+        row = {"text": row["target"], **{k: v for k, v in row.items() if k != "target"}}
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
         raise RnnscopeError(f"{where} has no \"text\" string", 'give each line a "text" field')
     name = row.get("name", default_name)

@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from rnnscope.errors import RnnscopeError, call_user
 from rnnscope.store import DTYPES, RunWriter, check_out, documents_frame, open_run, split_key
+from rnnscope.store.run import grad_passes
 from rnnscope.store.writer import text_bytes
 
-from . import cells
+from . import attention as attention_steps, cells
 from .corpus import documents_of
 from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
@@ -170,7 +171,7 @@ def _dry_run(model, call, x, grad, kinds, wanted, document: dict):
 
 
 def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int], step_loss, *, grad, carry, chunk,
-            horizon, kinds, dtypes: dict[str, str], progress):
+            horizon, kinds, dtypes: dict[str, str], progress, stored=None):
     """The streaming loop: document by document (the state reset between them unless ``carry``),
     chunk by chunk within each (the state carried), each chunk's rows written to ``w``; the user's
     call and loss may take the ``document`` each chunk starts in (``docs.document(d)``).
@@ -182,15 +183,15 @@ def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int]
     bad = {k: {"nonfinite": 0, "overflow": 0, "underflow": 0} for k in layout}
     totals = []
     with tqdm(total=S, unit="step", unit_scale=True, desc="probe", disable=not progress, mininterval=0.5) as bar, \
-            Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False) as p:
+            Probe(model, grad=grad, kinds=kinds, carry=True, param_grads=False,
+                  attention=stored.picks if stored else None) as p:
         looped = [k for k in layout if split_key(k)["module"] in p.cells]
+        # the passes the Run reports (``Run.grad_passes``): a reset state cannot be reached by later documents' losses
+        passes = grad_passes(np.asarray(bounds, np.int64).reshape(-1, 2), chunk, horizon if grad else 0, carry)
         for d, (a, b) in enumerate(bounds):
             if not carry:
                 p.reset()
-            for s in range(a, b, chunk):
-                e = min(b, s + chunk)
-                reach = S if carry else b               # a reset state: later documents' losses cannot reach back
-                ahead = min(reach, e + horizon) if grad else e
+            for s, e, ahead in passes[(passes[:, 0] >= a) & (passes[:, 0] < b)].tolist():
                 with torch.set_grad_enabled(grad):
                     output = _forward(model, call, x[:, s:ahead], docs.document(d))
                     per_step, total = step_loss.window(output, s, ahead, docs.document(d)) if step_loss \
@@ -212,6 +213,8 @@ def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int]
                 check_aligned(p.trace, layout, ahead - s, f"in document {d} (steps {s:,}..{ahead - 1:,})")
                 if ahead > e:
                     p.carry_from(e - s - 1)             # the next chunk starts where this one ends
+                if stored:                              # a whole document per pass (record sees to it)
+                    stored.add(p.attention, ahead - s, d, f"in document {d} (steps {s:,}..{ahead - 1:,})")
                 if step_loss:
                     losses.write(s, per_step[: e - s])
                     totals.append(float(total.detach()) if total is not None else np.nan)
@@ -250,7 +253,8 @@ def _check_ids_fit(model, ids: torch.Tensor) -> None:
 def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry: bool = False, grad: bool = False,
            chunk: int | None = None, horizon: int = 512, kinds=None, dtype: str = "float16",
            grad_dtype: str = "float32", overwrite: bool = False, unk: str | None = None, progress: bool = True,
-           source: str = "", memory: int | None = None, client=None, shard_docs: int | None = None, spec=None):
+           source: str = "", memory: int | None = None, client=None, shard_docs: int | None = None, spec=None,
+           attention=None):
     """Probe a model over one text or many documents and write a Run to ``out``; returns the opened Run.
 
     Args:
@@ -267,6 +271,9 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         chunk: steps per pass (default 2048). A bidirectional module reads each document whole, so its
             default is the longest document, refused in one line when one pass would need more than
             ``memory`` bytes (default a quarter of the machine's memory).
+        attention: attention modules whose weights to store at every step (a list of qualified names,
+            or ``{name: picker}``, as ``Probe``'s): ``run.attention(name)[d] -> [steps, source]``. Each
+            document is then one pass; a document's ``source`` field gives its source positions' text.
         dtype: the states' on-disk dtype; ``grad_dtype`` the gradients' (float32: gradients are small by
             nature and span more binades than float16 holds, see benchmarks/grad_storage.py).
         client: a Dask ``distributed.Client``: record on its workers, ``shard_docs`` documents a task, into a
@@ -275,6 +282,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     Returns:
         the Run: ``len(run)`` steps, ``run[key] -> [steps, units]``.
     """
+    if client is not None and attention:
+        raise RnnscopeError("attention is not yet stored in a sharded Run", "record it without a cluster")
     if client is not None:
         from .distributed import record_on
         return record_on(client, subject, texts, out, spec=spec, shard_docs=shard_docs, encode=encode, loss=loss,
@@ -297,6 +306,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     if chunk < 1 or horizon < 0:
         raise RnnscopeError(f"chunk must be >= 1 and horizon >= 0 (got {chunk}, {horizon})", "fix --chunk/--horizon")
     docs = documents_of(texts)
+    picks = attention_steps.named(model, attention) if attention else None
     if grad and loss is None:
         raise RnnscopeError("gradients need a loss, and loss is None", "pass a loss, or probe without --grad")
     check_out(out, overwrite)          # before the model runs: a bad --out costs nothing
@@ -306,6 +316,12 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     _check_ids_fit(model, ids)
     S, bounds = len(ids), list(zip(frame.step_start.tolist(), frame.step_end.tolist()))
     longest = max(b - a for a, b in bounds)
+    sources = attention_steps.sources_of(docs, encoder) if picks else None
+    if picks and longest > chunk:                   # a row weighs the source the model read in this call
+        if asked_chunk:
+            raise RnnscopeError(f"attention is stored a whole document per call, and --chunk {chunk} is shorter "
+                                f"than the longest document", f"pass --chunk {longest} (or more)")
+        chunk = longest
     if grad and isinstance(loss, str) and longest < 2:     # the next-token loss of one step has no next token
         raise RnnscopeError("gradients need at least two characters (a one-character text has no next-character "
                             "loss)" if encoder.kind == "char" else "gradients need a document of two steps or more "
@@ -363,8 +379,10 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                                 "record fewer --kinds, use --dtype float16, a shorter text, or another disk")
         with RunWriter(out, text, spans=spans, ids=ids.numpy(), documents=frame, dtype=dtype,
                        overwrite=overwrite) as w:
+            stored = attention_steps.StoredAttention(w, picks, docs.names, sources) if picks else None
             stats, bad, totals = _stream(model, call, ids, docs, bounds, w, layout, step_loss, grad=grad, carry=carry,
-                                         chunk=chunk, horizon=horizon, kinds=kinds, dtypes=dtypes, progress=progress)
+                                         chunk=chunk, horizon=horizon, kinds=kinds, dtypes=dtypes, progress=progress,
+                                         stored=stored)
             w.units(pd.concat([stats[k].frame(k) for k in layout], ignore_index=True))
             flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
             for k, v in flagged.items():
@@ -384,7 +402,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                 "grad_horizon": horizon if grad else None,
                 "loss": _loss_entry(step_loss, w, totals),
                 "keys": {k: {"units": u, **bad[k]} for k, u in layout.items()},
-                "nonfinite": bool(flagged),
+                "nonfinite": bool(flagged), **(stored.manifest() if stored else {}),
             })
     except KeyboardInterrupt:
         raise RnnscopeError(f"interrupted: no run was written to {out}", "run the probe again") from None

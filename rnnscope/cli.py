@@ -45,7 +45,8 @@ def probe(args) -> None:
                      chunk=args.chunk, horizon=args.horizon, kinds=args.kinds or None, dtype=args.dtype,
                      grad_dtype=args.grad_dtype,
                      overwrite=args.overwrite, unk=args.unk, source=spec, client=client, shard_docs=args.shard_docs,
-                     spec=FromSpec.of(spec, args.encoder, args.loss, args.modules) if client else None, **asked)
+                     spec=FromSpec.of(spec, args.encoder, args.loss, args.modules) if client else None,
+                     attention=args.attention, **asked)
     loss = run.manifest["loss"]
     per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
     steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
@@ -54,6 +55,7 @@ def probe(args) -> None:
         if loss else ", no loss"
     under = {k: n for k, n in run.underflow.items() if ".grad_" in k}     # a gradient's small values are its news
     said += f", {sum(under.values()):,} gradient values underflowed to zero or subnormal" if under else ""
+    said += f", attention of {', '.join(run.attention_names())} at every step" if run.attention_names() else ""
     print(f"wrote {run.path}: {steps}, {len(run.keys())} keys{said}")
 
 
@@ -118,7 +120,7 @@ def export(args) -> None:
     if args.key:
         raise RnnscopeError("--key chooses the decay heatmap of a watch log", "leave it out for a Run")
     written = export_run(args.run, out, unit=args.unit, units=args.units, feature=args.feature, top=args.top,
-                         start=args.start, end=args.end, document=args.document)
+                         start=args.start, end=args.end, document=args.document, attention=args.attention)
     print(f"wrote {written}")
 
 

@@ -116,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-chars", type=T.int_at_least(0, "--max-chars"), default=0,
                     help="probe only the first N characters (0: all)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing Run")
+    pr.add_argument("--attention", type=T.module_names, metavar="NAME[,NAME]",
+                    help="also store these attention modules' weights over the source at every step (qualified "
+                         "names; each document is then one pass; a .jsonl's \"source\" field names the positions)")
     _cluster_flags(pr, "record")
     pr.add_argument("--shard-docs", type=T.int_at_least(1, "--shard-docs"), metavar="N",
                     help="on a cluster: documents per shard, one task each (default: about 4 shards a worker)")
@@ -194,6 +197,8 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--unit", type=T.unit, help="KEY:INDEX: the text coloured by this unit")
     what.add_argument("--units", type=T.units, help="KEY:I,KEY:J,...: a heatmap of these units")
     what.add_argument("--feature", help="a heatmap of the top units for this feature (needs `rnnscope analyze`)")
+    what.add_argument("--attention", metavar="NAME", help="the steps x source heatmap of this attention module's "
+                      "weights over one document (--document; default the first)")
     ex.add_argument("--top", type=T.int_at_least(1, "--top"), default=10, help="with --feature: how many units (default 10)")
     ex.add_argument("--start", type=T.int_at_least(0, "--start"), default=0,
                     help="first step (a character in a char model's Run; default 0)")

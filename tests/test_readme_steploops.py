@@ -40,6 +40,7 @@ def test_the_readme_attention_example_trains_probes_and_records(tmp_path, monkey
     a, b = (int(v) for v in run.documents.iloc[1][["step_start", "step_end"]])       # "attention"
     assert (a, b) == (9, 18)
     np.testing.assert_allclose(np.asarray(run["cell.l0.h"])[a:b], q.trace["cell.l0.h"][0].numpy(), atol=2e-3)
+    assert run.attention_names() == ["attention"] and np.array_equal(ns["stored"], w[0].numpy())   # exactly
 
 
 def test_the_readme_hand_written_cell_records_its_gates(capsys):

@@ -11,7 +11,7 @@ import numpy as np
 
 from rnnscope.errors import RnnscopeError, first_line
 
-from .keys import KEY, key_file
+from .keys import KEY, MODULE, key_file
 
 FORMAT, FORMAT_VERSION = "rnnscope-run", 2
 SHARDED_VERSION = 3             # a Run of document shards, each a format 2 Run (``store.shards``)
@@ -78,6 +78,8 @@ def check_manifest(m, where) -> None:
         _check_v2(m, bad)
     if version >= 3:
         _check_shards(m, bad)
+    if version >= 2 and (m.get("attention") or m.get("source") is not None):
+        _check_attention(m, bad)
 
 
 def key_dtype(manifest: dict, key: str) -> str:
@@ -110,6 +112,28 @@ def _check_v2(m: dict, bad) -> None:
                              or loss.get("per", "step") not in ("step", "document")):
         bad(f"has a malformed loss (null, or a kind among {', '.join(LOSS_KINDS)}, mean_nats and per step "
             "or document)")
+
+
+def _check_attention(m: dict, bad) -> None:
+    """``attention``: per module name (the grammar of a key's module: never a path) its two files at their
+    own names, its steps (the Run's), positions and longest row; ``source``: a source text's counts."""
+    if m["format_version"] >= SHARDED_VERSION:
+        bad("holds attention in a sharded Run, which this rnnscope does not read yet")
+    att, src = m.get("attention") or {}, m.get("source")
+    if not isinstance(att, dict):
+        bad("has an attention that is not an object of module names")
+    for name, info in att.items():
+        if not name or not MODULE.match(name):
+            bad(f"has attention {name[:80]!r}, which is not a module name like 'decoder.attn'")
+        if (not isinstance(info, dict) or info.get("file") != f"attention/{name}/weights.npy"
+                or info.get("offsets") != f"attention/{name}/offsets.npy" or info.get("steps") != m["steps"]
+                or not all(_is_int(info.get(c)) and info[c] >= 1 for c in ("positions", "max_source"))
+                or info.get("over") not in ("source", "positions") or (info["over"] == "source") != (src is not None)):
+            bad(f"has a malformed attention entry for {name!r} (file, offsets, steps, positions, max_source, over)")
+    if src is not None and (not isinstance(src, dict) or not all(_is_int(src.get(c)) and src[c] >= 1
+                                                                  for c in ("chars", "steps"))
+                            or not isinstance(src.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", src["sha256"])):
+        bad("has a malformed source (chars, steps, sha256 of source/text.txt)")
 
 
 _SHARD_COUNTS = (("doc_start", "documents"), ("step_start", "steps"), ("char_start", "chars"))

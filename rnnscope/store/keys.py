@@ -17,6 +17,15 @@ MODULE = re.compile(r"^(?:[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?$", re.ASCII)
 FIX = "state keys are {module}.l{layer}[_reverse].{kind}, e.g. rnn.l0.c"
 
 
+def attention_dir(name: str) -> str:
+    """``attention/{name}``: an attention module's folder in a Run; ``name`` is a qualified module name
+    (the grammar of a key's module, not empty), so it is never a path."""
+    if not isinstance(name, str) or not name or not MODULE.match(name):
+        raise RnnscopeError(f"{escaped(str(name), limit=80)!r} is not a module name like 'decoder.attn'",
+                            "name attention modules by their qualified name (model.named_modules())")
+    return f"attention/{name}"
+
+
 def key_file(key: str) -> str:
     return f"states/{key}.npy"
 

@@ -9,6 +9,8 @@
     RUN/loss.npy             [steps] per-step loss in nats (NaN where none); only when the manifest has a loss
     RUN/document_loss.npy    [documents] float32: a loss that is one scalar per document (loss.per "document")
     RUN/states/{key}.npy     [steps, units] NumPy arrays, opened with mmap_mode='r', never loaded whole
+    RUN/attention/{name}/    a decoder's attention weights over its source at every step (``store.attention``)
+    RUN/source/              the documents' source texts, when they carried one (``store.attention``)
     RUN/units.parquet        one row per unit: key, index, layer, kind, mean, std, min, max
     RUN/analysis/*.parquet   the tables `rnnscope analyze` writes (see ``tables``)
 
@@ -54,7 +56,8 @@ class Run(StepLayout):
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}: {len(self)} steps, {self.chars} chars, {self.manifest['documents']} "
-                f"documents, {len(self.keys())} keys, {self.manifest['dtype']})")
+                f"documents, {len(self.keys())} keys, {self.manifest['dtype']}"
+                + (f", attention {', '.join(self.attention_names())}" if self.attention_names() else "") + ")")
 
     def _repr_html_(self) -> str:
         """Jupyter: what the Run holds, every string from it escaped (``rs.show`` draws a unit)."""
@@ -141,6 +144,54 @@ class Run(StepLayout):
     def units(self) -> pd.DataFrame:
         return read_parquet(inside(self.path, "units.parquet"), UNITS_SCHEMA)
 
+    def attention_names(self) -> list[str]:
+        """The attention modules recorded (``record(..., attention=[...])``), by qualified name."""
+        return list(self.manifest.get("attention") or {})
+
+    def attention(self, name: str):
+        """``name``'s weights (``store.attention.AttentionWeights``): ``[d] -> [steps, source]`` of document
+        d, ``row(step) -> [source]``, memory-mapped; checked on ``open_run``."""
+        if name not in self.attention_names():
+            raise RnnscopeError(f"{self.path} has no attention module {str(name)[:80]!r}",
+                                f"use one of {', '.join(self.attention_names())}" if self.attention_names() else
+                                "record with attention=[NAME] (rnnscope probe --attention NAME)")
+        if name not in self._attention:
+            from .attention import open_attention
+            self._attention[name] = open_attention(self.path, self.manifest, name, self.step_bounds, self.source)
+        return self._attention[name]
+
+    @cached_property
+    def _attention(self) -> dict:
+        return {}
+
+    @cached_property
+    def source(self):
+        """The documents' source texts (``store.attention.Source``: ``tokens(d)``), or None when the
+        attention's source positions are indexes."""
+        if self.manifest.get("source") is None:
+            return None
+        from .attention import Source
+        return Source(self.path, self.manifest, self.documents)
+
+    @cached_property
+    def grad_passes(self) -> np.ndarray | None:
+        """``[passes, 3]`` int64 of a Run with gradients: each pass's first step, the step after its last,
+        and the step after the last loss its gradients include. The gradient at step t of a pass is
+        that of the losses of steps t .. reach - 1 alone: the state entering a pass after a document's
+        first was carried from the one before detached (truncated BPTT), and the losses past ``reach``
+        never reached it. Follows from the manifest's chunk, grad_horizon and carry (None without grad)."""
+        if not self.manifest.get("grad") or not _is_int(self.manifest.get("chunk")) or \
+                not _is_int(self.manifest.get("grad_horizon")):
+            return None
+        if getattr(self, "shards", None):        # a sharded Run: each shard chose its own chunk
+            parts, at = [], 0
+            for shard in self.shards:
+                parts.append(shard.grad_passes + at)
+                at += len(shard)
+            return np.concatenate(parts)
+        return grad_passes(self.step_bounds, self.manifest["chunk"], self.manifest["grad_horizon"],
+                           bool(self.manifest.get("carry")))
+
     @property
     def nonfinite(self) -> dict[str, int]:
         """Keys whose recording held NaN or Inf (or overflowed the on-disk dtype): key -> count."""
@@ -151,6 +202,23 @@ class Run(StepLayout):
     def underflow(self) -> dict[str, int]:
         """Keys whose non-zero values became zero or subnormal in their on-disk dtype: key -> count."""
         return {k: v["underflow"] for k, v in self.manifest["keys"].items() if v.get("underflow")}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def grad_passes(step_bounds: np.ndarray, chunk: int, horizon: int, carry: bool) -> np.ndarray:
+    """``record``'s passes over documents ``step_bounds [documents, 2]``: chunks of ``chunk`` steps
+    within each, each run ``horizon`` steps on, to its document's end (a state reset at the next one
+    cannot be reached by its losses) or, with ``carry``, the Run's.
+    Returns ``[passes, 3]`` int64 (start, end, reach); see ``Run.grad_passes``."""
+    total, rows = int(step_bounds[-1, 1]), []
+    for a, b in step_bounds.tolist():
+        for s in range(a, b, max(chunk, 1)):
+            e = min(b, s + chunk)
+            rows.append((s, e, min(total if carry else b, e + horizon)))
+    return np.asarray(rows, np.int64).reshape(-1, 3)
 
 
 def _read_text(path: Path, manifest: dict) -> str:
@@ -275,4 +343,7 @@ def open_run(path) -> Run:
     units = inside(path, "units.parquet")
     regular_file(units, "the Run's unit table", RECORD)
     check_schema(units, UNITS_SCHEMA)
-    return Run(path, manifest, text, steps)
+    run = Run(path, manifest, text, steps)
+    for name in run.attention_names():        # each checked now, so a hostile Run is refused at open
+        run.attention(name)
+    return run
