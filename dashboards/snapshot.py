@@ -25,9 +25,10 @@ class HeldRun(Run):
     def __init__(self, run: Run):
         super().__init__(run.path, run.manifest, run.text,
                          {"spans": run.spans, "documents": run.documents, "ids": run.ids})
-        self._arrays = {k: Run.__getitem__(run, k) for k in run.keys()}
-        self._loss = Run.loss.fget(run)
-        self.__dict__.update(_attention=dict(run._attention), source=run.source)   # mapped and read by open_run
+        kind = type(run)                           # a sharded Run reads its shards' files, not RUN/states/
+        self._arrays = {k: kind.__getitem__(run, k) for k in run.keys()}
+        self._loss = kind.loss.fget(run)
+        self.__dict__.update(_attention=dict(getattr(run, "_attention", {})), source=getattr(run, "source", None))   # mapped and read by open_run
 
     def __getitem__(self, key: str):
         if key in self._arrays:

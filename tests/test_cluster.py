@@ -417,3 +417,20 @@ def test_the_sparse_probe_on_the_cluster_equals_one_process(client, runs):
         ref = sparse_probe(one, feature, language="c", keys=["rnn.l0.h", "rnn.l1.c"], steps=6)
         path = sparse_probe(many, feature, language="c", keys=["rnn.l0.h", "rnn.l1.c"], steps=6, client=client)
         assert path.equals(ref) and path.attrs == ref.attrs and path["n_units"].max() > 0
+
+
+def test_a_sharded_run_is_served_from_its_shards(runs):
+    """The server's snapshot holds a sharded Run's arrays as the Run reads them (its shards' files: there
+    is no RUN/states/), and the page's session is built from them."""
+    import urllib.request
+    from browser import served
+    from rnnscope.dashboards.snapshot import HeldRun
+    one, many = runs
+    held = HeldRun(many)
+    for key in one.keys():
+        assert np.asarray(held[key]).tobytes() == np.asarray(one[key]).tobytes()
+    assert np.asarray(held.loss).tobytes() == np.asarray(one.loss).tobytes()
+    with served(many.path) as (url, proc):
+        page = urllib.request.urlopen(url, timeout=60).read().decode()
+        assert "bokeh" in page.lower() and proc.poll() is None
+    assert "Traceback" not in proc.stderr.read()
