@@ -114,10 +114,12 @@ def recolour(run, key: str, index: int, s: int, e: int, steps: np.ndarray) -> tu
 
 def page_label(word: str, s: int, e: int, n: int, docs: Documents, document: int) -> str:
     """Which page is shown, as escaped HTML: ``word`` ("characters" or "steps") ``s``-``e`` of ``n``, and
-    the document's name where the Run has several."""
+    the document where the Run has several, as the picker lists it (``N: name``, counted from 0 like
+    ``export --document N``)."""
     where = f"{word} {s:,}&ndash;{e:,} of {n:,}"
     if len(docs) > 1:
-        where += f" &middot; document <b>{esc(docs.names[document])}</b> ({document + 1:,} of {len(docs):,})"
+        where += (f" &middot; document <b>{document}: {esc(docs.names[document])}</b> "
+                  f"(of 0&ndash;{len(docs) - 1:,})")
     return where
 
 

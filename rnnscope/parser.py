@@ -177,7 +177,8 @@ def parser() -> argparse.ArgumentParser:
                     help="first step (a character in a char model's Run; default 0)")
     ex.add_argument("--end", type=T.int_at_least(1, "--end"), help="last step, exclusive (default: 3,000 after --start, "
                     "or the document's end)")
-    ex.add_argument("--document", metavar="NAME|INDEX", help="draw this document: --start/--end count from its first "
+    ex.add_argument("--document", metavar="NAME|INDEX", help="draw this document, by name or by index counted from 0 "
+                    "as `serve` lists them ('#N': always the index); --start/--end count from its first "
                     "step (default: the document holding --start)")
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
     ex.add_argument("--key", help="with a watch log: the state key of the decay heatmap (default: the log's first)")

@@ -73,3 +73,80 @@ def test_bad_k_and_window():
         top_contexts({"rnn.l0.h": h}, window=0, text=TEXT, progress=False)
     with pytest.raises(RnnscopeError, match="no key"):
         top_contexts({"rnn.l0.h": h}, keys=["rnn.l1.h"], text=TEXT, progress=False)
+
+
+# ---- a Run of many short documents: no window, page or export runs two of them together -----------------
+
+import torch  # noqa: E402
+
+from test_documents import Tagger  # noqa: E402  (a char GRU tagger)
+
+# each document its own letters, so a character shows which document it came from
+SHORT = ["abc", "defg", "hi\n", "jklmn", "op", "qrs tu"]
+
+
+def bos_eos(text: str):
+    """(ids, spans): BOS, a step per character, EOS; BOS and EOS read no text."""
+    ids = torch.tensor([1] + [ord(c) % 29 + 3 for c in text] + [2])
+    return ids, np.array([(-1, -1)] + [(i, i + 1) for i in range(len(text))] + [(-1, -1)], np.int64)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    return record(Tagger(), SHORT, tmp_path_factory.mktemp("short") / "run", encode=bos_eos, loss=None,
+                  dtype="float32", progress=False)
+
+
+def one_document(run, text: str) -> int:
+    """The one document every character of ``text`` (a window, a page) comes from."""
+    found = {d for d, doc in enumerate(SHORT) if set(text) & set(doc)}
+    assert len(found) == 1 and set(text) <= set(SHORT[found.pop()]), repr(text)
+    return next(d for d, doc in enumerate(SHORT) if set(text) <= set(doc))
+
+
+def test_context_windows_stop_at_their_documents_ends(short_run):
+    from rnnscope.analysis.report import unit_contexts
+    from rnnscope.dashboards.queries import context_rows
+    run = short_run
+    assert run.text == "".join(SHORT)                   # back to back: the documents table holds the bounds
+    tab = top_contexts(run, k=8, window=12, progress=False)     # a window longer than any document
+    docs = run.documents
+    for _, r in tab.iterrows():
+        d = int(run.step_document[r["step"]])
+        a, b = docs.char_start[d], docs.char_end[d]
+        assert a <= r["char_start"] and r["char_start"] + len(r["context"]) <= b
+        assert r["context"] == SHORT[d][r["char_start"] - a:][:len(r["context"])]
+        assert docs.step_start[d] <= r["start"] and r["start"] + len(r["values"]) <= docs.step_end[d]
+        if r["token_start"] >= 0:
+            assert one_document(run, r["context"]) == d
+    unit = tab["unit"].iloc[0]
+    for line in unit_contexts(tab, unit, k=8).splitlines()[1:]:
+        shown = line.split(maxsplit=3)[3]
+        if "[" in shown and shown != "[]":
+            one_document(run, shown.replace("[", "").replace("]", "").replace("\\n", "\n"))
+    for shown in context_rows(tab, unit)["context"]:
+        one_document(run, shown.replace("[", "").replace("]", "").replace("\u21b5", "\n"))
+
+
+def test_every_text_page_and_export_shows_one_document(short_run):
+    from bokeh.models import ColumnDataSource
+    from rnnscope.dashboards.app import RunData
+    from rnnscope.dashboards.export import unit_figure
+    from rnnscope.dashboards.queries import text_cells
+
+    def drawn(cells) -> str:
+        return "".join(c for c, p in zip(cells["char"], cells["pos"]) if p >= 0).replace("\u21b5", "\n")
+    data = RunData(short_run.path, window=5)          # a page shorter than some documents, longer than others
+    sel = data.first_selection()
+    seen = set()
+    for _ in range(3 * len(SHORT)):
+        s, e = data.span(sel)
+        page = drawn(text_cells(data.run, data.docs, sel.document, sel.key, sel.index, s, e).cells)
+        assert not page or one_document(short_run, page) == sel.document
+        seen.add(sel.document)
+        sel.set(**data.turn(sel, +1))
+    assert seen == set(range(len(SHORT)))
+    for d, doc in enumerate(SHORT):             # the export draws the whole document it is given, nothing more
+        fig = unit_figure(short_run, "gru.l0.h:0", document=str(d))
+        cells = next(m for m in fig.references() if isinstance(m, ColumnDataSource) and "pos" in m.data)
+        assert drawn(cells.data) == doc
