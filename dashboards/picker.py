@@ -54,10 +54,15 @@ class DocumentPicker:
                                                          row(self.back, self.on)))
 
     def _title(self) -> str:
+        """What the list holds, never a count from 1 beside indices from 0: unfiltered, the indices
+        listed (``0-99 of 10,000``); filtered, the matches and the page of them."""
         n = len(self.matches)
         if n <= PICK and n == len(self.docs):
             return "document"
-        return f"document ({self.at + 1:,}-{min(self.at + PICK, n):,} of {n:,})" if n else "document (none match)"
+        if n == len(self.docs):
+            return f"document ({self.at:,}-{min(self.at + PICK, n) - 1:,} of {n:,})"
+        pages = f", page {self.at // PICK + 1} of {-(-n // PICK)}" if n > PICK else ""
+        return f"document ({n:,} match{'es' if n > 1 else ''}{pages})" if n else "document (none match)"
 
     def _list(self) -> None:
         current = int(self.select.value)

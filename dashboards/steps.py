@@ -49,9 +49,11 @@ class Documents:
     def find(self, name_or_index: str | int) -> int:
         """A document by its name, or by its index counted from 0 (``N``, or ``#N`` always the index),
         as the picker lists them (``N: name``). A number that names one document and indexes another
-        is refused rather than guessed."""
+        is refused rather than guessed; a Python int is always the index."""
         text = str(name_or_index)
-        named = self.names.index(text) if text in self.names else None
+        integer = isinstance(name_or_index, (int, np.integer)) and not isinstance(name_or_index, bool)
+        text = f"#{text}" if integer else text
+        named = self.names.index(text) if text in self.names and not integer else None
         index = _index(text)
         index = index if index is not None and index < len(self) else None
         if index is not None and (named in (None, index) or text.startswith("#")):

@@ -282,9 +282,28 @@ def test_documents_count_from_0_in_their_names_the_picker_the_text_view_and_expo
     # names that are numbers but not their documents' indices: a number is never guessed
     numbered = Documents(pd.DataFrame({"name": ["1", "0", "x"], "char_start": [0, 2, 4], "char_end": [2, 4, 6],
                                        "step_start": [0, 2, 4], "step_end": [2, 4, 6]}))
-    assert numbered.find("#1") == 1 and numbered.find("#0") == 0 and numbered.find("2") == 2 and numbered.find("x") == 2
+    assert numbered.find("#1") == numbered.find(1) == 1 and numbered.find("#0") == numbered.find(np.int64(0)) == 0
+    assert numbered.find("2") == 2 and numbered.find("x") == 2
     for text, named, index in (("1", 0, 1), ("0", 1, 0)):
         with pytest.raises(RnnscopeError, match=f"document '{text}' is ambiguous: it is the name of document "
                                                 f"{named}, and document {index} is") as err:
             numbered.find(text)
         assert f"give '#{index}' for the index" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_pickers_title_counts_documents_as_its_labels_do():
+    from rnnscope.dashboards.picker import DocumentPicker
+    from rnnscope.dashboards.steps import Documents
+    names = [f"r{i}" for i in range(250)]
+    docs = Documents(pd.DataFrame({"name": names, "char_start": 0, "char_end": 1, "step_start": 0, "step_end": 1}))
+    picked = []
+    picker = DocumentPicker(docs, 0, picked.append)
+    assert picker.select.title == "document (0-99 of 250)" and picker.select.options[0] == ("0", "0: r0")
+    picker._turn(+100)
+    assert picker.select.title == "document (100-199 of 250)" and picker.select.options[1] == ("100", "100: r100")
+    picker._find("r1")                       # r1, r10-r19, r100-r199: 111 matches
+    assert picker.select.title == "document (111 matches, page 1 of 2)"
+    picker._find("#7")
+    assert picker.select.title == "document (1 match)" and picker.select.options[-1] == ("7", "7: r7")
+    picker._chosen("7")
+    assert picked == [7]
