@@ -59,8 +59,9 @@ class Documents:
         if index is not None and (named in (None, index) or text.startswith("#")):
             return index
         if named is not None and index is not None:
-            raise RnnscopeError(f"document {text!r} is ambiguous: it is the name of document {named}, and "
-                                f"document {index} is {self.names[index][:40]!r}", f"give '#{index}' for the index")
+            raise RnnscopeError(f"document {text!r} is ambiguous: document {named} is named {text!r}, and {text} is "
+                                f"also the index of document {index} ({self.names[index][:40]!r})",
+                                f"give '#{index}' for document {index}, or '#{named}' for the one named {text!r}")
         if named is not None:
             return named
         listed = ", ".join(self.names[:5]) + (", ..." if len(self) > 5 else "")

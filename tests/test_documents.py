@@ -285,10 +285,11 @@ def test_documents_count_from_0_in_their_names_the_picker_the_text_view_and_expo
     assert numbered.find("#1") == numbered.find(1) == 1 and numbered.find("#0") == numbered.find(np.int64(0)) == 0
     assert numbered.find("2") == 2 and numbered.find("x") == 2
     for text, named, index in (("1", 0, 1), ("0", 1, 0)):
-        with pytest.raises(RnnscopeError, match=f"document '{text}' is ambiguous: it is the name of document "
-                                                f"{named}, and document {index} is") as err:
+        with pytest.raises(RnnscopeError, match=f"document '{text}' is ambiguous: document {named} is named "
+                                                f"'{text}', and {text} is also the index of document {index}") as err:
             numbered.find(text)
-        assert f"give '#{index}' for the index" in str(err.value) and "\n" not in str(err.value)
+        assert f"give '#{index}' for document {index}, or '#{named}' for the one named '{text}'" in str(err.value)
+        assert "\n" not in str(err.value)
 
 
 def test_the_pickers_title_counts_documents_as_its_labels_do():
