@@ -101,6 +101,7 @@ def test_context_windows_stop_at_their_documents_ends(short_run):
     from rnnscope.analysis.report import _escape, unit_contexts
     from rnnscope.dashboards.figures import shown_text
     from rnnscope.dashboards.queries import context_rows
+    from rnnscope.dashboards.steps import Documents
     run = short_run
     assert run.text == "".join(SHORT)                   # back to back: the documents table holds the bounds
     tab = top_contexts(run, k=8, window=12, progress=False)     # a window longer than any document
@@ -117,9 +118,13 @@ def test_context_windows_stop_at_their_documents_ends(short_run):
                    if line.startswith("  ")]
         want = [_escape(c) for c in rows["context"]]                 # top by rank, then bottom
         assert [p.replace("[", "").replace("]", "") for p in printed] == want
-        table = context_rows(tab, unit)
+        table = context_rows(tab, unit, Documents(docs))
         assert sorted(c.replace("[", "").replace("]", "") for c in table["context"]) == \
             sorted(shown_text(c) for c in rows["context"])
+        for step, document in zip(table["step"], table["document"]):       # counted as the picker counts
+            d = int(run.step_document[int(step)])
+            assert document == f"{d}: {shown_text(docs.name[d])}"
+    assert "document" not in context_rows(tab, unit, Documents(docs.iloc[:1]))
 
 
 def test_every_text_page_and_export_shows_one_document(short_run):

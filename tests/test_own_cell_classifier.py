@@ -121,8 +121,14 @@ def test_a_cell_loop_classifier_goes_through_probe_analyze_serve_and_export(trai
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     np.testing.assert_allclose(run.document_loss, losses, rtol=1e-5)
     analyzed(run_path, capsys)
+    from bokeh.document import Document
+    from rnnscope.dashboards.app import build
     from rnnscope.dashboards.server import check_run
-    assert check_run(run_path, 100).docs.names[3] == "review 3"          # the page `serve` builds
+    data = check_run(run_path, 100)                                     # the page `serve` builds at start
+    page = Document()
+    build(page, data, defer=False)
+    rows = page.select_one({"name": "context_rows"}).data               # each window's document, from 0
+    assert rows["document"] == [f"{d}: review {d}" for d in run.step_document[[int(t) for t in rows["step"]]]]
     out = root / "review3.html"
     assert main(["export", str(run_path), "--unit", "cell.l0.c:0", "--document", "3", "--out", str(out)]) == 0
     assert main(["export", str(run_path), "--unit", "cell.l0.c:0", "--document", "review 3", "--out",
