@@ -102,6 +102,7 @@ def test_context_windows_stop_at_their_documents_ends(short_run):
     from rnnscope.dashboards.figures import shown_text
     from rnnscope.dashboards.queries import context_rows
     from rnnscope.dashboards.steps import Documents
+    from rnnscope.errors import escaped
     run = short_run
     assert run.text == "".join(SHORT)                   # back to back: the documents table holds the bounds
     tab = top_contexts(run, k=8, window=12, progress=False)     # a window longer than any document
@@ -118,6 +119,9 @@ def test_context_windows_stop_at_their_documents_ends(short_run):
                    if line.startswith("  ")]
         want = [_escape(c) for c in rows["context"]]                 # top by rank, then bottom
         assert [p.replace("[", "").replace("]", "") for p in printed] == want
+        named = [line for line in unit_contexts(tab, unit, k=8, documents=docs).splitlines() if line[:2] == "  "]
+        for line, d in zip(named, run.step_document[rows["step"]], strict=True):    # analyze --unit's lines
+            assert f"doc {d}: {escaped(docs.name[d])}  " in line
         table = context_rows(tab, unit, Documents(docs))
         assert sorted(c.replace("[", "").replace("]", "") for c in table["context"]) == \
             sorted(shown_text(c) for c in rows["context"])

@@ -5,6 +5,7 @@ served and exported, with nothing silently wrong: the Run's h and c equal the ce
 for bit, its gates and gradients a float64 textbook loop's (tests/steploops.py), its loss each
 document's own."""
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -121,6 +122,12 @@ def test_a_cell_loop_classifier_goes_through_probe_analyze_serve_and_export(trai
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     np.testing.assert_allclose(run.document_loss, losses, rtol=1e-5)
     analyzed(run_path, capsys)
+    assert main(["analyze", str(run_path), "--unit", "cell.l0.c:0", "--contexts", "3"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(printed) == 6
+    for line in printed:                        # each window's document, counted from 0 as --document N
+        step, d = re.search(r"step +([\d,]+)  doc (\d+): review \2  ", line).groups()
+        assert run.step_document[int(step.replace(",", ""))] == int(d)
     from bokeh.document import Document
     from rnnscope.dashboards.app import build
     from rnnscope.dashboards.server import check_run
