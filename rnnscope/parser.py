@@ -146,7 +146,9 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--show", action="store_true", help="open a browser on it")
     sv.add_argument("--origin", action="append", metavar="HOST:PORT",
                     help="also accept pages served as HOST:PORT (repeatable; for --host 0.0.0.0 behind a name)")
-    sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="steps per page of text (characters in a char model's Run; default 10000)")
+    sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="steps per page of text (characters in a char model's Run; default 10000); a page "
+                    "stays inside one document, and documents are listed as N: name, N counted from 0 as in "
+                    "`export --document N`")
     sv.set_defaults(func=command("serve"))
 
     ge = sub.add_parser("generate", help="sample from a char language model with units clamped at every step, "
