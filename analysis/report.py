@@ -244,10 +244,12 @@ def top_table(neurons: pd.DataFrame, k: int = 3) -> str:
     return t.to_string(index=False, float_format=lambda v: f"{v:.3g}")
 
 
-def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
+def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5, documents: pd.DataFrame | None = None) -> str:
     """The printed top and bottom contexts of one unit: each window with the step's token (a
-    character on a char Run) bracketed, control characters escaped so the terminal shows what is stored."""
+    character on a char Run) bracketed, control characters escaped so the terminal shows what is stored;
+    with the Run's ``documents`` (several), each window's document as ``doc N: name`` (N from 0)."""
     rows = contexts[contexts["unit"] == unit]
+    ends = None if documents is None or len(documents) < 2 else np.asarray(documents["step_end"], np.int64)
     if rows.empty:
         raise RnnscopeError(f"no contexts for {unit}", "check the unit (KEY:INDEX) against run.keys()")
     lines = []
@@ -260,7 +262,11 @@ def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5) -> str:
             # a window is a few dozen characters; one from someone else's table may be a megabyte
             shown = (_escape(c[max(0, a - CONTEXT):a]) + "[" + _escape(c[a:b][:CONTEXT]) + "]"
                      + _escape(c[b:b + CONTEXT]))
-            lines.append(f"  {r['value']:+9.3f}  step {int(r['step']):>8,d}  {shown}")
+            where = ""
+            if ends is not None:            # the document holding the step (one past the end: a stale table's)
+                d = int(np.searchsorted(ends, int(r["step"]), side="right"))
+                where = f"doc {d}: {escaped(documents['name'].iloc[d], limit=40)}  " if d < len(ends) else "doc ?  "
+            lines.append(f"  {r['value']:+9.3f}  step {int(r['step']):>8,d}  {where}{shown}")
     return "\n".join(lines)
 
 
@@ -302,4 +308,4 @@ def unit_report(run: Run, unit: str, k: int) -> str:
     table = read_table(run, "contexts")
     if table is None or unit not in set(table["unit"]) or table["rank"].max() + 1 < k:
         table = top_contexts(run, k=min(k, len(run)), keys=[key], progress=False)
-    return unit_contexts(table, unit, k)
+    return unit_contexts(table, unit, k, run.documents)

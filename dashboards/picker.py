@@ -17,9 +17,10 @@ NAME = 60         # characters of a name shown
 
 
 def document_options(docs, indices=None) -> list[tuple[str, str]]:
-    """The picker's ``(index, label)`` options for ``indices`` (default: every document): names with
-    control and bidi characters made visible and cut short (a Select writes its labels as text,
-    never as HTML)."""
+    """The picker's ``(index, label)`` options for ``indices`` (default: every document), labelled
+    ``N: name`` with N counted from 0 as ``export --document N`` and the text view's label count:
+    names with control and bidi characters made visible and cut short (a Select writes its labels as
+    text, never as HTML)."""
     indices = range(len(docs)) if indices is None else indices
     return [(str(i), f"{i}: {shown_text(docs.names[i][:NAME])}{'...' if len(docs.names[i]) > NAME else ''}")
             for i in map(int, indices)]
@@ -39,7 +40,7 @@ class DocumentPicker:
         self.docs, self.pick, self.at = docs, pick, 0
         self.matches = docs.search("")
         many = len(docs) > 1
-        self.search = TextInput(title="find document", placeholder=f"name or index ({len(docs):,})",
+        self.search = TextInput(title="find document", placeholder=f"name, or index 0-{len(docs) - 1:,}",
                                 name="document_search", width=160, visible=many)
         self.select = Select(title=self._title(), value=str(current), name="document", width=220, visible=many,
                              options=document_options(docs, listed(self.matches, 0, current)))
@@ -53,10 +54,15 @@ class DocumentPicker:
                                                          row(self.back, self.on)))
 
     def _title(self) -> str:
+        """What the list holds, never a count from 1 beside indices from 0: unfiltered, the indices
+        listed (``0-99 of 10,000``); filtered, the matches and the page of them."""
         n = len(self.matches)
         if n <= PICK and n == len(self.docs):
             return "document"
-        return f"document ({self.at + 1:,}-{min(self.at + PICK, n):,} of {n:,})" if n else "document (none match)"
+        if n == len(self.docs):
+            return f"document ({self.at:,}-{min(self.at + PICK, n) - 1:,} of {n:,})"
+        pages = f", page {self.at // PICK + 1} of {-(-n // PICK)}" if n > PICK else ""
+        return f"document ({n:,} match{'es' if n > 1 else ''}{pages})" if n else "document (none match)"
 
     def _list(self) -> None:
         current = int(self.select.value)

@@ -114,10 +114,12 @@ def recolour(run, key: str, index: int, s: int, e: int, steps: np.ndarray) -> tu
 
 def page_label(word: str, s: int, e: int, n: int, docs: Documents, document: int) -> str:
     """Which page is shown, as escaped HTML: ``word`` ("characters" or "steps") ``s``-``e`` of ``n``, and
-    the document's name where the Run has several."""
+    the document where the Run has several, as the picker lists it (``N: name``, counted from 0 like
+    ``export --document N``)."""
     where = f"{word} {s:,}&ndash;{e:,} of {n:,}"
     if len(docs) > 1:
-        where += f" &middot; document <b>{esc(docs.names[document])}</b> ({document + 1:,} of {len(docs):,})"
+        where += (f" &middot; document <b>{document}: {esc(docs.names[document])}</b> "
+                  f"(of 0&ndash;{len(docs) - 1:,})")
     return where
 
 
@@ -140,9 +142,10 @@ NEURON_COLUMNS = ["unit", "feature", "metric", "direction", "selection_score", "
 CONTEXT_COLUMNS = ["side", "rank", "value", "step", "context"]
 
 
-def context_rows(contexts: pd.DataFrame, unit: str) -> dict:
+def context_rows(contexts: pd.DataFrame, unit: str, docs: Documents | None = None) -> dict:
     """The selected unit's top and bottom contexts: the step's token in brackets, control and bidi
-    characters made visible (the table writes cells as plain text), numbers as ``fmt`` strings."""
+    characters made visible (the table writes cells as plain text), numbers as ``fmt`` strings; with
+    ``docs`` (a Run of several), each window's document as the picker lists it (``N: name``)."""
     t = contexts[contexts["unit"] == unit].sort_values(["side", "rank"], ascending=[False, True])
     if {"token_start", "token_end"} <= set(t.columns):     # the step's own token (a word, a subword) in brackets
         a, b = (pd.to_numeric(t[c], errors="coerce").fillna(-1).astype(np.int64) for c in ("token_start", "token_end"))
@@ -156,9 +159,13 @@ def context_rows(contexts: pd.DataFrame, unit: str) -> dict:
         return ("".join(shown(ch) for ch in c[:a]) + "[" + "".join(shown(ch) for ch in c[a:b]) + "]"
                 + "".join(shown(ch) for ch in c[b:]))
     shown_context = [bracket(str(c), int(x), int(y)) for c, x, y in zip(t["context"], a, b)]
-    return {"side": [str(v) for v in t["side"]], "rank": [str(int(v)) for v in t["rank"]],
+    rows = {"side": [str(v) for v in t["side"]], "rank": [str(int(v)) for v in t["rank"]],
             "value": [fmt(v) for v in t["value"]], "step": [str(int(v)) for v in t["step"]],
             "context": shown_context}
+    if docs is not None and len(docs) > 1:          # a step from someone else's table may be past the Run's end
+        found = [docs.of(int(v)) for v in t["step"]]
+        rows["document"] = [f"{d}: {shown_text(docs.names[d][:60])}" if d < len(docs) else "?" for d in found]
+    return rows
 
 
 def neuron_rows(neurons: pd.DataFrame, feature: str, limit: int = 2000) -> dict:

@@ -33,28 +33,46 @@ class Documents:
         return int(np.searchsorted(self.step_end, step, side="right"))
 
     def search(self, query: str) -> np.ndarray:
-        """int64: the documents whose name holds ``query`` (ignoring case), or whose index it is, in
-        order; every document for an empty query."""
+        """int64: the documents whose name holds ``query`` (ignoring case), or whose index (from 0,
+        ``N`` or ``#N``) it is, in order; every document for an empty query."""
         query = query.strip().casefold()
         if not query:
             return np.arange(len(self), dtype=np.int64)
         if not hasattr(self, "_folded"):
             self._folded = [n.casefold() for n in self.names]
         hits = [i for i, n in enumerate(self._folded) if query in n]
-        if query.isdigit() and int(query) < len(self) and int(query) not in hits:
-            hits = sorted(hits + [int(query)])
+        index = _index(query)
+        if index is not None and index < len(self) and index not in hits:
+            hits = sorted(hits + [index])
         return np.asarray(hits, np.int64)
 
     def find(self, name_or_index: str | int) -> int:
-        """A document by its name, else by its index (a name that is a number wins)."""
-        if str(name_or_index) in self.names:
-            return self.names.index(str(name_or_index))
+        """A document by its name, or by its index counted from 0 (``N``, or ``#N`` always the index),
+        as the picker lists them (``N: name``). A number that names one document and indexes another
+        is refused rather than guessed; a Python int is always the index."""
         text = str(name_or_index)
-        if text.isdigit() and int(text) < len(self):
-            return int(text)
+        integer = isinstance(name_or_index, (int, np.integer)) and not isinstance(name_or_index, bool)
+        text = f"#{text}" if integer else text
+        named = self.names.index(text) if text in self.names and not integer else None
+        index = _index(text)
+        index = index if index is not None and index < len(self) else None
+        if index is not None and (named in (None, index) or text.startswith("#")):
+            return index
+        if named is not None and index is not None:
+            raise RnnscopeError(f"document {text!r} is ambiguous: document {named} is named {text!r}, and {text} is "
+                                f"also the index of document {index} ({self.names[index][:40]!r})",
+                                f"give '#{index}' for document {index}, or '#{named}' for the one named {text!r}")
+        if named is not None:
+            return named
         listed = ", ".join(self.names[:5]) + (", ..." if len(self) > 5 else "")
         raise RnnscopeError(f"the run has no document {text!r}",
                             f"name one ({listed}) or give an index from 0 to {len(self) - 1}")
+
+
+def _index(text: str) -> int | None:
+    """The document index ``text`` gives (``N`` or ``#N``, ASCII digits, counted from 0), else None."""
+    digits = text[1:] if text.startswith("#") else text
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def page(docs: Documents, document: int, start: int, window: int) -> tuple[int, int]:

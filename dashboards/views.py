@@ -215,9 +215,12 @@ class ContextsView:
             self.root = div(q.missing_note("top contexts", f"rnnscope analyze {data.run.path}",
                                            data.why.get("contexts")), width=900)
             return
-        self.source = ColumnDataSource(q.context_rows(contexts, sel.unit), name="context_rows")
-        widths = {"side": 60, "rank": 50, "context": text_width(contexts["context"], hi=1600) + 14}   # + brackets
-        grid = table(self.source, q.CONTEXT_COLUMNS, widths, name="context_table", width=900, height=420)
+        self.docs = data.docs if len(data.docs) > 1 else None        # which document each window is in
+        self.source = ColumnDataSource(q.context_rows(contexts, sel.unit, self.docs), name="context_rows")
+        widths = {"side": 60, "rank": 50, "context": text_width(contexts["context"], hi=1600) + 14,   # + brackets
+                  "document": text_width(data.docs.names[:2000], hi=400) + 40}
+        columns = q.CONTEXT_COLUMNS + (["document"] if self.docs is not None else [])
+        grid = table(self.source, columns, widths, name="context_table", width=900, height=420)
         self.source.selected.on_change("indices", lambda a, o, n: self._jump(n))
         self.root = grid
         sel.watch(self.update)
@@ -230,4 +233,4 @@ class ContextsView:
 
     def update(self, changed: set[str]) -> None:
         if changed & {"key", "index"}:
-            self.source.data = q.context_rows(self.data.tables["contexts"], self.sel.unit)
+            self.source.data = q.context_rows(self.data.tables["contexts"], self.sel.unit, self.docs)

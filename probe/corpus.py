@@ -3,7 +3,7 @@
 ``read_documents(path)`` reads a text file (one document), a directory of text files (each a
 document, sorted by relative path, recursive, regular files only, hidden names and links that lead
 out of the directory skipped), or a ``.jsonl`` file with a ``"text"`` field (and an optional
-``"name"``) on each line, its other fields (a label, metadata) kept for the user's ``call`` and
+``"name"``; unnamed, ``file.jsonl#N``, N counted from 0 like every document index) on each line, its other fields (a label, metadata) kept for the user's ``call`` and
 ``loss`` (``Documents.document(i)``). ``documents_of(texts)`` turns a str, a list (of str, or of
 dicts with a ``"text"`` like the ``.jsonl``'s lines), a dict name -> text or a ``Documents`` into one. Texts are read byte for byte (UTF-8, line endings untouched), so a Run's
 text matches the files.
@@ -65,7 +65,9 @@ def _jsonl(path: Path) -> Documents:
         except (json.JSONDecodeError, RecursionError) as err:
             raise RnnscopeError(f"{path} line {n} is not JSON ({first_line(err, 80)})",
                                 'write one JSON object per line, like {"text": "...", "name": "..."}') from None
-        _add_row(docs, row, f"{path} line {n}", f"{path.name}:{n}")
+        # unnamed: counted from 0 among the documents, as `--document N` and the picker count them
+        # (a line number would count from 1 and count blank lines)
+        _add_row(docs, row, f"{path} line {n}", f"{path.name}#{len(docs.texts)}")
     if not docs.texts:
         raise RnnscopeError(f"{path} holds no documents", 'write one JSON object per line with a "text" field')
     return docs

@@ -37,8 +37,9 @@ def zoo_train(args) -> None:
 def probe(args) -> None:
     from rnnscope import loading
     from rnnscope.probe import record
+    from rnnscope.probe.specs import subject_and_options
     spec = loading.spec_of(args.checkpoint, args.model)
-    subject, asked = loading.subject_and_options(spec, args.encoder, args.modules, args.loss, args.carry)
+    subject, asked = subject_and_options(spec, args.encoder, args.modules, args.loss, args.carry)
     from rnnscope.probe.distributed import FromSpec, cluster_for
     with cluster_for(args.scheduler, args.workers, args.threads) as client:
         run = record(subject, loading.texts_of(args.text, args.max_chars), args.out, grad=args.grad,

@@ -1,13 +1,13 @@
-"""What ``rnnscope probe`` loads, from its flags: the model by SPEC, its encoder and loss, the
-modules to record and the text or corpus. The top of the stack: it composes the probe's loaders
-(``rnnscope.probe.specs``, ``rnnscope.probe.corpus``) and decides nothing they do not."""
+"""What ``rnnscope probe`` loads, from its flags: which one model SPEC names, and the text or corpus.
+The top of the stack: it composes the probe's loaders (``rnnscope.probe.corpus``) and decides nothing
+they do not; the model, encoder, loss and modules come from ``rnnscope.probe.specs.subject_and_options``,
+which the command line calls itself."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from rnnscope.errors import RnnscopeError
 from rnnscope.probe.corpus import read_documents
-from rnnscope.probe.specs import subject_and_options  # noqa: F401  (the model, encoder, loss and modules)
 from rnnscope.store.files import read_text
 
 NO_MODEL = ("pass --model SPEC (zoo:NAME, a checkpoint directory, file.py:fn, package.module:fn, model.pt or "

@@ -171,7 +171,9 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--show", action="store_true", help="open a browser on it")
     sv.add_argument("--origin", action="append", metavar="HOST:PORT",
                     help="also accept pages served as HOST:PORT (repeatable; for --host 0.0.0.0 behind a name)")
-    sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="steps per page of text (characters in a char model's Run; default 10000)")
+    sv.add_argument("--window", type=T.int_at_least(1, "--window"), default=10000, help="steps per page of text (characters in a char model's Run; default 10000); a page "
+                    "stays inside one document, and documents are listed as N: name, N counted from 0 as in "
+                    "`export --document N`")
     sv.set_defaults(func=command("serve"))
 
     ge = sub.add_parser("generate", help="sample from a char language model with units clamped at every step, "
@@ -204,7 +206,8 @@ def parser() -> argparse.ArgumentParser:
                     help="first step (a character in a char model's Run; default 0)")
     ex.add_argument("--end", type=T.int_at_least(1, "--end"), help="last step, exclusive (default: 3,000 after --start, "
                     "or the document's end)")
-    ex.add_argument("--document", metavar="NAME|INDEX", help="draw this document: --start/--end count from its first "
+    ex.add_argument("--document", metavar="NAME|INDEX", help="draw this document, by name or by index counted from 0 "
+                    "as `serve` lists them ('#N': always the index); --start/--end count from its first "
                     "step (default: the document holding --start)")
     ex.add_argument("--out", required=True, help="FILE.png, FILE.svg or FILE.html (standalone, opens offline)")
     ex.add_argument("--key", help="with a watch log: the state key of the decay heatmap (default: the log's first)")

@@ -73,3 +73,85 @@ def test_bad_k_and_window():
         top_contexts({"rnn.l0.h": h}, window=0, text=TEXT, progress=False)
     with pytest.raises(RnnscopeError, match="no key"):
         top_contexts({"rnn.l0.h": h}, keys=["rnn.l1.h"], text=TEXT, progress=False)
+
+
+# ---- a Run of many short documents: no window, page or export runs two of them together -----------------
+
+import torch  # noqa: E402
+
+from test_documents import Tagger  # noqa: E402  (a char GRU tagger)
+
+# short documents, some not ASCII: a CR ending one and an LF starting the next are "\r\n" in text.txt
+SHORT = ["abc", "d\u00e9fg", "hi\r", "\njk", "\u4e2d\u6587\u3002", "op", "q\u202ers tu"]
+
+
+def bos_eos(text: str):
+    """(ids, spans): BOS, a step per character, EOS; BOS and EOS read no text."""
+    ids = torch.tensor([1] + [ord(c) % 29 + 3 for c in text] + [2])
+    return ids, np.array([(-1, -1)] + [(i, i + 1) for i in range(len(text))] + [(-1, -1)], np.int64)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    return record(Tagger(), SHORT, tmp_path_factory.mktemp("short") / "run", encode=bos_eos, loss=None,
+                  dtype="float32", progress=False)
+
+
+def test_context_windows_stop_at_their_documents_ends(short_run):
+    from rnnscope.analysis.report import _escape, unit_contexts
+    from rnnscope.dashboards.figures import shown_text
+    from rnnscope.dashboards.queries import context_rows
+    from rnnscope.dashboards.steps import Documents
+    from rnnscope.errors import escaped
+    run = short_run
+    assert run.text == "".join(SHORT)                   # back to back: the documents table holds the bounds
+    tab = top_contexts(run, k=8, window=12, progress=False)     # a window longer than any document
+    docs = run.documents
+    for _, r in tab.iterrows():
+        d = int(run.step_document[r["step"]])
+        a, b = docs.char_start[d], docs.char_end[d]
+        assert a <= r["char_start"] and r["char_start"] + len(r["context"]) <= b
+        assert r["context"] == SHORT[d][r["char_start"] - a:][:len(r["context"])]
+        assert docs.step_start[d] <= r["start"] and r["start"] + len(r["values"]) <= docs.step_end[d]
+    # what `analyze` prints and the contexts view shows of a window is that window: nothing joined on
+    for unit, rows in tab.groupby("unit"):
+        printed = [line.split(maxsplit=3)[3] for line in unit_contexts(tab, unit, k=8).splitlines()
+                   if line.startswith("  ")]
+        want = [_escape(c) for c in rows["context"]]                 # top by rank, then bottom
+        assert [p.replace("[", "").replace("]", "") for p in printed] == want
+        named = [line for line in unit_contexts(tab, unit, k=8, documents=docs).splitlines() if line[:2] == "  "]
+        for line, d in zip(named, run.step_document[rows["step"]], strict=True):    # analyze --unit's lines
+            assert f"doc {d}: {escaped(docs.name[d])}  " in line
+        table = context_rows(tab, unit, Documents(docs))
+        assert sorted(c.replace("[", "").replace("]", "") for c in table["context"]) == \
+            sorted(shown_text(c) for c in rows["context"])
+        for step, document in zip(table["step"], table["document"]):       # counted as the picker counts
+            d = int(run.step_document[int(step)])
+            assert document == f"{d}: {shown_text(docs.name[d])}"
+    assert "document" not in context_rows(tab, unit, Documents(docs.iloc[:1]))
+
+
+def test_every_text_page_and_export_shows_one_document(short_run):
+    from bokeh.models import ColumnDataSource
+    from rnnscope.dashboards.app import RunData
+    from rnnscope.dashboards.export import unit_figure
+    from rnnscope.dashboards.queries import text_cells
+    docs = short_run.documents
+
+    def drawn(cells, d) -> str:
+        """The characters drawn, by their positions in text.txt, all inside document ``d``."""
+        pos = [int(p) for p in cells["pos"] if p >= 0]
+        assert all(docs.char_start[d] <= p < docs.char_end[d] for p in pos)
+        return "".join(short_run.text[p] for p in pos)
+    data = RunData(short_run.path, window=3)          # a page shorter than some documents, longer than others
+    sel = data.first_selection()
+    pages = {}
+    for _ in range(3 * len(SHORT)):
+        s, e = data.span(sel)
+        pages[s] = drawn(text_cells(data.run, data.docs, sel.document, sel.key, sel.index, s, e).cells, sel.document)
+        sel.set(**data.turn(sel, +1))
+    assert "".join(pages[s] for s in sorted(pages)) == short_run.text       # every character once, in order
+    for d, doc in enumerate(SHORT):             # the export draws the whole document it is given, nothing more
+        fig = unit_figure(short_run, "gru.l0.h:0", document=str(d))
+        cells = next(m for m in fig.references() if isinstance(m, ColumnDataSource) and "pos" in m.data)
+        assert drawn(cells.data, d) == doc

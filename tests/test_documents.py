@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -221,7 +222,7 @@ def test_read_documents_from_a_directory_a_jsonl_and_a_file(tmp_path):
     lines = tmp_path / "d.jsonl"
     lines.write_text(json.dumps({"text": "one", "name": "x"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     docs = read_documents(lines)
-    assert list(docs) == [("x", "one"), ("d.jsonl:3", "two")]
+    assert list(docs) == [("x", "one"), ("d.jsonl#1", "two")]          # counted from 0, as --document N
     assert list(read_documents(root / "a.txt")) == [("a.txt", "first")]
     lines.write_text('{"name": "x"}\n')
     with pytest.raises(RnnscopeError, match=r"d.jsonl line 1 has no \"text\" string"):
@@ -255,3 +256,55 @@ def test_a_call_that_passes_its_own_initial_state_is_refused_when_chunks_must_ca
     assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
     run = probe.record(probe.Subject(model, TOK, call=call), text, tmp_path / "run", chunk=10 ** 6, progress=False)
     assert len(run) == len(TOK.encode(text)[0])         # one chunk: the caller's zeros are its start
+
+
+def test_documents_count_from_0_in_their_names_the_picker_the_text_view_and_export(tmp_path, capsys):
+    """Document N is row N, `--document N`, the picker's `N: name`, the text view's label, and the N of
+    an unnamed .jsonl line's name (a line number counted from 1, and counted the blank line)."""
+    from rnnscope.cli import main
+    from rnnscope.dashboards.picker import document_options
+    from rnnscope.dashboards.queries import page_label
+    from rnnscope.dashboards.steps import Documents
+    lines = tmp_path / "c.jsonl"
+    lines.write_text(json.dumps({"text": "one", "name": "intro"}) + "\n\n" + json.dumps({"text": "two"}) + "\n"
+                     + json.dumps({"text": "three"}) + "\n")
+    run = probe.record(Tagger(), read_documents(lines), tmp_path / "r", encode=char_ids, loss=None, progress=False)
+    assert list(run.documents.name) == ["intro", "c.jsonl#1", "c.jsonl#2"]
+    docs = Documents(run.documents)
+    assert [label for _, label in document_options(docs)] == ["0: intro", "1: c.jsonl#1", "2: c.jsonl#2"]
+    for n, name in enumerate(run.documents.name):
+        assert docs.find(str(n)) == docs.find(name) == docs.find(f"#{n}") == n
+        assert f"document <b>{n}: {name}</b> (of 0&ndash;2)" in page_label("steps", 0, 1, len(run), docs, n)
+        assert docs.search(f"#{n}").tolist() == [n]
+    assert main(["export", str(run.path), "--unit", "gru.l0.h:1", "--document", "2", "--out",
+                 str(tmp_path / "2.html")]) == 0
+    assert "document c.jsonl#2" in capsys.readouterr().out + (tmp_path / "2.html").read_text()
+    # names that are numbers but not their documents' indices: a number is never guessed
+    numbered = Documents(pd.DataFrame({"name": ["1", "0", "x"], "char_start": [0, 2, 4], "char_end": [2, 4, 6],
+                                       "step_start": [0, 2, 4], "step_end": [2, 4, 6]}))
+    assert numbered.find("#1") == numbered.find(1) == 1 and numbered.find("#0") == numbered.find(np.int64(0)) == 0
+    assert numbered.find("2") == 2 and numbered.find("x") == 2
+    for text, named, index in (("1", 0, 1), ("0", 1, 0)):
+        with pytest.raises(RnnscopeError, match=f"document '{text}' is ambiguous: document {named} is named "
+                                                f"'{text}', and {text} is also the index of document {index}") as err:
+            numbered.find(text)
+        assert f"give '#{index}' for document {index}, or '#{named}' for the one named '{text}'" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_the_pickers_title_counts_documents_as_its_labels_do():
+    from rnnscope.dashboards.picker import DocumentPicker
+    from rnnscope.dashboards.steps import Documents
+    names = [f"r{i}" for i in range(250)]
+    docs = Documents(pd.DataFrame({"name": names, "char_start": 0, "char_end": 1, "step_start": 0, "step_end": 1}))
+    picked = []
+    picker = DocumentPicker(docs, 0, picked.append)
+    assert picker.select.title == "document (0-99 of 250)" and picker.select.options[0] == ("0", "0: r0")
+    picker._turn(+100)
+    assert picker.select.title == "document (100-199 of 250)" and picker.select.options[1] == ("100", "100: r100")
+    picker._find("r1")                       # r1, r10-r19, r100-r199: 111 matches
+    assert picker.select.title == "document (111 matches, page 1 of 2)"
+    picker._find("#7")
+    assert picker.select.title == "document (1 match)" and picker.select.options[-1] == ("7", "7: r7")
+    picker._chosen("7")
+    assert picked == [7]

@@ -312,6 +312,7 @@ def test_find_neurons_takes_a_word_level_trace_in_memory_with_its_spans(tmp_path
 
 
 # 6. the issue's model kinds, probe -> analyze, nothing silently wrong -----------------------------------
+# (the fourth, this classifier written as a loop over nn.LSTMCell: tests/test_own_cell_classifier.py)
 
 def analyzed(run_path, capsys) -> "pd.DataFrame":
     """``rnnscope analyze RUN`` as a user runs it, on two language-free features; its neuron table, checked
