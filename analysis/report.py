@@ -132,7 +132,9 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
                                       progress=progress, client=client)
     skipped.update({f"feature {k}": why for k, why in out["neurons"].attrs.get("skipped_features", {}).items()})
     if own:
-        tracks = feature_steps(src, own_features(own), src.language or "c")
+        with warnings.catch_warnings():         # constant on one document is no news (said above when on all)
+            warnings.simplefilter("ignore")
+            tracks = feature_steps(src, own_features(own), src.language or "c")
         out["features"] = tracks.assign(step=np.arange(len(tracks)))[["step", *tracks.columns]]
     if sparse:
         paths = []

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from rnnscope.store import open_run
 from steploops import reference
-from test_own_model import V, analyzed, char_ids, labelled
+from test_own_model import V, analyzed, char_ids, labelled, page  # noqa: F401 (page: a fixture)
 
 MODEL = f'''
 import torch
@@ -80,7 +80,7 @@ def trained(tmp_path_factory):
     return root, model.eval(), rows, path
 
 
-def test_a_cell_loop_classifier_goes_through_probe_analyze_serve_and_export(trained, capsys):
+def test_a_cell_loop_classifier_goes_through_probe_analyze_serve_and_export(trained, capsys, page):
     from rnnscope.cli import main
     root, model, rows, corpus = trained
     run_path = root / "run"
@@ -121,7 +121,7 @@ def test_a_cell_loop_classifier_goes_through_probe_analyze_serve_and_export(trai
             assert ((got != 0) | (np.abs(want) < 1e-7 * np.abs(want).max())).all()
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     np.testing.assert_allclose(run.document_loss, losses, rtol=1e-5)
-    analyzed(run_path, capsys)
+    analyzed(run_path, capsys, page)
     assert main(["analyze", str(run_path), "--unit", "cell.l0.c:0", "--contexts", "3"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert len(printed) == 6

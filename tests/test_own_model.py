@@ -314,27 +314,62 @@ def test_find_neurons_takes_a_word_level_trace_in_memory_with_its_spans(tmp_path
 # 6. the issue's model kinds, probe -> analyze, nothing silently wrong -----------------------------------
 # (the fourth, this classifier written as a loop over nn.LSTMCell: tests/test_own_cell_classifier.py)
 
-def analyzed(run_path, capsys) -> "pd.DataFrame":
-    """``rnnscope analyze RUN`` as a user runs it, on two language-free features; its neuron table, checked
-    against the Run it was written into."""
+FEATURES = """
+import unicodedata
+import numpy as np
+
+def features():
+    return {"letter_a": lambda s: np.array([c == "a" for c in s], float),
+            "wide": lambda s: np.array([unicodedata.east_asian_width(c) in "WF" for c in s], float)}
+"""
+
+
+@pytest.fixture
+def page(request):
+    """A browser for the served page, or None where Chromium is missing (the rest still runs)."""
+    import shutil
+    return request.getfixturevalue("driver") if shutil.which("chromedriver") else None
+
+
+def analyzed(run_path, capsys, page=None) -> "pd.DataFrame":
+    """``rnnscope analyze RUN`` as a user runs it, on two language-free features and two of the user's own
+    from a file; its neuron table, checked against the Run it was written into; the user's feature
+    exported (its own row drawn from the Run) and listed by the served page in a real browser."""
     import pandas as pd
     from rnnscope.cli import main
-    assert main(["analyze", str(run_path), "--features", "column,to_line_end", "--no-decay", "--shifts", "4",
-                 "--contexts", "2"]) == 0
-    capsys.readouterr()
+    feats = run_path.parent / "feats.py"
+    feats.write_text(FEATURES)
+    assert main(["analyze", str(run_path), "--features", f"column,to_line_end,{feats}:features", "--no-decay",
+                 "--shifts", "4", "--contexts", "2"]) == 0
+    said = capsys.readouterr()
+    assert "Warning" not in said.err
     run = open_run(run_path)
     table = pd.read_parquet(run_path / "analysis" / "neurons.parquet")
     assert len(table) > 0 and set(table["key"]) <= set(run.keys())
     assert table["index"].max() < max(run.manifest["keys"][k]["units"] for k in run.keys())
+    mine = [f for f in ("wide", "letter_a") if f in set(table["feature"])]
+    assert mine and all(f"skipped feature {f}: constant" in said.out for f in {"wide", "letter_a"} - set(mine))
+    out = run_path.parent / f"{mine[0]}.html"
+    assert main(["export", str(run_path), "--feature", mine[0], "--top", "3", "--out", str(out)]) == 0
+    assert f"feature {mine[0]}" in out.read_text()
+    if page is not None:
+        from browser import get, served, wait_for_model
+        from test_dashboard import _errors, _open
+        with served(run_path) as (url, _):
+            _open(page, url)
+            wait_for_model(page, "text_source", 90)
+            wait_for_model(page, "feature_filter", 90)
+            assert set(mine) <= set(get(page, "feature_filter", "options"))
+            assert not _errors(page)
     return table
 
 
-def test_a_bidirectional_chinese_tagger_with_bos_eos_goes_through_probe_and_analyze(tmp_path, capsys):
+def test_a_bidirectional_chinese_tagger_with_bos_eos_goes_through_probe_and_analyze(tmp_path, capsys, page):
     docs = {f"d{i}": "我们今天去北京看长城。" * (3 + i) + "\n你好，世界。" for i in range(6)}
     run = probe.record(probe.Subject(BiTagger(), bos_eos, loss=None), docs, tmp_path / "run", progress=False)
     assert run.manifest["encoder"]["kind"] == "spans" and (run.spans[run.documents.step_start, 0] == -1).all()
-    table = analyzed(tmp_path / "run", capsys)
-    assert {"lstm.l0.h", "lstm.l0_reverse.h"} <= set(table["key"])
+    table = analyzed(tmp_path / "run", capsys, page)
+    assert {"lstm.l0.h", "lstm.l0_reverse.h"} <= set(table["key"]) and "wide" in set(table["feature"])
 
 
 class AttnSeq2Seq(nn.Module):
@@ -360,14 +395,14 @@ class AttnSeq2Seq(nn.Module):
         return torch.cat(outs, 1)
 
 
-def test_a_gru_seq2seq_with_attention_records_its_encoder_and_refuses_its_decoder(tmp_path, capsys):
+def test_a_gru_seq2seq_with_attention_records_its_encoder_and_refuses_its_decoder(tmp_path, capsys, page):
     docs = reviews(8, seed=5)
     sub = probe.Subject(AttnSeq2Seq(), char_ids, loss=None)
     with pytest.raises(RnnscopeError, match=r"'decoder' ran 3 steps where the encoder gave 2 steps"):
         probe.record(sub, docs, tmp_path / "run", progress=False)
     run = probe.record(sub, docs, tmp_path / "run", modules=["encoder"], progress=False)
     assert {k.split(".")[0] for k in run.keys()} == {"encoder"}
-    analyzed(tmp_path / "run", capsys)
+    analyzed(tmp_path / "run", capsys, page)
 
 
 class PackedClassifier(nn.Module):
@@ -385,7 +420,7 @@ class PackedClassifier(nn.Module):
         return self.head(h[-1])
 
 
-def test_a_packed_lstm_classifier_over_many_short_reviews_goes_through_probe_and_analyze(tmp_path, capsys):
+def test_a_packed_lstm_classifier_over_many_short_reviews_goes_through_probe_and_analyze(tmp_path, capsys, page):
     rows = [{"text": t, "label": int(t.count("a") > t.count("b"))} for t in reviews(60, seed=6).values()]
     model = PackedClassifier()
     opt = torch.optim.Adam(model.parameters(), 3e-2)
@@ -403,4 +438,4 @@ def test_a_packed_lstm_classifier_over_many_short_reviews_goes_through_probe_and
     with torch.no_grad():
         want = [float(F.cross_entropy(model(char_ids(r["text"])[None]), torch.tensor([r["label"]]))) for r in rows]
     np.testing.assert_allclose(run.document_loss, want, rtol=1e-5)
-    analyzed(tmp_path / "run", capsys)
+    analyzed(tmp_path / "run", capsys, page)
