@@ -32,7 +32,6 @@ that tie, and ties are counted half, as in the usual AUC.
 from __future__ import annotations
 
 import warnings
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -48,7 +47,6 @@ from .controls import character_controls, token_pair_ids
 from .kernels import BINS
 from .nulls import draw_lags, independent_test, null_of, resolved_test, shift_test, shifted
 from .parts import split_steps
-from .products import plan, raw_products, slope
 from .source import Source, as_source
 
 
@@ -78,64 +76,17 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 
 class _Part:
-    """Label columns for one part of the text, and which columns belong to which feature: ``X`` (the
-    centred, normalised continuous features and their shifts, times the values) and ``R`` (the binary
-    features and their shifts, and each continuous feature's ranks, times the mid-ranks). ``plan``
-    holds them raw for ``products``; ``X`` and ``R`` themselves are built only when asked for
-    (``distributed`` multiplies them densely), as float32."""
+    """Label columns for one part of the text, and which columns belong to which feature."""
 
     def __init__(self, F: pd.DataFrame, binary: list[str], shifts: int, segments=None):
         self.n = len(F)
-        self._args = (F, binary, shifts, segments)
-        xcols, rcols, x_aff, r_aff = [], [], [], []
+        xcols, rcols = [], []
         self.slots = {}
         for name in F.columns:
             f = F[name].to_numpy(np.float64)
             if name in binary:
                 rcols.append(shifted(f, shifts, segments))
-                r_aff += [(0.0, 1.0, False)] * (shifts + 1)
-                self.slots[name] = ("r", len(r_aff) - shifts - 1)
-            else:
-                mu, norm = _centre(f)
-                xcols.append((shifted(f, shifts, segments), slope(f)))
-                x_aff += [(mu, norm, True)] * (shifts + 1)
-                self.slots[name] = ("x", len(x_aff) - shifts - 1)
-                rk = stats.rankdata(f)
-                rcols.append(rk[:, None])
-                r_aff.append((*_centre(rk), False))
-                self.slots[name + "\0rank"] = ("r", len(r_aff) - 1)
-        self.plan = plan(xcols, rcols, self.n)
-        self.x_aff, self.r_aff = (np.array(a, np.float64).reshape(-1, 3) for a in (x_aff, r_aff))
-        self.widths = (len(x_aff), len(r_aff))
-
-    def normalise(self, raw_x, raw_r, s1, tr):
-        """``xc [units, X columns]``, ``rc [units, R columns]`` from the raw products: centred and
-        divided by each column's norm, as the columns of ``X`` and ``R`` are (a flat continuous column
-        is zeros in ``X``, its flat ranks NaN in ``R``)."""
-        out = []
-        for raw, aff, total in ((raw_x, self.x_aff, s1), (raw_r, self.r_aff, tr)):
-            mu, norm, zero_if_flat = aff.T
-            with np.errstate(invalid="ignore", divide="ignore"):
-                c = (raw - mu * total[:, None]) / np.where(norm > 0, norm, np.nan)
-            out.append(np.where((norm > 0) | (zero_if_flat == 0), c, 0.0))
-        return out
-
-    @cached_property
-    def X(self) -> np.ndarray:
-        return self._dense()[0]
-
-    @cached_property
-    def R(self) -> np.ndarray:
-        return self._dense()[1]
-
-    def _dense(self):
-        """``X [n, X columns]``, ``R [n, R columns]`` float32, as they always were."""
-        F, binary, shifts, segments = self._args
-        xcols, rcols = [], []
-        for name in F.columns:
-            f = F[name].to_numpy(np.float64)
-            if name in binary:
-                rcols.append(shifted(f, shifts, segments))
+                self.slots[name] = ("r", sum(c.shape[1] for c in rcols) - shifts - 1)
             else:
                 fz = f - f.mean()
                 norm = np.sqrt((fz ** 2).sum())
@@ -145,16 +96,11 @@ class _Part:
                 rnorm = np.sqrt((rk ** 2).sum())
                 rk = rk / rnorm if rnorm > 0 else rk * np.nan
                 xcols.append(shifted(fz, shifts, segments))
+                self.slots[name] = ("x", sum(c.shape[1] for c in xcols) - shifts - 1)
                 rcols.append(rk[:, None])
-        X = np.nan_to_num(np.concatenate(xcols, 1) if xcols else np.zeros((self.n, 0))).astype(np.float32)
-        R = (np.concatenate(rcols, 1) if rcols else np.zeros((self.n, 0))).astype(np.float32)
-        return X, R
-
-
-def _centre(f: np.ndarray) -> tuple[float, float]:
-    """The mean of ``f`` and the norm of ``f`` minus it, as ``X`` and ``R`` are normalised."""
-    mu = f.mean()
-    return mu, float(np.sqrt(((f - mu) ** 2).sum()))
+                self.slots[name + "\0rank"] = ("r", sum(c.shape[1] for c in rcols) - 1)
+        self.X = np.nan_to_num(np.concatenate(xcols, 1) if xcols else np.zeros((self.n, 0))).astype(np.float32)
+        self.R = (np.concatenate(rcols, 1) if rcols else np.zeros((self.n, 0))).astype(np.float32)
 
 
 _NO_VALUES = np.zeros((1, 1), np.float32)       # a float16 key's values come from its bits
@@ -190,18 +136,24 @@ def _score_key(a, parts, chunk) -> list[dict]:
         cum = counts.cumsum(1)
         mid = cum - (counts - 1) / 2 - (n + 1) / 2                    # centred mid-ranks per bin
         rank_ss = (counts * mid ** 2).sum(1)
+        mid = mid.astype(np.float32)
         ref = np.nan_to_num(np.asarray(a[rows[:1024]], np.float64).mean(0))
-        p = part.plan
-        s1, s2, tx, tr, bad = np.zeros(U), np.zeros(U), np.zeros(U), np.zeros(U), np.zeros(U, bool)
-        acc = np.zeros((sum(part.widths), U))
-        dxacc, dracc = np.zeros((p.DX.shape[0], U)), np.zeros((p.DR.shape[0], U))
+        s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
+        xc = np.zeros((U, part.X.shape[1]))
+        rc = np.zeros((U, part.R.shape[1]))
+        # one pair of buffers per part: fresh 32 MB arrays per chunk cost more in page faults than the kernel
+        width = min(chunk, n)
+        x_t, r_t = np.empty((U, width), np.float32), np.empty((U, width), np.float32)
         for p0, raw in _blocks(a, rows, chunk):
+            p1 = p0 + len(raw)
             # a float32 Run's rows come read-only from the memory map: the kernel gets a plain copy
             xin = _NO_VALUES if decode else np.array(raw, np.float32, order="C")
-            kernels.ranks_and_products(kernels.float16_bits(raw), xin, decode, kernels.VALUE_OF, mid, ref, p0,
-                                       p.upos, p.eu, p.ecol, p.ewx, p.ewr, p.DX, p.DR, s1, s2, tx, tr, acc, dxacc,
-                                       dracc, bad)
-        xc, rc = part.normalise(*raw_products(p, s1, tx, tr, acc, dxacc, dracc), s1, tr)
+            kernels.ranks_and_sums(kernels.float16_bits(raw), xin, decode, kernels.VALUE_OF, mid, ref,
+                                   r_t, x_t, s1, s2, bad)
+            m = p1 - p0
+            if part.X.shape[1]:      # the columns sum to zero, so x need not be centred
+                xc += x_t[:, :m] @ part.X[p0:p1]
+            rc += r_t[:, :m] @ part.R[p0:p1]
         mean = ref + s1 / n
         sxx = s2 - s1 * s1 / n
         # a unit with one value on the part (a dead unit, a gate saturated at exactly 1.0) has no score:
@@ -231,7 +183,7 @@ def _scores(acc: dict, part: _Part, F: pd.DataFrame, name: str, binary: bool) ->
 def _width(part: _Part, name: str) -> int:
     kind, j = part.slots[name]
     later = [jj for (kk, jj) in part.slots.values() if kk == kind and jj > j]
-    total = part.widths[0] if kind == "x" else part.widths[1]
+    total = part.X.shape[1] if kind == "x" else part.R.shape[1]
     return (min(later) if later else total) - j
 
 
