@@ -122,3 +122,22 @@ def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, ranks_t, x_t, s1, 
                 s2[j] = a2
                 if nonfinite:
                     bad[j] = True
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def midranks(counts, n, mid, rank_ss):
+    """From ``counts [units, BINS]`` of a part of ``n`` rows: ``mid [units, BINS]`` float32, each bin's
+    mid-rank centred on the part's mean rank (half-integers: exact in float32 below 2^24 rows), and
+    ``rank_ss [units]``, the sum of the squared centred ranks of every row. One pass where numpy
+    spent six over ``[units, BINS]`` int64 and float64 arrays."""
+    U, B = counts.shape
+    centre = (n + 1) / 2
+    for j in prange(U):
+        cum, ss = 0, 0.0
+        for b in range(B):
+            c = counts[j, b]
+            cum += c
+            m = cum - (c - 1) / 2 - centre
+            mid[j, b] = m
+            ss += c * m * m
+        rank_ss[j] = ss
