@@ -9,7 +9,11 @@ Run both under the same BLAS thread count: the float32 products with the feature
 differently when OpenBLAS splits them differently (1 thread against 2 moved scores by 1e-8 and p by
 1e-6 on main's own code), which is a property of the old code, not of the change.
 
-    python benchmarks/neuron_search_check.py [--steps 200000] [--units 1024] [--rev REV]
+``--base DIR`` takes the analysis package of another checkout instead (read in place, e.g. a clean
+copy of main); ``--float64`` runs the base's products with the feature columns in float64, the
+reference an exact reformulation of them must match (the float32 ones are ~5e-8 off in a score).
+
+    python benchmarks/neuron_search_check.py [--steps 200000] [--units 1024] [--rev REV | --base DIR] [--float64]
 """
 from __future__ import annotations
 
