@@ -42,21 +42,46 @@ def _tokens(text: str, language: str) -> tuple:
     return tuple((i, tok, v) for i, tok, v in lexer.get_tokens_unprocessed(text))
 
 
+@lru_cache(maxsize=8)
+def _token_table(text: str, language: str) -> tuple:
+    """The tokens as arrays: ``starts``, ``ends [tokens]``, each one's ``kind`` (an index into
+    ``types``, the distinct token types in order of appearance). A question about a token type (is it
+    a string?) is then asked once per type, not once per token (pygments' ``in`` is a Python call)."""
+    toks = _tokens(text, language)
+    types: dict = {}
+    starts = np.fromiter((i for i, _, _ in toks), np.int64, len(toks))
+    ends = starts + np.fromiter((len(v) for _, _, v in toks), np.int64, len(toks))
+    kind = np.fromiter((types.setdefault(t, len(types)) for _, t, _ in toks), np.int64, len(toks))
+    return starts, ends, kind, tuple(types)
+
+
+def _of_types(text: str, language: str, test) -> tuple:
+    """``starts, ends`` of the tokens whose type passes ``test``, and the per-token boolean."""
+    starts, ends, kind, types = _token_table(text, language)
+    hit = np.array([bool(test(t)) for t in types], bool)[kind] if types else np.zeros(0, bool)
+    return starts, ends, hit
+
+
+def _cover(n: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``[n]`` int8: 1 inside any of the (non-overlapping) spans ``[starts, ends)``."""
+    edge = np.zeros(n + 1, np.int64)
+    np.add.at(edge, starts, 1)
+    np.add.at(edge, ends, -1)
+    return (np.cumsum(edge[:n]) > 0).astype(np.int8)
+
+
 def _span_mask(text: str, language: str, inside, terminators: str) -> np.ndarray:
     """1 on runs of tokens for which ``inside(token)``; the run's last character is 0 when it closes the
-    span (a quote, the ``/`` of ``*/``, a newline), since after reading it the span is over."""
-    mask = np.zeros(len(text), np.int8)
-    run_end = None
-    for i, tok, v in _tokens(text, language):
-        if inside(tok) and v:
-            mask[i:i + len(v)] = 1
-            run_end = i + len(v)
-        elif run_end is not None:
-            if text[run_end - 1] in terminators:
-                mask[run_end - 1] = 0
-            run_end = None
-    if run_end is not None and text[run_end - 1] in terminators:
-        mask[run_end - 1] = 0
+    span (a quote, the ``/`` of ``*/``, a newline), since after reading it the span is over. An empty
+    token ends a run, as any other token does."""
+    starts, ends, hit = _of_types(text, language, inside)
+    hit &= ends > starts
+    mask = _cover(len(text), starts[hit], ends[hit])
+    last = hit & ~np.r_[hit[1:], False]                     # the last token of each run
+    chars = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    closing = np.isin(chars, [ord(ch) for ch in terminators])
+    at = ends[last] - 1
+    mask[at[closing[at]]] = 0
     return mask
 
 
@@ -71,12 +96,13 @@ def in_comment(text: str, language: str = "c") -> np.ndarray:
                       and t not in Comment.PreprocFile and t is not Comment.Hashbang, "/\n")
 
 
+@lru_cache(maxsize=8)
 def _code_chars(text: str, language: str) -> np.ndarray:
-    """1 where a character is code: not in a string, comment or character literal."""
-    mask = np.ones(len(text), np.int8)
-    for i, tok, v in _tokens(text, language):
-        if tok in String or tok in Comment:
-            mask[i:i + len(v)] = 0
+    """1 where a character is code: not in a string, comment or character literal (read-only: the
+    three depth tracks share it)."""
+    starts, ends, hit = _of_types(text, language, lambda tok: tok in String or tok in Comment)
+    mask = 1 - _cover(len(text), starts[hit], ends[hit])
+    mask.setflags(write=False)
     return mask
 
 
@@ -105,7 +131,7 @@ def in_if_condition(text: str, language: str = "c") -> np.ndarray:
     mask = np.zeros(len(text), np.int8)
     toks = _tokens(text, language)
     for n, (i, tok, v) in enumerate(toks):
-        if tok in Keyword and v == "if":
+        if v == "if" and tok in Keyword:
             rest = [m for m in range(n + 1, min(n + 4, len(toks))) if toks[m][2].strip()]
             if not rest or toks[rest[0]][2] != "(" or toks[rest[0]][1] not in Punctuation:
                 continue

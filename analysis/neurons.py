@@ -132,11 +132,8 @@ def _score_key(a, parts, chunk) -> list[dict]:
         counts = np.zeros((U, BINS), np.int32)
         for _, block in _blocks(a, rows, chunk):
             kernels.histogram(kernels.float16_bits(block), counts)
-        counts = counts.astype(np.int64)
-        cum = counts.cumsum(1)
-        mid = cum - (counts - 1) / 2 - (n + 1) / 2                    # centred mid-ranks per bin
-        rank_ss = (counts * mid ** 2).sum(1)
-        mid = mid.astype(np.float32)
+        mid, rank_ss = np.empty((U, BINS), np.float32), np.empty(U)
+        kernels.midranks(counts, n, mid, rank_ss)                    # centred mid-ranks per bin
         ref = np.nan_to_num(np.asarray(a[rows[:1024]], np.float64).mean(0))
         s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
         xc = np.zeros((U, part.X.shape[1]))

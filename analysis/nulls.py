@@ -63,11 +63,15 @@ def shifted(col: np.ndarray, shifts: int, segments=None) -> np.ndarray:
         offsets = [[int(round(segs[0] * (k + 1) / (shifts + 1))) for k in range(shifts)]]
     else:
         offsets = np.random.default_rng(SEED).integers(0, np.asarray(segs)[:, None], (len(segs), shifts))
-    cols, start = [], 0
+    out, start = np.empty((len(col), 1 + shifts), col.dtype), 0
     for m, offs in zip(segs, offsets):
-        cols.append(np.stack([np.roll(col[start:start + m], int(o)) for o in [0, *offs]], 1))
+        seg, dst = col[start:start + m], out[start:start + m]
+        for k, o in enumerate([0, *offs]):          # np.roll(seg, o), written in place
+            o = int(o) % m
+            dst[o:, k] = seg[:m - o]
+            dst[:o, k] = seg[m - o:]
         start += m
-    return np.concatenate(cols)
+    return out
 
 
 def shift_test(scores: np.ndarray, two_sided: bool) -> dict:

@@ -9,7 +9,11 @@ Run both under the same BLAS thread count: the float32 products with the feature
 differently when OpenBLAS splits them differently (1 thread against 2 moved scores by 1e-8 and p by
 1e-6 on main's own code), which is a property of the old code, not of the change.
 
-    python benchmarks/neuron_search_check.py [--steps 200000] [--units 1024] [--rev REV]
+``--base DIR`` takes the analysis package of another checkout instead (read in place, e.g. a clean
+copy of main); ``--float64`` runs the base's products with the feature columns in float64, the
+reference an exact reformulation of them must match (the float32 ones are ~5e-8 off in a score).
+
+    python benchmarks/neuron_search_check.py [--steps 200000] [--units 1024] [--rev REV | --base DIR] [--float64]
 """
 from __future__ import annotations
 
@@ -35,20 +39,39 @@ SCORES = ("score", "spearman", "strength", "null_mean", "null_std", "selectivity
 RELATIVE = ("_p", "_q", "p_value", "q_value", "_z", "p_empirical")
 
 
-def old_search(rev: str, where: Path):
-    """``find_neurons`` of ``rev``'s analysis package, importable as ``old_analysis``."""
-    pkg = where / "old_analysis"
+# The old products with the feature columns, in float64 instead of float32: the same formulas without
+# float32 rounding (its columns rounded to float32 and its sums accumulated in float32 moved scores by
+# ~1e-8, more than the tolerance; the values and mid-ranks it multiplies are exact in float32).
+FLOAT64 = [(".astype(np.float32)\n        self.R", ".astype(np.float64)\n        self.R"),
+           ("np.zeros((self.n, 0))).astype(np.float32)\n", "np.zeros((self.n, 0))).astype(np.float64)\n")]
+
+
+def old_search(rev: str, where: Path, base: Path | None = None, float64: bool = False, tag: str = "old"):
+    """``find_neurons`` of ``rev``'s analysis package (or of the checkout at ``base``, only read),
+    importable as ``{tag}_analysis``; ``float64``: its feature products in float64 (``FLOAT64``)."""
+    pkg = where / f"{tag}_analysis"
     pkg.mkdir()
-    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "analysis/"],
-                           check=True, capture_output=True, text=True).stdout.split()
-    for name in names:
-        if name.endswith(".py") and not name.endswith("__init__.py"):    # its __init__ refuses other names
-            src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], check=True,
-                                 capture_output=True, text=True).stdout
-            (pkg / Path(name).name).write_text(src)
+    if base is not None:
+        sources = {p.name: p.read_text() for p in sorted((base / "analysis").glob("*.py"))}
+    else:
+        names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "analysis/"],
+                               check=True, capture_output=True, text=True).stdout.split()
+        sources = {Path(name).name: subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], check=True,
+                                                   capture_output=True, text=True).stdout
+                   for name in names if name.endswith(".py")}
+    for name, src in sources.items():
+        if name == "__init__.py":        # its __init__ refuses other names
+            continue
+        if float64 and name == "neurons.py":
+            for old, new in FLOAT64:
+                if old not in src:
+                    raise SystemExit(f"--float64: {name} has no {old!r} to change")
+                src = src.replace(old, new)
+        (pkg / name).write_text(src)
     (pkg / "__init__.py").write_text("")
-    sys.path.insert(0, str(where))
-    return importlib.import_module("old_analysis.neurons").find_neurons
+    if str(where) not in sys.path:
+        sys.path.insert(0, str(where))
+    return importlib.import_module(f"{tag}_analysis.neurons").find_neurons
 
 
 def compare(old, new) -> list[str]:
@@ -85,8 +108,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200_000)
     ap.add_argument("--units", type=int, default=1024)
     ap.add_argument("--rev", help="default: git merge-base HEAD main")
+    ap.add_argument("--base", type=Path, help="compare with the analysis package of this checkout (only read)")
+    ap.add_argument("--float64", action="store_true", help="the base's feature products in float64 (FLOAT64)")
     args = ap.parse_args()
-    if args.rev is None:
+    if args.base is not None:
+        args.rev = f"{args.base}" + (" (float64 products)" if args.float64 else "")
+    elif args.rev is None:
         args.rev = subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
                                   capture_output=True, text=True).stdout.strip()[:12]
     tmp = Path(tempfile.mkdtemp(prefix="nscheck-"))
@@ -95,7 +122,7 @@ def main() -> None:
         base = ROOT.joinpath("zoo/samples/linux.c").read_text()
         text = (base * (args.steps // len(base) + 1))[: args.steps]
         names = default_features("c")
-        old_find = old_search(args.rev, tmp)
+        old_find = old_search(args.rev, tmp, args.base, args.float64)
         for fn in (old_find, find_neurons):          # compile both versions' kernels before timing
             fn({k: a[:20000] for k, a in arrays.items()}, names, text=text[:20000], progress=False)
         t0 = time.perf_counter()
