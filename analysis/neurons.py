@@ -213,7 +213,8 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
       over every combination of lags, ``heldout_p`` is the Gaussian tail against them, and
       ``heldout_p_empirical`` ranks the observed score among ``heldout_shifts`` random combinations
       (floored at 1 / (draws + 1)); the streamed shifts of both parts draw each document's lag the same
-      way. ``heldout_q`` is Benjamini-Hochberg over the selected
+      way. With ``nulls.BETWEEN`` (20) or more held-out documents both p-values are the larger of that
+      and the between-document sign-flip test's (``nulls.between_test``). ``heldout_q`` is Benjamini-Hochberg over the selected
       units only, the family tested there; NaN for the others, whose ``heldout_p`` comes from the
       ``shifts`` streamed shifts and is a screen, not a claim;
     - controls: ``control_score`` (held-out score of the best function of the current and previous
