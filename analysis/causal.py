@@ -47,9 +47,15 @@ def nothing_to_measure(run, subject) -> str | None:
     return None
 
 
+# steps followed back through a user's model: each is one backward through its whole document (its call
+# cannot batch them), and 512 of them over one 3,600-step document of the README's word LSTM took 99 s
+# on a loaded machine; 128 give the geometric mean of the ratios at each lag to a few percent
+POSITIONS = 128
+
+
 def own_decay(subject, docs, *, positions: int, max_lag: int, progress: bool) -> tuple[dict, str | None]:
     """``{"grad_decay", "half_lives"}`` through the Subject's call (``decay_through``), or why not."""
-    curve = decay_through(subject, docs, positions=positions, max_lag=max_lag, progress=progress)
+    curve = decay_through(subject, docs, positions=min(positions, POSITIONS), max_lag=max_lag, progress=progress)
     if curve.empty or curve["lag"].max() < 2:
         return {}, "no gradient of the loss reached two steps back (documents of one or two steps?)"
     return {"grad_decay": curve, "half_lives": half_lives(curve)}, None
@@ -71,11 +77,12 @@ def first_steps(docs: list, steps: int, cut: bool) -> list:
 
 
 def own_ablation(run, src, subject, docs, neurons: pd.DataFrame, *, units=None, controls: int, steps: int,
-                 progress: bool, log=print) -> pd.DataFrame | None:
+                 progress: bool, log=print, own=None) -> pd.DataFrame | None:
     """``ablate_documents`` of each named unit (``units``), else of each binary feature's best unit, held at
     its mean over the Run, on the first documents holding ``steps`` steps (``first_steps``); the metric is the
     Subject's loss. A per-step loss is compared on the feature's steps and elsewhere; a loss per document
-    over all the documents. Returns the table (a ``feature`` column: the feature, or "named")."""
+    over all the documents (``own``: the user's features by name, beside the built-ins). Returns the table
+    (a ``feature`` column: the feature, or "named")."""
     probe = next(iter(measure(metric_of(subject), forward(subject, docs[0]), docs[0]).values()))
     per_step = np.ndim(probe) == 1
     docs = first_steps(docs, steps, cut=per_step and not any(m.bidirectional for m in
@@ -84,7 +91,7 @@ def own_ablation(run, src, subject, docs, neurons: pd.DataFrame, *, units=None, 
     targets = [(u, "named", None) for u in units or []]
     if not units and (neurons["metric"] == "auc").any():
         names = sorted(set(neurons.query("metric == 'auc'")["feature"]))
-        values = feats.steps(src, names, src.language or "c")
+        values = feats.steps(src, {n: (own or {}).get(n, n) for n in names}, src.language or "c")
         for feat in names:
             best = top_units(neurons.query("feature == @feat"), 1)
             flags = values[feat].to_numpy()[docs[0].start:docs[0].start + n] == 1

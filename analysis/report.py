@@ -183,7 +183,7 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
                                      else f"every document is shorter than {max_lag + 60} steps")
     if ablation and docs:
         table = causal.own_ablation(run, src, ck, docs, out["neurons"], units=ablate_units, controls=controls,
-                                    steps=ablate_chars, progress=progress, log=log)
+                                    steps=ablate_chars, progress=progress, log=log, own=own)
         out.update({"ablation": table} if table is not None else {})
         skipped.update({} if table is not None else {"ablation": "no binary feature has a best unit to ablate"})
     elif ablation and docs is not None:
@@ -195,7 +195,8 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
     elif ablation and ck is not None:
         text = run.text[:ablate_chars]
         ids = ck.vocab.encode(text, unk=run.manifest.get("unk"))
-        feats = compute(text, sorted(set(out["neurons"].query("metric == 'auc'")["feature"])),
+        feats = compute(text, {n: (own or {}).get(n, n) for n in sorted(set(out["neurons"].query("metric == 'auc'")
+                                                                             ["feature"]))},
                         src.language or "c") if (out["neurons"]["metric"] == "auc").any() else pd.DataFrame()
         means = run.units.set_index("key")
         rows = []
