@@ -1,6 +1,7 @@
 """Issue 24, sizes and the terminal: every count from someone else's table or log, and every count on
 the command line, is checked before memory or time is spent; what reaches the terminal is escaped
 and cut to a readable length."""
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from rnnscope import argtypes as T
 from rnnscope.analysis.report import unit_contexts
 from rnnscope.errors import RnnscopeError
 from rnnscope.store.tables import SCHEMAS, read_parquet
+from rnnscope.store.watchlog import SCHEMAS as WATCH_SCHEMAS
 from rnnscope.store.watchlog import WatchLogWriter, open_watch_log
 
 from test_untrusted_paths import KEYS, MODEL, _block
@@ -107,3 +109,31 @@ def test_an_empty_keys_list_in_watch_json_is_named(tmp_path):
     with pytest.raises(RnnscopeError, match="'keys' is not a non-empty list") as e:
         open_watch_log(log)
     assert "None" not in str(e.value)
+
+
+def _compressed_block(path, batches: int, pad: int = 4 << 20) -> None:
+    """A block of ``batches`` identical record batches of 4 decay rows, each row padded with ``pad``
+    zeros in a column the reader ignores, zstd-compressed: tiny on disk."""
+    cols = {f.name: pa.nulls(4, f.type) for t in WATCH_SCHEMAS.values() for f in t}
+    cols.update(table=["decay"] * 4, step=[0] * 4, key=KEYS * 4, lag=[0] * 4, norm=[0.0] * 4, pad=["0" * pad] * 4)
+    batch = pa.RecordBatch.from_pydict(cols)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(
+            sink, batch.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        for _ in range(batches):
+            w.write_batch(batch)
+
+
+def test_a_compressed_watch_block_is_sized_before_it_is_unpacked(tmp_path):
+    log = _log_with(tmp_path, _block(0))
+    bomb = sorted((log / "blocks").glob("*.arrow"))[0]          # the first block: not one a kill tears
+    _compressed_block(bomb, batches=40)                         # 40 x 16 MB of zeros: 640 MB unpacked
+    assert bomb.stat().st_size < 2 << 20
+    os.utime(bomb, ns=(0, 0))             # written first, as it was: a bad block before the last is an error
+    pool = pa.default_memory_pool()
+    before = pool.bytes_allocated()
+    with pytest.raises(RnnscopeError, match="unpacks to 671,[0-9,]+ bytes") as e:
+        open_watch_log(log)
+    assert "\n" not in str(e.value) and pool.bytes_allocated() - before < 1 << 20
+    _compressed_block(bomb, batches=2, pad=1000)               # a compressed block of its size reads
+    os.utime(bomb, ns=(0, 0))
+    assert len(open_watch_log(log).decay) == 8 + 3

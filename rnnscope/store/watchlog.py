@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from rnnscope.errors import RnnscopeError, first_line
 
 from .files import atomic_write, inside, read_bytes
+from .ipc import declared_size
 from .keys import KEY
 
 FORMAT, FORMAT_VERSION = "rnnscope-watch", 1
@@ -56,6 +57,9 @@ _MANIFEST_LIMIT = 1 << 20
 # a block is the tables of ``flush_every`` watched steps: steps x keys x lags rows, kilobytes to a few
 # MB; a larger file (a 57 MB compressed block unpacked to 4 GB) is refused before it is read
 BLOCK_LIMIT = 64 << 20
+# and once decompressed (its own footer's count, before anything is unpacked): four times a block that
+# large uncompressed, and rows for 10 steps x 32 keys x a BPTT window of 25,000 lags
+UNPACKED_LIMIT, BLOCK_ROWS = 256 << 20, 8_000_000
 # a lag or timestep is a position in one training sequence: no BPTT window is longer, and a lag of 1e12
 # in one row sized a 7 TiB array for its plot
 MAX_LAG = 10_000_000
@@ -147,15 +151,30 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
         raise ValueError("not a regular file")
     if st.st_size > BLOCK_LIMIT:
         raise ValueError(f"it is {st.st_size:,} bytes, more than a block can be ({BLOCK_LIMIT >> 20} MB)")
+    # read whole rather than mapped: a file cut short under a live view would be a SIGBUS, not an error
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+        data = f.read(BLOCK_LIMIT + 1)
+    size, rows = declared_size(data)
+    if size > UNPACKED_LIMIT or rows > BLOCK_ROWS:
+        raise ValueError(f"it unpacks to {size:,} bytes in {rows:,} rows, more than a block can "
+                         f"({UNPACKED_LIMIT >> 20} MB, {BLOCK_ROWS:,} rows)")
     try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
+        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        table.validate(full=True)       # offsets inside their buffers before anything reads the strings
+        return _split(table)
     except (pa.ArrowException, OSError) as err:
         raise ValueError(first_line(err, 100)) from None
+
+
+def _split(table: pa.Table) -> dict[str, pd.DataFrame]:
+    """A block's union table as its four tables, each cast to its schema and checked."""
     if "table" not in table.column_names:
         raise ValueError("it has no 'table' column")
     if not pa.types.is_string(table.schema.field("table").type):
         raise ValueError(f"its 'table' column holds {table.schema.field('table').type}, not text (a wrong schema)")
+    nulls = [f.name for f in table.schema if pa.types.is_null(f.type)]
+    if nulls:           # no column of a block is untyped; a null column of 1e9 rows costs nothing on disk
+        raise ValueError(f"its column {nulls[0][:40]!r} has no type (a wrong schema)")
     out = {}
     for name, schema in SCHEMAS.items():
         part = table.filter(pc.equal(table["table"], name))
