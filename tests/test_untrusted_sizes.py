@@ -137,3 +137,18 @@ def test_a_compressed_watch_block_is_sized_before_it_is_unpacked(tmp_path):
     _compressed_block(bomb, batches=2, pad=1000)               # a compressed block of its size reads
     os.utime(bomb, ns=(0, 0))
     assert len(open_watch_log(log).decay) == 8 + 3
+
+
+def test_documents_parquet_is_bounded_by_the_manifests_count_from_its_footer(tmp_path, tiny_checkpoint):
+    from rnnscope import probe, zoo
+    from rnnscope.store.run import open_run
+    run = probe.record(zoo.load(tiny_checkpoint), "ab\ncd\n" * 4, tmp_path / "run", progress=False).path
+    docs = pq.read_table(run / "documents.parquet")            # one document: the manifest says 1
+    with pq.ParquetWriter(run / "documents.parquet", docs.schema) as w:     # 4M copies of it, a small file
+        copies = docs.take(np.zeros(100_000, np.int64))
+        for _ in range(40):
+            w.write_table(copies)
+    t = time.perf_counter()
+    with pytest.raises(RnnscopeError, match="footer declares 4,000,000 documents but the manifest says 1") as e:
+        open_run(run)
+    assert "\n" not in str(e.value) and "rnnscope probe" in str(e.value) and time.perf_counter() - t < 2

@@ -34,7 +34,7 @@ from rnnscope.errors import RnnscopeError, first_line
 from .files import inside, read_bytes, regular_file
 from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, key_dtype, key_file
 from .layout import StepLayout
-from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, read_parquet
+from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, footer_rows, read_parquet
 
 MANIFEST_LIMIT = 64 << 20       # a manifest holds names and counts: far below this even for huge models
 
@@ -181,7 +181,11 @@ def _read_steps(path: Path, manifest: dict) -> dict:
             raise RnnscopeError(f"{path}/ids.npy holds the negative id {int(ids.min())}", RECORD)
     file = inside(path, "documents.parquet")
     regular_file(file, "the Run's document table", RECORD)
-    docs = read_parquet(file, DOCUMENTS_SCHEMA)[list(DOCUMENTS_SCHEMA)]
+    # the manifest's count bounds the rows before any is read: the footer's own, then while reading
+    if (declared := footer_rows(file, RECORD)) != manifest["documents"]:
+        raise RnnscopeError(f"{file}'s footer declares {declared:,} documents but the manifest says "
+                            f"{manifest['documents']:,}", RECORD)
+    docs = read_parquet(file, DOCUMENTS_SCHEMA, rows=manifest["documents"], fix=RECORD)[list(DOCUMENTS_SCHEMA)]
     if len(docs) != manifest["documents"]:
         raise RnnscopeError(f"{file} has {len(docs):,} documents but the manifest says {manifest['documents']:,}",
                             RECORD)

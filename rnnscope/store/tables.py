@@ -65,27 +65,35 @@ def _schema_of(name: str) -> dict:
     return SCHEMAS.get(name, {})
 
 
-def _check(schema: pa.Schema, want: dict, where) -> None:
+def _check(schema: pa.Schema, want: dict, where, fix: str = ANALYZE) -> None:
     got = {f.name: f.type for f in schema if f.name != "__index_level_0__"}
     for col, kind in want.items():
         if col not in got:
-            raise RnnscopeError(f"{where} lacks the column {col!r}", ANALYZE)
+            raise RnnscopeError(f"{where} lacks the column {col!r}", fix)
         if not (pa.types.is_null(got[col]) or any(ok(got[col]) for ok in _TYPES[kind])):
-            raise RnnscopeError(f"{where}: column {col!r} holds {got[col]}, expected {kind}", ANALYZE)
+            raise RnnscopeError(f"{where}: column {col!r} holds {got[col]}, expected {kind}", fix)
     for col, typ in got.items():
         if not any(ok(typ) for ok in _ANY):
             raise RnnscopeError(f"{where}: column {str(col)[:40]!r} holds {typ}, not numbers, booleans or text",
-                                ANALYZE)
+                                fix)
 
 
-def check_schema(path: Path, want: dict) -> None:
+def check_schema(path: Path, want: dict, fix: str = ANALYZE) -> None:
     """Check a Parquet file's schema (its footer only) against ``want``: column -> kind."""
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise RnnscopeError(f"{path} is not a readable Parquet table ({first_line(err, 100)})",
-                            ANALYZE) from None
-    _check(schema, want, path)
+                            fix) from None
+    _check(schema, want, path, fix)
+
+
+def footer_rows(path: Path, fix: str = ANALYZE) -> int:
+    """The rows a Parquet file's footer declares (nothing else is read)."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise RnnscopeError(f"{path} is not a readable Parquet table ({first_line(err, 100)})", fix) from None
 
 
 def _check_values(frame: pd.DataFrame, where, name: str = "") -> None:
@@ -102,7 +110,7 @@ def _check_values(frame: pd.DataFrame, where, name: str = "") -> None:
                 raise RnnscopeError(f"{where}: column {str(col)[:60]!r} is not a gradient key of floats", ANALYZE)
 
 
-def _bounded(path: Path, rows: int = MAX_ROWS) -> pa.Table:
+def _bounded(path: Path, rows: int = MAX_ROWS, fix: str = ANALYZE) -> pa.Table:
     """The table at ``path``, read in batches of ``BATCH`` rows and refused as soon as its rows or bytes
     pass ``MAX_ROWS`` / ``MAX_BYTES`` (the footer's own counts first: they are someone else's too)."""
     f = pq.ParquetFile(path)
@@ -110,24 +118,27 @@ def _bounded(path: Path, rows: int = MAX_ROWS) -> pa.Table:
     declared = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
     if md.num_rows > rows or declared > MAX_BYTES:
         raise RnnscopeError(f"{path} holds {md.num_rows:,} rows ({declared >> 20:,} MB), more than this "
-                            f"table can ({rows:,} rows, {MAX_BYTES >> 20} MB)", ANALYZE)
+                            f"table can ({rows:,} rows, {MAX_BYTES >> 20} MB)", fix)
     batches, size = [], 0
     for batch in f.iter_batches(batch_size=BATCH):
         size += batch.nbytes
         if size > MAX_BYTES:
-            raise RnnscopeError(f"{path} unpacks to more than {MAX_BYTES >> 20} MB", ANALYZE)
+            raise RnnscopeError(f"{path} unpacks to more than {MAX_BYTES >> 20} MB", fix)
         batches.append(batch)
     return pa.Table.from_batches(batches, schema=f.schema_arrow)
 
 
-def read_parquet(path: Path, want: dict, name: str = "") -> pd.DataFrame:
-    check_schema(path, want)
+def read_parquet(path: Path, want: dict, name: str = "", rows: int | None = None,
+                 fix: str = ANALYZE) -> pd.DataFrame:
+    """The table at ``path``, checked against ``want``; ``rows``: the most it may hold (the count its
+    Run's manifest gives), else its table's bound; ``fix`` ends each refusal."""
+    check_schema(path, want, fix)
     try:
-        frame = _bounded(path, ROWS.get(name, MAX_ROWS)).to_pandas()
+        frame = _bounded(path, ROWS.get(name, MAX_ROWS) if rows is None else rows, fix).to_pandas()
     except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as err:
         # KeyError / IndexError: pandas metadata naming an index column the file lacks
         raise RnnscopeError(f"{path} is not a readable Parquet table ({type(err).__name__}: "
-                            f"{first_line(err, 100)})", ANALYZE) from None
+                            f"{first_line(err, 100)})", fix) from None
     _check_values(frame, path, name)
     return frame
 
