@@ -27,8 +27,8 @@ N = 5_000_000
 
 def _contexts_table(n: int) -> pa.Table:
     kinds = {"string": pa.string(), "integer": pa.int64(), "float": pa.float64(), "floats": pa.list_(pa.float64())}
-    cols = {c: pa.nulls(n, kinds[k]) if k in ("string", "floats") else pa.array(np.zeros(n, kinds[k].to_pandas_dtype()))
-            for c, k in SCHEMAS["contexts"].items()}
+    cols = {c: pa.nulls(n, kinds[k]) if k == "floats" else pa.array(["rnn.l0.h" if c == "key" else "rnn.l0.h:0" if c == "unit" else ""] * n) if k == "string"
+            else pa.array(np.zeros(n, kinds[k].to_pandas_dtype())) for c, k in SCHEMAS["contexts"].items()}
     return pa.table(cols)
 
 
@@ -152,3 +152,46 @@ def test_documents_parquet_is_bounded_by_the_manifests_count_from_its_footer(tmp
     with pytest.raises(RnnscopeError, match="footer declares 4,000,000 documents but the manifest says 1") as e:
         open_run(run)
     assert "\n" not in str(e.value) and "rnnscope probe" in str(e.value) and time.perf_counter() - t < 2
+
+
+@pytest.fixture(scope="module")
+def contexts_run(tmp_path_factory):
+    """A recorded Run and its real contexts table."""
+    from rnnscope import probe
+    from rnnscope.analysis.contexts import top_contexts
+    from rnnscope.store.tables import write_table
+    from conftest import char_model
+    from rnnscope.zoo import Vocab
+    ck = char_model("lstm", Vocab("ab\ncd ()"), hidden=4)
+    run = probe.record(ck, "ab (cd)\n" * 20, tmp_path_factory.mktemp("ctx") / "run", progress=False)
+    write_table(run, "contexts", top_contexts(run, k=3, window=6, progress=False))
+    return run.path
+
+
+@pytest.mark.parametrize("column,value,words", [
+    ("step", np.nan, "'step' holds a missing or non-whole value"),
+    ("rank", 1.5, "'rank' holds a missing or non-whole value"),
+    ("offset", np.inf, "'offset' holds a missing or non-whole value"),
+    ("context", None, "'context' holds a missing value"),
+    ("side", None, "'side' holds a missing value"),
+    ("token_start", "3", "column 'token_start' holds (large_)?string, expected integer"),
+    ("token_end", np.nan, "'token_end' holds a missing or non-whole value")])
+def test_a_contexts_table_with_a_missing_or_mistyped_value_is_refused_when_read(contexts_run, tmp_path, column,
+                                                                                value, words):
+    import shutil
+
+    from rnnscope.analysis.report import unit_report
+    from rnnscope.store.run import open_run
+    from rnnscope.store.tables import read_table
+    run = tmp_path / "run"
+    shutil.copytree(contexts_run, run)
+    frame = pq.read_table(run / "analysis" / "contexts.parquet").to_pandas()
+    frame[column] = frame[column].astype(object if isinstance(value, str) or value is None else float)
+    frame.loc[frame.index[1], column] = value
+    if isinstance(value, str):
+        frame[column] = frame[column].astype(str)
+    pq.write_table(pa.Table.from_pandas(frame), run / "analysis" / "contexts.parquet")
+    for read in (lambda: read_table(run, "contexts"), lambda: unit_report(open_run(run), frame["unit"][1], 3)):
+        with pytest.raises(RnnscopeError, match=words) as e:
+            read()
+        assert "\n" not in str(e.value) and "contexts.parquet" in str(e.value)

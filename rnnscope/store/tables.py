@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +48,12 @@ SCHEMAS = {
     "ablation": {"units": S, "role": S, "mode": S, "effect": F, "effect_elsewhere": F, "effect_size": F,
                  "p_value": F, "beats_controls": F, "feature": S},
 }
+# columns a table may lack (written before they were added) but that hold their kind when present
+OPTIONAL = {"contexts": {"token_start": I, "token_end": I}}
+# columns every row must fill: positions and ranks are whole numbers (an integer column read back as
+# floats may hold NaN, and ``int(nan)`` was a crash in the report), and a window's text is never null
+WHOLE = {"contexts": ("index", "rank", "step", "start", "offset", "token_start", "token_end")}
+PRESENT = {"contexts": ("unit", "key", "side", "context")}
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # what one table may hold, checked from its footer and then while it is read: the largest tables rnnscope
 # writes (grad_norms of a million steps and 32 gradient keys; contexts of 8,192 units) are 256 MB as
@@ -65,9 +72,9 @@ def _schema_of(name: str) -> dict:
     return SCHEMAS.get(name, {})
 
 
-def _check(schema: pa.Schema, want: dict, where, fix: str = ANALYZE) -> None:
+def _check(schema: pa.Schema, want: dict, where, fix: str = ANALYZE, optional: dict | None = None) -> None:
     got = {f.name: f.type for f in schema if f.name != "__index_level_0__"}
-    for col, kind in want.items():
+    for col, kind in {**{c: k for c, k in (optional or {}).items() if c in got}, **want}.items():
         if col not in got:
             raise RnnscopeError(f"{where} lacks the column {col!r}", fix)
         if not (pa.types.is_null(got[col]) or any(ok(got[col]) for ok in _TYPES[kind])):
@@ -78,14 +85,15 @@ def _check(schema: pa.Schema, want: dict, where, fix: str = ANALYZE) -> None:
                                 fix)
 
 
-def check_schema(path: Path, want: dict, fix: str = ANALYZE) -> None:
-    """Check a Parquet file's schema (its footer only) against ``want``: column -> kind."""
+def check_schema(path: Path, want: dict, fix: str = ANALYZE, optional: dict | None = None) -> None:
+    """Check a Parquet file's schema (its footer only) against ``want`` (and ``optional`` where
+    present): column -> kind."""
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise RnnscopeError(f"{path} is not a readable Parquet table ({first_line(err, 100)})",
                             fix) from None
-    _check(schema, want, path, fix)
+    _check(schema, want, path, fix, optional)
 
 
 def footer_rows(path: Path, fix: str = ANALYZE) -> int:
@@ -104,6 +112,17 @@ def _check_values(frame: pd.DataFrame, where, name: str = "") -> None:
             bad = values[~values.str.match(pattern.pattern)]
             if len(bad):
                 raise RnnscopeError(f"{where}: {col} {str(bad.iloc[0])[:60]!r} is not a state {col}", ANALYZE)
+    for col in WHOLE.get(name, ()):
+        if col in frame:
+            values = frame[col].to_numpy(dtype=float, na_value=np.nan)
+            bad = ~np.isfinite(values) | (values != np.round(values))
+            if bad.any():
+                raise RnnscopeError(f"{where}: column {col!r} holds a missing or non-whole value "
+                                    f"({values[bad][0]!r} in row {int(np.argmax(bad)):,})", ANALYZE)
+    for col in PRESENT.get(name, ()):
+        if col in frame and frame[col].isna().any():
+            raise RnnscopeError(f"{where}: column {col!r} holds a missing value (row "
+                                f"{int(np.argmax(frame[col].isna().to_numpy())):,})", ANALYZE)
     if name == "grad_norms":
         for col in frame.columns:
             if col != "step" and not (KEY.match(str(col)) and pd.api.types.is_float_dtype(frame[col])):
@@ -132,7 +151,7 @@ def read_parquet(path: Path, want: dict, name: str = "", rows: int | None = None
                  fix: str = ANALYZE) -> pd.DataFrame:
     """The table at ``path``, checked against ``want``; ``rows``: the most it may hold (the count its
     Run's manifest gives), else its table's bound; ``fix`` ends each refusal."""
-    check_schema(path, want, fix)
+    check_schema(path, want, fix, OPTIONAL.get(name))
     try:
         frame = _bounded(path, ROWS.get(name, MAX_ROWS) if rows is None else rows, fix).to_pandas()
     except (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError) as err:
@@ -148,7 +167,7 @@ def write_parquet(path: Path, frame: pd.DataFrame, want: dict, name: str = "") -
     frame = frame.copy(deep=False)
     frame.attrs = {}
     table = pa.Table.from_pandas(frame)
-    _check(table.schema, want, f"the {name or path.stem} table")
+    _check(table.schema, want, f"the {name or path.stem} table", optional=OPTIONAL.get(name))
     _check_values(frame, f"the {name or path.stem} table", name)
     return atomic_write(path, lambda p: pq.write_table(table, p))
 
