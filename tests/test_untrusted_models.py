@@ -78,3 +78,96 @@ def test_spectrum_of_a_bfloat16_model_matches_float32(ck):
     got = spectrum(copy.deepcopy(ck.model).to(torch.bfloat16), ids, k=2, measure=False, samples=5)
     # bfloat16 keeps 8 bits of mantissa: the states differ by ~1e-2, the rates by less
     assert abs(got.lambda_1 - want.lambda_1).max() < 0.05
+
+
+USER_MODELS = '''
+import torch
+from torch import nn
+import rnnscope as rs
+
+
+def enc(text):
+    return [ord(c) % 16 for c in text]
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(16, 4), nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 16)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.emb(ids))[0])
+
+
+class Replaces(Base):
+    def forward(self, ids):
+        self.rnn = nn.LSTM(4, 5, batch_first=True)          # a new module at every call
+        return self.head(self.rnn(self.emb(ids))[0])
+
+
+class Never(Base):
+    def forward(self, ids):
+        return self.head(torch.zeros(*ids.shape, 5))
+
+
+class Exits(Base):
+    def forward(self, ids):
+        raise SystemExit(7)
+
+
+def exit7(*args):
+    raise SystemExit(7)
+
+
+def replaces(): return Replaces(), enc
+def never(): return Never(), enc
+def none_call(): return rs.Subject(Base(), enc, call=lambda model, ids: (model(ids), None)[1])
+def none_call_with_document(): return rs.Subject(Base(), enc, call=lambda model, ids, document: (model(ids), document["name"], None)[2])
+def fine(): return Base(), enc
+def exits_encoder(): return Base(), exit7
+def exits_forward(): return Exits(), enc
+def exits_loss(): return rs.Subject(Base(), enc, loss=exit7)
+def exits_call(): return rs.Subject(Base(), enc, call=exit7)
+def exits_spec(): raise SystemExit(7)
+'''
+
+
+@pytest.fixture(scope="module")
+def user_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("user")
+    (d / "models.py").write_text(USER_MODELS)
+    (d / "text.txt").write_text("hello world\nabc\n")
+    return d
+
+
+def _probe(user_models, tmp_path, fn, capsys, *flags):
+    out = tmp_path / "out"
+    try:
+        code = main(["probe", "--model", f"{user_models / 'models.py'}:{fn}", "--text", str(user_models / "text.txt"),
+                     "--out", str(out), *flags])
+    except SystemExit as exc:               # the user's SystemExit(7) must not get this far
+        code = ("SystemExit", exc.code)
+    err = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines()
+           if ln.startswith("rnnscope") or "Traceback" in ln]
+    return code, err, out
+
+
+@pytest.mark.parametrize("fn,flags,words", [
+    ("replaces", (), "replaced its recurrent module rnn"),
+    ("never", (), "never ran its recurrent module rnn"),
+    ("none_call", (), "call returned None"),
+    ("none_call_with_document", (), "call returned None"),
+    ("exits_encoder", (), "SystemExit"),
+    ("exits_forward", (), "SystemExit"),
+    ("exits_loss", ("--grad",), "SystemExit"),
+    ("exits_call", (), "SystemExit"),
+    ("exits_spec", (), "SystemExit")])
+def test_a_user_model_that_cannot_be_recorded_is_one_line(user_models, tmp_path, capsys, fn, flags, words):
+    code, err, out = _probe(user_models, tmp_path, fn, capsys, *flags)
+    assert code == 2 and len(err) == 1 and err[0].startswith("rnnscope: error:") and words in err[0], (code, err)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_the_same_user_model_written_right_records(user_models, tmp_path, capsys):
+    code, err, out = _probe(user_models, tmp_path, "fine", capsys, "--grad")
+    assert code == 0 and not err and (out / "states" / "rnn.l0.h.npy").exists()
