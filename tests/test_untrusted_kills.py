@@ -1,5 +1,6 @@
 """Issue 24, kills and a full disk: what a command says is what happened, and the old Run survives."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -117,3 +118,64 @@ def test_a_disk_that_fills_while_probe_writes_says_so(small_disk, tmp_path, tiny
     assert "no space left on" in err and "MB needed" not in err and "the Run needs" in err
     assert f"nothing was written to {small_disk / 'run'}" in err
     assert sorted(p.name for p in Path(small_disk).iterdir()) == ["filler"]
+
+
+# -- analyze killed or interrupted while it writes its tables ------------------------------------------
+
+ANY_TEMPORARY = re.compile(r"^\.([a-z][a-z0-9_]*\.(?:parquet|json))\.")
+
+
+@pytest.fixture
+def analysed(tmp_path, tiny_checkpoint):
+    from rnnscope import probe, zoo
+    from rnnscope.cli import main
+    run = probe.record(zoo.load(tiny_checkpoint), TEXT * 4, tmp_path / "run", grad=True, progress=False).path
+    assert main(["analyze", str(run), "--no-decay", "--shifts", "2"]) == 0
+    return run
+
+
+def _tables(run: Path) -> dict:
+    return {p.name: p.read_bytes() for p in (run / "analysis").iterdir() if not p.name.startswith(".")}
+
+
+def _analyze_until_second_table(run: Path, sig) -> tuple[subprocess.Popen, set]:
+    """``rnnscope analyze`` again (another null: other tables), sent ``sig`` once a second table is being
+    written (or one is replaced)."""
+    before = {p.name: p.stat().st_ino for p in (run / "analysis").iterdir()}
+    proc = subprocess.Popen([sys.executable, "-m", "rnnscope.cli", "analyze", str(run), "--no-decay", "--shifts", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, seen = time.time() + 240, set()
+    while time.time() < deadline and proc.poll() is None:
+        names = {p.name: p for p in (run / "analysis").iterdir()}
+        seen |= {m[1] for n in names if (m := ANY_TEMPORARY.match(n))}
+        replaced = any(n in before and p.exists() and p.stat().st_ino != before[n] for n, p in names.items()
+                       if not n.startswith("."))
+        if len(seen) >= 2 or replaced:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.0005)
+    proc.communicate(timeout=120)
+    return proc, seen
+
+
+def test_ctrl_c_while_analyze_writes_its_tables_leaves_the_old_ones(analysed):
+    old = _tables(analysed)
+    proc, seen = _analyze_until_second_table(analysed, signal.SIGINT)
+    assert len(seen) >= 1, "analyze finished before a table was written"
+    assert proc.returncode in (2, 130)
+    assert _tables(analysed) == old                                   # every table the old one
+    assert not [p.name for p in (analysed / "analysis").iterdir() if p.name.startswith(".")]
+
+
+def test_temporaries_of_a_killed_analyze_are_never_tables_and_the_next_write_removes_them(analysed):
+    from rnnscope.cli import main
+    from rnnscope.store.tables import SCHEMAS, read_table
+    old = _tables(analysed)
+    proc, seen = _analyze_until_second_table(analysed, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL and seen
+    left = [p.name for p in (analysed / "analysis").iterdir() if ANY_TEMPORARY.match(p.name)]
+    assert left and _tables(analysed) == old                           # the kill left temporaries, old tables
+    for name in SCHEMAS:                                               # which read as the old tables
+        assert read_table(analysed, name) is None or name + ".parquet" in old
+    assert main(["analyze", str(analysed), "--no-decay", "--shifts", "2"]) == 0
+    assert not [p.name for p in (analysed / "analysis").iterdir() if p.name.startswith(".")]

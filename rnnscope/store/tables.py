@@ -9,7 +9,11 @@ writes it again. Tables are written beside their final name and renamed, never t
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ import pyarrow.parquet as pq
 
 from rnnscope.errors import RnnscopeError, first_line
 
-from .files import atomic_write, inside, regular_file
+from .files import alive, atomic_write, inside, regular_file
 from .keys import KEY, UNIT
 
 S, I, F, B, FL = "string", "integer", "float", "bool", "floats"
@@ -162,14 +166,81 @@ def read_parquet(path: Path, want: dict, name: str = "", rows: int | None = None
     return frame
 
 
-def write_parquet(path: Path, frame: pd.DataFrame, want: dict, name: str = "") -> Path:
-    """Write ``frame`` atomically after checking it against the schema the reader will apply."""
+def _arrow(path: Path, frame: pd.DataFrame, want: dict, name: str) -> pa.Table:
+    """``frame`` as the Arrow table to write, checked against the schema the reader will apply."""
     frame = frame.copy(deep=False)
     frame.attrs = {}
     table = pa.Table.from_pandas(frame)
     _check(table.schema, want, f"the {name or path.stem} table", optional=OPTIONAL.get(name))
     _check_values(frame, f"the {name or path.stem} table", name)
+    return table
+
+
+def write_parquet(path: Path, frame: pd.DataFrame, want: dict, name: str = "") -> Path:
+    """Write ``frame`` atomically after checking it against the schema the reader will apply."""
+    table = _arrow(path, frame, want, name)
     return atomic_write(path, lambda p: pq.write_table(table, p))
+
+
+# what ``atomic_write`` leaves beside a table when its writer is SIGKILLed: ``.{file}.{PID}-XXXXXXXX``
+TEMPORARY = re.compile(r"^\.([a-z][a-z0-9_]{0,63}\.(?:parquet|json))\.(\d+)-\w+$")
+
+
+def clear_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries in ``folder`` whose writer is gone (a killed ``analyze``); a live writer's stay."""
+    gone = []
+    for p in folder.iterdir() if folder.is_dir() and not folder.is_symlink() else ():
+        m = TEMPORARY.match(p.name)
+        if m and int(m[2]) != os.getpid() and not alive(int(m[2])) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held off (and delivered after): the renames between are all done or none."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def write_tables(run, frames: dict[str, pd.DataFrame], jsons: dict[str, dict] | None = None) -> list[Path]:
+    """Every table (and JSON summary) of one analysis, all or none: each is checked and written beside
+    its name first, and only then are all renamed, with Ctrl-C held off for those renames: an
+    interrupt or a failure before leaves every old table as it was, and no temporary. Temporaries a
+    killed writer left in ``analysis/`` are removed first."""
+    root = _root(run)
+    folder = inside(root, "analysis", write=True)
+    folder.mkdir(exist_ok=True)
+    clear_temporaries(folder)
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(file: str, write) -> None:
+        path = inside(root, f"analysis/{file}", write=True)
+        with _signals_held():           # created and listed at once: an interrupt after still removes it
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", dir=folder)
+            staged.append((Path(tmp), path))
+        os.close(fd)
+        write(Path(tmp))
+    try:
+        for name, frame in frames.items():
+            table = _arrow(folder / f"{name}.parquet", frame, _schema_of(name), name)
+            stage(f"{name}.parquet", lambda p: pq.write_table(table, p))
+        for name, value in (jsons or {}).items():
+            _schema_of(name)
+            stage(f"{name}.json", lambda p: p.write_text(json.dumps(value, indent=1), encoding="utf-8"))
+        with _signals_held():
+            for tmp, path in staged:
+                os.replace(tmp, path)
+            done, staged = [path for _, path in staged], []
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return done
 
 
 def _root(run) -> Path:

@@ -27,11 +27,13 @@ import pandas as pd
 
 from rnnscope.errors import RnnscopeError
 
-from .files import inside
+from .files import alive, inside
 from .layout import char_spans, one_document
 from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, key_file
 from .run import is_run
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, write_parquet
+
+_alive = alive          # (store.shards imports it by this name)
 
 try:
     import fcntl
@@ -91,16 +93,6 @@ def text_bytes(text: str) -> bytes:
                             "remove unpaired surrogates from the text") from None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # another user's process
-        return True
-    return True
-
-
 def check_out(out, overwrite: bool) -> Path:
     """Refuse an output that is not a new path, an empty directory, or (with ``overwrite``) a Run.
     Nothing is written: every refusal leaves the disk as it was."""
@@ -136,7 +128,7 @@ def clean_stale(out: Path, log=print) -> list[Path]:
         return gone
     for p in sorted(out.parent.iterdir()):
         m = pattern.match(p.name)
-        if not m or int(m[1]) == os.getpid() or _alive(int(m[1])) or not p.is_dir() or p.is_symlink():
+        if not m or int(m[1]) == os.getpid() or alive(int(m[1])) or not p.is_dir() or p.is_symlink():
             continue
         if m[2] and not out.exists() and not out.is_symlink():
             os.rename(p, out)
