@@ -61,10 +61,10 @@ def test_an_interrupt_while_the_old_run_is_deleted_says_the_new_run_is_written(t
     is in place (its manifest is the new one), while the old is being removed."""
     from rnnscope import probe, zoo
     old = probe.record(zoo.load(tiny_checkpoint), TEXT, tmp_path / "run", progress=False).path
-    clutter = old / "notes"
+    clutter = old / "analysis"          # files of its own (tables, by their names): --overwrite deletes them
     clutter.mkdir()
     for i in range(40_000):
-        (clutter / f"{i}.txt").touch()
+        (clutter / f"t{i}.json").touch()
     (tmp_path / "replace.py").write_text(REPLACE)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "replace.py"), str(tiny_checkpoint), TEXT[:50],
                              str(old)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -179,3 +179,28 @@ def test_temporaries_of_a_killed_analyze_are_never_tables_and_the_next_write_rem
         assert read_table(analysed, name) is None or name + ".parquet" in old
     assert main(["analyze", str(analysed), "--no-decay", "--shifts", "2"]) == 0
     assert not [p.name for p in (analysed / "analysis").iterdir() if p.name.startswith(".")]
+
+
+# -- --overwrite replaces a Run, and only what rnnscope wrote in it ------------------------------------
+
+@pytest.mark.parametrize("extra", ["notes.txt", "states/README", "analysis/my_plot.png", "mine/data.csv"])
+def test_overwrite_refuses_a_run_holding_files_rnnscope_did_not_write(tmp_path, tiny_checkpoint, extra, capsys):
+    from rnnscope import probe, zoo
+    from rnnscope.cli import main
+    ck = zoo.load(tiny_checkpoint)
+    run = probe.record(ck, TEXT, tmp_path / "run", progress=False).path
+    assert main(["analyze", str(run), "--no-decay", "--shifts", "2"]) == 0        # its own tables are its own
+    (run / extra).parent.mkdir(exist_ok=True)
+    (run / extra).write_text("the user's own")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    (tmp_path / "t.c").write_text(TEXT[:60])
+    assert main(["probe", str(tiny_checkpoint), "--text", str(tmp_path / "t.c"), "--out", str(run), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    named = extra if "/" not in extra or extra.startswith(("states/", "analysis/")) else extra.split("/")[0] + "/"
+    assert err.startswith("rnnscope: error:") and f"({named})" in err and "would delete" in err, err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before and (run / extra).exists()
+    (run / extra).unlink()                                  # once moved out, the Run is replaced
+    if named.endswith("/"):
+        (run / named).rmdir()
+    assert main(["probe", str(tiny_checkpoint), "--text", str(tmp_path / "t.c"), "--out", str(run), "--overwrite"]) == 0
+    assert len(open_run(run)) == 60
