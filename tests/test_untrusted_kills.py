@@ -204,3 +204,47 @@ def test_overwrite_refuses_a_run_holding_files_rnnscope_did_not_write(tmp_path, 
         (run / named).rmdir()
     assert main(["probe", str(tiny_checkpoint), "--text", str(tmp_path / "t.c"), "--out", str(run), "--overwrite"]) == 0
     assert len(open_run(run)) == 60
+
+
+# -- SIGKILL at the worst instant of a swap: the old Run or the new one, never neither -----------------
+
+KILLED_SWAP = '''import os, shutil, signal, sys
+from rnnscope import probe, zoo
+from rnnscope.store import writer
+where = sys.argv[4]
+if where == "aside":                    # the fallback (no RENAME_EXCHANGE): killed with the old Run moved aside
+    writer._exchange = lambda a, b: False
+    rename = os.rename
+    def killing_rename(a, b):
+        rename(a, b)
+        if str(b).endswith(".old"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    writer.os.rename = killing_rename
+else:                                   # exchanged, killed while the old Run is deleted
+    writer.shutil.rmtree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+probe.record(zoo.load(sys.argv[1]), sys.argv[2], sys.argv[3], overwrite=True, progress=False)
+'''
+
+
+@pytest.mark.parametrize("where", ["aside", "deleting"])
+def test_a_swap_killed_at_its_worst_instant_leaves_a_run_the_next_probe_keeps(tmp_path, tiny_checkpoint, where,
+                                                                              capsys):
+    from rnnscope import probe, zoo
+    from rnnscope.errors import RnnscopeError
+    out = probe.record(zoo.load(tiny_checkpoint), TEXT, tmp_path / "run", progress=False).path
+    (tmp_path / "kill.py").write_text(KILLED_SWAP)
+    proc = subprocess.run([sys.executable, str(tmp_path / "kill.py"), str(tiny_checkpoint), TEXT[:50], str(out),
+                           where], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    if where == "deleting":
+        assert len(open_run(out)) == 50                     # the new Run, whole
+    else:                                                   # no Run under its name: said in one line, with where
+        with pytest.raises(RnnscopeError) as e:
+            open_run(out)
+        msg = str(e.value)
+        assert "\n" not in msg and "killed while replacing it" in msg and ".run.partial-" in msg, msg
+    from rnnscope.cli import main                           # the next probe puts back or clears, then writes
+    (tmp_path / "t.c").write_text(TEXT[:70])
+    assert main(["probe", str(tiny_checkpoint), "--text", str(tmp_path / "t.c"), "--out", str(out), "--overwrite"]) == 0
+    assert len(open_run(out)) == 70
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]

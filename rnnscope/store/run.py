@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -258,12 +259,24 @@ def _from_v1(m: dict) -> None:
                    "mean_nats": mean if isinstance(mean, (int, float)) else float("nan")})
 
 
+def partials(out: Path) -> re.Pattern:
+    """The names a writer of ``out`` leaves beside it: ``.NAME.partial-PID[-XXXX]``, and with ``.old``
+    (group 2) the old Run a rename-aside swap moved out of the way (group 1: the writer's PID)."""
+    return re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)(?:-\w+)?(\.old)?$")
+
+
 def open_run(path) -> Run:
     """Open a Run written by ``rnnscope.probe.record`` / ``rnnscope probe``, checking every file
     against its manifest first (shapes, dtypes, sizes, the text and its checksum, the spans and
     documents against the text)."""
     path = Path(path)
     if not path.is_dir():
+        aside = sorted(p for p in path.parent.iterdir() if (m := partials(path).match(p.name)) and m[2]) \
+            if path.parent.is_dir() and not path.is_symlink() else []
+        if aside:           # the fallback swap's one instant with no Run under the name
+            raise RnnscopeError(f"no run at {path}: a probe killed while replacing it left the old Run at "
+                                f"{aside[-1]}", f"the next `rnnscope probe --out {path}` puts it back (or rename "
+                                "it back yourself)")
         raise RnnscopeError(f"no run at {path}", "create one with `rnnscope probe CHECKPOINT --text FILE --out RUN`")
     manifest = read_manifest(path)
     if manifest["format_version"] >= 3:

@@ -30,7 +30,7 @@ from rnnscope.errors import RnnscopeError
 from .files import alive, inside
 from .layout import char_spans, one_document
 from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, key_file
-from .run import is_run
+from .run import is_run, partials
 from .keys import KEY
 from .tables import DOCUMENTS_SCHEMA, TEMPORARY, UNITS_SCHEMA, write_parquet
 
@@ -164,7 +164,7 @@ def foreign_files(run: Path, limit: int = 3) -> list[str]:
 def clean_stale(out: Path, log=print) -> list[Path]:
     """Remove ``.NAME.partial-PID[-XXXX]`` directories whose writer is gone (a SIGKILLed probe), and say so.
     An old Run moved aside by a swap that was killed half-way is put back if nothing replaced it."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)(?:-\w+)?(\.old)?$")
+    pattern = partials(out)
     gone = []
     if not out.parent.is_dir():
         return gone
