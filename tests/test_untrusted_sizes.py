@@ -195,3 +195,19 @@ def test_a_contexts_table_with_a_missing_or_mistyped_value_is_refused_when_read(
         with pytest.raises(RnnscopeError, match=words) as e:
             read()
         assert "\n" not in str(e.value) and "contexts.parquet" in str(e.value)
+
+
+def test_a_watch_log_refresh_reads_only_the_blocks_written_since(tmp_path):
+    """Incremental: once read, a block is not read again (here an old block damaged after the open does
+    not stop a refresh), and the new block's rows join the tables."""
+    w = WatchLogWriter(tmp_path / "log", 1, MODEL, KEYS)
+    for s in range(5):
+        w.append(_block(s))
+    log = open_watch_log(tmp_path / "log")
+    assert len(log.steps) == 5 and log.refresh() == 0
+    sorted((tmp_path / "log" / "blocks").glob("*.arrow"))[1].write_bytes(b"damaged after it was read")
+    w.append(_block(5))
+    w.close()
+    assert log.refresh() == 1 and list(log.steps.step) == [0, 1, 2, 3, 4, 5] and len(log.decay) == 18
+    with pytest.raises(RnnscopeError, match="unreadable"):       # a fresh open reads every block again
+        open_watch_log(tmp_path / "log")
