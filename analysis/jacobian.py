@@ -114,6 +114,28 @@ def jacobian_blocks(layer: Layer, start: int = 0, stop: int | None = None, size:
                              h_prev, c_prev, layer.w_hr, layer.nonlinearity)
 
 
+def _usable_weights(model: nn.Module) -> None:
+    """Weights with values, all finite: a meta-device model has none, and a NaN weight reached the
+    SVD as LinAlgError (a diverged run's checkpoint)."""
+    for name, w in model.named_parameters():
+        if w.is_meta:
+            raise RnnscopeError(f"the model's parameter {name} is on the meta device: it has no values",
+                                "load its weights first (e.g. model.to_empty(device='cpu'), then load_state_dict)")
+        if w.is_floating_point() and not (ok := torch.isfinite(w)).all():
+            bad = int((~ok).sum())
+            raise RnnscopeError(f"the model's parameter {name} holds {bad:,} non-finite value{'s' * (bad > 1)}",
+                                "training diverged or the checkpoint is damaged; use an earlier checkpoint")
+
+
+def _finite_states(trace) -> None:
+    """Every recorded state finite (an input the model overflows on, or a NaN outside its parameters)."""
+    for key in trace:
+        ok = torch.isfinite(trace[key][0]).all(-1)
+        if not ok.all():
+            raise RnnscopeError(f"the model's state {key} is not finite from step {int((~ok).nonzero()[0, 0])} on",
+                                "the Jacobians need finite states: check the model's weights and this text")
+
+
 def recorded_layers(model: nn.Module, ids: torch.Tensor) -> list[Layer]:
     """Run ``model(ids)`` (``ids [1, time]``, one text) once under ``Probe`` and return every
     recurrent layer and direction with its states and gates in float64, in processing order. The
@@ -121,6 +143,7 @@ def recorded_layers(model: nn.Module, ids: torch.Tensor) -> list[Layer]:
     if ids.ndim != 2 or ids.shape[0] != 1:
         raise RnnscopeError(f"the Jacobian along a text takes one text (ids [1, time]), got {list(ids.shape)}",
                             "pass one sequence")
+    _usable_weights(model)
     was = model.training
     model.eval()
     try:
@@ -128,6 +151,7 @@ def recorded_layers(model: nn.Module, ids: torch.Tensor) -> list[Layer]:
             model(ids)
     finally:
         model.train(was)
+    _finite_states(p.trace)
     layers = []
     for name, m in recurrent_modules(model).items():
         fam = family_name(m)

@@ -34,6 +34,7 @@ from rnnscope.probe import model_checksum
 from rnnscope.probe.corpus import read_documents
 from rnnscope.store import Run, open_run
 from rnnscope.store import inside, read_table, table_path, write_json, write_table  # noqa: F401 (re-exported)
+from rnnscope.store.tables import write_tables
 
 from . import causal
 from .contexts import top_contexts
@@ -214,13 +215,11 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
                 f"of {controls} random units")
         if rows:
             out["ablation"] = pd.concat(rows, ignore_index=True)
-    for name, frame in out.items():
-        write_table(run, name, frame)
     tested = {k: v for k, v in out["neurons"].attrs.items() if isinstance(v, (int, float, str))}
     summary = {"tables": sorted(out), "skipped": skipped, "heldout": heldout, "shifts": shifts,
                "language": src.language, "features": sorted(set(out["neurons"]["feature"])), "neuron_tests": tested, "exploding_steps": exploding,
                "nonfinite_gradient_steps": nonfinite}
-    write_json(run, "summary", summary)
+    write_tables(run, out, {"summary": summary})     # all or none: an interrupt keeps the old tables
     out["summary"] = summary
     return out
 

@@ -21,6 +21,15 @@ from rnnscope.probe import Probe, parse_key
 from rnnscope.probe.intervention import Intervention
 
 
+# a clamp holds a state; tanh(20) is 1 in float32, so a state of 1e6 already saturates every gate it
+# feeds, and 1e308 overflowed float32 to inf (a RuntimeError, or NaN logits sampled as the last character)
+CLAMP_LIMIT = 1e6
+# the prime runs step by step under a clamp (the edit changes the recurrence at every step): 6 steps a
+# millisecond for a 16-unit LSTM, so a 128 KB prime took 21 s before the first character, and a model fed
+# its whole prefix each step pays that at every character; a prime is a context, not a corpus
+PRIME_LIMIT = 10_000
+
+
 def parse_clamp(spec: str) -> tuple[str, float]:
     """``'rnn.l0.c:199=2.5' -> ('rnn.l0.c:199', 2.5)``."""
     unit, eq, value = spec.rpartition("=")
@@ -30,7 +39,16 @@ def parse_clamp(spec: str) -> tuple[str, float]:
         number = float("nan")
     if not eq or not unit or not np.isfinite(number):
         raise RnnscopeError(f"{spec!r} is not a clamp", "write clamps as KEY:INDEX=VALUE, e.g. rnn.l0.c:199=2.5")
-    return unit, number
+    return unit, clamp_value(unit, number)
+
+
+def clamp_value(unit: str, value) -> float:
+    """``value`` as the float a unit is held at, refused unless a finite number within ``CLAMP_LIMIT``."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not np.isfinite(value) or abs(value) > CLAMP_LIMIT:
+        raise RnnscopeError(f"the clamp {str(unit)[:80]}={str(value)[:40]} is not a finite number within "
+                            f"±{CLAMP_LIMIT:.0e}", "clamp a unit to a value a state can hold, e.g. -3 or 2.5")
+    return float(value)
 
 
 def _widths(model, ids: torch.Tensor, keys: set[str]) -> dict[str, int]:
@@ -53,6 +71,7 @@ def _edits(clamps: dict[str, float], widths: dict[str, int], rows: int) -> dict:
         parse_key(key)
         if not index.isascii() or not index.isdigit() or int(index) >= widths[key]:
             raise RnnscopeError(f"{unit}: {key} has {widths[key]} units", f"use an index from 0 to {widths[key] - 1}")
+        value = clamp_value(unit, value)
         mask, fill = edits.get(key, (torch.zeros(rows, widths[key], dtype=torch.bool), torch.zeros(rows, widths[key])))
         mask[1::2, int(index)] = True
         fill[1::2, int(index)] = value
@@ -91,6 +110,10 @@ def generate(model, vocab, prime: str, length: int, *, clamps: dict[str, float] 
         raise RnnscopeError(f"length must be at least 1 (got {length})", "pass --length N")
     if temperature < 0 or not np.isfinite(temperature):
         raise RnnscopeError(f"temperature must be 0 or more (got {temperature})", "pass e.g. --temperature 0.8")
+    if len(prime) > PRIME_LIMIT:
+        raise RnnscopeError(f"the prime is {len(prime):,} characters, more than a prime can be (at most "
+                            f"{PRIME_LIMIT:,}: it runs step by step before the first character)",
+                            "start from the last part of it (--prime)")
     ids = vocab.encode(prime)
     seeds = list(seeds)
     rows = 2 * len(seeds)
@@ -112,6 +135,9 @@ def generate(model, vocab, prime: str, length: int, *, clamps: dict[str, float] 
                 else:
                     output = model(torch.cat([seq, out[:, :t]], 1))
                 logits = _logits(output, len(vocab))
+                if not torch.isfinite(logits).all():        # softmax of NaN would sample the last character
+                    raise RnnscopeError(f"the model's next-character logits are not finite at character {t}",
+                                        "check the checkpoint's weights, or clamp to a smaller value")
                 if temperature == 0:
                     nxt = logits.argmax(-1)
                 else:

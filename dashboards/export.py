@@ -14,7 +14,7 @@ import numpy as np
 from bokeh.models import ColumnDataSource
 
 from rnnscope.store import Run, open_run, read_table
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, escaped
 
 from .figures import heatmap_figure, shown, text_figure
 from .queries import axis_name, loss_name, step_word, text_cells
@@ -175,6 +175,15 @@ def chromium_driver(*, console_log: bool = False, size: tuple[int, int] = (1600,
     return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
 
 
+def page_title(fig) -> str:
+    """The HTML page's ``<title>``: the figure's title as plain text (Bokeh 3 may hold it as a
+    ``PlainText`` model, whose repr became the title), hidden characters escaped, cut to ``LIMIT``
+    characters (a document name may be a megabyte); Bokeh's template escapes it as HTML."""
+    text = getattr(getattr(fig, "title", None), "text", None)
+    text = getattr(text, "text", text)
+    return escaped(text) if isinstance(text, str) and text.strip() else "rnnscope"
+
+
 def export(fig, out) -> Path:
     """Write ``fig`` to ``out`` (.png, .svg or .html), atomically: a failed export leaves nothing."""
     out = Path(out)
@@ -188,8 +197,7 @@ def export(fig, out) -> Path:
         if out.suffix == ".html":
             from bokeh.embed import file_html
             from bokeh.resources import INLINE
-            tmp.write_text(file_html(fig, INLINE, title=fig.title.text if fig.title else "rnnscope"),
-                           encoding="utf-8")
+            tmp.write_text(file_html(fig, INLINE, title=page_title(fig)), encoding="utf-8")
         else:
             from bokeh.io import export_png, export_svg
             driver = chromium_driver()

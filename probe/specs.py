@@ -27,7 +27,7 @@ from rnnscope.errors import RnnscopeError, call_user, failure, first_line
 
 from .cells import cell_modules
 from .keys import recurrent_modules
-from .subject import Subject
+from .subject import Subject, takes_document
 from . import torchscript
 
 ARCHIVES = (".pt", ".pth", ".ts", ".ptl", ".jit", ".zip")
@@ -55,7 +55,40 @@ def load(spec, *, encoder=None, **zoo_options):
         subject = as_subject(call(resolve(spec, "--model"), spec), spec)
     if encoder is not None:
         subject.encoder = encoder
+    subject.call = checked_call(subject.call)
     return subject
+
+
+def checked_call(call):
+    """The user's ``call(model, ids[, document=])`` (or ``model(ids)``), refused in one line when it
+    replaces a recurrent module of the model (rnnscope records the modules the model held: a new one
+    each call recorded nothing), runs none of them, or returns None."""
+    inner = call or (lambda model, ids: model(ids))
+
+    def checked(model, ids, **document):
+        held = {**recurrent_modules(model), **cell_modules(model)}
+        ran: set[str] = set()
+        hooks = [m.register_forward_hook(lambda *_, name=name: ran.add(name)) for name, m in held.items()]
+        try:
+            out = inner(model, ids, **document)
+        finally:
+            for h in hooks:
+                h.remove()
+        now = {**recurrent_modules(model), **cell_modules(model)}
+        replaced = [name for name, m in held.items() if now.get(name) is not m]
+        if replaced:
+            raise RnnscopeError(f"the model's forward replaced its recurrent module {replaced[0]} with another",
+                                "create it once, in __init__, and only call it in forward")
+        if not ran:
+            raise RnnscopeError(f"the model's forward never ran its recurrent module{'s' * (len(held) > 1)} "
+                                f"{', '.join(list(held)[:4])}", "call it in forward (or give Subject(call=fn) that "
+                                "runs the model through it)")
+        if out is None:
+            raise RnnscopeError("the model's call returned None", "return the model's output, e.g. return model(ids)")
+        return out
+    if call is not None and takes_document(call):
+        return lambda model, ids, document: checked(model, ids, document=document)
+    return checked
 
 
 def archive(path: Path) -> nn.Module:

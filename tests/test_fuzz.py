@@ -11,10 +11,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import char_model
 from rnnscope.cli import main
+from rnnscope.errors import RnnscopeError
 from rnnscope.probe import record
 from rnnscope.zoo import save
 
@@ -188,3 +192,127 @@ def test_a_mutated_checkpoint_is_probed_or_refused_in_one_line(seed, pristine, t
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], what   # no partial left behind
     after = snapshot(tmp_path, out)
     assert before == after, what
+
+
+# -- tables and watch-log blocks, mutated as bytes and as Arrow data, read by their own readers ----------
+
+def _flip_or_cut(data: bytes, rng: random.Random) -> bytes:
+    """Bit flips (half of them in the last 300 bytes, where Parquet's and Arrow's footers are) or a cut."""
+    if rng.random() < 0.3:
+        return data[: rng.randrange(0, len(data))]
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        lo = max(0, len(b) - 300) if rng.random() < 0.5 else 0
+        b[rng.randrange(lo, len(b))] ^= 1 << rng.randrange(8)
+    return bytes(b)
+
+
+def _other_type(col: pa.ChunkedArray, rng: random.Random) -> pa.Array:
+    n = len(col)
+    return rng.choice([pa.array(["x"] * n), pa.array([2 ** 62] * n), pa.array([float("nan")] * n),
+                       pa.array([[1.0]] * n), pa.array([b"\x00"] * n), pa.nulls(n),
+                       pa.array([{"a": 1}] * n), pa.array(["a"] * n).dictionary_encode(),
+                       pa.array(np.zeros(n, "datetime64[ns]")), pa.array([True] * n)])
+
+
+def mutate_arrow(table: pa.Table, rng: random.Random) -> tuple[pa.Table, str]:
+    """A column dropped, renamed or given another type: a file that reads, with the wrong schema."""
+    i = rng.randrange(table.num_columns)
+    name, action = table.column_names[i], rng.choice(["drop", "rename", "type", "type"])
+    if action == "drop":
+        return table.remove_column(i), f"drop {name}"
+    if action == "rename":
+        return table.rename_columns([c if j != i else rng.choice(["", "../x", "key ", "Key"])
+                                     for j, c in enumerate(table.column_names)]), f"rename {name}"
+    new = _other_type(table.column(i), rng)
+    return table.set_column(i, name, new), f"{name} as {new.type}"
+
+
+def _read_all_tables(run: Path) -> None:
+    from rnnscope.store.run import open_run
+    from rnnscope.store.tables import SCHEMAS, read_table
+    r = open_run(run)
+    assert len(r.documents) >= 1
+    for name in SCHEMAS:
+        frame = read_table(run, name)
+        assert frame is None or isinstance(frame, pd.DataFrame)
+
+
+@pytest.mark.parametrize("seed", range(EXAMPLES))
+def test_a_mutated_parquet_table_reads_or_is_refused_in_one_line(seed, pristine, tmp_path):
+    """analysis/*.parquet and documents.parquet: bytes flipped or cut, or a real file of the wrong schema."""
+    rng = random.Random(3000 + seed)
+    run = tmp_path / "run"
+    shutil.copytree(pristine / "run", run)
+    target = rng.choice(sorted((run / "analysis").glob("*.parquet")) + [run / "documents.parquet"] * 3)
+    if rng.random() < 0.5:
+        target.write_bytes(_flip_or_cut(target.read_bytes(), rng))
+        what = f"{target.name}: bytes"
+    else:
+        table, what = mutate_arrow(pq.read_table(target), rng)
+        pq.write_table(table, target)
+        what = f"{target.name}: {what}"
+    try:
+        _read_all_tables(run)
+    except RnnscopeError as err:
+        assert "\n" not in str(err) and " — " in str(err), (what, str(err))
+
+
+@pytest.fixture(scope="module")
+def watch_log(tmp_path_factory):
+    """A real watch log: a two-layer LSTM trained for 12 steps, watched every 2, a block every 2 watched."""
+    import torch
+    from torch import nn
+
+    import rnnscope as rs
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.head = nn.Embedding(7, 4), nn.LSTM(4, 6, 2, batch_first=True), nn.Linear(6, 7)
+
+        def forward(self, x):
+            return self.head(self.rnn(self.emb(x))[0])
+
+    torch.manual_seed(0)
+    model, log = Tagger(), tmp_path_factory.mktemp("watch") / "log"
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with rs.Watch(model, out=log, every=2, flush_every=2) as watch:
+        for step in range(12):
+            x = torch.randint(0, 7, (2, 6), generator=torch.Generator().manual_seed(step))
+            with watch.step(step):
+                loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+                loss.backward()
+                watch.loss(loss)
+            opt.step()
+            opt.zero_grad()
+    assert len(list((log / "blocks").glob("*.arrow"))) == 3
+    return log
+
+
+# 397 flips a string offset past its buffer: read unvalidated, pandas raised ArrowException (or crashed)
+@pytest.mark.parametrize("seed", sorted({397, *range(EXAMPLES)}))
+def test_a_mutated_watch_log_block_reads_or_is_refused_in_one_line(seed, watch_log, tmp_path):
+    import warnings
+
+    from rnnscope.store.watchlog import TABLES, open_watch_log
+    rng = random.Random(4000 + seed)
+    log = tmp_path / "log"
+    shutil.copytree(watch_log, log)
+    target = rng.choice(sorted((log / "blocks").glob("*.arrow")))
+    if rng.random() < 0.6:
+        target.write_bytes(_flip_or_cut(target.read_bytes(), rng))
+        what = f"{target.name}: bytes"
+    else:
+        table = pa.ipc.open_file(pa.py_buffer(target.read_bytes())).read_all()
+        table, what = mutate_arrow(table, rng)
+        with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = open_watch_log(log)
+        for t in TABLES:
+            assert isinstance(getattr(w, t), pd.DataFrame), what
+    except RnnscopeError as err:
+        assert "\n" not in str(err) and " — " in str(err), (what, str(err))

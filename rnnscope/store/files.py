@@ -19,7 +19,8 @@ def atomic_write(path, write) -> Path:
     instant leaves either the old file or the new one, never half of one, and no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # the PID tells a later writer whether a temporary left behind is a killed writer's (``alive``)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -28,6 +29,17 @@ def atomic_write(path, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs (another user's counts: it cannot be signalled, but it is there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def inside(root, relative: str, *, write: bool = False, what: str = "the Run",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .docfields import parsed, with_fields
 from .files import inside, read_bytes, regular_file
 from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, key_dtype, key_file
 from .layout import StepLayout
-from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, read_parquet
+from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, footer_rows, read_parquet
 
 MANIFEST_LIMIT = 64 << 20       # a manifest holds names and counts: far below this even for huge models
 
@@ -252,7 +253,11 @@ def _read_steps(path: Path, manifest: dict) -> dict:
             raise RnnscopeError(f"{path}/ids.npy holds the negative id {int(ids.min())}", RECORD)
     file = inside(path, "documents.parquet")
     regular_file(file, "the Run's document table", RECORD)
-    table = read_parquet(file, DOCUMENTS_SCHEMA)
+    # the manifest's count bounds the rows before any is read: the footer's own, then while reading
+    if (declared := footer_rows(file, RECORD)) != manifest["documents"]:
+        raise RnnscopeError(f"{file}'s footer declares {declared:,} documents but the manifest says "
+                            f"{manifest['documents']:,}", RECORD)
+    table = read_parquet(file, DOCUMENTS_SCHEMA, rows=manifest["documents"], fix=RECORD)
     docs = table[list(DOCUMENTS_SCHEMA)]
     if len(docs) != manifest["documents"]:
         raise RnnscopeError(f"{file} has {len(docs):,} documents but the manifest says {manifest['documents']:,}",
@@ -326,12 +331,24 @@ def _from_v1(m: dict) -> None:
                    "mean_nats": mean if isinstance(mean, (int, float)) else float("nan")})
 
 
+def partials(out: Path) -> re.Pattern:
+    """The names a writer of ``out`` leaves beside it: ``.NAME.partial-PID[-XXXX]``, and with ``.old``
+    (group 2) the old Run a rename-aside swap moved out of the way (group 1: the writer's PID)."""
+    return re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)(?:-\w+)?(\.old)?$")
+
+
 def open_run(path) -> Run:
     """Open a Run written by ``rnnscope.probe.record`` / ``rnnscope probe``, checking every file
     against its manifest first (shapes, dtypes, sizes, the text and its checksum, the spans and
     documents against the text)."""
     path = Path(path)
     if not path.is_dir():
+        aside = sorted(p for p in path.parent.iterdir() if (m := partials(path).match(p.name)) and m[2]) \
+            if path.parent.is_dir() and not path.is_symlink() else []
+        if aside:           # the fallback swap's one instant with no Run under the name
+            raise RnnscopeError(f"no run at {path}: a probe killed while replacing it left the old Run at "
+                                f"{aside[-1]}", f"the next `rnnscope probe --out {path}` puts it back (or rename "
+                                "it back yourself)")
         raise RnnscopeError(f"no run at {path}", "create one with `rnnscope probe CHECKPOINT --text FILE --out RUN`")
     manifest = read_manifest(path)
     if manifest["format_version"] >= 3:

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from rnnscope.errors import RnnscopeError, first_line
 
 from .files import atomic_write, inside, read_bytes
+from .ipc import declared_size
 from .keys import KEY
 
 FORMAT, FORMAT_VERSION = "rnnscope-watch", 1
@@ -56,15 +57,14 @@ _MANIFEST_LIMIT = 1 << 20
 # a block is the tables of ``flush_every`` watched steps: steps x keys x lags rows, kilobytes to a few
 # MB; a larger file (a 57 MB compressed block unpacked to 4 GB) is refused before it is read
 BLOCK_LIMIT = 64 << 20
+# and once decompressed (its own footer's count, before anything is unpacked): four times a block that
+# large uncompressed, and rows for 10 steps x 32 keys x a BPTT window of 25,000 lags
+UNPACKED_LIMIT, BLOCK_ROWS = 256 << 20, 8_000_000
 # a lag or timestep is a position in one training sequence: no BPTT window is longer, and a lag of 1e12
 # in one row sized a 7 TiB array for its plot
 MAX_LAG = 10_000_000
 NOT_LOG = "point at the folder a Watch wrote (its out=)"
 LINKED = "the log is damaged or hostile; point at a watch log whose files are its own"
-
-
-def _empty(name: str) -> pd.DataFrame:
-    return SCHEMAS[name].empty_table().to_pandas()
 
 
 def _block_name(first: int, last: int, n: int = 0) -> str:
@@ -140,22 +140,37 @@ def is_watch_log(path) -> bool:
     return isinstance(m, dict) and m.get("format") == FORMAT
 
 
-def _read_block(path: Path) -> dict[str, pd.DataFrame]:
+def _read_block(path: Path) -> dict[str, pa.Table]:
     """One block's four tables; raises ``ValueError`` with a short reason when it is unreadable or wrong."""
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("not a regular file")
     if st.st_size > BLOCK_LIMIT:
         raise ValueError(f"it is {st.st_size:,} bytes, more than a block can be ({BLOCK_LIMIT >> 20} MB)")
+    # read whole rather than mapped: a file cut short under a live view would be a SIGBUS, not an error
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+        data = f.read(BLOCK_LIMIT + 1)
+    size, rows = declared_size(data)
+    if size > UNPACKED_LIMIT or rows > BLOCK_ROWS:
+        raise ValueError(f"it unpacks to {size:,} bytes in {rows:,} rows, more than a block can "
+                         f"({UNPACKED_LIMIT >> 20} MB, {BLOCK_ROWS:,} rows)")
     try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
+        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        table.validate(full=True)       # offsets inside their buffers before anything reads the strings
+        return _split(table)
     except (pa.ArrowException, OSError) as err:
         raise ValueError(first_line(err, 100)) from None
+
+
+def _split(table: pa.Table) -> dict[str, pa.Table]:
+    """A block's union table as its four tables, each cast to its schema and checked."""
     if "table" not in table.column_names:
         raise ValueError("it has no 'table' column")
     if not pa.types.is_string(table.schema.field("table").type):
         raise ValueError(f"its 'table' column holds {table.schema.field('table').type}, not text (a wrong schema)")
+    nulls = [f.name for f in table.schema if pa.types.is_null(f.type)]
+    if nulls:           # no column of a block is untyped; a null column of 1e9 rows costs nothing on disk
+        raise ValueError(f"its column {nulls[0][:40]!r} has no type (a wrong schema)")
     out = {}
     for name, schema in SCHEMAS.items():
         part = table.filter(pc.equal(table["table"], name))
@@ -170,16 +185,22 @@ def _read_block(path: Path) -> dict[str, pd.DataFrame]:
                 cols[f.name] = part[f.name].cast(f.type)
             except (pa.ArrowException, ValueError):
                 raise ValueError(f"its {name} column {f.name!r} holds {part[f.name].type}, not {f.type}") from None
-        frame = pa.table(cols, schema=schema).to_pandas()
+        part = pa.table(cols, schema=schema)
+        # checked in Arrow, block by block (a bad one is named); pandas only once, for the whole log
         for col in ("lag", "t"):
-            if col in frame and len(frame) and not frame[col].between(0, MAX_LAG).all():
-                bad = frame[col][~frame[col].between(0, MAX_LAG)].iloc[0]
-                raise ValueError(f"its {name} {col} {bad} is not a position in a sequence (0 to {MAX_LAG:,})")
-        if "key" in frame:
+            if col in schema.names and len(part):
+                inside_ = pc.and_(pc.greater_equal(part[col], 0), pc.less_equal(part[col], MAX_LAG))
+                bad = pc.invert(pc.fill_null(inside_, False))
+                if pc.any(bad).as_py():
+                    raise ValueError(f"its {name} {col} {part[col].filter(bad)[0].as_py()} is not a position in a "
+                                     f"sequence (0 to {MAX_LAG:,})")
+        if "key" in schema.names and len(part):
             pattern = LAYER if name == "layers" else KEY
-            bad = frame["key"][~frame["key"].astype(str).str.match(pattern.pattern)]
-            if len(bad):
-                raise ValueError(f"its {name} key {str(bad.iloc[0])[:60]!r} is not a state key or layer")
+            bad = pc.invert(pc.fill_null(pc.match_substring_regex(part["key"], pattern.pattern), False))
+            if pc.any(bad).as_py():
+                raise ValueError(f"its {name} key {str(part['key'].filter(bad)[0].as_py())[:60]!r} is not a state "
+                                 "key or layer")
+        frame = part
         out[name] = frame
     return out
 
@@ -193,7 +214,7 @@ class WatchLog:
         if not self.path.is_dir():
             raise RnnscopeError(f"{self.path} is not a folder holding a watch log", NOT_LOG)
         self.manifest = read_manifest(self.path)
-        self._frames = {name: [_empty(name)] for name in TABLES}
+        self._frames = {name: [SCHEMAS[name].empty_table()] for name in TABLES}      # Arrow, block by block
         self._cache: dict[str, pd.DataFrame] = {}
         self._read: set[str] = set()
         self.dropped: str | None = None        # the torn last block skipped, if any
@@ -230,10 +251,9 @@ class WatchLog:
 
     def _table(self, name: str) -> pd.DataFrame:
         if name not in self._cache:
-            frames = self._frames[name]
-            frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-            self._frames[name] = [frame]
-            self._cache[name] = frame
+            frames = pa.concat_tables(self._frames[name])       # one conversion for every block read
+            self._frames[name] = [frames]
+            self._cache[name] = frames.to_pandas()
         return self._cache[name]
 
     steps = property(lambda self: self._table("steps"))

@@ -27,12 +27,15 @@ import pandas as pd
 
 from rnnscope.errors import RnnscopeError
 
-from .files import inside
+from .files import alive, inside
 from .layout import char_spans, one_document
 from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, key_file
-from .run import is_run
+from .run import is_run, partials
 from .docfields import stored
-from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, write_parquet
+from .keys import KEY
+from .tables import DOCUMENTS_SCHEMA, TEMPORARY, UNITS_SCHEMA, write_parquet
+
+_alive = alive          # (store.shards imports it by this name)
 
 try:
     import fcntl
@@ -92,16 +95,6 @@ def text_bytes(text: str) -> bytes:
                             "remove unpaired surrogates from the text") from None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # another user's process
-        return True
-    return True
-
-
 def check_out(out, overwrite: bool) -> Path:
     """Refuse an output that is not a new path, an empty directory, or (with ``overwrite``) a Run.
     Nothing is written: every refusal leaves the disk as it was."""
@@ -125,19 +118,60 @@ def check_out(out, overwrite: bool) -> Path:
     if any(out.iterdir()) and not is_run(out):
         raise RnnscopeError(f"{out} is not a Run (no rnnscope manifest.json), so --overwrite will not replace it",
                             f"{choose}, or move that directory away yourself")
+    foreign = foreign_files(out)
+    if foreign:             # refused, not kept: a Run holds only what rnnscope reads back and checks
+        raise RnnscopeError(f"{out} holds files rnnscope did not write ({', '.join(foreign)}), which --overwrite "
+                            "would delete", f"move them out of the Run first, or {choose}")
     return out
+
+
+# what rnnscope writes in a Run (``store.run``), and in each shard of a sharded one (``store.shards``)
+RUN_FILES = {"manifest.json", "text.txt", "spans.npy", "ids.npy", "documents.parquet", "loss.npy",
+             "document_loss.npy", "units.parquet"}
+_TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.(?:parquet|json)$")
+_SHARD = re.compile(r"^(?:[0-9]{5,9}|\.[0-9]{5,9}\.partial-[A-Za-z0-9_.]+-\d+-\w+)$")
+
+
+def foreign_files(run: Path, limit: int = 3) -> list[str]:
+    """The first ``limit`` paths under the Run folder ``run`` that rnnscope did not write (a link is
+    never one of its own): what ``--overwrite`` would delete with the Run."""
+    found: list[str] = []
+
+    def walk(folder: Path, rel: str, shard: bool) -> None:
+        for p in sorted(folder.iterdir()):
+            name, is_dir = rel + p.name, p.is_dir() and not p.is_symlink()
+            if len(found) >= limit:
+                return
+            if not is_dir and not p.is_symlink() and p.name in RUN_FILES:
+                continue
+            if is_dir and p.name == "states":
+                found.extend(f"{name}/{q.name}" for q in sorted(p.iterdir()) if q.is_symlink() or not q.is_file()
+                             or not (q.name.endswith(".npy") and KEY.match(q.name[:-4])))
+            elif is_dir and p.name == "analysis" and not shard:
+                found.extend(f"{name}/{q.name}" for q in sorted(p.iterdir()) if q.is_symlink() or not q.is_file()
+                             or not (_TABLE.match(q.name) or TEMPORARY.match(q.name)))
+            elif is_dir and p.name == "shards" and not shard:
+                for q in sorted(p.iterdir()):
+                    if q.is_dir() and not q.is_symlink() and _SHARD.match(q.name):
+                        walk(q, f"{name}/{q.name}/", True)
+                    else:
+                        found.append(f"{name}/{q.name}")
+            else:
+                found.append(name + "/" * is_dir)
+    walk(run, "", False)
+    return found[:limit]
 
 
 def clean_stale(out: Path, log=print) -> list[Path]:
     """Remove ``.NAME.partial-PID[-XXXX]`` directories whose writer is gone (a SIGKILLed probe), and say so.
     An old Run moved aside by a swap that was killed half-way is put back if nothing replaced it."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.partial-(\d+)(?:-\w+)?(\.old)?$")
+    pattern = partials(out)
     gone = []
     if not out.parent.is_dir():
         return gone
     for p in sorted(out.parent.iterdir()):
         m = pattern.match(p.name)
-        if not m or int(m[1]) == os.getpid() or _alive(int(m[1])) or not p.is_dir() or p.is_symlink():
+        if not m or int(m[1]) == os.getpid() or alive(int(m[1])) or not p.is_dir() or p.is_symlink():
             continue
         if m[2] and not out.exists() and not out.is_symlink():
             os.rename(p, out)
