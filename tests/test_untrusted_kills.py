@@ -1,7 +1,7 @@
 """Issue 24, kills and a full disk: what a command says is what happened, and the old Run survives."""
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,27 +192,47 @@ def test_temporaries_of_a_killed_analyze_are_never_tables_and_the_next_write_rem
 
 # -- --overwrite replaces a Run, and only what rnnscope wrote in it ------------------------------------
 
-@pytest.mark.parametrize("extra", ["notes.txt", "states/README", "analysis/my_plot.png", "mine/data.csv"])
+@pytest.mark.parametrize("extra", ["states/README", "analysis/my_plot.png"])
 def test_overwrite_refuses_a_run_holding_files_rnnscope_did_not_write(tmp_path, tiny_checkpoint, extra, capsys):
+    """Inside the folders rnnscope reads back and checks, a file of someone else's is refused, not deleted."""
     from rnnscope import probe, zoo
     from rnnscope.cli import main
     ck = zoo.load(tiny_checkpoint)
     run = probe.record(ck, TEXT, tmp_path / "run", progress=False).path
     assert main(["analyze", str(run), "--no-decay", "--shifts", "2"]) == 0        # its own tables are its own
-    (run / extra).parent.mkdir(exist_ok=True)
     (run / extra).write_text("the user's own")
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     (tmp_path / "t.c").write_text(TEXT[:60])
     assert main(["probe", str(tiny_checkpoint), "--text", str(tmp_path / "t.c"), "--out", str(run), "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    named = extra if "/" not in extra or extra.startswith(("states/", "analysis/")) else extra.split("/")[0] + "/"
-    assert err.startswith("rnnscope: error:") and f"({named})" in err and "would delete" in err, err
+    assert err.startswith("rnnscope: error:") and f"({extra})" in err and "would delete" in err, err
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before and (run / extra).exists()
     (run / extra).unlink()                                  # once moved out, the Run is replaced
-    if named.endswith("/"):
-        (run / named).rmdir()
     assert main(["probe", str(tiny_checkpoint), "--text", str(tmp_path / "t.c"), "--out", str(run), "--overwrite"]) == 0
     assert len(open_run(run)) == 60
+
+
+def test_overwrite_carries_the_users_own_files_at_the_top_of_the_run_into_the_new_one(tmp_path, tiny_checkpoint):
+    """An exported figure, notes, a folder of one's own, a link: kept, byte for byte, in the Run that
+    replaces the old one; the old Run's tables go with it."""
+    from rnnscope import probe, zoo
+    from rnnscope.cli import main
+    ck = zoo.load(tiny_checkpoint)
+    run = probe.record(ck, TEXT, tmp_path / "run", progress=False).path
+    assert main(["analyze", str(run), "--no-decay", "--shifts", "2"]) == 0
+    assert main(["export", str(run), "--unit", "rnn.l0.h:0", "--out", str(run / "unit.html")]) == 0
+    (run / "notes.txt").write_text("the user's own")
+    (run / "mine").mkdir()
+    (run / "mine" / "data.csv").write_bytes(b"a,b\n1,2\n")
+    (run / "link").symlink_to(tmp_path / "elsewhere")
+    page = (run / "unit.html").read_bytes()
+    (tmp_path / "t.c").write_text(TEXT[:60])
+    assert main(["probe", str(tiny_checkpoint), "--text", str(tmp_path / "t.c"), "--out", str(run), "--overwrite"]) == 0
+    assert len(open_run(run)) == 60 and not (run / "analysis").exists()
+    assert (run / "unit.html").read_bytes() == page and (run / "notes.txt").read_text() == "the user's own"
+    assert (run / "mine" / "data.csv").read_bytes() == b"a,b\n1,2\n"
+    assert (run / "link").is_symlink() and os.readlink(run / "link") == str(tmp_path / "elsewhere")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]     # nothing left beside it
 
 
 # -- SIGKILL at the worst instant of a swap: the old Run or the new one, never neither -----------------

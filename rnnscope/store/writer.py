@@ -119,22 +119,51 @@ def check_out(out, overwrite: bool) -> Path:
         raise RnnscopeError(f"{out} is not a Run (no rnnscope manifest.json), so --overwrite will not replace it",
                             f"{choose}, or move that directory away yourself")
     foreign = foreign_files(out)
-    if foreign:             # refused, not kept: a Run holds only what rnnscope reads back and checks
+    if foreign:             # inside the folders rnnscope reads back and checks: refused, never carried over
         raise RnnscopeError(f"{out} holds files rnnscope did not write ({', '.join(foreign)}), which --overwrite "
                             "would delete", f"move them out of the Run first, or {choose}")
     return out
 
 
+def kept_files(run: Path) -> list[Path]:
+    """What the user put at the top of the Run folder ``run`` (an exported figure, notes, a folder of
+    their own): ``--overwrite`` carries it into the Run that replaces this one, never deletes it."""
+    return [p for p in sorted(run.iterdir()) if not _own_top(p)]
+
+
+def _own_top(p: Path) -> bool:
+    is_dir = p.is_dir() and not p.is_symlink()
+    return (p.name in RUN_FILES and not is_dir and not p.is_symlink()) or (is_dir and p.name in RUN_DIRS)
+
+
+def carry_kept(old: Path, new: Path) -> None:
+    """Copy ``kept_files(old)`` into the unfinished Run ``new`` (a link as a link), before the swap: a kill
+    at any moment leaves them in the old Run or in both."""
+    for p in kept_files(old):
+        target = new / p.name
+        if target.exists() or target.is_symlink():
+            raise RnnscopeError(f"{old}/{p.name} is not rnnscope's, and the new Run writes {p.name}",
+                                "move it out of the Run first")
+        if p.is_symlink():
+            os.symlink(os.readlink(p), target)
+        elif p.is_dir():
+            shutil.copytree(p, target, symlinks=True)
+        else:
+            shutil.copy2(p, target)
+
+
 # what rnnscope writes in a Run (``store.run``), and in each shard of a sharded one (``store.shards``)
 RUN_FILES = {"manifest.json", "text.txt", "spans.npy", "ids.npy", "documents.parquet", "loss.npy",
              "document_loss.npy", "units.parquet"}
+RUN_DIRS = {"states", "analysis", "shards", "attention", "source"}
 _TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.(?:parquet|json)$")
 _SHARD = re.compile(r"^(?:[0-9]{5,9}|\.[0-9]{5,9}\.partial-[A-Za-z0-9_.]+-\d+-\w+)$")
 
 
 def foreign_files(run: Path, limit: int = 3) -> list[str]:
-    """The first ``limit`` paths under the Run folder ``run`` that rnnscope did not write (a link is
-    never one of its own): what ``--overwrite`` would delete with the Run."""
+    """The first ``limit`` paths inside the Run's own folders (``states/``, ``analysis/``, a shard) that
+    rnnscope did not write (a link is never one of its own): what ``--overwrite`` would delete with the
+    Run. What the user put at the Run's top is carried over instead (``kept_files``)."""
     found: list[str] = []
 
     def walk(folder: Path, rel: str, shard: bool) -> None:
@@ -156,7 +185,7 @@ def foreign_files(run: Path, limit: int = 3) -> list[str]:
                         walk(q, f"{name}/{q.name}/", True)
                     else:
                         found.append(f"{name}/{q.name}")
-            else:
+            elif shard:
                 found.append(name + "/" * is_dir)
     walk(run, "", False)
     return found[:limit]
@@ -335,6 +364,8 @@ def swap_in(tmp: Path, out: Path, overwrite: bool, placed=lambda: None) -> None:
         except RnnscopeError as err:
             raise RnnscopeError(f"{err.problem} (written by another process while this probe ran)",
                                 err.fix) from None
+        if out.exists():
+            carry_kept(out, tmp)
         if not out.exists():
             os.rename(tmp, out)
             placed()
