@@ -14,8 +14,10 @@ go into the page escaped (``queries.esc``) in Divs that never typeset TeX, or as
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
+from pathlib import Path
 
 from bokeh.layouts import column, row
 from bokeh.models import Select
@@ -43,8 +45,25 @@ def describe(manifest: dict) -> str:
             f"watched every {esc(manifest.get('every', '?'))} steps")
 
 
+_LOGS: dict = {}
+
+
+def shared_log(path):
+    """The server's one reader of the watch log at ``path``: its blocks read once, at the first page, then
+    only the new ones, however many sessions are open (3,000 blocks took 11 s for each page load when
+    every session read them all); each page keeps its own place in it (``LivePage.seen``)."""
+    try:                         # a log started afresh in the same folder is another log: read it anew
+        key = (str(Path(path).resolve()), os.stat(Path(path) / "watch.json").st_ino)
+    except OSError:
+        return open_watch_log(path)              # its one-line refusal
+    if key not in _LOGS:
+        _LOGS[key] = open_watch_log(path)
+    return _LOGS[key]
+
+
 class LivePage:
-    """One session's page over one watch log (its own reader: sessions never share a cursor)."""
+    """One session's page over a watch log (the server's shared reader: each page keeps how far it has
+    shown each table, so a refresh another page made is still news here)."""
 
     def __init__(self, watch_log):
         self.log, m = watch_log, watch_log.manifest
@@ -76,12 +95,13 @@ class LivePage:
         """Read the blocks written since the last tick and append their rows to every view."""
         v = self.views
         try:
-            if not self.log.refresh():
-                self.show_status()
-                return
+            self.log.refresh()
             steps, decay, rows = (self._new(t) for t in TABLES)
         except RnnscopeError as err:       # a broken block: say so and keep what was shown
             self.show_status(str(err))
+            return
+        if not (len(steps) or len(decay) or len(rows)):
+            self.show_status()
             return
         if len(steps):
             v.loss.stream(wd.loss_rows(steps))
@@ -109,7 +129,7 @@ def make_watch_document(doc, path, refresh_ms: int = REFRESH_MS):
     """One session's page, refreshed every ``refresh_ms``. A failure shows one escaped line (the
     traceback goes to the server's log only)."""
     try:
-        page = LivePage(open_watch_log(path))
+        page = LivePage(shared_log(path))
         doc.add_root(page.root)
         doc.add_periodic_callback(page.tick, refresh_ms)
         doc.title = "rnnscope: training"
@@ -127,7 +147,7 @@ def check_log(path) -> None:
     """Open the log and build one page from it before binding: a log the page cannot show is refused
     at start, in one line."""
     from .server import refuse_unshowable
-    refuse_unshowable(lambda: LivePage(open_watch_log(path)), path, "check that it is a watch log written by "
+    refuse_unshowable(lambda: LivePage(shared_log(path)), path, "check that it is a watch log written by "
                       "rnnscope.Watch")
 
 

@@ -217,3 +217,20 @@ def test_a_real_watch_on_a_training_loop_feeds_the_open_page(tmp_path):
                                   log.layers.loc[log.layers.key == "rnn.l1", "sat_z"])
     mine = log.decay[(log.decay.key == page.key.value) & (log.decay.step == 6)].sort_values("lag")
     np.testing.assert_allclose(v.decay.data["image"][3][:, 0], mine["norm"].where(mine["norm"] > 0))
+
+
+def test_sessions_share_one_reader_and_each_page_still_gets_every_new_block(log):
+    """The server reads each block once whatever the number of pages (its one reader); a refresh made by
+    one page's tick is still news to the other page, which streams the same rows."""
+    from rnnscope.dashboards.watch_app import shared_log
+    first, second = make_watch_document(Document(), log.path), make_watch_document(Document(), log.path)
+    assert first.log is second.log is shared_log(log.path)
+    log.append(block(30, 2))
+    first.tick()                                   # reads the new block, for both
+    second.tick()
+    for page in (first, second):
+        assert list(page.views.loss.data["step"]) == [0, 10, 20, 30, 40]
+    assert sum(len(t) for t in first.log._frames["steps"]) == 5          # each block read once, not twice
+    before = len(first.views.loss.data["step"])
+    second.tick()                                  # nothing new: nothing streamed again
+    assert len(second.views.loss.data["step"]) == before
