@@ -254,7 +254,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
            chunk: int | None = None, horizon: int = 512, kinds=None, dtype: str = "float16",
            grad_dtype: str = "float32", overwrite: bool = False, unk: str | None = None, progress: bool = True,
            source: str = "", memory: int | None = None, client=None, shard_docs: int | None = None, spec=None,
-           attention=None):
+           attention=None, generated: dict | None = None):
     """Probe a model over one text or many documents and write a Run to ``out``; returns the opened Run.
 
     Args:
@@ -271,6 +271,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         chunk: steps per pass (default 2048). A bidirectional module reads each document whole, so its
             default is the longest document, refused in one line when one pass would need more than
             ``memory`` bytes (default a quarter of the machine's memory).
+        generated: what ``analysis.steer.record_generated`` sampled the text with (the manifest's ``generated``).
         attention: attention modules whose weights to store at every step (a list of qualified names,
             or ``{name: picker}``, as ``Probe``'s): ``run.attention(name)[d] -> [steps, source]``. Each
             document is then one pass; a document's ``source`` field gives its source positions' text.
@@ -403,6 +404,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                 "loss": _loss_entry(step_loss, w, totals),
                 "keys": {k: {"units": u, **bad[k]} for k, u in layout.items()},
                 "nonfinite": bool(flagged), **(stored.manifest() if stored else {}),
+                **({"generated": generated} if generated else {}),
             })
     except KeyboardInterrupt:
         raise RnnscopeError(f"interrupted: no run was written to {out}", "run the probe again") from None

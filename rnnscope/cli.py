@@ -97,16 +97,27 @@ def serve(args) -> None:
 
 
 def generate(args) -> None:
-    from rnnscope import zoo
-    from rnnscope.analysis.steer import feature_share, generate, generation_report, measured, parse_clamp
-    ck = zoo.load(args.checkpoint)
+    from rnnscope import loading
+    from rnnscope.analysis.steer import (feature_share, generation_report, measured, parse_clamp, record_generated,
+                                         sample)
+    from rnnscope.probe.specs import subject_and_options
+    from rnnscope.store import check_out
+    spec = loading.spec_of(args.checkpoint, args.model)
     clamps = dict(parse_clamp(c) for c in args.clamp or [])
-    frame = generate(ck.model, ck.vocab, args.prime, args.length, clamps=clamps,
-                     seeds=list(range(args.seed, args.seed + args.seeds)), temperature=args.temperature,
-                     progress=args.seeds * args.length > 20000)
+    if args.out:
+        check_out(args.out, args.overwrite)         # before the model runs: a bad --out costs nothing
+    subject, _ = subject_and_options(spec, args.encoder)
+    frame = sample(subject, args.prime, args.length, clamps=clamps,
+                   seeds=list(range(args.seed, args.seed + args.seeds)), temperature=args.temperature,
+                   progress=args.seeds * args.length > 20000)
     if args.measure:
         frame = feature_share(frame, args.prime, measured(args.measure, args.language))
     print("\n".join(generation_report(frame, args.prime, clamps, args.measure, args.length)))
+    if args.out:
+        run = record_generated(subject, frame, args.prime, args.out, clamps=clamps, temperature=args.temperature,
+                               overwrite=args.overwrite)
+        print(f"wrote {run.path}: {len(run):,} steps of {len(run.manifest['generated']['seeds'])} generated "
+              f"text(s), {len(run.keys())} keys")
 
 
 def export(args) -> None:

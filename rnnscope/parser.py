@@ -178,7 +178,13 @@ def parser() -> argparse.ArgumentParser:
 
     ge = sub.add_parser("generate", help="sample from a char language model with units clamped at every step, "
                                          "beside the unclamped sample from the same random numbers")
-    ge.add_argument("checkpoint", help="a checkpoint directory or zoo:NAME")
+    ge.add_argument("checkpoint", nargs="?", help="a checkpoint directory or zoo:NAME (or give --model)")
+    ge.add_argument("--model", metavar="SPEC", help="your own language model or decoder, as `rnnscope probe --model` "
+                    "(its call returns logits [1, T, V]; its encoder has decode(ids) -> str)")
+    ge.add_argument("--encoder", metavar="SPEC", help="with --model: the encoder, as for `rnnscope probe`")
+    ge.add_argument("--out", metavar="RUN", help="also write the generated text as a Run (every state and gate, "
+                    "recorded under the same clamps)")
+    ge.add_argument("--overwrite", action="store_true", help="replace an existing --out Run")
     ge.add_argument("--prime", required=True, help="the text to start from (characters of the model's vocabulary)")
     ge.add_argument("--length", type=T.int_at_least(1, "--length"), default=300, help="characters to generate")
     ge.add_argument("--clamp", action="append", type=T.clamp, metavar="KEY:I=VALUE",

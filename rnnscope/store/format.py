@@ -5,13 +5,14 @@ it would refuse to read. Each failure is one line naming the file and what is wr
 """
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
 
 from rnnscope.errors import RnnscopeError, first_line
 
-from .keys import KEY, MODULE, key_file
+from .keys import KEY, MODULE, UNIT, key_file
 
 FORMAT, FORMAT_VERSION = "rnnscope-run", 2
 SHARDED_VERSION = 3             # a Run of document shards, each a format 2 Run (``store.shards``)
@@ -80,6 +81,22 @@ def check_manifest(m, where) -> None:
         _check_shards(m, bad)
     if version >= 2 and (m.get("attention") or m.get("source") is not None):
         _check_attention(m, bad)
+    if "generated" in m:
+        _check_generated(m["generated"], bad)
+
+
+def _check_generated(g, bad) -> None:
+    """``generated`` (a Run that ``rnnscope generate --out`` wrote): the prime, the clamps by unit, the
+    seeds, the temperature and the characters sampled per seed."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if (not isinstance(g, dict) or not isinstance(g.get("prime"), str) or not isinstance(g.get("clamps"), dict)
+            or not all(isinstance(u, str) and UNIT.match(u) and number(v) for u, v in g["clamps"].items())
+            or not isinstance(g.get("seeds"), list) or not g["seeds"]
+            or not all(_is_int(s) and s >= 0 for s in g["seeds"])
+            or not number(g.get("temperature")) or g["temperature"] < 0
+            or not _is_int(g.get("length")) or g["length"] < 1):
+        bad("has a malformed generated (prime, clamps of unit to number, seeds, temperature, length)")
 
 
 def key_dtype(manifest: dict, key: str) -> str:
