@@ -126,6 +126,34 @@ def test_a_fused_gru_streamed_in_chunks_equals_its_own_output(tmp_path):
         at += len(want)
 
 
+def test_gradients_over_frames_with_a_per_step_loss_equal_a_float64_unrolled_loop(tmp_path):
+    torch.manual_seed(2)
+    model, docs = Fused(), corpus(seed=2, docs=2)
+
+    def loss(out, x):           # predict feature 1 of each frame: [T]
+        return (out[0, :, 0] - x[:, 1]) ** 2
+    run = rs.record(rs.Subject(model, loss=loss), [d["input"] for d in docs], tmp_path / "run", grad=True,
+                    dtype="float32", progress=False)
+    assert run.manifest["loss"]["kind"] == "user"
+    cell, head = nn.GRUCell(FEATURES, 5).double(), nn.Linear(5, 2).double()
+    with torch.no_grad():
+        for a in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, a).copy_(getattr(model.gru, a + "_l0"))
+    head.load_state_dict(model.head.state_dict())
+    at = 0
+    for d in docs:
+        x, h, hs = torch.from_numpy(d["input"]).double(), torch.zeros(1, 5, dtype=torch.float64), []
+        for t in range(len(x)):
+            h = cell(x[None, t], h)
+            h.retain_grad()
+            hs.append(h)
+        sum((head(h)[0, 0] - x[t, 1]) ** 2 for t, h in enumerate(hs)).backward()
+        want = torch.stack([h.grad[0] for h in hs]).numpy()
+        got = np.asarray(run["gru.l0.grad_h"][at:at + len(x)], np.float64)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        at += len(x)
+
+
 class Drops(nn.Module):
     """Skips the last frame: its steps would not line up with the frames."""
 
@@ -223,3 +251,52 @@ def test_find_neurons_scores_every_frame_and_finds_the_planted_unit(recorded):
 def test_text_features_are_refused_for_frames(recorded, features):
     with pytest.raises(RnnscopeError, match="computed on text, and this Run's steps are frames"):
         rs.find_neurons(recorded[3], features=features, progress=False)
+
+
+needs_chromium = pytest.mark.skipif(not shutil.which("chromedriver"), reason="needs chromium and chromium-driver")
+
+
+@needs_chromium
+def test_export_draws_the_unit_against_time_over_its_key(recorded, tmp_path):
+    from PIL import Image
+
+    from test_cli import rnnscope
+    root, _, docs, run = recorded
+    out = tmp_path / "unit.png"
+    rnnscope("export", root / "run", "--unit", "cell.l0.h:0", "--document", "1", "--out", out)
+    img = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert 1000 <= img.shape[1] <= 2000 and 300 <= img.shape[0] <= 1200        # a line plot above a heatmap
+    assert (np.abs(img - 255).sum(2) > 60).mean() > 0.03                          # drawn on, not blank
+    html = tmp_path / "unit.html"
+    rnnscope("export", root / "run", "--unit", "cell.l0.c:2", "--out", html)
+    page = html.read_text()
+    assert "unit_line" in page and "heatmap" in page
+    # the figure's own data: the unit's values against the document's time stamps
+    from rnnscope.dashboards.export import unit_figure
+    fig = unit_figure(run, "cell.l0.h:0", document=1)
+    line = fig.children[0].renderers[0].data_source.data
+    T = len(docs[1]["input"])
+    assert np.array_equal(line["time"], docs[1]["times"]) and len(line["value"]) == T
+    assert np.array_equal(line["value"], np.asarray(run["cell.l0.h"][len(docs[0]["input"]):][:T, 0], np.float64))
+
+
+@needs_chromium
+def test_dashboard_shows_a_line_over_time_in_place_of_the_text(recorded, driver):
+    from browser import column, served, set_prop, wait_for_model, wait_until
+    root, _, docs, run = recorded
+    T = len(docs[0]["input"])
+    with served(root / "run") as (url, _):
+        driver.get("about:blank")
+        driver.get(url)
+        wait_for_model(driver, "line_source")
+        assert driver.execute_script("return Bokeh.documents[0].get_model_by_name('text_source') == null")
+        times = column(driver, "line_source", "time")
+        np.testing.assert_array_equal(times, docs[0]["times"])
+        index = driver.execute_script("return Bokeh.documents[0].get_model_by_name('unit_index').value")
+        key = driver.execute_script("return Bokeh.documents[0].get_model_by_name('unit_key').value")
+        values = column(driver, "line_source", "value")
+        np.testing.assert_array_equal(values, np.asarray(run[key][:T, index], np.float64))
+        set_prop(driver, "unit_index", "value", (index + 1) % 6)
+        want = np.asarray(run[key][:T, (index + 1) % 6], np.float64)
+        wait_until(lambda: np.array_equal(column(driver, "line_source", "value"), want))
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
