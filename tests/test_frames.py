@@ -83,6 +83,7 @@ def recorded(tmp_path_factory):
 def test_recorded_states_are_the_cells_own_outputs(recorded):
     root, model, docs, run = recorded
     assert run.frames and run.text == "" and run.ids is None and (run.spans == -1).all()
+    assert "frames (no text)" in repr(run)
     assert sorted(run.keys()) == ["cell.l0.c", "cell.l0.f", "cell.l0.g", "cell.l0.h", "cell.l0.i", "cell.l0.o"]
     assert run.documents["name"].tolist() == [d["name"] for d in docs]
     assert run.documents["speaker"].tolist() == ["s0", "s1", "s0", "s1"]
@@ -299,4 +300,7 @@ def test_dashboard_shows_a_line_over_time_in_place_of_the_text(recorded, driver)
         set_prop(driver, "unit_index", "value", (index + 1) % 6)
         want = np.asarray(run[key][:T, (index + 1) % 6], np.float64)
         wait_until(lambda: np.array_equal(column(driver, "line_source", "value"), want))
+        wait_for_model(driver, "heatmap")               # the units x steps tab, built after the first paint
+        title = lambda: driver.execute_script("return Bokeh.documents[0].get_model_by_name('heatmap').title.text.text")
+        assert wait_until(lambda: title().startswith(f"6 units of {key}, steps 0-{T:,}"))
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

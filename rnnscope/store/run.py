@@ -59,7 +59,8 @@ class Run(StepLayout):
         self.__dict__.update(steps or {})       # spans, documents, ids: already read and checked by open_run
 
     def __repr__(self) -> str:
-        return (f"Run({str(self.path)!r}: {len(self)} steps, {self.chars} chars, {self.manifest['documents']} "
+        over = "frames (no text)" if self.frames else f"{self.chars} chars"
+        return (f"Run({str(self.path)!r}: {len(self)} steps, {over}, {self.manifest['documents']} "
                 f"documents, {len(self.keys())} keys, {self.manifest['dtype']}"
                 + (f", attention {', '.join(self.attention_names())}" if self.attention_names() else "") + ")")
 
