@@ -179,6 +179,12 @@ def test_bad_frames_are_refused_in_one_line(tmp_path, docs, message):
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
+def test_frames_with_attention_are_refused_in_one_line(tmp_path):
+    with pytest.raises(RnnscopeError, match="frames are recorded without attention"):
+        rs.record(Fused(), [np.zeros((4, 3), np.float32)], tmp_path / "run", attention=["gru"], progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_model_that_skips_a_frame_is_refused(tmp_path):
     with pytest.raises(RnnscopeError, match="module .gru. ran 1 steps where the encoder gave 2"):
         rs.record(Drops(), [np.zeros((10, 3), np.float32)], tmp_path / "run", progress=False)
