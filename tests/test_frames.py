@@ -179,6 +179,19 @@ def test_bad_frames_are_refused_in_one_line(tmp_path, docs, message):
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
+def test_a_call_gets_the_frames_batch_1_and_its_document(tmp_path):
+    seen = []
+
+    def call(model, x, document):
+        seen.append((tuple(x.shape), x.dtype, document["name"], len(document["times"]), document.get("speaker")))
+        return model(x)
+    docs = corpus(seed=3, docs=2)
+    rs.record(rs.Subject(Fused(), call=call), [{k: v for k, v in d.items() if k != "speech"} for d in docs],
+              tmp_path / "run", progress=False)
+    T = len(docs[1]["input"])
+    assert ((1, T, FEATURES), torch.float32, "clip1", T, "s1") in seen
+
+
 def test_frames_with_attention_are_refused_in_one_line(tmp_path):
     with pytest.raises(RnnscopeError, match="frames are recorded without attention"):
         rs.record(Fused(), [np.zeros((4, 3), np.float32)], tmp_path / "run", attention=["gru"], progress=False)
