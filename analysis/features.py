@@ -340,6 +340,6 @@ def steps(src, features, language: str = "c") -> pd.DataFrame:
             raise RnnscopeError(f"feature {name!r} is a {values.dtype} array of shape {list(values.shape)} for "
                                 f"{src.steps} steps", "give one number per step, a function text -> array, "
                                 "or on_tokens(fn)")
-        cols[name] = np.where(src.has_text, values.astype(np.float64), np.nan)
+        cols[name] = np.where(src.scored, values.astype(np.float64), np.nan)
     names = list(features) if isinstance(features, Mapping) else list(by_char)
     return pd.DataFrame({k: cols[k] for k in names})

@@ -32,6 +32,7 @@ that tie, and ties are counted half, as in the usual AUC.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -379,7 +380,7 @@ def feature_table(src: Source, features) -> tuple[pd.DataFrame, list[str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         F = feats.steps(src, features, src.language or "c")
-    F = F[src.has_text]
+    F = F[src.scored]
     keep, skipped = [], {}
     for name in F.columns:
         col = F[name].to_numpy(np.float64)
@@ -399,7 +400,14 @@ def feature_table(src: Source, features) -> tuple[pd.DataFrame, list[str]]:
 
 
 def chosen_features(src: Source, features):
-    """``features``, or the built-ins that suit ``src`` when None (``source.default_features``)."""
+    """``features``, or the built-ins that suit ``src`` when None (``source.default_features``). A frames
+    source has no text, so only features given per step (arrays ``[steps]``) suit it."""
+    if src.frames:
+        by_text = [k for k, f in features.items() if callable(f) or isinstance(f, (str, feats.on_tokens))] \
+            if isinstance(features, Mapping) else list(features or ["built-in"])
+        if by_text:
+            raise RnnscopeError(f"{by_text[0]!r} features are computed on text, and this Run's steps are frames "
+                                "without text", "pass features={name: array of one number per step}")
     if features is not None:
         return features
     return src.defaults if src.defaults is not None else default_features(src.language)

@@ -41,7 +41,7 @@ def _segments(counts: np.ndarray) -> list[int]:
 
 def split_steps(src, heldout: float) -> Split:
     """Split ``src``'s scored steps into a selection and a held-out part (see the module's docstring)."""
-    rows = np.flatnonzero(src.has_text)
+    rows = np.flatnonzero(src.scored)
     K = len(rows)
     names = src.documents["name"].astype(str).tolist()
     counts = np.bincount(src.step_document[rows], minlength=len(names))

@@ -52,6 +52,11 @@ class Source(StepLayout):
     def chars(self) -> int:
         return len(self.text)
 
+    @property
+    def frames(self) -> bool:
+        """Whether the steps are input frames without text (a frames Run's): every step is then scored."""
+        return (self.meta.get("encoder") or {}).get("kind") == "frames"
+
     def tokens(self) -> list[str]:
         """The text of every step ('' for a step without text)."""
         return self.step_tokens(self.text)

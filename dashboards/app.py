@@ -22,6 +22,7 @@ from rnnscope.store import parse_key, read_table
 from rnnscope.errors import RnnscopeError, first_line
 
 from .attention import AttentionView
+from .frames import LineView
 from .plots import GradientView, SaturationView
 from .queries import axis_name, checked, esc, step_word
 from .snapshot import hold, same
@@ -135,7 +136,7 @@ def build(doc, data: RunData, *, defer: bool | None = None, timings: dict | None
         clock[name] = clock.get(name, 0.0) + time.perf_counter() - t
         return made
     sel = timed("selection", data.first_selection)
-    text = timed("text view", lambda: TextView(data, sel))
+    text = timed("text view", lambda: (LineView if data.run.frames else TextView)(data, sel))   # frames: no text
     controls = timed("controls", lambda: Controls(data, sel))
     # title: (build the view, whether it is cheap enough for the first paint: a note that the data is
     # missing, or pattern search's table, empty until a span is selected)
@@ -145,6 +146,8 @@ def build(doc, data: RunData, *, defer: bool | None = None, timings: dict | None
               "gradient flow": (lambda: GradientView(data, sel), not data.grad_keys),
               "gate saturation": (lambda: SaturationView(data, sel), data.tables.get("saturation") is None),
               "pattern search": (lambda: PatternView(data, sel, text), True)}
+    if data.run.frames:                 # pattern search selects a span of text, which frames have none of
+        del makers["pattern search"]
     if data.run.attention_names():      # a decoder's attention: its own tab, built on first use like the rest
         makers["attention"] = (lambda: AttentionView(data, sel), False)
     views = [(title, lambda title=title, make=make: timed(title, make), cheap)

@@ -72,12 +72,16 @@ def shown_name(name: str) -> str:
 
 def unit_figure(run, unit: str, start: int = 0, end: int | None = None, document: str | int | None = None):
     """The text of steps ``start`` to ``end`` (default: 3,000 steps) coloured by one unit, each step's
-    span as the dashboard colours it. ``document`` (a name or index): count the steps from its start."""
+    span as the dashboard colours it. ``document`` (a name or index): count the steps from its start.
+    A frames Run (no text): the unit against its time stamps above its key's units x steps."""
     run = _run(run)
     key, index = parse_unit(run, unit)
     s, e, docs, d = _span(run, start, end, document)
-    page = text_cells(run, docs, d, key, index, s, e)
     where = f", document {shown_name(docs.names[d])}" if len(docs) > 1 else ""
+    if run.frames:                      # no text to colour: the unit against time, over its key's units
+        from .frames import frames_figure
+        return frames_figure(run, key, index, s, e, where)
+    page = text_cells(run, docs, d, key, index, s, e)
     return text_figure(ColumnDataSource(page.cells), ColumnDataSource(page.lines),
                        wide_source=ColumnDataSource(page.wide), half=page.half, lines=10 ** 6,
                        title=f"{unit}, {step_word(run)} {s:,}-{e:,}{where}", loss=loss_name(run))

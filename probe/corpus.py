@@ -1,5 +1,8 @@
 """Corpora of documents: what ``record`` takes besides one text.
 
+``frames_of(documents)`` takes documents of input frames instead (audio, sensor readings: arrays
+``[T, features]`` with optional time stamps), which ``record`` feeds the model as they are.
+
 ``read_documents(path)`` reads a text file (one document), a directory of text files (each a
 document, sorted by relative path, recursive, regular files only, hidden names and links that lead
 out of the directory skipped), or a ``.jsonl`` file with a ``"text"`` field (and an optional
@@ -160,3 +163,88 @@ def documents_of(texts) -> Documents:
             raise RnnscopeError(f"document {name!r} is empty" if len(docs) > 1 else "the text is empty",
                                 "leave empty documents out; each needs at least one character")
     return docs
+
+
+@dataclass
+class Frames:
+    """Named documents of input frames, in order: ``inputs[i] [T_i, features]`` float32, ``times[i] [T_i]``
+    float64 time stamps (given, or the step index), ``fields[i]`` its other fields."""
+    names: list[str] = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    times: list = field(default_factory=list)
+    fields: list[dict] = field(default_factory=list)
+    source: str = ""
+
+    def document(self, i: int) -> dict:
+        """Document ``i`` as the user's ``call`` and ``loss`` see it: ``name``, ``input``, ``times`` and its fields."""
+        return {**self.fields[i], "name": self.names[i], "input": self.inputs[i], "times": self.times[i]}
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (str, bytes))
+
+
+def is_frames(documents) -> bool:
+    """Whether ``documents`` are frames (an array, a dict name -> array, a list of arrays or of dicts with an
+    ``"input"``) rather than texts; ``record`` then takes them through ``frames_of``."""
+    if isinstance(documents, Frames) or _is_array(documents):
+        return True
+    values = list(documents.values()) if isinstance(documents, dict) else \
+        list(documents) if isinstance(documents, (list, tuple)) else []
+    return bool(values) and all(_is_array(v) or (isinstance(v, dict) and "input" in v) for v in values)
+
+
+def _frames_array(x, where: str):
+    import numpy as np
+    a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if a.ndim != 2 or len(a) < 1 or a.shape[1] < 1 or not (np.issubdtype(a.dtype, np.floating)
+                                                            or np.issubdtype(a.dtype, np.integer)):
+        raise RnnscopeError(f"{where} is a {a.dtype} array of shape {list(a.shape)}",
+                            "give each document's frames as numbers [T, features], T >= 1")
+    return a.astype(np.float32)
+
+
+def _frame_times(t, steps: int, where: str):
+    import numpy as np
+    if t is None:
+        return np.arange(steps, dtype=np.float64)
+    t = np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t)
+    if t.shape != (steps,) or not (np.issubdtype(t.dtype, np.floating) or np.issubdtype(t.dtype, np.integer)):
+        raise RnnscopeError(f"{where} has times of {t.dtype} {list(t.shape)} for {steps} frames",
+                            "give one time stamp per frame, [T] numbers")
+    t = t.astype(np.float64)
+    if not np.isfinite(t).all() or (np.diff(t) < 0).any():
+        i = int(np.argmin(np.isfinite(t))) if not np.isfinite(t).all() else int(np.argmax(np.diff(t) < 0)) + 1
+        raise RnnscopeError(f"{where} has the time stamp {t[i]} at frame {i}, not finite or before the one before",
+                            "give finite time stamps that never decrease within a document")
+    return t
+
+
+def frames_of(documents) -> Frames:
+    """A ``Frames`` from an array ``[T, features]`` (one document, "input"), a dict name -> array, a list
+    of arrays (named by position) or of dicts ``{"input": [T, features], "times": [T], "name": ...,
+    **fields}``; every document has the same number of features; each failure is one line."""
+    if isinstance(documents, Frames):
+        return documents
+    rows = [{"name": "input", "input": documents}] if _is_array(documents) else \
+        [{"name": str(k), "input": v} for k, v in documents.items()] if isinstance(documents, dict) else \
+        [v if isinstance(v, dict) else {"input": v} for v in documents]
+    out = Frames()
+    for i, row in enumerate(rows):
+        name = row.get("name", str(i))
+        if not isinstance(name, str):
+            raise RnnscopeError(f"document {i} has a \"name\" that is not a string", "make each name a string")
+        a = _frames_array(row["input"], f"document {name!r}")
+        if out.inputs and a.shape[1] != out.inputs[0].shape[1]:
+            raise RnnscopeError(f"document {name!r} has {a.shape[1]} features but {out.names[0]!r} has "
+                                f"{out.inputs[0].shape[1]}", "give every document the same features per frame")
+        out.names.append(name)
+        out.inputs.append(a)
+        out.times.append(_frame_times(row.get("times"), len(a), f"document {name!r}"))
+        out.fields.append({k: v for k, v in row.items() if k not in ("name", "input", "times")})
+    if not out.inputs:
+        raise RnnscopeError("there are no documents", "give at least one array of frames")
+    return out

@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from numba import njit
 from tqdm import tqdm
 
 from rnnscope.errors import RnnscopeError, call_user
@@ -33,17 +32,15 @@ from rnnscope.store.run import grad_passes
 from rnnscope.store.writer import text_bytes
 
 from . import attention as attention_steps, cells
-from .corpus import documents_of
+from .corpus import documents_of, frames_of, is_frames
 from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
 from .passes import CHUNK, PASS_BYTES, check_aligned, check_pass, pass_memory
 from .probe import Probe
 from .steploss import first_tensor, resolve_loss
 from .subject import CharVocabulary, subject_of, takes_document
+from .unitstats import _UnitStats
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-OVERFLOW = {"float16": 65520.0, "float32": np.inf}    # |x| from which the stored value is Inf
-# |x| below which a non-zero value is stored subnormal (relative error up to 100%) or zero
-UNDERFLOW = {d: float(np.finfo(t).tiny) for d, t in DTYPES.items()}
 
 
 def model_checksum(model: torch.nn.Module) -> str:
@@ -53,62 +50,6 @@ def model_checksum(model: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-@njit(cache=True, boundscheck=False)
-def _accumulate(a, n, s, ss, lo, hi, limit, tiny):
-    """One pass over ``a [rows, units]`` (float32, any strides): per unit, the count, sum and sum of
-    squares (float64), min and max of the finite values. Returns the number of NaN/Inf values, of
-    finite ones at or beyond ``limit`` in magnitude (those float16 stores as Inf), and of non-zero
-    ones below ``tiny`` (stored subnormal or zero)."""
-    rows, units = a.shape
-    bad, over, under = 0, 0, 0
-    for r in range(rows):
-        for j in range(units):
-            v = a[r, j]
-            if np.isfinite(v):
-                x = np.float64(v)
-                n[j] += 1.0
-                s[j] += x
-                ss[j] += x * x
-                lo[j] = min(lo[j], v)
-                hi[j] = max(hi[j], v)
-                if abs(v) >= limit:
-                    over += 1
-                elif v != 0 and abs(v) < tiny:
-                    under += 1
-            else:
-                bad += 1
-    return bad, over, under
-
-
-class _UnitStats:
-    """Running per-unit count, mean, spread, min and max over time, NaN and Inf left out, in one
-    compiled pass per chunk (torch's column reductions over the gates' strided rows cost more
-    than the probe's forward)."""
-
-    def __init__(self, units: int):
-        self.n, self.s, self.ss = np.zeros(units), np.zeros(units), np.zeros(units)
-        self.lo, self.hi = np.full(units, np.inf), np.full(units, -np.inf)
-
-    def add(self, a: np.ndarray, dtype: str) -> tuple[int, int, int]:
-        """``a [rows, units]`` float32, to be stored in ``dtype``; returns ``(nonfinite, overflow,
-        underflow)`` counts."""
-        return _accumulate(a, self.n, self.s, self.ss, self.lo, self.hi, OVERFLOW[dtype], UNDERFLOW[dtype])
-
-    def frame(self, key: str) -> pd.DataFrame:
-        seen = self.n > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(seen, self.s / self.n, np.nan)
-            var = np.maximum(self.ss / self.n - mean ** 2, 0)
-        parts = split_key(key)
-        return pd.DataFrame({"unit": [f"{key}:{i}" for i in range(len(mean))], "key": key,
-                             "index": np.arange(len(mean)), "module": parts["module"], "layer": parts["layer"],
-                             "reverse": parts["reverse"], "kind": parts["kind"], "mean": mean,
-                             "std": np.where(seen, np.sqrt(var), np.nan),
-                             "min": np.where(seen, self.lo, np.nan), "max": np.where(seen, self.hi, np.nan),
-                             # the sufficient statistics, so the shards of a sharded Run merge exactly
-                             "count": self.n, "sum": self.s, "sum_sq": self.ss})
 
 
 def _identity(model, mods: dict, card: dict, source: str) -> dict:
@@ -145,6 +86,14 @@ def _encode_all(encoder, docs):
     return torch.cat(ids), np.concatenate(spans), documents_frame(docs.names, chars, steps, docs.fields)
 
 
+def _frames_all(docs):
+    """Every document's frames joined: ``x [S, features]`` float32, spans ``[S, 2]`` all (-1, -1) (no
+    text), the documents table (no characters), ``times [S]`` float64."""
+    steps = np.cumsum([0] + [len(a) for a in docs.inputs])
+    return (torch.from_numpy(np.concatenate(docs.inputs)), np.full((steps[-1], 2), -1, np.int64),
+            documents_frame(docs.names, np.zeros(len(steps), np.int64), steps, docs.fields), np.concatenate(docs.times))
+
+
 def _chosen(mods: dict, modules) -> dict:
     """The recurrent modules to record: ``modules`` (qualified names) or every one."""
     if modules is None:
@@ -166,7 +115,7 @@ def _dry_run(model, call, x, grad, kinds, wanted, document: dict):
             first_tensor(out).float().sum().backward()
         layout = {k: p.trace[k].shape[-1] for k in p.trace if split_key(k)["module"] in wanted}
         check_aligned(p.trace, {k: u for k, u in layout.items() if split_key(k)["module"] not in p.cells},
-                      x.shape[-1], "(a dry run over the first document's first steps)")     # cells: in _stream
+                      x.shape[1], "(a dry run over the first document's first steps)")     # cells: in _stream
     return layout, out
 
 
@@ -236,8 +185,10 @@ def _forward(model, call, x, document: dict):
     """``call(model, x[, document=])``; the user's model failing on the encoder's ids (a dtype it does not
     take, an index it does not hold) is said in one line, not a traceback from deep inside torch."""
     extra = {"document": document} if takes_document(call) else {}
-    return call_user(call, model, x, doing=f"the model failed on the encoder's ids [1, {x.shape[-1]}]",
-                     fix="make the model take ids [1, T] from the encoder (or give Subject(call=...))", **extra)
+    what = f"frames {list(x.shape)}" if x.is_floating_point() else f"the encoder's ids [1, {x.shape[-1]}]"
+    return call_user(call, model, x, doing=f"the model failed on {what}",
+                     fix="make the model take ids [1, T] from the encoder, or frames [1, T, features] (or give "
+                     "Subject(call=...))", **extra)
 
 
 def _check_ids_fit(model, ids: torch.Tensor) -> None:
@@ -260,7 +211,10 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     Args:
         subject: a zoo ``Checkpoint``, a ``Subject``, ``(model, encode[, loss])``, or an ``nn.Module``
             taking ``ids [1, T]`` (then pass ``encode``).
-        texts: a str, a list of str, a dict name -> str, or ``probe.corpus.read_documents(path)``.
+        texts: a str, a list of str, a dict name -> str, or ``probe.corpus.read_documents(path)``; or
+            frames (``probe.corpus.frames_of``: an array ``[T, features]``, a dict name -> array, a list
+            of arrays or of ``{"input": [T, features], "times": [T]}``): the model (or ``call``) then takes
+            ``[1, T, features]`` float32, no encoder is needed, and the Run stores each step's time stamp.
         encode: anything ``probe.encoders.as_encoder`` takes; overrides the subject's encoder.
         loss: "auto" (next-token cross-entropy when the output is ``[1, T, V]`` logits covering the
             ids; otherwise states only, or refused with ``grad``), None (no loss), or
@@ -296,9 +250,13 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     loss = sub.loss if isinstance(loss, str) and loss == "auto" else loss
     modules = sub.modules if modules is None else modules
     source = source or sub.source
-    if encode is None and sub.encoder is None:
+    frames = is_frames(texts)           # steps are input frames, not text: no encoder, no next-token loss
+    if encode is None and sub.encoder is None and not frames:
         raise RnnscopeError("no encoder for this model", "pass encode=fn(text) -> ids, or (ids, spans)")
-    encoder = as_encoder(sub.encoder if encode is None else encode, unk=unk)
+    if frames and (attention or client is not None):
+        raise RnnscopeError("frames are recorded without attention, in one process", "leave attention and client out")
+    encoder = None if frames else as_encoder(sub.encoder if encode is None else encode, unk=unk)
+    loss = None if frames and isinstance(loss, str) else loss
     for d in (dtype, grad_dtype):
         if d not in DTYPES:
             raise RnnscopeError(f"unknown dtype {d!r}", f"use one of {', '.join(DTYPES)}")
@@ -306,15 +264,16 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     chunk = CHUNK if chunk is None else chunk
     if chunk < 1 or horizon < 0:
         raise RnnscopeError(f"chunk must be >= 1 and horizon >= 0 (got {chunk}, {horizon})", "fix --chunk/--horizon")
-    docs = documents_of(texts)
+    docs = frames_of(texts) if frames else documents_of(texts)
     picks = attention_steps.named(model, attention) if attention else None
     if grad and loss is None:
         raise RnnscopeError("gradients need a loss, and loss is None", "pass a loss, or probe without --grad")
     check_out(out, overwrite)          # before the model runs: a bad --out costs nothing
-    text = "".join(docs.texts)
+    text = "" if frames else "".join(docs.texts)
     text_bytes(text)
-    ids, spans, frame = _encode_all(encoder, docs)
-    _check_ids_fit(model, ids)
+    ids, spans, frame, times = _frames_all(docs) if frames else (*_encode_all(encoder, docs), None)
+    if not frames:
+        _check_ids_fit(model, ids)
     S, bounds = len(ids), list(zip(frame.step_start.tolist(), frame.step_end.tolist()))
     longest = max(b - a for a, b in bounds)
     sources = attention_steps.sources_of(docs, encoder) if picks else None
@@ -378,8 +337,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         if need * 1.05 > free:
             raise RnnscopeError(f"the run needs {need / 1e9:.2f} GB but {out.parent} has {free / 1e9:.2f} GB free",
                                 "record fewer --kinds, use --dtype float16, a shorter text, or another disk")
-        with RunWriter(out, text, spans=spans, ids=ids.numpy(), documents=frame, dtype=dtype,
-                       overwrite=overwrite) as w:
+        with RunWriter(out, text, spans=spans, ids=None if frames else ids.numpy(), documents=frame, dtype=dtype,
+                       overwrite=overwrite, times=times) as w:
             stored = attention_steps.StoredAttention(w, picks, docs.names, sources) if picks else None
             stats, bad, totals = _stream(model, call, ids, docs, bounds, w, layout, step_loss, grad=grad, carry=carry,
                                          chunk=chunk, horizon=horizon, kinds=kinds, dtypes=dtypes, progress=progress,
@@ -395,8 +354,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                           f"in {dtypes[k]}; counted in the manifest (record gradients in float32)")
             w.commit({
                 "model": _identity(model, {**Probe(model).modules, **looped}, sub.card, source),
-                "encoder": {"kind": "char" if np.array_equal(spans, char_spans(len(text))) else "spans",
-                            "name": encoder.name},
+                "encoder": {"kind": "frames", "name": None} if frames else
+                {"kind": "char" if np.array_equal(spans, char_spans(len(text))) else "spans", "name": encoder.name},
                 "vocab": sub.encoder.chars if encode is None and isinstance(sub.encoder, CharVocabulary) else None,
                 "unk": unk, "carry": carry, "modules": sorted(mods),
                 "kinds": sorted({split_key(k)["kind"] for k in layout}), "grad": grad, "chunk": chunk,

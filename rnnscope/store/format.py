@@ -43,9 +43,9 @@ def check_manifest(m, where) -> None:
                             "upgrade rnnscope")
     if m.get("complete") is not True:
         raise RnnscopeError(f"{where} is an incomplete run (the probe was interrupted)", "run `rnnscope probe` again")
-    text = m.get("text")
-    if not isinstance(text, dict) or not _is_int(text.get("chars")) or text["chars"] < 1:
-        bad("lacks text.chars, a whole number of characters >= 1")
+    text, least = m.get("text"), 0 if is_frames(m) else 1        # a frames Run's steps read no text
+    if not isinstance(text, dict) or not _is_int(text.get("chars")) or text["chars"] < least:
+        bad(f"lacks text.chars, a whole number of characters >= {least}")
     if not isinstance(text.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", text["sha256"]):
         bad("lacks text.sha256, the checksum of text.txt")
     if m.get("dtype") not in DTYPES:
@@ -105,7 +105,12 @@ def key_dtype(manifest: dict, key: str) -> str:
     return manifest["keys"][key].get("dtype", manifest["dtype"])
 
 
-ENCODER_KINDS, LOSS_KINDS = ("char", "spans"), ("next-token", "user")
+ENCODER_KINDS, LOSS_KINDS = ("char", "spans", "frames"), ("next-token", "user")
+
+
+def is_frames(m: dict) -> bool:
+    """Whether the manifest ``m`` is a frames Run's: steps over input frames (audio, sensor readings), no text."""
+    return isinstance(m, dict) and isinstance(m.get("encoder"), dict) and m["encoder"].get("kind") == "frames"
 
 
 def _check_v2(m: dict, bad) -> None:
@@ -113,8 +118,10 @@ def _check_v2(m: dict, bad) -> None:
     chars, steps, docs = m["text"]["chars"], m.get("steps"), m.get("documents")
     if not _is_int(steps) or steps < 1:
         bad(f"has no valid steps, a whole number >= 1 (got {str(steps)[:40]!r})")
-    if not _is_int(docs) or not 1 <= docs <= min(steps, chars):
+    if not _is_int(docs) or not 1 <= docs <= (steps if is_frames(m) else min(steps, chars)):
         bad(f"has documents {str(docs)[:40]!r}, not a whole number from 1 to the steps and characters")
+    if is_frames(m) and (chars != 0 or m.get("ids", True) or m["format_version"] != 2):
+        bad("is a frames Run with text, ids or shards (its steps are frames: no characters, no ids, one folder)")
     enc = m.get("encoder")
     if (not isinstance(enc, dict) or enc.get("kind") not in ENCODER_KINDS
             or not isinstance(enc.get("name"), (str, type(None)))):
@@ -184,11 +191,12 @@ def _check_shards(m: dict, bad) -> None:
         bad("has shards whose documents, steps and characters do not add up to the Run's")
 
 
-def check_steps(spans: np.ndarray, documents, chars: int, where) -> None:
+def check_steps(spans: np.ndarray, documents, chars: int, where, frames: bool = False) -> None:
     """How steps map to text, checked: ``spans [S, 2]`` int64 character spans ((-1, -1): no text) and the
     ``documents`` frame (name, char_start, char_end, step_start, step_end) tiling steps and characters
     in order. Within a document, text steps lie inside its characters and their starts and ends never
-    go back (equal spans are allowed: a byte-level model gives several steps one character)."""
+    go back (equal spans are allowed: a byte-level model gives several steps one character).
+    ``frames``: the steps are input frames, so no step reads text and every document is empty of it."""
     def bad(problem):
         raise RnnscopeError(f"{where} {problem}", RECORD)
     spans = np.asarray(spans)
@@ -211,11 +219,14 @@ def check_steps(spans: np.ndarray, documents, chars: int, where) -> None:
     if len(documents) < 1:
         bad("has no documents")
     b = {c: np.asarray(documents[c], np.int64) for c in cols}
+    if frames:
+        if text.any() or chars != 0 or b["char_start"].any() or b["char_end"].any():
+            bad("is a frames Run with characters (its spans must all be (-1, -1), its documents' characters 0)")
+        _tiles(b["step_start"], b["step_end"], len(spans), "steps", bad)
+        return
     for lo, hi, total, what in (("char_start", "char_end", chars, "characters"), ("step_start", "step_end",
                                                                                   len(spans), "steps")):
-        if (b[lo][0] != 0 or b[hi][-1] != total or (b[lo] >= b[hi]).any()
-                or (b[lo][1:] != b[hi][:-1]).any()):
-            bad(f"has documents that do not tile the {total:,} {what} in order, each non-empty")
+        _tiles(b[lo], b[hi], total, what, bad)
     doc = np.repeat(np.arange(len(documents)), b["step_end"] - b["step_start"])
     outside = text & ((start < b["char_start"][doc]) | (end > b["char_end"][doc]))
     if outside.any():
@@ -233,6 +244,31 @@ def check_steps(spans: np.ndarray, documents, chars: int, where) -> None:
     if back.any():
         i = int(t[1:][np.argmax(back)])
         bad(f"has span ({start[i]}, {end[i]}) at step {i} before the previous text step's: spans must be in order")
+
+
+def _tiles(lo: np.ndarray, hi: np.ndarray, total: int, what: str, bad) -> None:
+    if lo[0] != 0 or hi[-1] != total or (lo >= hi).any() or (lo[1:] != hi[:-1]).any():
+        bad(f"has documents that do not tile the {total:,} {what} in order, each non-empty")
+
+
+def check_times(times: np.ndarray, step_bounds: np.ndarray, where) -> None:
+    """A frames Run's ``times [steps]`` float64 time stamps, checked: finite, and never going back
+    within a document (``step_bounds [documents, 2]``); a new document may start again from 0."""
+    def bad(problem):
+        raise RnnscopeError(f"{where} {problem}", RECORD)
+    times = np.asarray(times)
+    steps = int(step_bounds[-1, 1])
+    if times.dtype != np.float64 or times.shape != (steps,):
+        bad(f"has times of {times.dtype} {list(times.shape)}, expected float64 [{steps}]")
+    if not np.isfinite(times).all():
+        bad(f"has a time stamp {times[~np.isfinite(times)][0]} at step {int(np.argmin(np.isfinite(times)))}: "
+            "time stamps must be finite")
+    back = np.diff(times) < 0
+    back[step_bounds[1:, 0] - 1] = False         # a document's first step may start anew
+    if back.any():
+        i = int(np.argmax(back)) + 1
+        bad(f"has time stamp {times[i]:g} at step {i} before the previous step's {times[i - 1]:g}: time stamps "
+            "must not decrease within a document")
 
 
 def _int_column(column) -> bool:

@@ -38,10 +38,12 @@ def one_document(chars: int, steps: int | None = None, name: str = "text") -> pd
 
 class StepLayout:
     """What follows from ``spans [steps, 2]``, ``documents`` (name, char_start, char_end, step_start,
-    step_end) and ``chars``, the three things a subclass provides."""
+    step_end) and ``chars``, the three things a subclass provides (and ``frames`` when its steps are
+    input frames without text)."""
     spans: np.ndarray
     documents: pd.DataFrame
     chars: int
+    frames = False
 
     @property
     def steps(self) -> int:
@@ -51,6 +53,12 @@ class StepLayout:
     def has_text(self) -> np.ndarray:
         """``[steps]`` bool: the step reads at least one character (BOS, EOS and padding do not)."""
         return self.spans[:, 0] >= 0
+
+    @cached_property
+    def scored(self) -> np.ndarray:
+        """``[steps]`` bool: the steps an analysis scores: those with text, or every step of a frames
+        layout (a frame is what the step reads)."""
+        return np.ones(self.steps, bool) if self.frames else self.has_text
 
     @cached_property
     def step_bounds(self) -> np.ndarray:

@@ -4,6 +4,8 @@
     RUN/text.txt             every document's text concatenated, stored byte for byte (CR and CRLF kept)
     RUN/spans.npy            [steps, 2] int64: each step's character span [start, end); (-1, -1) = no text
     RUN/ids.npy              [steps] int64: the model's input id at each step
+    RUN/times.npy            [steps] float64: a frames Run's time stamp of each step (its steps are input
+                             frames, not text: encoder kind "frames", text "", every span (-1, -1), no ids)
     RUN/documents.parquet    one row per document: name, char_start, char_end, step_start, step_end (and
                              ``fields``, its other fields as a JSON object, when it has any)
     RUN/loss.npy             [steps] per-step loss in nats (NaN where none); only when the manifest has a loss
@@ -37,7 +39,8 @@ from rnnscope.errors import RnnscopeError, first_line
 
 from .docfields import parsed, with_fields
 from .files import inside, read_bytes, regular_file
-from .format import DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, key_dtype, key_file
+from .format import (DTYPES, FORMAT, RECORD, check_manifest, check_npy, check_steps, check_times, is_frames, key_dtype,
+                     key_file)
 from .layout import StepLayout
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, footer_rows, read_parquet
 
@@ -56,7 +59,8 @@ class Run(StepLayout):
         self.__dict__.update(steps or {})       # spans, documents, ids: already read and checked by open_run
 
     def __repr__(self) -> str:
-        return (f"Run({str(self.path)!r}: {len(self)} steps, {self.chars} chars, {self.manifest['documents']} "
+        over = "frames (no text)" if self.frames else f"{self.chars} chars"
+        return (f"Run({str(self.path)!r}: {len(self)} steps, {over}, {self.manifest['documents']} "
                 f"documents, {len(self.keys())} keys, {self.manifest['dtype']}"
                 + (f", attention {', '.join(self.attention_names())}" if self.attention_names() else "") + ")")
 
@@ -98,6 +102,18 @@ class Run(StepLayout):
         """One row per document: name, char_start, char_end, step_start, step_end (int64), then a column
         per field the documents were given with (a ``.jsonl`` line's label; None where one lacks it)."""
         return self._steps["documents"]
+
+    @property
+    def frames(self) -> bool:
+        """Whether the steps are input frames (audio, sensor readings) without text; ``times`` stamps them."""
+        return is_frames(self.manifest)
+
+    @cached_property
+    def times(self) -> np.ndarray:
+        """``[steps]`` float64: a frames Run's time stamps; any other Run's step index within its document."""
+        if self._steps.get("times") is not None:
+            return self._steps["times"]
+        return (np.arange(self.steps) - self.step_bounds[self.step_document, 0]).astype(np.float64)
 
     @cached_property
     def ids(self) -> np.ndarray | None:
@@ -262,9 +278,14 @@ def _read_steps(path: Path, manifest: dict) -> dict:
     if len(docs) != manifest["documents"]:
         raise RnnscopeError(f"{file} has {len(docs):,} documents but the manifest says {manifest['documents']:,}",
                             RECORD)
-    check_steps(spans, docs, chars, path)
+    check_steps(spans, docs, chars, path, frames=is_frames(manifest))
     docs = docs.astype({c: np.int64 for c in DOCUMENTS_SCHEMA if c != "name"})
-    return {"spans": spans, "documents": with_fields(docs, parsed(table, path), str(path)), "ids": ids}
+    times = None
+    if is_frames(manifest):
+        times = _read_npy(path, "times.npy", (steps,), np.float64)
+        check_times(times, docs[["step_start", "step_end"]].to_numpy(np.int64), f"{path}/times.npy")
+    return {"spans": spans, "documents": with_fields(docs, parsed(table, path), str(path)), "ids": ids,
+            "times": times}
 
 
 def _read_npy(path: Path, name: str, shape: tuple, dtype) -> np.ndarray:

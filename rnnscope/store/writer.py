@@ -29,7 +29,7 @@ from rnnscope.errors import RnnscopeError
 
 from .files import alive, inside
 from .layout import char_spans, one_document
-from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, key_file
+from .format import DTYPES, FORMAT, FORMAT_VERSION, check_manifest, check_steps, check_times, key_file
 from .run import is_run, partials
 from .docfields import stored
 from .keys import KEY
@@ -154,7 +154,7 @@ def carry_kept(old: Path, new: Path) -> None:
 
 # what rnnscope writes in a Run (``store.run``), and in each shard of a sharded one (``store.shards``)
 RUN_FILES = {"manifest.json", "text.txt", "spans.npy", "ids.npy", "documents.parquet", "loss.npy",
-             "document_loss.npy", "units.parquet"}
+             "document_loss.npy", "units.parquet", "times.npy"}
 RUN_DIRS = {"states", "analysis", "shards", "attention", "source"}
 _TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.(?:parquet|json)$")
 _SHARD = re.compile(r"^(?:[0-9]{5,9}|\.[0-9]{5,9}\.partial-[A-Za-z0-9_.]+-\d+-\w+)$")
@@ -238,10 +238,11 @@ class RunWriter:
     """``with RunWriter(out, text, spans=..., ids=..., documents=...) as w:`` fill ``w.states(...)``,
     ``w.loss()``, ``w.units(frame)``, then ``w.commit(manifest)``. Leaving the block without a commit
     removes the partial Run. Without ``spans`` each character is a step; without ``documents`` the
-    text is one document; ``ids [steps]`` are the model's input ids (optional)."""
+    text is one document; ``ids [steps]`` are the model's input ids (optional). ``times [steps]``
+    float64 makes a frames Run: its steps are input frames stamped with times, its text ``""``."""
 
     def __init__(self, out, text: str, *, spans=None, ids=None, documents: pd.DataFrame | None = None,
-                 dtype: str = "float16", overwrite: bool = False, log=print):
+                 dtype: str = "float16", overwrite: bool = False, log=print, times=None):
         self.out, self.overwrite, self.dtype, self.log = check_out(out, overwrite), overwrite, dtype, log
         self.data = text_bytes(text)
         self.chars = len(text)
@@ -250,7 +251,11 @@ class RunWriter:
         self.spans = np.asarray(spans, np.int64)
         self.steps = len(self.spans)
         self.documents = one_document(self.chars, self.steps) if documents is None else documents
-        check_steps(self.spans, self.documents, self.chars, "the Run being written")
+        check_steps(self.spans, self.documents, self.chars, "the Run being written", frames=times is not None)
+        self.times = None if times is None else np.asarray(times, np.float64)
+        if self.times is not None:
+            check_times(self.times, self.documents[["step_start", "step_end"]].to_numpy(np.int64),
+                        "the Run being written")
         self.ids = None if ids is None else np.asarray(ids, np.int64)
         if self.ids is not None and self.ids.shape != (self.steps,):
             raise RnnscopeError(f"{len(self.ids)} ids for {self.steps} steps", "give one id per step")
@@ -265,6 +270,8 @@ class RunWriter:
             np.save(self.tmp / "spans.npy", self.spans, allow_pickle=False)
             if self.ids is not None:
                 np.save(self.tmp / "ids.npy", self.ids, allow_pickle=False)
+            if self.times is not None:
+                np.save(self.tmp / "times.npy", self.times, allow_pickle=False)
             write_parquet(self.tmp / "documents.parquet", stored(self.documents, log), DOCUMENTS_SCHEMA, "documents")
         except OSError as err:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -329,6 +336,7 @@ class RunWriter:
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "encoder": {"kind": "char" if identity else "spans", "name": None}, "carry": False,
                     "loss": None, **manifest,
+                    **({"encoder": {"kind": "frames", "name": None}} if self.times is not None else {}),
                     "text": {"chars": self.chars, "sha256": hashlib.sha256(self.data).hexdigest(),
                              "newlines": "as stored"},
                     "steps": self.steps, "documents": len(self.documents), "ids": self.ids is not None,
