@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/rnnscope zoo list
 	$(BIN)/rnnscope probe zoo:lstm-linux --text zoo/samples/linux.c --out $(RUN) --grad --overwrite
 	$(BIN)/rnnscope analyze $(RUN)
-	$(BIN)/rnnscope export $(RUN) --feature in_comment --top 10 --out $(RUN)/in_comment.html
+	$(BIN)/rnnscope export $(RUN) --feature in_comment --top 10 --out $(RUN)/in_comment.html --overwrite
 	@echo
 	@echo "Recorded every state, gate and gradient of zoo:lstm-linux over zoo/samples/linux.c into $(RUN),"
 	@echo "found the units that track each feature, and wrote a heatmap to $(RUN)/in_comment.html."
