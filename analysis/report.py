@@ -71,10 +71,14 @@ def load_model(run: Run, checkpoint: str | None = None, *, model: str | None = N
                           "pass --checkpoint (a zoo model) or --model SPEC with that model to compute it")
         checkpoint = source
     ck = zoo.load(checkpoint)
-    if model_checksum(ck.model) != run.manifest["model"]["checksum"]:
-        raise RnnscopeError(f"{checkpoint} is not the model this Run was recorded with (checksums differ)",
-                            "pass --checkpoint with the checkpoint used for `rnnscope probe`")
+    _recorded_with(run, ck.model, checkpoint, "pass --checkpoint with the checkpoint used for `rnnscope probe`")
     return ck, None
+
+
+def _recorded_with(run: Run, model, spec: str, fix: str) -> None:
+    """Refuse ``model`` (named ``spec``) unless its checksum is the one the Run was recorded with."""
+    if model_checksum(model) != run.manifest["model"]["checksum"]:
+        raise RnnscopeError(f"{spec} is not the model this Run was recorded with (checksums differ)", fix)
 
 
 def _own_model(run: Run, spec: str, encoder: str | None, loss: str | None, checkpoint: str | None):
@@ -89,9 +93,7 @@ def _own_model(run: Run, spec: str, encoder: str | None, loss: str | None, check
         got = subject_of(got)
         got.loss = asked.get("loss", got.loss)
         got.encoder = asked.get("encode", got.encoder)
-    if model_checksum(got.model) != run.manifest["model"]["checksum"]:
-        raise RnnscopeError(f"{spec} is not the model this Run was recorded with (checksums differ)",
-                            "pass --model with the model (and weights) used for `rnnscope probe`")
+    _recorded_with(run, got.model, spec, "pass --model with the model (and weights) used for `rnnscope probe`")
     return got
 
 
@@ -111,12 +113,14 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
 
     ``model``, ``encoder``, ``model_loss``: ``--model``, ``--encoder``, ``--loss`` specs (``load_model``);
     a user's model is run through its Subject's ``call`` and loss (``analysis.causal``) over the Run's
-    documents, their fields (a label) from ``documents`` (the corpus it was probed from); ``ablate_units``:
+    documents and the fields it keeps (a label), or those of ``documents`` (the corpus it was probed
+    from, for a Run that keeps none); ``ablate_units``:
     the units to ablate (each alone) instead of each feature's best (``ablation`` then need not be set)."""
     run = run if isinstance(run, Run) else open_run(run)
     for name in (*TABLES, "summary"):          # a table that cannot be written is refused before the work
         inside(run.path, f"analysis/{name}.{'json' if name == 'summary' else 'parquet'}", write=True)
     src = as_source(run, language=language)
+    own = own_features(own) if own else {}      # checked once, before any work
     out, skipped = {}, {}
     ck, docs = None, None
     ablation = ablation or bool(ablate_units)
@@ -126,7 +130,7 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
             skipped.update({"grad_decay": why} if decay else {}, **({"ablation": why} if ablation else {}))
         docs = _own_documents(run, ck, documents, skipped, decay, ablation)
     names = list(features) if features is not None else src.defaults
-    chosen = {**{n: n for n in names}, **own_features(own)} if own else features
+    chosen = {**{n: n for n in names}, **own} if own else features
     with warnings.catch_warnings():             # said once below, as one line each, not as a warning
         warnings.simplefilter("ignore", FeatureSkipped)
         out["neurons"] = find_neurons(src, chosen, language=language, heldout=heldout, shifts=shifts,
@@ -135,14 +139,14 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
     if own:
         with warnings.catch_warnings():         # constant on one document is no news (said above when on all)
             warnings.simplefilter("ignore")
-            tracks = feature_steps(src, own_features(own), src.language or "c")
+            tracks = feature_steps(src, own, src.language or "c")
         out["features"] = tracks.assign(step=np.arange(len(tracks)))[["step", *tracks.columns]]
     if sparse:
         paths = []
         for feat, g in out["neurons"].groupby("feature", sort=False):
             cands = g.dropna(subset=["score"]).assign(a=lambda d: np.where(
                 d.metric == "auc", d.score - 0.5, d.score.abs())).nlargest(256, "a")["unit"].tolist()
-            asked = {feat: own[feat]} if own and feat in own else feat
+            asked = {feat: own[feat]} if feat in own else feat
             paths.append(sparse_probe(run, asked, language=language, units=cands, heldout=heldout, client=client)
                          .assign(units_needed=lambda d: d.attrs.get("units_needed")))
         out["sparse"] = pd.concat(paths, ignore_index=True)
@@ -196,9 +200,8 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
     elif ablation and ck is not None:
         text = run.text[:ablate_chars]
         ids = ck.vocab.encode(text, unk=run.manifest.get("unk"))
-        feats = compute(text, {n: (own or {}).get(n, n) for n in sorted(set(out["neurons"].query("metric == 'auc'")
-                                                                             ["feature"]))},
-                        src.language or "c") if (out["neurons"]["metric"] == "auc").any() else pd.DataFrame()
+        binary = sorted(set(out["neurons"].query("metric == 'auc'")["feature"]))
+        feats = compute(text, {n: own.get(n, n) for n in binary}, src.language or "c") if binary else pd.DataFrame()
         means = run.units.set_index("key")
         rows = []
         for feat in feats.columns:
@@ -217,8 +220,8 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
             out["ablation"] = pd.concat(rows, ignore_index=True)
     tested = {k: v for k, v in out["neurons"].attrs.items() if isinstance(v, (int, float, str))}
     summary = {"tables": sorted(out), "skipped": skipped, "heldout": heldout, "shifts": shifts,
-               "language": src.language, "features": sorted(set(out["neurons"]["feature"])), "neuron_tests": tested, "exploding_steps": exploding,
-               "nonfinite_gradient_steps": nonfinite}
+               "language": src.language, "features": sorted(set(out["neurons"]["feature"])), "neuron_tests": tested,
+               "exploding_steps": exploding, "nonfinite_gradient_steps": nonfinite}
     write_tables(run, out, {"summary": summary})     # all or none: an interrupt keeps the old tables
     out["summary"] = summary
     return out
