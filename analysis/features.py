@@ -232,6 +232,11 @@ CODE_DEFAULTS = ["in_string", "in_comment", "column", "to_line_end", "indent", "
                  "brace_depth", "in_if_condition", "in_double_quotes"]
 
 
+def defaults_for(language: str | None) -> list[str]:
+    """The built-ins scored by default on text of a lexer ``language`` (None: prose)."""
+    return list(PROSE if language is None else CODE_DEFAULTS)
+
+
 class FeatureSkipped(UserWarning):
     """A feature that could not be scored (constant on the scored steps): the table's attrs say which."""
 

@@ -410,12 +410,10 @@ def chosen_features(src: Source, features):
                                 "without text", "pass features={name: array of one number per step}")
     if features is not None:
         return features
-    return src.defaults if src.defaults is not None else default_features(src.language)
+    return src.defaults if src.defaults is not None else feats.defaults_for(src.language)
 
 
-def default_features(language: str | None) -> list[str]:
-    """The defaults for a lexer language (None: prose)."""
-    return list(feats.PROSE if language is None else feats.CODE_DEFAULTS)
+default_features = feats.defaults_for          # (the benchmarks import it by this name)
 
 
 def top_units(table: pd.DataFrame, k: int = 3) -> pd.DataFrame:

@@ -118,7 +118,7 @@ def default_features(run: Run | None, language="auto") -> list[str]:
         if corpus is None:
             return list(feats.LANGUAGE_FREE)
         language = CORPUS_LANGUAGE[corpus]
-    return list(feats.PROSE if language is None else feats.CODE_DEFAULTS)
+    return feats.defaults_for(language)
 
 
 def as_source(run, text: str | None = None, language: str | None = "auto", spans=None, documents=None) -> Source:
