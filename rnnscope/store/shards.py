@@ -35,12 +35,12 @@ import pandas as pd
 from rnnscope.errors import RnnscopeError
 
 from .docfields import LAYOUT, parsed, with_fields
-from .files import inside, read_bytes, regular_file
+from .files import alive, inside, read_bytes, regular_file
 from .format import FORMAT, RECORD, SHARDED_VERSION, check_manifest
 from .keys import key_file, split_key
 from .run import MANIFEST_LIMIT, Run, open_run, read_manifest
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, read_parquet, write_parquet
-from .writer import _alive, check_out, swap_in
+from .writer import check_out, swap_in
 
 SUMS = ("count", "sum", "sum_sq")       # units.parquet's extra columns in a shard: what merges exactly
 
@@ -226,7 +226,7 @@ def clean_partials(shards: Path, everyone: bool = False) -> list[str]:
     for p in sorted(shards.iterdir()) if shards.is_dir() else []:
         m = _PARTIAL.match(p.name)
         if m and p.is_dir() and not p.is_symlink() and (
-                everyone or (m["host"] == _host() and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])))):
+                everyone or (m["host"] == _host() and int(m["pid"]) != os.getpid() and not alive(int(m["pid"])))):
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
     return gone

@@ -35,8 +35,6 @@ from .docfields import stored
 from .keys import KEY
 from .tables import DOCUMENTS_SCHEMA, TEMPORARY, UNITS_SCHEMA, write_parquet
 
-_alive = alive          # (store.shards imports it by this name)
-
 try:
     import fcntl
 except ImportError:          # Windows: no advisory locks; the swap is still checked, just not serialised
