@@ -30,6 +30,7 @@ from pygments.token import Comment, Keyword, Punctuation, String
 from rnnscope.errors import RnnscopeError, call_user, escaped
 
 TAB = 8
+LONG_LEAD = 64      # indent: past this many leading blanks a line is expanded as a string
 ELISIONS = ("'tis", "'twas", "'twere", "'twill", "'twixt", "'tween", "'em", "'gainst", "'d ", "'s ", "'ll ")
 
 
@@ -130,18 +131,20 @@ def in_if_condition(text: str, language: str = "c") -> np.ndarray:
     """Inside the parentheses of ``if (...)``: from after the ``(`` to before its matching ``)``."""
     mask = np.zeros(len(text), np.int8)
     toks = _tokens(text, language)
-    for n, (i, tok, v) in enumerate(toks):
-        if v == "if" and tok in Keyword:
-            rest = [m for m in range(n + 1, min(n + 4, len(toks))) if toks[m][2].strip()]
-            if not rest or toks[rest[0]][2] != "(" or toks[rest[0]][1] not in Punctuation:
-                continue
-            depth, start = 0, toks[rest[0]][0]
-            for j, tj, vj in toks[rest[0]:]:
-                if tj in Punctuation:
-                    depth += vj.count("(") - vj.count(")")
-                if depth <= 0:
-                    mask[start:j] = 1
-                    break
+    for n in (n for n, (_, _, v) in enumerate(toks) if v == "if"):
+        if toks[n][1] not in Keyword:
+            continue
+        rest = [m for m in range(n + 1, min(n + 4, len(toks))) if toks[m][2].strip()]
+        if not rest or toks[rest[0]][2] != "(" or toks[rest[0]][1] not in Punctuation:
+            continue
+        depth, start = 0, toks[rest[0]][0]
+        for m in range(rest[0], len(toks)):          # an index, not toks[rest[0]:]: that copied the rest each time
+            j, tj, vj = toks[m]
+            if tj in Punctuation:
+                depth += vj.count("(") - vj.count(")")
+            if depth <= 0:
+                mask[start:j] = 1
+                break
     return mask
 
 
@@ -158,8 +161,15 @@ def _quote_toggle(text: str, is_quote) -> np.ndarray:
 
 
 def in_double_quotes(text: str) -> np.ndarray:
-    """Between double quotes (prose or code); a backslash-escaped quote does not count."""
-    return _quote_toggle(text, lambda t, inside: text[t] == '"' and not (t and text[t - 1] == "\\"))
+    """Between double quotes (prose or code); a backslash-escaped quote does not count. A paragraph
+    break (a newline after a newline) closes a quote left open. The parity of the quotes since the last
+    paragraph break, as ``_quote_toggle`` walks it character by character."""
+    chars = _chars(text)
+    quote = (chars == ord('"')) & ~np.r_[False, chars[:-1] == ord("\\")]
+    reset = (chars == 10) & np.r_[False, chars[:-1] == 10]
+    seen = np.cumsum(quote)
+    at_reset = np.maximum.accumulate(np.where(reset, seen, 0))   # quotes counted up to the last break
+    return ((seen - at_reset) & 1).astype(np.int8)
 
 
 def in_single_quotes(text: str) -> np.ndarray:
@@ -207,14 +217,26 @@ def to_line_end(text: str) -> np.ndarray:
 
 
 def indent(text: str) -> np.ndarray:
-    """Indentation width of the current line (tabs to multiples of 8)."""
-    starts = _line_starts(text)
-    widths = {}
-    for s in np.unique(starts):
-        line = text[s:text.find("\n", s) if "\n" in text[s:] else len(text)]
-        ws = line[: len(line) - len(line.lstrip(" \t"))]
-        widths[s] = len(ws.expandtabs(TAB))
-    return np.array([widths[s] for s in starts], np.int64)
+    """Indentation width of the current line (tabs to multiples of 8, as ``str.expandtabs``)."""
+    chars = _chars(text)
+    n = len(chars)
+    starts = np.flatnonzero(np.r_[True, chars[:-1] == 10]) if n else np.zeros(0, np.int64)
+    blank = (chars == 32) | (chars == 9)
+    nxt = np.minimum.accumulate(np.where(blank, n, np.arange(n))[::-1])[::-1]   # first non-blank at or after t
+    lead = nxt[starts] - starts
+    width = np.zeros(len(starts), np.int64)
+    long = np.flatnonzero(lead > LONG_LEAD)             # a line of thousands of blanks: one string each
+    width[long] = [len(text[s:s + m].expandtabs(TAB)) for s, m in zip(starts[long], lead[long])]
+    live = np.flatnonzero((lead > 0) & (lead <= LONG_LEAD))
+    for k in range(int(lead[live].max(initial=0))):     # the k-th blank of every line that has one
+        live = live[lead[live] > k]
+        tab = chars[starts[live] + k] == 9
+        width[live] = np.where(tab, (width[live] // TAB + 1) * TAB, width[live] + 1)
+    return np.repeat(width, np.diff(np.r_[starts, n]))
+
+
+def _chars(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), np.uint32)
 
 
 BUILTIN: dict[str, Callable] = {

@@ -77,31 +77,51 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 
 class _Part:
-    """Label columns for one part of the text, and which columns belong to which feature."""
+    """Label columns for one part of the text, and which columns belong to which feature: ``X [n,
+    columns]`` float32, each continuous feature centred and scaled to norm 1, then its shifts (zeros
+    where the feature is constant on the part); ``R``, each binary feature and its shifts, and each
+    continuous feature's centred, normalised ranks (NaN where constant). Each column is written in
+    place as float32, never a float64 copy of the whole block (at 700,000 rows that was 1.5 GB)."""
 
     def __init__(self, F: pd.DataFrame, binary: list[str], shifts: int, segments=None):
         self.n = len(F)
-        xcols, rcols = [], []
         self.slots = {}
+        wide = [(0, 1 + shifts) if name in binary else (1 + shifts, 1) for name in F.columns]
+        self.X = np.empty((self.n, sum(x for x, _ in wide)), np.float32)
+        self.R = np.empty((self.n, sum(r for _, r in wide)), np.float32)
+        xj = rj = 0
         for name in F.columns:
             f = F[name].to_numpy(np.float64)
             if name in binary:
-                rcols.append(shifted(f, shifts, segments))
-                self.slots[name] = ("r", sum(c.shape[1] for c in rcols) - shifts - 1)
+                self.slots[name] = ("r", rj)
+                shifted(f, shifts, segments, out=self.R[:, rj:rj + 1 + shifts])
+                rj += 1 + shifts
+                continue
+            fz = f - f.mean()
+            norm = np.sqrt((fz ** 2).sum())
+            self.slots[name] = ("x", xj)
+            if norm > 0:
+                shifted(fz / norm, shifts, segments, out=self.X[:, xj:xj + 1 + shifts])
             else:
-                fz = f - f.mean()
-                norm = np.sqrt((fz ** 2).sum())
-                fz = fz / norm if norm > 0 else fz * np.nan
-                rk = stats.rankdata(f)
-                rk -= rk.mean()
-                rnorm = np.sqrt((rk ** 2).sum())
-                rk = rk / rnorm if rnorm > 0 else rk * np.nan
-                xcols.append(shifted(fz, shifts, segments))
-                self.slots[name] = ("x", sum(c.shape[1] for c in xcols) - shifts - 1)
-                rcols.append(rk[:, None])
-                self.slots[name + "\0rank"] = ("r", sum(c.shape[1] for c in rcols) - 1)
-        self.X = np.nan_to_num(np.concatenate(xcols, 1) if xcols else np.zeros((self.n, 0))).astype(np.float32)
-        self.R = (np.concatenate(rcols, 1) if rcols else np.zeros((self.n, 0))).astype(np.float32)
+                self.X[:, xj:xj + 1 + shifts] = 0          # constant on this part: no score (NaN -> 0 as before)
+            xj += 1 + shifts
+            rk = _ranks(f)
+            rk -= rk.mean()
+            rnorm = np.sqrt((rk ** 2).sum())
+            self.R[:, rj] = rk / rnorm if rnorm > 0 else np.nan
+            self.slots[name + "\0rank"] = ("r", rj)
+            rj += 1
+
+
+def _ranks(f: np.ndarray) -> np.ndarray:
+    """``stats.rankdata(f)`` (average ranks, float64): by counting when ``f`` holds few distinct
+    integers (a depth, a column, an indent: no sort of the whole part), else rankdata itself."""
+    if len(f) and f.max() - f.min() < 4 * len(f) + 1024 and np.array_equal(f, np.floor(f)):
+        at = (f - f.min()).astype(np.int64)
+        counts = np.bincount(at)
+        mid = np.cumsum(counts) - (counts - 1) / 2            # half-integers: exact, as rankdata's
+        return mid[at]
+    return stats.rankdata(f)
 
 
 _NO_VALUES = np.zeros((1, 1), np.float32)       # a float16 key's values come from its bits

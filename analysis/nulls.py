@@ -65,16 +65,18 @@ def _segments(n: int, segments) -> list[int]:
     return segs
 
 
-def shifted(col: np.ndarray, shifts: int, segments=None) -> np.ndarray:
+def shifted(col: np.ndarray, shifts: int, segments=None, out: np.ndarray | None = None) -> np.ndarray:
     """``[n] -> [n, 1 + shifts]``: the column, then ``shifts`` circular shifts. One document: spread
     evenly over it (each at least ``n / (shifts + 1)`` steps, far past any local autocorrelation).
-    Several (``segments``): each column shifts each document by its own lag, drawn independently."""
+    Several (``segments``): each column shifts each document by its own lag, drawn independently.
+    ``out``: a ``[n, 1 + shifts]`` array (a slice of a wider one) to write into, cast to its dtype."""
     segs = _segments(len(col), segments)
     if len(segs) == 1:
         offsets = [[int(round(segs[0] * (k + 1) / (shifts + 1))) for k in range(shifts)]]
     else:
         offsets = np.random.default_rng(SEED).integers(0, np.asarray(segs)[:, None], (len(segs), shifts))
-    out, start = np.empty((len(col), 1 + shifts), col.dtype), 0
+    out = np.empty((len(col), 1 + shifts), col.dtype) if out is None else out
+    start = 0
     for m, offs in zip(segs, offsets):
         seg, dst = col[start:start + m], out[start:start + m]
         for k, o in enumerate([0, *offs]):          # np.roll(seg, o), written in place
