@@ -142,9 +142,10 @@ def _blocks(a, rows: np.ndarray, chunk: int):
             yield int(i0), np.asarray(a[s:e])[rows[i0:i1] - s]
 
 
-def _score_key(a, parts, chunk) -> list[dict]:
+def _score_key(a, parts, chunk, keep=None) -> list[dict]:
     """Both passes over one key ``a [steps, units]``; per part (its scored ``rows``): Pearson
-    numerators, sums, and rank products, all per unit."""
+    numerators, sums, and rank products, all per unit. ``keep``: units whose values on the (one) part
+    are kept as ``kept [rows, len(keep)]`` (in ``a``'s dtype), read in the same pass rather than again."""
     U = a.shape[1]
     decode = a.dtype == np.float16
     out = []
@@ -162,8 +163,11 @@ def _score_key(a, parts, chunk) -> list[dict]:
         # one pair of buffers per part: fresh 32 MB arrays per chunk cost more in page faults than the kernel
         width = min(chunk, n)
         x_t, r_t = np.empty((U, width), np.float32), np.empty((U, width), np.float32)
+        kept = []
         for p0, raw in _blocks(a, rows, chunk):
             p1 = p0 + len(raw)
+            if keep is not None:
+                kept.append(raw[:, keep])
             # a float32 Run's rows come read-only from the memory map: the kernel gets a plain copy
             xin = _NO_VALUES if decode else np.array(raw, np.float32, order="C")
             kernels.ranks_and_sums(kernels.float16_bits(raw), xin, decode, kernels.VALUE_OF, mid, ref,
@@ -178,7 +182,8 @@ def _score_key(a, parts, chunk) -> list[dict]:
         # its sums are exactly zero (every value equals ref), and its r would be 0/0 or float32 dust / 0 = inf
         constant = (s2 == 0) & ~bad
         out.append({"n": n, "sd": np.sqrt(np.maximum(sxx, 0)), "mean": mean, "xc": xc, "rc": rc,
-                    "rank_sd": np.sqrt(rank_ss), "bad": bad, "constant": constant})
+                    "rank_sd": np.sqrt(rank_ss), "bad": bad, "constant": constant,
+                    "kept": np.concatenate(kept) if keep is not None else None})
     return out
 
 
@@ -273,25 +278,30 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     parts = [(rows, _Part(F.iloc[a:b].reset_index(drop=True), binary, shifts, segs))
              for rows, (a, b), segs in zip(sp.parts, [(0, at), (at, len(F))], sp.segments)]
     frames, constant = [], [0, 0]            # units constant on every scored step, on one part only
-    for key in tqdm(keys, desc="neurons", unit="key", disable=not progress):
-        a = src.array(key)
-        if client is None:
-            accs = _score_key(a, parts, chunk)
-        else:
-            from .distributed import score_key
-            accs = score_key(client, a, parts, chunk)
+    bar = tqdm(total=2 * len(keys), desc="neurons", unit="pass", disable=not progress)
+    first = {}
+    for key in keys:                         # the selection part of every key: it alone chooses the units
+        first[key] = _score_part(src, key, parts[0], chunk, client)
+        bar.update()
+    want = _candidates(first, parts[0][1], F.iloc[:at], binary, select + SPARE)
+    kept = {}
+    for key in keys:                         # the held-out part, keeping the candidates' values as it reads
+        accs = [first.pop(key), _score_part(src, key, parts[1], chunk, client, want.get(key))]
+        kept[key] = (want.get(key), accs[1].pop("kept", None))
+        bar.update()
         both = accs[0]["constant"] & accs[1]["constant"]
         constant[0] += int(both.sum())
         constant[1] += int((accs[0]["constant"] | accs[1]["constant"]).sum() - both.sum())
         for name in F.columns:
             frames.append(_feature_rows(key, name, name in binary, accs, parts, F, at))
+    bar.close()
     table = pd.concat(frames, ignore_index=True)
     table["selection_q"] = benjamini_hochberg(table["selection_p"].to_numpy())
     table = table.sort_values(["selection_strength", "selection_p"], ascending=[False, True],
                               na_position="last", kind="stable").reset_index(drop=True)
     table["selected"] = table.groupby("feature", sort=False).cumcount() < select
     table.loc[table["selection_strength"].isna(), "selected"] = False
-    _resolve_selected(table, src, F, binary, sp, chunk)
+    _resolve_selected(table, src, F, binary, sp, chunk, kept)
     tokens = None if src.char_level else src.tokens()
     ids = None if src.char_level else token_pair_ids([tokens[i] for i in sp.rows], src.step_document[sp.rows])
     table = table.merge(character_controls(src.text, F, binary, at, ids), on="feature", how="left")
@@ -307,6 +317,56 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
                        constant_on_one_part=constant[1], **_nulls_said(sp, shifts))
     table.attrs["skipped_features"] = skipped_features
     return table
+
+
+# candidates kept per feature beyond ``select``: a unit that is NaN or Inf on the held-out part drops out
+# of the selection there, and the next one moves up (more than SPARE such units: that key is read again)
+SPARE = 5
+
+
+def _score_part(src, key, part, chunk, client, keep=None) -> dict:
+    """``_score_key`` of one part of one key, in this process or on ``client``'s workers (which keep nothing)."""
+    a = src.array(key)
+    if client is None:
+        return _score_key(a, [part], chunk, keep)[0]
+    from .distributed import score_key
+    return {**score_key(client, a, [part], chunk)[0], "kept": None}
+
+
+def _selection(acc: dict, part: "_Part", F: pd.DataFrame, name: str, is_bin: bool, nonfinite) -> tuple:
+    """A feature's selection-part scores of one key ``[units, 1 + shifts]`` (NaN where ``nonfinite`` or
+    constant), oriented on the observed column: ``(scores, direction, strength)``."""
+    sel = _scores(acc, part, F, name, is_bin)
+    sel[nonfinite | acc["constant"]] = np.nan
+    if is_bin:   # orient each unit on the selection part: AUC 0.02 is a unit that is off inside
+        direction = np.where(sel[:, 0] < 0.5, -1, 1)
+        sel = np.where((direction < 0)[:, None], 1 - sel, sel)
+        return sel, direction, 2 * (sel[:, 0] - 0.5)
+    direction = np.where(sel[:, 0] < 0, -1, 1)
+    return sel, direction, direction * sel[:, 0]
+
+
+def _candidates(first: dict, part: "_Part", F: pd.DataFrame, binary: list[str], k: int) -> dict:
+    """``{key: unit indexes}``: per feature the first ``k`` units in the table's own order (selection
+    strength, then selection p, then key and unit), from the selection part alone."""
+    rows = []
+    for key, acc in first.items():
+        for name in F.columns:
+            sel, direction, strength = _selection(acc, part, F, name, name in binary, acc["bad"])
+            p = shift_test(sel if name in binary else direction[:, None] * sel, two_sided=True)["p"]
+            rows.append((name, key, strength, p))
+    want: dict = {}
+    for name in F.columns:
+        mine = [(key, st, p) for n, key, st, p in rows if n == name]
+        strength = np.concatenate([st for _, st, _ in mine])
+        p = np.concatenate([pp for _, _, pp in mine])
+        where = np.concatenate([np.full(len(st), i) for i, (_, st, _) in enumerate(mine)])
+        unit = np.concatenate([np.arange(len(st)) for _, st, _ in mine])
+        ok = np.isfinite(strength)
+        order = np.lexsort((np.arange(len(p)), np.where(np.isnan(p), np.inf, p), -np.where(ok, strength, -np.inf)))
+        for i in order[ok[order]][:k]:
+            want.setdefault(mine[where[i]][0], set()).add(int(unit[i]))
+    return {key: np.array(sorted(v), np.int64) for key, v in want.items()}
 
 
 def _nulls_said(sp, shifts: int) -> dict:
@@ -328,18 +388,15 @@ def _feature_rows(key, name, is_bin, accs, parts, F, split) -> pd.DataFrame:
     with its streamed shift test. A unit NaN or Inf anywhere scores NaN on both parts; a unit
     constant on a part scores NaN there (so, constant on the selection part, it is never ranked)."""
     nonfinite = accs[0]["bad"] | accs[1]["bad"]
-    sel = _scores(accs[0], parts[0][1], F.iloc[:split], name, is_bin)
+    sel, direction, sel_strength = _selection(accs[0], parts[0][1], F.iloc[:split], name, is_bin, nonfinite)
     held = _scores(accs[1], parts[1][1], F.iloc[split:], name, is_bin)
-    sel[nonfinite | accs[0]["constant"]], held[nonfinite | accs[1]["constant"]] = np.nan, np.nan
-    if is_bin:   # orient each unit on the selection part: AUC 0.02 is a unit that is off inside
-        direction = np.where(sel[:, 0] < 0.5, -1, 1)
-        flip = (direction < 0)[:, None]
-        sel, held = np.where(flip, 1 - sel, sel), np.where(flip, 1 - held, held)
-        sel_strength, held_strength = 2 * (sel[:, 0] - 0.5), 2 * (held[:, 0] - 0.5)
+    held[nonfinite | accs[1]["constant"]] = np.nan
+    if is_bin:
+        held = np.where((direction < 0)[:, None], 1 - held, held)
+        held_strength = 2 * (held[:, 0] - 0.5)
         sp = hsp = np.full(len(sel), np.nan)
     else:
-        direction = np.where(sel[:, 0] < 0, -1, 1)
-        sel_strength, held_strength = direction * sel[:, 0], direction * held[:, 0]
+        held_strength = direction * held[:, 0]
         sp, hsp = (np.where(nonfinite | acc["constant"], np.nan, _spearman(acc, part, name))
                    for acc, (_, part) in zip(accs, parts))
     oriented = (lambda m: m) if is_bin else (lambda m: direction[:, None] * m)
@@ -358,7 +415,8 @@ def _feature_rows(key, name, is_bin, accs, parts, F, split) -> pd.DataFrame:
         "heldout_p_empirical": ht["p_empirical"], "heldout_q": np.nan})
 
 
-def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[str], sp, chunk: int) -> None:
+def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[str], sp, chunk: int,
+                      kept: dict | None = None) -> None:
     """Re-test the selected rows on the held-out part (in place), reading only those units' columns,
     and give them their q-values: against every circular shift of one held-out document, or against
     independent shifts of each of several (``nulls``)."""
@@ -374,7 +432,11 @@ def _resolve_selected(table: pd.DataFrame, src, F: pd.DataFrame, binary: list[st
     for key, rows in table.loc[sel].groupby("key", sort=False):
         a = src.arrays[key]
         idx = np.unique(rows["index"].to_numpy())
-        x = np.concatenate([b[:, idx] for _, b in _blocks(a, sp.parts[1], chunk)]).astype(np.float32)
+        have, values = (kept or {}).get(key, (None, None))
+        if values is not None and np.isin(idx, have).all():       # read with the held-out pass
+            idx, x = have, values.astype(np.float32)
+        else:
+            x = np.concatenate([b[:, idx] for _, b in _blocks(a, sp.parts[1], chunk)]).astype(np.float32)
         col = {u: j for j, u in enumerate(idx)}
         for i, unit, name, d in zip(rows.index, rows["index"], rows["feature"], rows["direction"]):
             r = test(x[:, col[unit]], F[name].to_numpy(np.float64)[sp.at:], name in binary, int(d))
