@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,12 @@ def _npz(path: Path, budget) -> list[tuple[str, np.ndarray]]:
             if name in seen:
                 raise RnnscopeError(f"{where} appears twice in the archive", "give each document one key")
             seen.add(name)
-            with archive.open(m) as f:
-                out.append((name, _array(f, where, budget)))
+            try:
+                with archive.open(m) as f:
+                    out.append((name, _array(f, where, budget)))
+            except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, OSError, EOFError) as err:
+                raise RnnscopeError(f"{where} cannot be read from the archive ({first_line(err, 80)})",
+                                    "write the archive again with numpy.savez") from None
     return out
 
 

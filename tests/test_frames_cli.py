@@ -167,6 +167,18 @@ def _with_text(tmp):
     return tmp / "d"
 
 
+def _corrupt(tmp):
+    """A compressed .npz whose deflated data is garbage past its array's header."""
+    np.savez_compressed(tmp / "f.npz", a=np.arange(3000, dtype=np.float32).reshape(1000, 3))
+    with zipfile.ZipFile(tmp / "f.npz") as zf:
+        info = zf.infolist()[0]
+    data = bytearray((tmp / "f.npz").read_bytes())
+    at = info.header_offset + 30 + len(info.filename) + len(info.extra) + 200
+    data[at:at + 200] = b"\xff" * 200
+    (tmp / "f.npz").write_bytes(bytes(data))
+    return tmp / "f.npz"
+
+
 def _raw(name, data: bytes):
     def write(tmp):
         (tmp / name).write_bytes(data)
@@ -189,6 +201,7 @@ BAD_FILES = [
     ("short", _raw("f.npy", _npy_header((10, 3)) + b"\0" * 12), "is cut short"),
     ("not npy", _raw("f.npy", b"hello"), "is not a readable .npy array"),
     ("not zip", _raw("f.npz", b"PK not a zip"), "is not an .npz archive"),
+    ("corrupt", _corrupt, "cannot be read from the archive"),
     ("link out", _link_out, "leads out of"),
     ("not npy in dir", _with_text, "is not an .npy file"),
     ("suffix", _raw("f.csv", b"1,2,3"), "is neither .npz nor .npy"),
@@ -240,3 +253,42 @@ def test_analyze_refuses_text_features_and_frames_that_are_not_the_runs(readme, 
     assert "is not the Run's" in refused(capsys, "analyze", run, "--features", feats, "--frames", other)
     # the Run's own frames without their time stamps (then the step index): not the Run's either
     assert "is not the Run's" in refused(capsys, "analyze", run, "--features", feats, "--frames", runs / "clips.npz")
+
+
+LABELLED = '''
+import torch
+from torch import nn
+
+CHARS = "ab"
+
+
+def encode(text):
+    return torch.tensor([CHARS.index(c) for c in text])
+
+
+encode.decode = lambda ids: "".join(CHARS[int(i)] for i in ids)
+
+
+class LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.gru, self.head = nn.Embedding(2, 4), nn.GRU(4, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.head(self.gru(self.embed(ids))[0])
+
+
+def call(model, ids, document):
+    return model(ids) * (2.0 if document["label"] == "loud" else 1.0)       # a field of the corpus's lines
+
+
+def build():
+    import rnnscope as rs
+    return rs.Subject(LM(), encode, call=call)
+'''
+
+
+def test_generate_refuses_a_call_that_needs_a_field_of_the_corpus(tmp_path, capsys):
+    (tmp_path / "labelled.py").write_text(LABELLED)
+    err = refused(capsys, "generate", "--model", f"{tmp_path / 'labelled.py'}:build", "--prime", "ab", "--length", "3")
+    assert "asked its document for 'label'" in err, err
