@@ -23,6 +23,9 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import frames_lstm as example  # noqa: E402
 
+# 4 clips of 60 to 90 frames: a held-out p-value cannot go below 1/74, which is all the warning says
+pytestmark = pytest.mark.filterwarnings("ignore::rnnscope.analysis.neurons.CoarseNull")
+
 
 def readme_commands() -> list[str]:
     section = ROOT.joinpath("README.md").read_text().split("## Step loops, cells and attention", 1)[1]
@@ -102,7 +105,6 @@ def test_the_gradients_equal_a_float64_unrolled_loop(readme):
     assert worst < 1e-6 and gates < 1e-6, (worst, gates)
 
 
-@pytest.mark.filterwarnings("ignore::rnnscope.analysis.neurons.CoarseNull")
 def test_analyze_finds_the_unit_that_follows_channel_0(readme):
     runs, _ = readme
     neurons = pd.read_parquet(runs / "clips" / "analysis" / "neurons.parquet")
@@ -292,3 +294,80 @@ def test_generate_refuses_a_call_that_needs_a_field_of_the_corpus(tmp_path, caps
     (tmp_path / "labelled.py").write_text(LABELLED)
     err = refused(capsys, "generate", "--model", f"{tmp_path / 'labelled.py'}:build", "--prime", "ab", "--length", "3")
     assert "asked its document for 'label'" in err, err
+
+
+def test_a_directory_of_npy_and_one_npy_read_as_the_npz_does(readme, tmp_path):
+    """The same clips as .npy files (one Fortran-ordered, one big-endian float64, one a link inside the
+    directory) record the same Run as the README's .npz; one .npy is one document named by its stem."""
+    runs, _ = readme
+    clips, stamps = np.load(runs / "clips.npz"), np.load(runs / "clips.times.npz")
+    folder, times = tmp_path / "clips", tmp_path / "times"
+    folder.mkdir()
+    times.mkdir()
+    for i, k in enumerate(clips.files):
+        x = clips[k]
+        x = np.asfortranarray(x) if i == 0 else x.astype(">f8") if i == 1 else x
+        np.save(folder / (f".{k}.npy" if i == 3 else f"{k}.npy"), x)
+        np.save(times / f"{k}.npy", stamps[k])
+    (folder / "clip3.npy").symlink_to(folder / ".clip3.npy")         # hidden names are skipped, links inside kept
+    assert main(["probe", "--model", MODEL, "--frames", str(folder), "--times", str(times), "--dtype", "float32",
+                 "--out", str(tmp_path / "run")]) == 0
+    run, want = rs.open_run(tmp_path / "run"), rs.open_run(runs / "clips")
+    assert run.documents["name"].tolist() == clips.files and np.array_equal(run.times, want.times)
+    assert np.array_equal(run["cell.l0.h"], want["cell.l0.h"]) and np.array_equal(run["cell.l0.c"], want["cell.l0.c"])
+    assert main(["probe", "--model", MODEL, "--frames", str(folder / "clip2.npy"), "--out", str(tmp_path / "one")]) == 0
+    one = rs.open_run(tmp_path / "one")
+    assert one.documents["name"].tolist() == ["clip2"] and np.array_equal(one.times, np.arange(len(clips["clip2"])))
+
+
+STEPPED = '''
+import torch
+from torch import nn
+
+import rnnscope as rs
+
+
+class OneFrame(nn.Module):
+    """A whole model that reads one frame [1, features] and its state: a GRU cell and a head."""
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(3, 5), nn.Linear(5, 1)
+
+    def forward(self, frame, h):
+        h = self.cell(frame, h)
+        return self.head(h), h
+
+
+def loop(model, x):
+    """The user's own loop: the whole model called once per frame of x [1, T, 3]."""
+    h, out = None, []
+    for t in range(x.shape[1]):
+        y, h = model(x[:, t], h)
+        out.append(y)
+    return torch.stack(out, 1)
+
+
+def build():
+    torch.manual_seed(3)
+    return rs.Subject(OneFrame(), call=loop)
+'''
+
+
+def test_a_whole_model_called_once_per_frame_by_its_own_loop(readme, tmp_path):
+    runs, _ = readme
+    (tmp_path / "stepped.py").write_text(STEPPED)
+    assert main(["probe", "--model", f"{tmp_path / 'stepped.py'}:build", "--frames", str(runs / "clips.npz"),
+                 "--dtype", "float32", "--out", str(tmp_path / "run")]) == 0
+    run, clips = rs.open_run(tmp_path / "run"), np.load(runs / "clips.npz")
+    torch.manual_seed(3)
+    cell = nn.GRUCell(3, 5)                          # the spec's weights, drawn again from the same seed
+    at = 0
+    for k in clips.files:
+        h, hs = None, []
+        with torch.no_grad():
+            for x in torch.from_numpy(clips[k]):
+                h = cell(x[None], h)
+                hs.append(h[0].numpy())
+        assert np.array_equal(run["cell.l0.h"][at:at + len(hs)], np.stack(hs))
+        at += len(hs)
+    assert at == len(run) and sorted(run.keys()) == ["cell.l0.h", "cell.l0.n", "cell.l0.r", "cell.l0.z"]
