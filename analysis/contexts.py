@@ -103,8 +103,8 @@ def top_contexts(run, k: int = 10, window: int = 40, text: str | None = None, *,
         a = src.array(key)
         U = a.shape[1]
         sides = []
-        found = None if client is None else reductions.extremes(client, a, k, chunk, src.has_text)
-        for side, steps in (found or _extremes(a, k, chunk, src.has_text)).items():
+        found = None if client is None else reductions.extremes(client, a, k, chunk, src.scored)
+        for side, steps in (found or _extremes(a, k, chunk, src.scored)).items():     # frames: every step
             steps = steps.T.ravel()                                    # unit-major: [units * k]
             unit = np.repeat(np.arange(U), k)
             doc = src.step_bounds[src.step_document[steps]]

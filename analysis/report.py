@@ -40,6 +40,7 @@ from . import causal
 from .contexts import top_contexts
 from .features import FeatureSkipped, compute, own_features
 from .features import steps as feature_steps
+from .framefeatures import frame_features
 from .gates import GATES, gate_saturation
 from .gradflow import gradient_decay, gradient_norms, half_lives
 from .intervene import ablate, position_mask
@@ -102,7 +103,7 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
             sparse: bool = False, ablation: bool = False, controls: int = 100, ablate_chars: int = 20000,
             contexts: int = 10, context_window: int = 40, progress: bool = True, log=print, client=None,
             model: str | None = None, encoder: str | None = None, model_loss: str | None = None,
-            documents=None, ablate_units: list[str] | None = None) -> dict:
+            documents=None, ablate_units: list[str] | None = None, frames=None) -> dict:
     """Run what the Run supports, write the tables into the Run, return ``{name: DataFrame}`` (the neuron
     search's passes on the Dask ``client``'s workers when one is given).
 
@@ -115,21 +116,35 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
     a user's model is run through its Subject's ``call`` and loss (``analysis.causal``) over the Run's
     documents and the fields it keeps (a label), or those of ``documents`` (the corpus it was probed
     from, for a Run that keeps none); ``ablate_units``:
-    the units to ablate (each alone) instead of each feature's best (``ablation`` then need not be set)."""
+    the units to ablate (each alone) instead of each feature's best (``ablation`` then need not be set).
+
+    On a frames Run (steps over input frames, no text) no built-in feature applies: ``own`` maps names to
+    functions of a document -> one number per frame (``framefeatures``; ``frames``: the ``Frames`` the
+    Run was recorded from, which give each document its ``input``) or to arrays ``[steps]``."""
     run = run if isinstance(run, Run) else open_run(run)
     for name in (*TABLES, "summary"):          # a table that cannot be written is refused before the work
         inside(run.path, f"analysis/{name}.{'json' if name == 'summary' else 'parquet'}", write=True)
     src = as_source(run, language=language)
     own = own_features(own) if own else {}      # checked once, before any work
+    if src.frames and not own and not features:
+        raise RnnscopeError("this Run's steps are frames without text, so no built-in feature applies",
+                            "give your own: --features feats.py:fn, fn(document) -> one number per frame")
+    if frames is not None and not src.frames:
+        raise RnnscopeError("frames were given for a Run whose steps are text", "leave --frames out")
+    own = frame_features(run, own, frames) if src.frames else own       # functions of a document -> [steps]
     out, skipped = {}, {}
     ck, docs = None, None
     ablation = ablation or bool(ablate_units)
+    if src.frames and (decay or ablation):      # the causal tools run a model over ids, not yet over frames
+        why = "a model is not yet run again over a frames Run's documents"
+        skipped.update({"grad_decay": why} if decay else {}, **({"ablation": why} if ablation else {}))
+        decay = ablation = False
     if decay or ablation:                # first: a wrong model is refused before any long work
         ck, why = load_model(run, checkpoint, model=model, encoder=encoder, loss=model_loss)
         if ck is None:
             skipped.update({"grad_decay": why} if decay else {}, **({"ablation": why} if ablation else {}))
         docs = _own_documents(run, ck, documents, skipped, decay, ablation)
-    names = list(features) if features is not None else src.defaults
+    names = list(features) if features is not None else [] if src.frames else src.defaults
     chosen = {**{n: n for n in names}, **own} if own else features
     with warnings.catch_warnings():             # said once below, as one line each, not as a warning
         warnings.simplefilter("ignore", FeatureSkipped)
@@ -249,10 +264,12 @@ def top_table(neurons: pd.DataFrame, k: int = 3) -> str:
     return t.to_string(index=False, float_format=lambda v: f"{v:.3g}")
 
 
-def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5, documents: pd.DataFrame | None = None) -> str:
+def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5, documents: pd.DataFrame | None = None,
+                  times: np.ndarray | None = None) -> str:
     """The printed top and bottom contexts of one unit: each window with the step's token (a
     character on a char Run) bracketed, control characters escaped so the terminal shows what is stored;
-    with the Run's ``documents`` (several), each window's document as ``doc N: name`` (N from 0)."""
+    with the Run's ``documents`` (several), each window's document as ``doc N: name`` (N from 0); with a
+    frames Run's ``times [steps]``, each step's time stamp in place of the text it has none of."""
     rows = contexts[contexts["unit"] == unit]
     ends = None if documents is None or len(documents) < 2 else np.asarray(documents["step_end"], np.int64)
     if rows.empty:
@@ -266,7 +283,8 @@ def unit_contexts(contexts: pd.DataFrame, unit: str, k: int = 5, documents: pd.D
             a, b = (a, b) if a >= 0 else (len(c), len(c))        # a step without text: empty brackets
             # a window is a few dozen characters; one from someone else's table may be a megabyte
             shown = (_escape(c[max(0, a - CONTEXT):a]) + "[" + _escape(c[a:b][:CONTEXT]) + "]"
-                     + _escape(c[b:b + CONTEXT]))
+                     + _escape(c[b:b + CONTEXT])) if times is None else \
+                f"time {times[int(r['step'])]:g}" if 0 <= int(r["step"]) < len(times) else "time ?"
             where = ""
             if ends is not None:            # the document holding the step (one past the end: a stale table's)
                 d = int(np.searchsorted(ends, int(r["step"]), side="right"))
@@ -313,4 +331,4 @@ def unit_report(run: Run, unit: str, k: int) -> str:
     table = read_table(run, "contexts")
     if table is None or unit not in set(table["unit"]) or table["rank"].max() + 1 < k:
         table = top_contexts(run, k=min(k, len(run)), keys=[key], progress=False)
-    return unit_contexts(table, unit, k, run.documents)
+    return unit_contexts(table, unit, k, run.documents, run.times if run.frames else None)

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rnnscope.errors import RnnscopeError
+from rnnscope.errors import RnnscopeError, escaped
 from rnnscope.probe import Probe, parse_key
 
 from rnnscope.probe.intervention import Intervention
@@ -167,6 +167,17 @@ DECODE_FIX = ("give the encoder a decode(ids) -> str (a method beside encode, or
 LOGITS_FIX = "generate samples a language model or decoder whose call returns next-token logits [1, T, vocabulary]"
 
 
+class SampledDocument(dict):
+    """The document a call that takes one gets while ``generate`` samples: a name and a text, no field of
+    a corpus's line (a label, a source), which a sampled text has none of; asking for one is one line."""
+
+    def __missing__(self, field):
+        raise RnnscopeError(f"the model's call asked its document for {escaped(str(field), limit=40)!r}, and a "
+                            "sampled text's document holds only a name and a text",
+                            "make the call do without that field while sampling (document.get(...)), or sample "
+                            "from a model that does not need it")
+
+
 def sampler(subject):
     """``(subject, encoder, forward)`` of anything ``record`` takes, refused in one line unless its
     encoder decodes; ``forward(ids [1, T]) -> output`` is the user's call, failures one line."""
@@ -182,7 +193,7 @@ def sampler(subject):
         raise RnnscopeError(f"the encoder ({encoder.name or type(sub.encoder).__name__}) has no decode, so "
                             "generate cannot turn sampled ids back into text", DECODE_FIX)
     call = sub.call or (lambda model, ids: model(ids))
-    extra = {"document": {"name": "generated", "text": ""}} if takes_document(call) else {}
+    extra = {"document": SampledDocument(name="generated", text="")} if takes_document(call) else {}
 
     def forward(ids):
         return call_user(call, sub.model, ids, doing=f"the model failed on ids [1, {ids.shape[-1]}]",

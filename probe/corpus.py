@@ -204,7 +204,13 @@ def _frames_array(x, where: str):
                                                             or np.issubdtype(a.dtype, np.integer)):
         raise RnnscopeError(f"{where} is a {a.dtype} array of shape {list(a.shape)}",
                             "give each document's frames as numbers [T, features], T >= 1")
-    return a.astype(np.float32)
+    with np.errstate(over="ignore"):         # a value past float32's range becomes inf, refused just below
+        frames = a.astype(np.float32)
+    if not np.isfinite(frames).all():       # a NaN frame makes every later state NaN: the data's mistake
+        t, f = np.argwhere(~np.isfinite(frames))[0]
+        raise RnnscopeError(f"{where} holds {a[t, f]} at frame {t}, feature {f}, not a finite float32",
+                            "give finite frames (fill or drop the missing ones)")
+    return frames
 
 
 def _frame_times(t, steps: int, where: str):

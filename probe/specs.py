@@ -257,13 +257,17 @@ def read_weights(path: Path) -> dict:
     return state
 
 
-def subject_and_options(spec: str, encoder_spec=None, modules=None, loss_spec=None, carry=False):
+def subject_and_options(spec: str, encoder_spec=None, modules=None, loss_spec=None, carry=False, frames=False):
     """The model loaded by ``spec`` and the options for ``record`` the flags asked for: only those, so
     its own defaults (loss "auto", every module, a state reset at each document, the subject's
-    encoder) stand otherwise."""
+    encoder) stand otherwise. ``frames``: the model reads frames ``[1, T, features]``, so it has no encoder."""
     enc = encoder(encoder_spec) if encoder_spec else None
     subject = load(spec, encoder=enc)
-    if getattr(subject, "encoder", True) is None:
+    if frames and getattr(subject, "encoder", True) is not None:       # a zoo checkpoint reads its vocabulary's ids
+        raise RnnscopeError(f"{spec} comes with an encoder, so it reads text, and --frames gives it frames",
+                            "give a model that takes frames [1, T, features]: fn() returns the model (or a Subject) "
+                            "without an encoder")
+    if not frames and getattr(subject, "encoder", True) is None:
         raise RnnscopeError(f"{spec} comes with no encoder", "pass --encoder file.py:fn, where fn() returns one")
     asked = {}
     if modules:

@@ -39,10 +39,16 @@ def probe(args) -> None:
     from rnnscope.probe import record
     from rnnscope.probe.specs import subject_and_options
     spec = loading.spec_of(args.checkpoint, args.model)
-    subject, asked = subject_and_options(spec, args.encoder, args.modules, args.loss, args.carry)
+    documents = loading.frames_of(args.frames, args.times, {       # read before the model loads
+        "--encoder": args.encoder, "--attention": args.attention, "--scheduler": args.scheduler, "--workers": args.workers,
+        "--shard-docs": args.shard_docs, "--max-chars": args.max_chars, "--unk": args.unk}) \
+        if args.frames or args.times else None
+    subject, asked = subject_and_options(spec, args.encoder, args.modules, args.loss, args.carry,
+                                         frames=documents is not None)
     from rnnscope.probe.distributed import FromSpec, cluster_for
     with cluster_for(args.scheduler, args.workers, args.threads) as client:
-        run = record(subject, loading.texts_of(args.text, args.max_chars), args.out, grad=args.grad,
+        documents = loading.texts_of(args.text, args.max_chars) if documents is None else documents
+        run = record(subject, documents, args.out, grad=args.grad,
                      chunk=args.chunk, horizon=args.horizon, kinds=args.kinds or None, dtype=args.dtype,
                      grad_dtype=args.grad_dtype,
                      overwrite=args.overwrite, unk=args.unk, source=spec, client=client, shard_docs=args.shard_docs,
@@ -51,6 +57,7 @@ def probe(args) -> None:
     loss = run.manifest["loss"]
     per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
     steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
+    steps = f"{len(run):,} frames in {len(run.documents):,} documents" if run.frames else steps
     per = "document" if (loss or {}).get("per") == "document" else per
     said = f", loss {loss['mean_nats']:.4f} nats/{per} ({loss['mean_nats'] / math.log(2):.3f} bits/{per})" \
         if loss else ", no loss"
@@ -75,12 +82,14 @@ def analyze(args) -> None:
     from rnnscope.probe.distributed import cluster_for
     from rnnscope import loading
     names, own = loading.features_of(args.features or [])
+    frames = loading.frames_of(args.frames, args.times) if args.frames or args.times else None
     with cluster_for(args.scheduler, args.workers, args.threads) as client:
         out = report.analyze(given, features=names, own=own, language=language, heldout=args.heldout,
                              shifts=args.shifts, checkpoint=args.checkpoint, decay=not args.no_decay,
                              max_lag=args.max_lag, sparse=args.sparse, ablation=args.ablate, controls=args.controls,
                              contexts=args.contexts, client=client, model=args.model, encoder=args.encoder,
-                             model_loss=args.loss, documents=args.documents, ablate_units=args.ablate_units)
+                             model_loss=args.loss, documents=args.documents, ablate_units=args.ablate_units,
+                             frames=frames)
     print("\n".join(report.report_lines(out, args.heldout, args.top)))
     print(f"\nwrote {', '.join(out['summary']['tables'])} into {table_path(given, 'neurons').parent}")
 

@@ -56,3 +56,13 @@ def texts_of(path: Path, max_chars: int = 0):
     if max_chars:
         raise RnnscopeError("--max-chars cuts one text file", "give a text file, or leave --max-chars out")
     return read_documents(path)
+
+
+def frames_of(path: str | None, times: str | None, others: dict | None = None):
+    """``--frames PATH [--times PATH]``: the documents of frames (``probe.frames_files``), once the other
+    flags given (flag -> value) that do not go with them are refused."""
+    from rnnscope.probe.frames_files import check_frames_flags, read_frames
+    if not path:
+        raise RnnscopeError("--times stamps the frames of --frames", "give --frames PATH, or leave --times out")
+    check_frames_flags(others or {})
+    return read_frames(path, times)

@@ -89,9 +89,17 @@ def parser() -> argparse.ArgumentParser:
                          "give --encoder), or weights.pt@file.py:build / weights.safetensors@file.py:build")
     pr.add_argument("--encoder", metavar="SPEC", help="file.py:fn or package.module:fn: fn() returns the encoder "
                     "(an object with encode(text), a str -> ids callable, or a tokenizer returning offsets)")
-    pr.add_argument("--text", required=True, type=T.text_source,
-                    help="a UTF-8 text file (stored byte for byte: line endings are kept), a directory of text files "
-                         "(one document each), or a .jsonl file with a \"text\" field per line")
+    given = pr.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", type=T.text_source,
+                       help="a UTF-8 text file (stored byte for byte: line endings are kept), a directory of text "
+                            "files (one document each), or a .jsonl file with a \"text\" field per line")
+    given.add_argument("--frames", metavar="PATH",
+                       help="input frames instead of a text (audio, sensor readings): an .npz (each array one "
+                            "document [T, features], named by its key), an .npy (one document) or a directory of "
+                            ".npy files; the model gets [1, T, features] float32 and needs no encoder")
+    pr.add_argument("--times", metavar="PATH",
+                    help="with --frames: the frames' time stamps, in the same form with the same names, each [T] "
+                         "(default: the step index)")
     pr.add_argument("--out", required=True, help="the Run directory to write")
     pr.add_argument("--modules", type=T.module_names, metavar="A,B",
                     help="record only these recurrent modules, by qualified name (default: every one)")
@@ -129,8 +137,9 @@ def parser() -> argparse.ArgumentParser:
                     "reaches as training goes)")
     an.add_argument("--features", type=T.features,
                     help="comma-separated built-in features and your own as file.py:fn (fn returns a dict of name -> "
-                    "function text -> one number per character, or is one such function); default built-ins: "
-                    "those of a zoo model's language, else the language-free ones")
+                    "function text -> one number per character, or is one such function; on a frames Run each "
+                    "function takes a document dict and returns one number per frame); default built-ins: "
+                    "those of a zoo model's language, else the language-free ones (none on a frames Run)")
     an.add_argument("--language", default="auto",
                     help="lexer for code features: c, python, ... or prose (default: from the checkpoint's corpus)")
     an.add_argument("--heldout", type=T.fraction("--heldout"), default=0.3, help="share of the text, at its end, held out (default 0.3)")
@@ -155,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--documents", type=T.text_source, metavar="CORPUS",
                     help="with --model: the corpus the Run was probed from (a .jsonl's fields, a label, reach the "
                          "call and loss; a Run keeps only names and texts)")
+    an.add_argument("--frames", metavar="PATH", help="for a frames Run: the frames it was recorded from (as for "
+                    "`rnnscope probe --frames`), so your features get each document's \"input\" [T, features]")
+    an.add_argument("--times", metavar="PATH", help="with --frames: their time stamps, as for `rnnscope probe`")
     an.add_argument("--ablate-units", type=T.units, metavar="KEY:I,...",
                     help="with --model: ablate these units (each alone, against random units of its key) instead "
                          "of each feature's best")
