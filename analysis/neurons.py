@@ -302,9 +302,7 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     table["selected"] = table.groupby("feature", sort=False).cumcount() < select
     table.loc[table["selection_strength"].isna(), "selected"] = False
     _resolve_selected(table, src, F, binary, sp, chunk, kept)
-    tokens = None if src.char_level else src.tokens()
-    ids = None if src.char_level else token_pair_ids([tokens[i] for i in sp.rows], src.step_document[sp.rows])
-    table = table.merge(character_controls(src.text, F, binary, at, ids), on="feature", how="left")
+    table = table.merge(_controls(src, F, binary, sp), on="feature", how="left")
     oriented = np.where(table["metric"] == "auc", table["heldout_score"], table["heldout_strength"])
     table["selectivity"] = oriented - table["control_score"]
     table = table.assign(score=table["selection_score"], spearman=table["selection_spearman"],
@@ -367,6 +365,17 @@ def _candidates(first: dict, part: "_Part", F: pd.DataFrame, binary: list[str], 
         for i in order[ok[order]][:k]:
             want.setdefault(mine[where[i]][0], set()).add(int(unit[i]))
     return {key: np.array(sorted(v), np.int64) for key, v in want.items()}
+
+
+def _controls(src, F: pd.DataFrame, binary: list[str], sp) -> pd.DataFrame:
+    """Each feature's control scores (``controls.character_controls``): what the current and previous
+    character (or token) alone reach on it. A Run of frames has neither, so no control: NaN, and so is
+    every ``selectivity`` (a pair of empty tokens would be a constant predictor, scored as if it were one)."""
+    if src.frames:
+        return pd.DataFrame({"feature": list(F.columns), "control_selection_score": np.nan, "control_score": np.nan})
+    tokens = None if src.char_level else src.tokens()
+    ids = None if src.char_level else token_pair_ids([tokens[i] for i in sp.rows], src.step_document[sp.rows])
+    return character_controls(src.text, F, binary, sp.at, ids)
 
 
 def _nulls_said(sp, shifts: int) -> dict:

@@ -309,7 +309,9 @@ def report_lines(out: dict, heldout: float, top: int) -> list[str]:
     lines = [f"\ntop units per feature, ranked on the first {1 - heldout:.0%} of the text (selection_*), "
              f"estimated on the rest (heldout_*); selection_q: Benjamini-Hochberg over "
              f"{tests.get('tests', 'all')} unit x feature tests, heldout_q over the selected units; "
-             "selectivity: held-out score minus a control that sees only the current and previous character",
+             + ("selectivity: held-out score minus a control that sees only the current and previous character"
+              if out["neurons"]["control_score"].notna().any() else
+              "selectivity: none (no characters or tokens for a control to see)"),
              top_table(out["neurons"], top)]
     if "half_lives" in out:
         lines += ["\ngradient half-life through time (steps):",

@@ -258,6 +258,8 @@ def test_find_neurons_scores_every_frame_and_finds_the_planted_unit(recorded):
     best = table[table["selected"]].iloc[0]
     assert best["unit"] in ("cell.l0.h:0", "cell.l0.c:0", "cell.l0.g:0")
     assert best["heldout_score"] > 0.97
+    # no characters, so no character control: NaN, never a constant predictor scored as a control
+    assert table["control_score"].isna().all() and table["selectivity"].isna().all()
     # a continuous feature: the unit's own drive, r near 1 held out
     drive = np.tanh(4 * np.concatenate([d["input"][:, 0] for d in docs]))
     r = rs.find_neurons(run, features={"drive": drive}, progress=False)
