@@ -268,7 +268,7 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     src = as_source(run, text, language)
     F, binary = feature_table(src, features if client is None else reductions.worker_features(client, src, features))
     skipped_features = dict(F.attrs.get("skipped", {}))
-    keys = list(keys) if keys is not None else src.state_keys
+    keys = list(dict.fromkeys(keys)) if keys is not None else src.state_keys      # a key named twice: once
     if not keys:
         raise RnnscopeError("nothing to score: the source has no state keys", "record states, not only gradients")
     if select < 1:

@@ -3,6 +3,7 @@ autocorrelated noise; bad inputs give clear errors."""
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -230,3 +231,31 @@ def test_a_float32_run_is_scored_like_its_float16_twin(tmp_path, tiny_vocab):
     b = find_neurons(r16, ["in_comment"], shifts=4, progress=False).set_index(["unit", "feature"])
     assert len(a) == len(b) > 0
     np.testing.assert_allclose(a["selection_score"], b.loc[a.index, "selection_score"], atol=0.02)
+
+
+def test_kept_values_and_a_second_read_give_the_same_table(monkeypatch):
+    """The held-out pass keeps each feature's first candidates; a selected unit it did not keep (the
+    ones before it NaN on the held-out part only) is read again. Both ways give the same table, and
+    a key named twice is scored once."""
+    from rnnscope.analysis import neurons
+    T = len(TEXT)
+    h, f = _planted(T, U=24)
+    h[:, 3:10] += 1.2 * f["in_comment"].to_numpy()[:, None]        # strong on both parts...
+    h[-50, 3:10] = np.nan                                           # ...but NaN late: they drop out there
+    reads = []
+    real = neurons._blocks
+    monkeypatch.setattr(neurons, "_blocks", lambda *a: (reads.append(1), real(*a))[1])
+    kw = dict(text=TEXT, heldout=0.25, shifts=8, select=3, progress=False)
+    tables = {}
+    for spare in (0, 50):
+        monkeypatch.setattr(neurons, "SPARE", spare)
+        reads.clear()
+        tables[spare] = find_neurons({"rnn.l0.h": h}, ["in_comment", "column"], **kw)
+        tables[spare].attrs["reads"] = len(reads)
+    assert tables[0].attrs["reads"] == 5 and tables[50].attrs["reads"] == 4    # 4: two passes x two parts
+    a, b = tables[0], tables[50]
+    pd.testing.assert_frame_equal(a, b)
+    sel = a[a["selected"] & (a["feature"] == "in_comment")]
+    assert not sel["unit"].isin([f"rnn.l0.h:{u}" for u in range(3, 10)]).any()
+    twice = find_neurons({"rnn.l0.h": h}, ["in_comment"], keys=["rnn.l0.h", "rnn.l0.h"], **kw)
+    assert len(twice) == h.shape[1]
