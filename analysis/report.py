@@ -145,17 +145,17 @@ def analyze(run, *, features=None, own=None, language="auto", heldout: float = 0
             skipped.update({"grad_decay": why} if decay else {}, **({"ablation": why} if ablation else {}))
         docs = _own_documents(run, ck, documents, skipped, decay, ablation)
     names = list(features) if features is not None else [] if src.frames else src.defaults
-    chosen = {**{n: n for n in names}, **own} if own else features
+    if own:                                     # the user's code runs once: its values per step are scored and stored
+        with warnings.catch_warnings():         # constant on one document is no news (said below when on all)
+            warnings.simplefilter("ignore")
+            tracks = feature_steps(src, own, src.language or "c")
+        out["features"] = tracks.assign(step=np.arange(len(tracks)))[["step", *tracks.columns]]
+    chosen = {**{n: n for n in names}, **{k: tracks[k].to_numpy() for k in own}} if own else features
     with warnings.catch_warnings():             # said once below, as one line each, not as a warning
         warnings.simplefilter("ignore", FeatureSkipped)
         out["neurons"] = find_neurons(src, chosen, language=language, heldout=heldout, shifts=shifts,
                                       progress=progress, client=client)
     skipped.update({f"feature {k}": why for k, why in out["neurons"].attrs.get("skipped_features", {}).items()})
-    if own:
-        with warnings.catch_warnings():         # constant on one document is no news (said above when on all)
-            warnings.simplefilter("ignore")
-            tracks = feature_steps(src, own, src.language or "c")
-        out["features"] = tracks.assign(step=np.arange(len(tracks)))[["step", *tracks.columns]]
     if sparse:
         paths = []
         for feat, g in out["neurons"].groupby("feature", sort=False):

@@ -141,6 +141,17 @@ def test_in_python_analyze_writes_the_users_features_into_the_run(user_run):
         rs.analyze(user_run, own={"column": vowel}, decay=False, contexts=0, progress=False)
 
 
+def test_analyze_calls_the_users_feature_once(user_run):
+    """The values scored and the values stored come from one call of the user's code per document."""
+    calls = []
+    counted = lambda text: (calls.append(len(text)), vowel(text))[1]                # noqa: E731
+    out = rs.analyze(user_run, own={"vowel": counted}, decay=False, contexts=0, progress=False)
+    assert len(calls) == len(rs.open_run(user_run).documents)
+    stored = rs.store.read_table(rs.open_run(user_run), "features")
+    np.testing.assert_array_equal(stored["vowel"], vowel(TEXT))
+    assert out["neurons"].query("feature == 'vowel'")["selection_score"].max() > 0.99   # the planted unit
+
+
 @pytest.mark.parametrize("spec, said", [
     ("nosuch.py:features", "does not exist"),
     ("{f}:missing", "has no attribute 'missing'"),
