@@ -36,6 +36,7 @@ from .corpus import documents_of, frames_of, is_frames
 from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
 from .passes import CHUNK, PASS_BYTES, check_aligned, check_pass, pass_memory
+from .sourceside import SourceSide
 from .probe import Probe
 from .steploss import first_tensor, resolve_loss
 from .subject import CharVocabulary, subject_of, takes_document
@@ -106,9 +107,10 @@ def _chosen(mods: dict, modules) -> dict:
     return {n: mods[n] for n in modules}
 
 
-def _dry_run(model, call, x, grad, kinds, wanted, document: dict):
-    """Key -> units of the modules ``wanted``, and the model's output, from a run over ``x [1, n]``;
-    refused if a module ``wanted`` ran another number of steps than ``x`` has."""
+def _dry_run(model, call, x, grad, kinds, wanted, document: dict, side=frozenset()):
+    """Key -> units of the modules ``wanted``, the model's output, and key -> units of the source
+    modules ``side`` (which ran over the whole source), from a run over ``x [1, n]``; refused if a
+    module ``wanted`` ran another number of steps than ``x`` has, or one of ``side`` did not run."""
     with Probe(model, grad=grad, kinds=kinds, param_grads=False) as p:
         out = _forward(model, call, x, document)
         if grad and isinstance(first_tensor(out), torch.Tensor) and first_tensor(out).requires_grad:
@@ -116,11 +118,16 @@ def _dry_run(model, call, x, grad, kinds, wanted, document: dict):
         layout = {k: p.trace[k].shape[-1] for k in p.trace if split_key(k)["module"] in wanted}
         check_aligned(p.trace, {k: u for k, u in layout.items() if split_key(k)["module"] not in p.cells},
                       x.shape[1], "(a dry run over the first document's first steps)")     # cells: in _stream
-    return layout, out
+        found = {k: p.trace[k].shape[-1] for k in p.trace if split_key(k)["module"] in side}
+        missing = sorted(set(side) - {split_key(k)["module"] for k in found})
+        if missing:
+            raise RnnscopeError(f"the source module {missing[0]!r} was not called in a dry run of the model",
+                                "name in --source-modules the modules the model runs over the source")
+    return layout, out, found
 
 
 def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int], step_loss, *, grad, carry, chunk,
-            horizon, kinds, dtypes: dict[str, str], progress, stored=None):
+            horizon, kinds, dtypes: dict[str, str], progress, stored=None, side=None):
     """The streaming loop: document by document (the state reset between them unless ``carry``),
     chunk by chunk within each (the state carried), each chunk's rows written to ``w``; the user's
     call and loss may take the ``document`` each chunk starts in (``docs.document(d)``).
@@ -164,6 +171,8 @@ def _stream(model, call, ids, docs, bounds, w: RunWriter, layout: dict[str, int]
                     p.carry_from(e - s - 1)             # the next chunk starts where this one ends
                 if stored:                              # a whole document per pass (record sees to it)
                     stored.add(p.attention, ahead - s, d, f"in document {d} (steps {s:,}..{ahead - 1:,})")
+                if side:                                # the encoder's rows, over this document's source
+                    side.add(p.trace, d, lambda h, dt: h.to(TORCH_DTYPES[dt]).numpy())
                 if step_loss:
                     losses.write(s, per_step[: e - s])
                     totals.append(float(total.detach()) if total is not None else np.nan)
@@ -205,7 +214,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
            chunk: int | None = None, horizon: int = 512, kinds=None, dtype: str = "float16",
            grad_dtype: str = "float32", overwrite: bool = False, unk: str | None = None, progress: bool = True,
            source: str = "", memory: int | None = None, client=None, shard_docs: int | None = None, spec=None,
-           attention=None, generated: dict | None = None):
+           attention=None, generated: dict | None = None, source_modules=None):
     """Probe a model over one text or many documents and write a Run to ``out``; returns the opened Run.
 
     Args:
@@ -226,6 +235,9 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
             default is the longest document, refused in one line when one pass would need more than
             ``memory`` bytes (default a quarter of the machine's memory).
         generated: what ``analysis.steer.record_generated`` sampled the text with (the manifest's ``generated``).
+        source_modules: of an encoder-decoder model (documents with a ``source`` field), the modules that
+            read the source: stored as a Run of their own over the source texts, ``RUN/encoder/``
+            (``probe.sourceside``), recorded in the same pass, a whole document per call.
         attention: attention modules whose weights to store at every step (a list of qualified names,
             or ``{name: picker}``, as ``Probe``'s): ``run.attention(name)[d] -> [steps, source]``. Each
             document is then one pass; a document's ``source`` field gives its source positions' text.
@@ -239,6 +251,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     """
     if client is not None and attention:
         raise RnnscopeError("attention is not yet stored in a sharded Run", "record it without a cluster")
+    if client is not None and source_modules:
+        raise RnnscopeError("an encoder's side is not yet stored in a sharded Run", "record it without a cluster")
     if client is not None:
         from .distributed import record_on
         return record_on(client, subject, texts, out, spec=spec, shard_docs=shard_docs, encode=encode, loss=loss,
@@ -253,6 +267,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     frames = is_frames(texts)           # steps are input frames, not text: no encoder, no next-token loss
     if encode is None and sub.encoder is None and not frames:
         raise RnnscopeError("no encoder for this model", "pass encode=fn(text) -> ids, or (ids, spans)")
+    if frames and source_modules:
+        raise RnnscopeError("frames have no source text for an encoder's side", "leave source_modules out")
     if frames and (attention or client is not None):
         raise RnnscopeError("frames are recorded without attention, in one process", "leave attention and client out")
     encoder = None if frames else as_encoder(sub.encoder if encode is None else encode, unk=unk)
@@ -276,11 +292,16 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         _check_ids_fit(model, ids)
     S, bounds = len(ids), list(zip(frame.step_start.tolist(), frame.step_end.tolist()))
     longest = max(b - a for a, b in bounds)
-    sources = attention_steps.sources_of(docs, encoder) if picks else None
-    if picks and longest > chunk:                   # a row weighs the source the model read in this call
+    side_modules = [source_modules] if isinstance(source_modules, str) else list(source_modules or [])
+    sources = attention_steps.sources_of(docs, encoder) if picks or side_modules else None
+    if side_modules and sources is None:
+        raise RnnscopeError("source modules read each document's source, and these documents have none",
+                            'give a .jsonl corpus whose lines carry "source" and "target"')
+    if (picks or side_modules) and longest > chunk:     # a row weighs (an encoder reads) the source of this call
         if asked_chunk:
-            raise RnnscopeError(f"attention is stored a whole document per call, and --chunk {chunk} is shorter "
-                                f"than the longest document", f"pass --chunk {longest} (or more)")
+            raise RnnscopeError(f"{'attention' if picks else 'an encoder side'} is stored a whole document per call, "
+                                f"and --chunk {chunk} is shorter than the longest document",
+                                f"pass --chunk {longest} (or more)")
         chunk = longest
     if grad and isinstance(loss, str) and longest < 2:     # the next-token loss of one step has no next token
         raise RnnscopeError("gradients need at least two characters (a one-character text has no next-character "
@@ -288,7 +309,16 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                             "(a one-step document has no next-token loss)",
                             "give a longer text, or probe without --grad")
     looped = Probe(model).cells
-    mods = _chosen({**Probe(model).modules, **looped}, modules)
+    everyone = {**Probe(model).modules, **looped}
+    unknown = [m for m in side_modules if m not in everyone]
+    if unknown:
+        raise RnnscopeError(f"no recurrent module named {unknown[0]!r} in the model for --source-modules",
+                            f"choose from {', '.join(repr(n) for n in everyone)}")
+    both = sorted(set([modules] if isinstance(modules, str) else modules or []) & set(side_modules))
+    if both:
+        raise RnnscopeError(f"module {both[0]!r} is named in both --modules and --source-modules",
+                            "a module reads either the target's steps or the source's")
+    mods = _chosen({n: m for n, m in everyone.items() if n not in side_modules}, modules)
     cell_kinds = [cells.known_kinds(m) for m in mods.values() if m in looped.values()]
     known = {k for m in mods.values() if m not in looped.values() for k in KINDS[family_name(m)]}
     known |= {k for ks in cell_kinds if ks is not None for k in ks}
@@ -317,7 +347,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     model.eval()
     try:
         n = min(2, bounds[0][1])
-        layout, dry = _dry_run(model, call, ids[None, :n], grad, kinds, set(mods), docs.document(0))
+        layout, dry, side_layout = _dry_run(model, call, ids[None, :n], grad, kinds, set(mods), docs.document(0),
+                                            set(side_modules))
         step_loss = resolve_loss(loss, dry, n, ids, next_ok, bounds, grad=grad)
         for k in layout:                # a module name the store cannot hold as a file name is refused here
             try:
@@ -340,9 +371,14 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         with RunWriter(out, text, spans=spans, ids=None if frames else ids.numpy(), documents=frame, dtype=dtype,
                        overwrite=overwrite, times=times) as w:
             stored = attention_steps.StoredAttention(w, picks, docs.names, sources) if picks else None
+            side = None
+            if side_modules:
+                side = SourceSide(w, side_modules, sources, docs.names, {
+                    k: grad_dtype if split_key(k)["kind"].startswith("grad_") else dtype for k in side_layout})
+                side.open(side_layout)
             stats, bad, totals = _stream(model, call, ids, docs, bounds, w, layout, step_loss, grad=grad, carry=carry,
                                          chunk=chunk, horizon=horizon, kinds=kinds, dtypes=dtypes, progress=progress,
-                                         stored=stored)
+                                         stored=stored, side=side)
             w.units(pd.concat([stats[k].frame(k) for k in layout], ignore_index=True))
             flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
             for k, v in flagged.items():
@@ -352,7 +388,7 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                 if v["underflow"] and split_key(k)["kind"].startswith("grad_"):
                     print(f"probe: warning: {k} has {v['underflow']:,} non-zero values that became zero or subnormal "
                           f"in {dtypes[k]}; counted in the manifest (record gradients in float32)")
-            w.commit({
+            manifest = {
                 "model": _identity(model, {**Probe(model).modules, **looped}, sub.card, source),
                 "encoder": {"kind": "frames", "name": None} if frames else
                 {"kind": "char" if np.array_equal(spans, char_spans(len(text))) else "spans", "name": encoder.name},
@@ -364,7 +400,12 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                 "keys": {k: {"units": u, **bad[k]} for k, u in layout.items()},
                 "nonfinite": bool(flagged), **(stored.manifest() if stored else {}),
                 **({"generated": generated} if generated else {}),
-            })
+            }
+            if side is not None:            # written inside this Run's unfinished folder: both appear, or neither
+                shared = ("model", "vocab", "unk", "carry", "grad", "chunk", "grad_horizon")
+                manifest["source_side"] = side.commit({**{k: manifest[k] for k in shared},
+                                                       "encoder_name": manifest["encoder"].get("name")})
+            w.commit(manifest)
     except KeyboardInterrupt:
         raise RnnscopeError(f"interrupted: no run was written to {out}", "run the probe again") from None
     finally:

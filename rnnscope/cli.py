@@ -40,7 +40,8 @@ def probe(args) -> None:
     from rnnscope.probe.specs import subject_and_options
     spec = loading.spec_of(args.checkpoint, args.model)
     documents = loading.frames_of(args.frames, args.times, {       # read before the model loads
-        "--encoder": args.encoder, "--attention": args.attention, "--scheduler": args.scheduler, "--workers": args.workers,
+        "--encoder": args.encoder, "--attention": args.attention, "--source-modules": args.source_modules,
+        "--scheduler": args.scheduler, "--workers": args.workers,
         "--shard-docs": args.shard_docs, "--max-chars": args.max_chars, "--unk": args.unk}) \
         if args.frames or args.times else None
     subject, asked = subject_and_options(spec, args.encoder, args.modules, args.loss, args.carry,
@@ -53,7 +54,7 @@ def probe(args) -> None:
                      grad_dtype=args.grad_dtype,
                      overwrite=args.overwrite, unk=args.unk, source=spec, client=client, shard_docs=args.shard_docs,
                      spec=FromSpec.of(spec, args.encoder, args.loss, args.modules) if client else None,
-                     attention=args.attention, **asked)
+                     attention=args.attention, source_modules=args.source_modules, **asked)
     loss = run.manifest["loss"]
     per = "char" if run.manifest.get("encoder", {}).get("kind", "char") == "char" else "step"
     steps = f"{len(run):,} chars" if per == "char" else f"{len(run):,} steps over {run.chars:,} chars"
@@ -64,6 +65,9 @@ def probe(args) -> None:
     under = {k: n for k, n in run.underflow.items() if ".grad_" in k}     # a gradient's small values are its news
     said += f", {sum(under.values()):,} gradient values underflowed to zero or subnormal" if under else ""
     said += f", attention of {', '.join(run.attention_names())} at every step" if run.attention_names() else ""
+    side = run.manifest.get("source_side")
+    said += (f"; the encoder's side ({', '.join(side['modules'])}, {side['steps']:,} source steps) in "
+             f"{run.path / side['folder']}") if side else ""
     print(f"wrote {run.path}: {steps}, {len(run.keys())} keys{said}")
 
 

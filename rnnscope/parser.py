@@ -127,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--attention", type=T.module_names, metavar="NAME[,NAME]",
                     help="also store these attention modules' weights over the source at every step (qualified "
                          "names; each document is then one pass; a .jsonl's \"source\" field names the positions)")
+    pr.add_argument("--source-modules", type=T.module_names, metavar="NAME[,NAME]",
+                    help="of an encoder-decoder model (a .jsonl with \"source\" and \"target\"): the modules that "
+                         "read the source, stored as a Run of their own over the source texts, RUN/encoder")
     _cluster_flags(pr, "record")
     pr.add_argument("--shard-docs", type=T.int_at_least(1, "--shard-docs"), metavar="N",
                     help="on a cluster: documents per shard, one task each (default: about 4 shards a worker)")

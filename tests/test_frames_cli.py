@@ -27,9 +27,11 @@ import frames_lstm as example  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::rnnscope.analysis.neurons.CoarseNull")
 
 
-def readme_commands() -> list[str]:
+def readme_commands(example: str = "frames_lstm.py") -> list[str]:
+    """The shell lines of the README's block (in "Step loops, cells and attention") that runs ``example``."""
     section = ROOT.joinpath("README.md").read_text().split("## Step loops, cells and attention", 1)[1]
-    block = re.search(r"```sh\n(.*?)```", section.split("\n## ", 1)[0], re.S)[1].replace("\\\n", " ")
+    blocks = re.findall(r"```sh\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    block = next(b for b in blocks if example in b).replace("\\\n", " ")
     return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
 
 
@@ -41,18 +43,24 @@ def readme(tmp_path_factory):
                                                  ["rnnscope", "analyze"], ["rnnscope", "export"], ["rnnscope", "serve"]]
     assert "--dtype float32" in commands[1] and "--grad" in commands[1]
     mp = pytest.MonkeyPatch()
-    mp.chdir(ROOT)
     try:
-        for line in commands[:-1]:
-            args = shlex.split(line.replace("runs/", f"{root}/runs/"))
-            if args[0] == "python":
-                mp.setattr(sys, "argv", args[1:])
-                runpy.run_path(args[1], run_name="__main__")
-            else:
-                assert main(args[1:]) == 0, line
+        run_commands(commands[:-1], root, mp)
     finally:
         mp.undo()
     return root / "runs", commands[-1]
+
+
+def run_commands(commands: list[str], root: Path, mp: pytest.MonkeyPatch) -> None:
+    """README lines as written, from the repository root, ``runs/`` under ``root``: ``python x.py`` by
+    runpy, ``rnnscope ...`` by the CLI's main in this process."""
+    mp.chdir(ROOT)
+    for line in commands:
+        args = shlex.split(line.replace("runs/", f"{root}/runs/"))
+        if args[0] == "python":
+            mp.setattr(sys, "argv", args[1:])
+            runpy.run_path(args[1], run_name="__main__")
+        else:
+            assert main(args[1:]) == 0, line
 
 
 def test_the_states_are_the_cells_own_outputs_bit_for_bit(readme):

@@ -153,7 +153,7 @@ def carry_kept(old: Path, new: Path) -> None:
 # what rnnscope writes in a Run (``store.run``), and in each shard of a sharded one (``store.shards``)
 RUN_FILES = {"manifest.json", "text.txt", "spans.npy", "ids.npy", "documents.parquet", "loss.npy",
              "document_loss.npy", "units.parquet", "times.npy"}
-RUN_DIRS = {"states", "analysis", "shards", "attention", "source"}
+RUN_DIRS = {"states", "analysis", "shards", "attention", "source", "encoder"}
 _TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.(?:parquet|json)$")
 _SHARD = re.compile(r"^(?:[0-9]{5,9}|\.[0-9]{5,9}\.partial-[A-Za-z0-9_.]+-\d+-\w+)$")
 
@@ -177,6 +177,8 @@ def foreign_files(run: Path, limit: int = 3) -> list[str]:
             elif is_dir and p.name == "analysis" and not shard:
                 found.extend(f"{name}/{q.name}" for q in sorted(p.iterdir()) if q.is_symlink() or not q.is_file()
                              or not (_TABLE.match(q.name) or TEMPORARY.match(q.name)))
+            elif is_dir and p.name == "encoder" and not shard:      # the encoder's side: a Run of its own
+                walk(p, f"{name}/", False)
             elif is_dir and p.name == "shards" and not shard:
                 for q in sorted(p.iterdir()):
                     if q.is_dir() and not q.is_symlink() and _SHARD.match(q.name):
