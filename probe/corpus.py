@@ -81,6 +81,15 @@ def _add_row(docs: Documents, row, where: str, default_name: str) -> None:
     ``{"source": ..., "target": ...}`` is its target's text, its source kept as a field."""
     if isinstance(row, dict) and "text" not in row and isinstance(row.get("source"), str) and "target" in row:
         row = {"text": row["target"], **{k: v for k, v in row.items() if k != "target"}}
+    if isinstance(row, dict) and "text" not in row and ("source" in row) != ("target" in row):
+        have, lacks = ("source", "target") if "source" in row else ("target", "source")
+        raise RnnscopeError(f"{where} has a \"{have}\" but no \"{lacks}\" string (a pair with a side missing)",
+                            'give every line both "source" and "target" strings, or a "text"')
+    odd = [k for k in ("source", "target") if isinstance(row, dict) and "text" not in row and k in row
+           and not isinstance(row[k], str)]
+    if odd:
+        raise RnnscopeError(f"{where} has a \"{odd[0]}\" that is a {type(row[odd[0]]).__name__}, not a string",
+                            'give every line both "source" and "target" strings')
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
         raise RnnscopeError(f"{where} has no \"text\" string", 'give each line a "text" field')
     name = row.get("name", default_name)

@@ -130,6 +130,12 @@ def test_misuse_is_one_line_and_writes_nothing(tmp_path, capsys, recorded):
     assert "no recurrent module named 'decoder'" in refused(capsys, *base, "--text", pairs, "--source-modules", "decoder")
     assert "named in both" in refused(capsys, *base, "--text", pairs, "--source-modules", "encoder",
                                       "--modules", "encoder")
+    for line, said in (({"source": "abc"}, 'has a "source" but no "target"'),
+                       ({"target": "abc"}, 'has a "target" but no "source"'),
+                       ({"source": 3, "target": "abc"}, 'has a "source" that is a int')):
+        half = tmp_path / "half.jsonl"
+        half.write_text(json.dumps({"source": "ab", "target": "ba"}) + "\n" + json.dumps(line) + "\n")
+        assert f"half.jsonl line 2 {said}" in refused(capsys, *base, "--text", half, "--modules", "cell")
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
     sub = example.build()
     short = lambda model, ids, document: model(ids, example.encode(document["source"][:-1]))     # noqa: E731
