@@ -14,10 +14,11 @@ and drives headless Chromium:
 Minimum and median of each; the ratios compare each Run with the smallest, measured in the same run.
 --profile also times each step of building one session's document inside this process (no browser).
 
-    python benchmarks/dashboard_speed.py [--chars 20000,1000000] [--documents 10000] [--keep DIR]
+    python benchmarks/dashboard_speed.py [--chars 20000,1000000] [--documents 10000] [--tile 10] [--keep DIR]
 
-A 10,000,000-character Run (20 GB of float16 states, ~45 minutes of probing on 2 cores) is left to
---chars 10000000 on a bigger machine: the page reads only its window, so nothing here grows with it.
+--tile N adds a Run N times the longest one, its states, ids and loss that Run's repeated (a real model's
+values, written in a minute; probing 10,000,000 characters would take ~45 minutes on 2 cores): the
+dashboard's cost depends on the Run's length and shape, not on which values repeat.
 """
 from __future__ import annotations
 
@@ -134,18 +135,56 @@ def make_runs(tmp: Path, chars: list[int], documents: int) -> list[tuple[str, Pa
     return [(name, run) for name, _, run in inputs]
 
 
+def tiled(run_dir: Path, factor: int, out: Path) -> Path:
+    """A Run ``factor`` times ``run_dir`` (one document): its text, ids, states and per-step loss repeated,
+    written through ``RunWriter`` like any Run, so ``serve`` checks it as it checks a probed one."""
+    import numpy as np
+    from rnnscope.store import open_run
+    from rnnscope.store.writer import RunWriter
+    if (out / "manifest.json").exists():
+        return out
+    run = open_run(run_dir)
+    m, n = run.manifest, len(run)
+    with RunWriter(out, run.text * factor, ids=np.tile(run.ids, factor), dtype=m["dtype"], overwrite=True) as w:
+        for key in run.keys():
+            rows, block = w.states(key, run[key].shape[1], m["keys"][key]["dtype"]), 1 << 16
+            for k in range(factor):
+                for s in range(0, n, block):
+                    rows.write(k * n + s, np.asarray(run[key][s:s + block]))
+        if run.loss is not None:
+            loss = w.loss()
+            for k in range(factor):
+                loss.write(k * n, np.asarray(run.loss))
+        units = run.units.copy()
+        for c in ("count", "sum", "sum_sq"):
+            units[c] *= factor
+        w.units(units)
+        keys = {k: {c: v * factor if c in ("nonfinite", "overflow", "underflow") else v for c, v in e.items()
+                    if c not in ("file", "dtype")} for k, e in m["keys"].items()}
+        w.commit({**{k: v for k, v in m.items() if k in ("model", "encoder", "vocab", "unk", "carry", "loss",
+                                                          "modules", "kinds", "grad", "chunk", "grad_horizon",
+                                                          "nonfinite")}, "keys": keys})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chars", default="20000,1000000", help="Run lengths, comma-separated")
     ap.add_argument("--documents", type=int, default=0, help="also a Run of this many 100-character documents")
     ap.add_argument("--repeats", type=int, default=5, help="page loads per Run")
+    ap.add_argument("--tile", type=int, default=0, help="also a Run this many times the longest, its values repeated")
     ap.add_argument("--keep", type=Path, help="probe the Runs into this folder and reuse them on the next call")
     ap.add_argument("--profile", action="store_true", help="also time each build step in this process")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
-        runs = make_runs(tmp, [int(n) for n in args.chars.split(",") if n], args.documents)
+        chars = [int(n) for n in args.chars.split(",") if n]
+        runs = make_runs(tmp, chars, args.documents)
+        if args.tile > 1:
+            longest = max(chars)
+            runs.append((f"{longest * args.tile:,} chars", tiled(tmp / f"run{longest}", args.tile,
+                                                              tmp / f"run{longest}x{args.tile}")))
         driver = chromium_driver()
         driver.set_script_timeout(120)
         try:
