@@ -15,6 +15,8 @@ import numpy as np
 
 from rnnscope.errors import RnnscopeError, call_user, escaped
 
+from rnnscope.probe.corpus import frames_sha256
+
 from .calls import stored_fields
 from .features import on_tokens
 
@@ -44,10 +46,16 @@ def frame_documents(run, frames=None) -> list[FrameDocument]:
         doc = FrameDocument({**fields, "name": row.name, "times": times[a:b]})
         if frames is not None:
             given = frames.inputs[i]
-            if frames.names[i] != row.name or len(given) != b - a or not np.array_equal(frames.times[i], doc["times"]):
-                raise RnnscopeError(f"document {i} of the frames ({escaped(frames.names[i], limit=60)}, "
-                                    f"{len(given):,} frames) is not the Run's ({escaped(str(row.name), limit=60)}, "
-                                    f"{b - a:,} steps with their time stamps)", AGAIN)
+            said = f"document {i} of the frames ({escaped(frames.names[i], limit=60)}, {len(given):,} frames)"
+            if frames.names[i] != row.name or len(given) != b - a:
+                raise RnnscopeError(f"{said} is not the Run's ({escaped(str(row.name), limit=60)}, {b - a:,} steps)",
+                                    AGAIN)
+            if not np.array_equal(frames.times[i], doc["times"]):
+                raise RnnscopeError(f"{said} has other time stamps than the Run's", AGAIN + "; its times with --times")
+            stamp = fields.get("frames_sha256")          # a Run recorded before the checksum: names, lengths, times
+            if stamp is not None and stamp != frames_sha256(given):
+                raise RnnscopeError(f"{said} holds other values than the Run was recorded from (their checksum "
+                                    "differs)", AGAIN)
             doc["input"] = given
         out.append(doc)
     return out

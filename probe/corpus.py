@@ -206,6 +206,17 @@ def is_frames(documents) -> bool:
     return bool(values) and all(_is_array(v) or (isinstance(v, dict) and "input" in v) for v in values)
 
 
+EXACT = 1 << 24         # integers up to this are exact in float32; past it a frame would be rounded unsaid
+
+
+def frames_sha256(frames) -> str:
+    """The checksum of one document's frames as the model got them (float32, C order): a Run keeps it
+    (its documents' ``frames_sha256``) so frames given again later can be checked to be its own."""
+    import hashlib
+    import numpy as np
+    return hashlib.sha256(np.ascontiguousarray(frames, np.float32).tobytes()).hexdigest()
+
+
 def _frames_array(x, where: str):
     import numpy as np
     a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
@@ -213,6 +224,10 @@ def _frames_array(x, where: str):
                                                             or np.issubdtype(a.dtype, np.integer)):
         raise RnnscopeError(f"{where} is a {a.dtype} array of shape {list(a.shape)}",
                             "give each document's frames as numbers [T, features], T >= 1")
+    if np.issubdtype(a.dtype, np.integer) and a.size and (a.max() > EXACT or a.min() < -EXACT):
+        t, f = np.argwhere((a > EXACT) | (a < -EXACT))[0]
+        raise RnnscopeError(f"{where} holds the integer {a[t, f]} at frame {t}, feature {f}, past the +-{EXACT:,} "
+                            "float32 holds exactly", "scale the frames, or give them as floats")
     with np.errstate(over="ignore"):         # a value past float32's range becomes inf, refused just below
         frames = a.astype(np.float32)
     if not np.isfinite(frames).all():       # a NaN frame makes every later state NaN: the data's mistake

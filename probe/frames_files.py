@@ -28,8 +28,10 @@ from rnnscope.errors import RnnscopeError, escaped, first_line
 from .corpus import Frames, frames_of
 
 # Every document's frames are read, converted and joined in memory before the model runs (``record``),
-# three copies at once: past a quarter of a billion values (1 GB as float32) a file is a mistake or a bomb
+# three copies at once: past a quarter of a billion values (1 GB as float32), or 2 GB of the file's own
+# bytes (a float64 or longdouble array of as many values is 2 to 4 times larger), a file is a mistake or a bomb
 MAX_VALUES = 1 << 28
+MAX_BYTES = 1 << 31
 MAX_DOCUMENTS = 1 << 20       # each is one model call and one row of the Run's documents table
 FORMS = "an .npz of arrays [T, features], an .npy, or a directory of .npy files"
 
@@ -54,15 +56,24 @@ def _array(f, where: str, budget: list[int]) -> np.ndarray:
     if dtype.hasobject or dtype.kind not in "biuf":       # objects would need a pickle; str, complex, records
         raise RnnscopeError(f"{where} holds {escaped(str(dtype), limit=40)} values",
                             "save frames as real numbers (float32, float64 or integers)")
-    n = int(np.prod(shape, dtype=np.int64))
-    if n > budget[0]:
-        raise RnnscopeError(f"{where} holds {n:,} values {list(shape)}, past the {MAX_VALUES:,} rnnscope reads at once",
-                            "record fewer or shorter documents per Run")
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise RnnscopeError(f"{where} has a header of shape {escaped(str(shape), limit=60)}, not sizes >= 0",
+                            f"write it with numpy.save or numpy.savez ({FORMS})")
+    n = 1
+    for d in shape:                      # Python ints, checked as they grow: an int64 product can wrap to 0
+        n *= d
+        if n > budget[0] or n * dtype.itemsize > MAX_BYTES:
+            raise RnnscopeError(f"{where} holds {escaped(str(list(shape)), limit=60)} {dtype} values, past the "
+                                f"{MAX_VALUES:,} values ({MAX_BYTES >> 30} GB) rnnscope reads at once",
+                                "record fewer or shorter documents per Run")
     budget[0] -= n
     data = f.read(n * dtype.itemsize)
     if len(data) != n * dtype.itemsize:
         raise RnnscopeError(f"{where} is cut short: its header says {list(shape)} {dtype}",
                             "write the file again (it was not saved whole)")
+    if f.read(1):                        # more data than the header says: not the array it claims to be
+        raise RnnscopeError(f"{where} holds more data than its header's {list(shape)} {dtype}",
+                            "write the file again with numpy.save or numpy.savez")
     return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
 
 

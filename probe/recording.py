@@ -32,7 +32,7 @@ from rnnscope.store.run import grad_passes
 from rnnscope.store.writer import text_bytes
 
 from . import attention as attention_steps, cells
-from .corpus import documents_of, frames_of, is_frames
+from .corpus import documents_of, frames_of, frames_sha256, is_frames
 from .encoders import as_encoder, char_spans
 from .keys import KINDS, family_name
 from .passes import CHUNK, PASS_BYTES, check_aligned, check_pass, pass_memory
@@ -92,7 +92,10 @@ def _frames_all(docs):
     text), the documents table (no characters), ``times [S]`` float64."""
     steps = np.cumsum([0] + [len(a) for a in docs.inputs])
     return (torch.from_numpy(np.concatenate(docs.inputs)), np.full((steps[-1], 2), -1, np.int64),
-            documents_frame(docs.names, np.zeros(len(steps), np.int64), steps, docs.fields), np.concatenate(docs.times))
+            documents_frame(docs.names, np.zeros(len(steps), np.int64), steps,
+                            [{**f, "frames_sha256": frames_sha256(x)}
+                             for f, x in zip(docs.fields or [{}] * len(docs.inputs), docs.inputs)]),
+            np.concatenate(docs.times))
 
 
 def _chosen(mods: dict, modules) -> dict:

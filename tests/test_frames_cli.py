@@ -209,6 +209,16 @@ BAD_FILES = [
     ("none", lambda t: _savez(t / "f.npz"), "holds no arrays"),
     ("huge", _raw("f.npy", _npy_header((1 << 20, 1 << 10)) + b"\0" * 64), "past the 268,435,456"),
     ("short", _raw("f.npy", _npy_header((10, 3)) + b"\0" * 12), "is cut short"),
+    # forged headers: a negative size (read(-4) would inflate a whole bomb), sizes whose int64 product
+    # overflows or wraps to 0, wide values (a longdouble array of as many values is 4x the bytes)
+    ("negative", _raw("f.npy", _npy_header((-1, 1)) + b"\0" * 64), "not sizes >= 0"),
+    ("two negative", _raw("f.npy", _npy_header((-2, -3)) + b"\0" * 64), "not sizes >= 0"),
+    ("overflow", _raw("f.npy", _npy_header((10 ** 30, 3)) + b"\0" * 64), "past the 268,435,456"),
+    ("wraps to 0", _raw("f.npy", _npy_header((1 << 32, 1 << 32)) + b"\0" * 64), "past the 268,435,456"),
+    ("wide", _raw("f.npy", _npy_header((1, 1 << 28), "<f16") + b"\0" * 64), "(2 GB)"),
+    ("extra", _raw("f.npy", _npy_header((2, 3)) + b"\0" * 120), "more data than its header's [2, 3]"),
+    ("big int", lambda t: _savez(t / "f.npz", a=np.array([[1 << 24, (1 << 24) + 1]], np.int64)),
+     "the integer 16777217 at frame 0, feature 1"),
     ("not npy", _raw("f.npy", b"hello"), "is not a readable .npy array"),
     ("not zip", _raw("f.npz", b"PK not a zip"), "is not an .npz archive"),
     ("corrupt", _corrupt, "cannot be read from the archive"),
@@ -262,7 +272,13 @@ def test_analyze_refuses_text_features_and_frames_that_are_not_the_runs(readme, 
     other = _savez(tmp_path / "o.npz", **example.clips(seed=5))
     assert "is not the Run's" in refused(capsys, "analyze", run, "--features", feats, "--frames", other)
     # the Run's own frames without their time stamps (then the step index): not the Run's either
-    assert "is not the Run's" in refused(capsys, "analyze", run, "--features", feats, "--frames", runs / "clips.npz")
+    assert "has other time stamps than the Run's" in refused(capsys, "analyze", run, "--features", feats, "--frames",
+                                                             runs / "clips.npz")
+    # the same names, lengths and times, other values: the checksum the Run keeps tells them apart
+    clips = np.load(runs / "clips.npz")
+    twin = _savez(tmp_path / "twin.npz", **{k: clips[k] + np.float32(0.5) for k in clips.files})
+    assert "holds other values than the Run was recorded from" in refused(
+        capsys, "analyze", run, "--features", feats, "--frames", twin, "--times", runs / "clips.times.npz")
 
 
 LABELLED = '''
