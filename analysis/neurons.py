@@ -25,7 +25,10 @@ instead of characters.
 Everything streams in chunks of rows with sufficient statistics, so a Run is never loaded whole:
 pass 1 accumulates sums, products with the (shifted) feature columns, and a per-unit histogram of
 the values; pass 2 turns each value into its mid-rank from the histogram and multiplies ranks with
-the label columns, which gives AUC (Mann-Whitney) and Spearman r. Ranks are taken at 2^-7
+the label columns, which gives AUC (Mann-Whitney) and Spearman r. Both passes run over the selection
+part of every key first, which alone chooses the units; then over the held-out part, which keeps the
+candidates' values as it reads them (``SPARE`` beyond ``select`` per feature), so the resolved test of
+the selected units does not read the held-out part a second time. Ranks are taken at 2^-7
 relative resolution (values binned on their float16 bit pattern, 8192 bins): values closer than
 that tie, and ties are counted half, as in the usual AUC.
 """
