@@ -23,9 +23,9 @@ there are several, and every circular shift stays inside its document. The contr
 instead of characters.
 
 Everything streams in chunks of rows with sufficient statistics, so a Run is never loaded whole:
-pass 1 accumulates sums, products with the (shifted) feature columns, and a per-unit histogram of
-the values; pass 2 turns each value into its mid-rank from the histogram and multiplies ranks with
-the label columns, which gives AUC (Mann-Whitney) and Spearman r. Both passes run over the selection
+pass 1 builds a per-unit histogram of the values; pass 2 turns each value into its mid-rank from the
+histogram and accumulates the sums, and the products of values and of ranks with the (shifted) label
+columns, which give Pearson r, AUC (Mann-Whitney) and Spearman r. Both passes run over the selection
 part of every key first, which alone chooses the units; then over the held-out part, which keeps the
 candidates' values as it reads them (``SPARE`` beyond ``select`` per feature), so the resolved test of
 the selected units does not read the held-out part a second time. Ranks are taken at 2^-7
