@@ -293,3 +293,18 @@ def test_the_old_import_paths_still_work():
     from rnnscope.probe import Run, open_run
     assert Run is store.Run and open_run is store.open_run
     assert report.read_table is store.read_table and report.write_table is store.write_table
+
+
+def test_one_step_per_character_is_checked_fast_and_nothing_else_passes_with_it():
+    """``check_steps``' fast path takes only a layout every full check accepts: one step per character with
+    documents bounded alike; a layout one step off either goes the full way and is refused."""
+    import numpy as np
+    from rnnscope.store import documents_frame
+    from rnnscope.store.format import check_steps
+    spans = np.stack([np.arange(10), np.arange(1, 11)], 1).astype(np.int64)
+    check_steps(spans, documents_frame(["a", "b"], [0, 4, 10], [0, 4, 10]), 10, "x")
+    for chars, steps, sp in (([0, 5, 10], [0, 4, 10], spans),                     # bounds not alike
+                             ([0, 4, 10], [0, 4, 10], spans[::-1].copy()),        # steps backwards
+                             ([0, 4, 10], [0, 4, 10], np.r_[spans[:9], [[3, 4]]])):  # the last goes back
+        with pytest.raises(RnnscopeError):
+            check_steps(sp, documents_frame(["a", "b"], chars, steps), 10, "x")

@@ -227,6 +227,9 @@ def check_steps(spans: np.ndarray, documents, chars: int, where, frames: bool = 
     for lo, hi, total, what in (("char_start", "char_end", chars, "characters"), ("step_start", "step_end",
                                                                                   len(spans), "steps")):
         _tiles(b[lo], b[hi], total, what, bad)
+    if len(spans) == chars and np.array_equal(b["char_start"], b["step_start"]) and start[0] == 0 \
+            and (np.diff(start) == 1).all() and (end - start == 1).all():
+        return          # one step per character, documents bounded alike: every check below holds (0.8 s at 10M)
     doc = np.repeat(np.arange(len(documents)), b["step_end"] - b["step_start"])
     outside = text & ((start < b["char_start"][doc]) | (end > b["char_end"][doc]))
     if outside.any():
