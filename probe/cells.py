@@ -32,6 +32,7 @@ from torch import nn
 from rnnscope.errors import RnnscopeError, call_user
 
 from . import cellstep
+from .cellrows import StepGrads, StepRows
 from .cellstep import BUILTIN, CellSpec, _gru, _lstm, _rnn, _rows, cell, spec_of  # noqa: F401  (the cells' API)
 from .keys import state_key
 
@@ -50,38 +51,50 @@ def cell_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 class CellCall(Mapping):
     """One sequence of one cell: ``call[key] -> [batch, time, units]``, the batch of its first step,
-    NaN where a row had left the batch."""
+    NaN where a row had left the batch. Its steps are kept in ``probe.cellrows`` blocks."""
 
     def __init__(self, name: str, kinds: list[str], rows: int):
         self.rows, self.batch = rows, rows
         self._kinds = {state_key(name, 0, False, k): k for k in kinds}
-        self.steps: dict[str, list] = {k: [] for k in kinds if not k.startswith("grad_")}
-        self.grads: dict[str, list] = {k: [] for k in kinds if k.startswith("grad_")}
+        self.kept = [k for k in kinds if not k.startswith("grad_")]
+        self._graded = [k[5:] for k in kinds if k.startswith("grad_")]
+        self.store: StepRows | None = None
+        self.grads: StepGrads | None = None
 
-    def swap_grads(self, grads: dict | None = None) -> dict:
-        """The gradients recorded so far, replaced by ``grads`` (none yet, without): a backward that
-        ``Probe.gradients_apart`` runs is kept apart from the ordinary one's."""
-        old = self.grads
-        self.grads = grads if grads is not None else {k: [None] * len(v) for k, v in old.items()}
-        return old
+    @property
+    def steps(self) -> int:
+        return 0 if self.store is None else self.store.steps
+
+    def add(self, out: dict, b: int) -> int:
+        """One step, ``out`` kind -> ``[b, units]`` (or unbatched); returns its index."""
+        parts = [out[k] for k in self.kept]
+        if self.store is None:
+            self.store = StepRows(self.kept, parts, self.batch, out["h"].device)
+            if self._graded:
+                self.grads = StepGrads(self.store, {k: (out[k].shape[-1], out[k].dtype) for k in self._graded})
+        return self.store.add(parts, b)
 
     def add_grad(self, kind: str, t: int, g: torch.Tensor) -> None:
         """A hook's dL/d(state) at step t; a second backward accumulates, as ``.grad`` does."""
-        old, g = self.grads[kind][t], _rows(g.detach())
-        self.grads[kind][t] = g if old is None else old + g
+        self.grads.add(kind, t, g)
+
+    def swap_grads(self, grads: StepGrads | None = None) -> StepGrads | None:
+        """The gradients recorded so far, replaced by ``grads`` (none yet, without): a backward that
+        ``Probe.gradients_apart`` runs is kept apart from the ordinary one's."""
+        old = self.grads
+        self.grads = grads if grads is not None else old.emptied() if old is not None else None
+        return old
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._kinds:
             raise KeyError(f"{key!r} was not recorded; recorded keys: {', '.join(self._kinds)}")
         kind = self._kinds[key]
-        if kind in self.grads:
-            gs = self.grads[kind]
-            if all(g is None for g in gs):
+        if kind.startswith("grad_"):
+            if self.grads is None or self.grads.g is None:
                 raise RnnscopeError("no gradient has reached the probed cell yet",
                                     "call loss.backward() on a loss computed inside the Probe(grad=True) block")
-            like = self.steps[kind[5:]]
-            return _stack([torch.zeros_like(v) if g is None else g for g, v in zip(gs, like)], self.batch)
-        return _stack(self.steps[kind], self.batch)
+            return self.grads.kind(kind[5:])
+        return self.store.kind(kind)
 
     def __iter__(self):
         return iter(self._kinds)
@@ -90,8 +103,7 @@ class CellCall(Mapping):
         return len(self._kinds)
 
     def __repr__(self) -> str:
-        return (f"CellCall of {len(self.steps['h'])} step(s), batch {self.batch}: "
-                f"{', '.join(self._kinds)}")
+        return f"CellCall of {self.steps} step(s), batch {self.batch}: {', '.join(self._kinds)}"
 
 
 def _stack(vs: list, B: int) -> torch.Tensor:
@@ -141,23 +153,25 @@ class CellTape:
     def _keep(self, seq: CellCall, out: dict, states) -> None:
         """``out``: kind -> this step's tensor, ``[B, units]`` or unbatched; the states' are the ones
         the caller receives (or their base), so their hooks see every use."""
-        t = len(seq.steps["h"])
-        for k, lst in seq.steps.items():
-            v = out[k]
-            lst.append(_rows(v.detach() if v.requires_grad else v))
-        for k in states:
-            if f"grad_{k}" in seq.grads:
-                seq.grads[f"grad_{k}"].append(None)
+        t = seq.add(out, seq.rows)
+        if seq.grads is not None:
+            for k in states:
                 v = out[k]
                 if v.requires_grad:
-                    v.register_hook(partial(seq.add_grad, f"grad_{k}", t))
+                    v.register_hook(partial(seq.add_grad, k, t))
 
-    def leaf(self, x):
-        """With frozen weights and an input that needs no gradient, a leaf, so hooks see dL/dh."""
-        if self.probe.grad and torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not x.requires_grad \
-                and x.is_floating_point():
-            return x.detach().requires_grad_()
-        return x
+    def leaf(self, x, state):
+        """``x`` as a leaf where nothing else would give the step a graph (frozen weights, no state
+        with one, an input that needs no gradient), so hooks see dL/dh; else ``x`` itself: a leaf
+        input costs a product with ``W_ih`` per step in the backward, for a gradient no one reads."""
+        if not (self.probe.grad and torch.is_grad_enabled() and isinstance(x, torch.Tensor)) or x.requires_grad \
+                or not x.is_floating_point():
+            return x
+        parts = [] if state is None else list(state) if isinstance(state, (tuple, list)) else [state]
+        if any(isinstance(s, torch.Tensor) and s.requires_grad for s in parts) or \
+                any(p.requires_grad for p in self.m.parameters()):
+            return x
+        return x.detach().requires_grad_()
 
     def keep_step(self, B: int, state, out: dict, states, gates) -> None:
         """One step of a built-in cell: ``out`` kind -> ``[B, units]`` (after any edit)."""
@@ -167,8 +181,7 @@ class CellTape:
         """One step of a declared cell: ``own`` its forward's states, ``outs`` what the caller receives
         (``own`` with any edit); its gate function, without a graph, checked against ``own`` on the first call."""
         spec = self.spec
-        at = spec.state
-        state = (args[at] if len(args) > at else None) if isinstance(at, int) else kwargs.get(at)
+        state = cellstep.declared_state(spec, args, kwargs)
         gates = {}
         if spec.gates is not None:
             with torch.no_grad():
