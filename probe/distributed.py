@@ -11,9 +11,10 @@ and a changed frame starts the build afresh). A task writes its shard atomically
 harmless; the manifest is written on the client, last.
 
 How the model reaches the workers:
-- from Python, the subject itself is pickled (cloudpickle) and sent to each worker once
-  (``client.scatter(..., broadcast=True)``): its classes must be importable on the workers (an installed
-  package, or ``client.upload_file``), or defined in ``__main__`` / a notebook, which cloudpickle sends by value;
+- from Python, the subject itself is pickled (cloudpickle) on the client and the bytes sent to each
+  worker once (``client.scatter(..., broadcast=True)``), unpickled there once: its classes must be
+  importable on the workers (an installed package, or ``client.upload_file``), or defined in
+  ``__main__`` / a notebook, which cloudpickle sends by value;
 - from the command line, the SPEC is loaded by each worker, once (cached by spec in the worker): a
   ``file.py`` in it (``--model``, ``--encoder``, ``--loss``) is sent with the task and used from the same
   absolute path when the workers share the file system and it is the same file, else from a copy in the
@@ -82,7 +83,31 @@ class FromSpec:
         return _LOADED[self]
 
 
-_LOADED: dict = {}      # per worker process: FromSpec -> (subject, options)
+_LOADED: dict = {}      # per worker process: FromSpec or Pickled -> (subject, options)
+
+
+@dataclass(frozen=True)
+class Pickled:
+    """The subject pickled once on the client (cloudpickle), unpickled once per worker. The cluster moves
+    these bytes, never the live model: a worker that fetched a model from a peer mid-record (work
+    stealing) would otherwise get it with the peer's Probe still installed on its cells."""
+    sha256: str
+    data: bytes = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, subject) -> Pickled:
+        import cloudpickle
+        data = cloudpickle.dumps(subject)
+        return cls(hashlib.sha256(data).hexdigest(), data)
+
+    def load(self):
+        """``(subject, {})`` on this worker; the same object for every task after the first."""
+        if self not in _LOADED:
+            import pickle
+            for old in [k for k in _LOADED if isinstance(k, Pickled)]:     # one record's subject at a time
+                del _LOADED[old]
+            _LOADED[self] = (pickle.loads(self.data), {})
+        return _LOADED[self]
 
 
 def _parts(spec: str):
@@ -178,7 +203,7 @@ def _shard_task(subject, part, build, index, expect, options, threads):
     their fields, the call's and loss's to read and the documents table's to keep) into ``build``."""
     from .recording import record
     task_threads(threads)
-    subject, asked = subject.load() if isinstance(subject, FromSpec) else (subject, {})
+    subject, asked = subject.load() if isinstance(subject, (FromSpec, Pickled)) else (subject, {})
 
     def write(path):
         with contextlib.redirect_stdout(io.StringIO()):     # the size line of every shard: not the user's
@@ -207,6 +232,7 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
 
     from rnnscope.store import open_run
 
+    from .attention import sources_of
     from .recording import model_checksum
     from .subject import subject_of
     if carry:
@@ -217,6 +243,8 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
     frames, sub = is_frames(texts), subject_of(subject)
     docs = frames_of(texts) if frames else documents_of(texts)
     with_fields(pd.DataFrame({"name": docs.names}), docs.fields)       # a field no table holds: refused before a task
+    if options.get("attention") and len({bool(f.get("source")) for f in docs.fields}) > 1:
+        sources_of(docs, None)          # some documents with a source, some without: its one line, before a task
     checksum = model_checksum(sub.model)
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     size = shard_docs or max(1, math.ceil(len(docs) / (4 * workers)))   # a few shards a worker: a slow one is shared
@@ -246,7 +274,7 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
     futures = {}
     try:
         if todo:
-            ship = spec if spec is not None else client.scatter(sub, broadcast=True, hash=False)
+            ship = spec if spec is not None else client.scatter(Pickled.of(sub), broadcast=True, hash=False)
             token = uuid.uuid4().hex[:8]
             futures = {client.submit(_shard_task, ship, groups[i], str(build.dir), i, expects[i],
                                      options, threads, key=f"rnnscope-shard-{i:05d}-{token}", pure=False): i

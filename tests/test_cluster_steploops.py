@@ -314,11 +314,11 @@ def test_export_draws_a_sharded_runs_attention(runs, tmp_path):
     assert 400 <= width <= 1600 and 200 <= height <= 1000
 
 
-@pytest.mark.parametrize("name", ["source", "frames"])
+@pytest.mark.parametrize("name", ["source", "frames", "frames changed"])
 def test_an_interrupted_record_resumes_with_the_shards_it_finished(client, ns, runs, tmp_path, capsys, name):
     """The last document fails once the other shards are written (a planted error: the record stops as
-    an interrupted one does); the same record again reuses those shards and writes only the last."""
-    one = runs[name][0]
+    an interrupted one does); the same record again reuses those shards and writes only the last. A
+    frames shard has no text to check it by: a frame changed since makes another plan, recorded afresh."""
     subject, docs, kw = (_text_subject, PAIRS, dict(loss=None, attention=["attention"], modules=["cell"])) \
         if name == "source" else (_frames_subject, _clips(7), dict(grad=True, dtype="float32"))
     out, flag = tmp_path / "many", tmp_path / "fail"
@@ -331,12 +331,21 @@ def test_an_interrupted_record_resumes_with_the_shards_it_finished(client, ns, r
         assert not out.exists() and first.exists()
         inode = first.stat().st_ino
         flag.unlink()
+        if name == "frames changed":
+            docs[0]["input"][3, 1] += 1
         capsys.readouterr()
         many = rs.record(subject(ns), docs, out, progress=False, client=client, shard_docs=1, **kw)
     finally:
         ns["FAIL"].clear()
-    assert f"reusing {len(docs) - 1} of {len(docs)} shards" in capsys.readouterr().out
-    assert (out / "shards" / "00000" / "manifest.json").stat().st_ino == inode
+    said = capsys.readouterr().out
+    if name == "frames changed":
+        assert "reusing" not in said
+        one = rs.record(subject(ns), docs, tmp_path / "one", progress=False, **kw)
+        assert not np.array_equal(one["cell.l0.h"], runs["frames"][0]["cell.l0.h"])
+    else:
+        assert f"reusing {len(docs) - 1} of {len(docs)} shards" in said
+        assert (out / "shards" / "00000" / "manifest.json").stat().st_ino == inode
+        one = runs[name][0]
     _assert_equal(one, many)
 
 
@@ -364,3 +373,11 @@ def test_probe_frames_on_a_cluster_from_the_command_line_equals_one_process(clie
     one, many = rs.open_run(tmp_path / "one"), rs.open_run(tmp_path / "many")
     assert len(many.shards) == 3 and "cell.l0.grad_h" in many.keys() and many.frames
     _assert_equal(one, many)
+
+
+def test_a_corpus_with_a_source_for_some_documents_only_is_refused_before_any_task(client, ns, tmp_path):
+    docs = [*PAIRS[:2], {"name": "bare", "text": "abc"}]
+    with pytest.raises(RnnscopeError, match="document 'bare' has no source text, while others have one") as err:
+        rs.record(_text_subject(ns), docs, tmp_path / "run", loss=None, attention=["attention"], progress=False,
+                  client=client)
+    assert "\n" not in str(err.value) and not any(tmp_path.iterdir())       # no build folder either
