@@ -364,7 +364,8 @@ def test_probe_frames_on_a_cluster_from_the_command_line_equals_one_process(clie
     np.savez(tmp_path / "clips.npz", **{c["name"]: c["input"] for c in clips})
     np.savez(tmp_path / "times.npz", **{c["name"]: c["times"] for c in clips})
     base = ["probe", "--model", f"{spec}:build", "--loss", f"{spec}:frame_loss",
-            "--frames", str(tmp_path / "clips.npz"), "--times", str(tmp_path / "times.npz"), "--grad", "--dtype", "float32"]
+            "--frames", str(tmp_path / "clips.npz"), "--times", str(tmp_path / "times.npz"), "--grad",
+            "--dtype", "float32"]
     assert main(base + ["--out", str(tmp_path / "one")]) == 0
     assert main(base + ["--out", str(tmp_path / "many"), "--scheduler", client.scheduler.address,
                         "--shard-docs", "2"]) == 0
