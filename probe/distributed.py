@@ -4,14 +4,17 @@ into a sharded Run (``rnnscope.store.shards``) that equals the single-process Ru
 ``record(subject, texts, out, client=client)`` (or ``rnnscope probe ... --scheduler ADDRESS |
 --workers N``) plans shards of ``shard_docs`` documents, reuses those an interrupted record of the
 same plan finished (each checked: a complete Run of the planned text, by its SHA-256, and model),
-and submits one task per remaining shard. A task writes its shard atomically
+and submits one task per remaining shard (a step loop's attention and a Run of frames, with its
+time stamps, too: frames have no text, so the plan holds each shard's SHA-256 of its frames and times,
+and a changed frame starts the build afresh). A task writes its shard atomically
 (``store.shards.write_shard``), so a task that runs twice, or again after its worker died, is
 harmless; the manifest is written on the client, last.
 
 How the model reaches the workers:
-- from Python, the subject itself is pickled (cloudpickle) and sent to each worker once
-  (``client.scatter(..., broadcast=True)``): its classes must be importable on the workers (an installed
-  package, or ``client.upload_file``), or defined in ``__main__`` / a notebook, which cloudpickle sends by value;
+- from Python, the subject itself is pickled (cloudpickle) on the client and the bytes sent to each
+  worker once (``client.scatter(..., broadcast=True)``), unpickled there once: its classes must be
+  importable on the workers (an installed package, or ``client.upload_file``), or defined in
+  ``__main__`` / a notebook, which cloudpickle sends by value;
 - from the command line, the SPEC is loaded by each worker, once (cached by spec in the worker): a
   ``file.py`` in it (``--model``, ``--encoder``, ``--loss``) is sent with the task and used from the same
   absolute path when the workers share the file system and it is the same file, else from a copy in the
@@ -26,6 +29,7 @@ then the same as a single process on as many threads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -41,7 +45,7 @@ from rnnscope.errors import RnnscopeError
 from rnnscope.store.docfields import with_fields
 from rnnscope.store.shards import ShardBuild, write_shard
 
-from .corpus import Documents, documents_of
+from .corpus import Documents, Frames, documents_of, frames_of, is_frames
 
 DISTRIBUTED = "probe without --scheduler / --workers"
 
@@ -55,6 +59,7 @@ class FromSpec:
     loss: str | None = None
     modules: tuple | None = None
     files: tuple = ()           # (absolute path, sha256, bytes)
+    frames: bool = False        # the model reads frames: it comes without an encoder
 
     @classmethod
     def of(cls, model: str, encoder=None, loss=None, modules=None) -> FromSpec:
@@ -71,13 +76,38 @@ class FromSpec:
             from .specs import subject_and_options
             local = {p: _local_copy(p, sha, data) for p, sha, data in self.files}
             spec = {s: _replace(s, local) if s else s for s in (self.model, self.encoder, self.loss)}
-            subject, asked = subject_and_options(spec[self.model], spec[self.encoder], self.modules and list(self.modules),
-                                                 spec[self.loss])
+            subject, asked = subject_and_options(spec[self.model], spec[self.encoder],
+                                                 self.modules and list(self.modules), spec[self.loss],
+                                                 frames=self.frames)
             _LOADED[self] = (subject, asked)
         return _LOADED[self]
 
 
-_LOADED: dict = {}      # per worker process: FromSpec -> (subject, options)
+_LOADED: dict = {}      # per worker process: FromSpec or Pickled -> (subject, options)
+
+
+@dataclass(frozen=True)
+class Pickled:
+    """The subject pickled once on the client (cloudpickle), unpickled once per worker. The cluster moves
+    these bytes, never the live model: a worker that fetched a model from a peer mid-record (work
+    stealing) would otherwise get it with the peer's Probe still installed on its cells."""
+    sha256: str
+    data: bytes = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, subject) -> Pickled:
+        import cloudpickle
+        data = cloudpickle.dumps(subject)
+        return cls(hashlib.sha256(data).hexdigest(), data)
+
+    def load(self):
+        """``(subject, {})`` on this worker; the same object for every task after the first."""
+        if self not in _LOADED:
+            import pickle
+            for old in [k for k in _LOADED if isinstance(k, Pickled)]:     # one record's subject at a time
+                del _LOADED[old]
+            _LOADED[self] = (pickle.loads(self.data), {})
+        return _LOADED[self]
 
 
 def _parts(spec: str):
@@ -168,17 +198,16 @@ def worker_threads(client, n: int | None):
     return lambda: client.unregister_worker_plugin("rnnscope-threads")
 
 
-def _shard_task(subject, names, texts, fields, build, index, expect, options, threads):
-    """On a worker: record shard ``index`` (its documents ``names``, ``texts`` and their ``fields``, the
-    call's and loss's to read and the documents table's to keep) into ``build``."""
+def _shard_task(subject, part, build, index, expect, options, threads):
+    """On a worker: record shard ``index`` (its documents ``part``: a ``Documents`` or ``Frames``, with
+    their fields, the call's and loss's to read and the documents table's to keep) into ``build``."""
     from .recording import record
     task_threads(threads)
-    subject, asked = subject.load() if isinstance(subject, FromSpec) else (subject, {})
+    subject, asked = subject.load() if isinstance(subject, (FromSpec, Pickled)) else (subject, {})
 
     def write(path):
         with contextlib.redirect_stdout(io.StringIO()):     # the size line of every shard: not the user's
-            record(subject, Documents(list(names), list(texts), fields=list(fields)), path, progress=False,
-                   **asked, **options)
+            record(subject, part, path, progress=False, **asked, **options)
     return write_shard(Path(build), index, expect, write)
 
 
@@ -188,6 +217,8 @@ def _describe(v):
         return v
     if isinstance(v, (list, tuple)):
         return [_describe(x) for x in v]
+    if isinstance(v, dict):                 # attention={name: picker}
+        return {str(k): _describe(x) for k, x in v.items()}
     named = v if hasattr(v, "__qualname__") else type(v)
     return f"{getattr(named, '__module__', '')}.{named.__qualname__}"
 
@@ -201,6 +232,7 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
 
     from rnnscope.store import open_run
 
+    from .attention import sources_of
     from .recording import model_checksum
     from .subject import subject_of
     if carry:
@@ -208,21 +240,26 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
                             "shards", f"{DISTRIBUTED}, or without --carry")
     if shard_docs is not None and shard_docs < 1:
         raise RnnscopeError(f"shard_docs must be >= 1 (got {shard_docs})", "give --shard-docs 1 or more")
-    docs, sub = documents_of(texts), subject_of(subject)
+    frames, sub = is_frames(texts), subject_of(subject)
+    docs = frames_of(texts) if frames else documents_of(texts)
     with_fields(pd.DataFrame({"name": docs.names}), docs.fields)       # a field no table holds: refused before a task
+    if options.get("attention") and len({bool(f.get("source")) for f in docs.fields}) > 1:
+        sources_of(docs, None)          # some documents with a source, some without: its one line, before a task
     checksum = model_checksum(sub.model)
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     size = shard_docs or max(1, math.ceil(len(docs) / (4 * workers)))   # a few shards a worker: a slow one is shared
-    groups = [(docs.names[i:i + size], docs.texts[i:i + size], docs.fields[i:i + size])
-              for i in range(0, len(docs), size)]
-    expects = [{"text_sha256": hashlib.sha256("".join(t).encode("utf-8", "surrogatepass")).hexdigest(),
-                "model_checksum": checksum, "names": list(n)} for n, t, _ in groups]
+    groups = [_part(docs, i, i + size) for i in range(0, len(docs), size)]
+    expects = [{"text_sha256": hashlib.sha256("".join(getattr(g, "texts", [])).encode("utf-8", "surrogatepass"))
+                .hexdigest(), "model_checksum": checksum, "names": list(g.names)} for g in groups]
     if spec is not None:            # the workers load these from the spec themselves
         options = {k: v for k, v in options.items() if k not in ("encode", "loss", "modules")}
+        spec = dataclasses.replace(spec, frames=frames)
     options["source"] = options.get("source") or sub.source
     plan = {"model": checksum, "spec": spec and (spec.model, spec.encoder, spec.loss, spec.modules),
             "options": {k: _describe(v) for k, v in sorted(options.items())},
             "shards": [(e["text_sha256"], e["names"]) for e in expects],
+            # a frames shard's text is empty: its frames and times say whether it is the same
+            **({"frames": [_frames_digest(g) for g in groups]} if frames else {}),
             # a label changed in the corpus changes the loss and the documents table: not the same plan
             "fields": hashlib.sha256(json.dumps(docs.fields, sort_keys=True, default=repr).encode()).hexdigest()}
     build = ShardBuild(out, plan, overwrite=overwrite)
@@ -237,9 +274,9 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
     futures = {}
     try:
         if todo:
-            ship = spec if spec is not None else client.scatter(sub, broadcast=True, hash=False)
+            ship = spec if spec is not None else client.scatter(Pickled.of(sub), broadcast=True, hash=False)
             token = uuid.uuid4().hex[:8]
-            futures = {client.submit(_shard_task, ship, *groups[i], str(build.dir), i, expects[i],
+            futures = {client.submit(_shard_task, ship, groups[i], str(build.dir), i, expects[i],
                                      options, threads, key=f"rnnscope-shard-{i:05d}-{token}", pure=False): i
                        for i in todo}
         with tqdm(total=len(groups), initial=len(groups) - len(todo), unit="shard", desc="probe",
@@ -261,6 +298,24 @@ def record_on(client, subject, texts, out, *, spec: FromSpec | None = None, shar
             f.cancel()
     build.commit(entries, {})
     return open_run(out)
+
+
+def _part(docs: Documents | Frames, start: int, end: int) -> Documents | Frames:
+    """Documents ``start .. end - 1`` of ``docs``, as ``record`` takes them (one shard's)."""
+    if isinstance(docs, Frames):
+        return Frames(docs.names[start:end], docs.inputs[start:end], docs.times[start:end], docs.fields[start:end],
+                      docs.source)
+    return Documents(docs.names[start:end], docs.texts[start:end], docs.source, docs.fields[start:end])
+
+
+def _frames_digest(part: Frames) -> str:
+    """SHA-256 over a shard's frames and time stamps (their shapes and bytes, document by document)."""
+    h = hashlib.sha256()
+    for x, t in zip(part.inputs, part.times):
+        for a in (x, t):
+            h.update(repr((a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -181,9 +181,6 @@ def read_frames(path, times=None) -> Frames:
 NOT_WITH_FRAMES = {
     "--encoder": "an encoder turns text into ids, and frames go to the model as they are",
     "--attention": "attention is stored over an encoder's source, which a frames Run has none of",
-    "--scheduler": "frames are recorded in one process",
-    "--workers": "frames are recorded in one process",
-    "--shard-docs": "frames are recorded in one process",
     "--max-chars": "frames have no characters",
     "--unk": "frames have no characters",
 }

@@ -252,8 +252,11 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     Returns:
         the Run: ``len(run)`` steps, ``run[key] -> [steps, units]``.
     """
-    if client is not None and attention:
-        raise RnnscopeError("attention is not yet stored in a sharded Run", "record it without a cluster")
+    frames = is_frames(texts)           # steps are input frames, not text: no encoder, no next-token loss
+    if frames and attention:            # a frames Run has no source for a row to weigh
+        raise RnnscopeError("frames are recorded without attention", "leave attention out")
+    if frames and source_modules:
+        raise RnnscopeError("frames have no source text for an encoder's side", "leave source_modules out")
     if client is not None and source_modules:
         raise RnnscopeError("an encoder's side is not yet stored in a sharded Run", "record it without a cluster")
     if client is not None:
@@ -261,19 +264,14 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
         return record_on(client, subject, texts, out, spec=spec, shard_docs=shard_docs, encode=encode, loss=loss,
                          modules=modules, carry=carry, grad=grad, chunk=chunk, horizon=horizon, kinds=kinds,
                          dtype=dtype, grad_dtype=grad_dtype, memory=memory, overwrite=overwrite, unk=unk,
-                         progress=progress, source=source)
+                         progress=progress, source=source, attention=attention)
     out, sub = Path(out), subject_of(subject)
     model, call = sub.model, sub.call or _default_call
     loss = sub.loss if isinstance(loss, str) and loss == "auto" else loss
     modules = sub.modules if modules is None else modules
     source = source or sub.source
-    frames = is_frames(texts)           # steps are input frames, not text: no encoder, no next-token loss
     if encode is None and sub.encoder is None and not frames:
         raise RnnscopeError("no encoder for this model", "pass encode=fn(text) -> ids, or (ids, spans)")
-    if frames and source_modules:
-        raise RnnscopeError("frames have no source text for an encoder's side", "leave source_modules out")
-    if frames and (attention or client is not None):
-        raise RnnscopeError("frames are recorded without attention, in one process", "leave attention and client out")
     encoder = None if frames else as_encoder(sub.encoder if encode is None else encode, unk=unk)
     loss = None if frames and isinstance(loss, str) else loss
     for d in (dtype, grad_dtype):

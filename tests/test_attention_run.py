@@ -170,8 +170,6 @@ def test_record_refuses_what_it_cannot_store(tmp_path):
         rs.record(subject, TEXTS, tmp_path / "b", attention=["attention"], chunk=4, progress=False)
     with pytest.raises(RnnscopeError, match="holds no weights"):
         rs.record(subject, TEXTS, tmp_path / "c", attention=["cell"], progress=False)
-    with pytest.raises(RnnscopeError, match="sharded Run"):
-        rs.record(subject, TEXTS, tmp_path / "d", attention=["attention"], client=object(), progress=False)
     with pytest.raises(RnnscopeError, match="weighs 6 source positions in document 'first'"):
         rs.record(rs.Subject(Translator(), encode, loss=None, call=lambda m, ids, document: m(ids, encode("abcdef"))),
                   [{"text": "xyz", "source": "abc", "name": "first"}], tmp_path / "e", attention=["attention"],

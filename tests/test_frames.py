@@ -237,9 +237,9 @@ def _spans(p):
     ("f32", lambda p: _times(np.load(p / "times.npy").astype(np.float32))(p), "holds float32"),
     ("gone", lambda p: (p / "times.npy").unlink(), "times.npy"),
     ("spans", _spans, "span"),
-    ("ids", _manifest(ids=True), "frames Run with text, ids"),
+    ("ids", _manifest(ids=True), "frames Run with text or ids"),
     ("chars", _manifest(text=lambda m: {**m["text"], "chars": 1}), "frames Run with text"),
-    ("sharded", _manifest(format_version=3), "frames Run with text, ids or shards"),
+    ("sharded", _manifest(format_version=3), "lacks shards"),
 ])
 def test_hostile_frames_runs_are_refused_on_open(recorded, name, how, message):
     root = recorded[0]

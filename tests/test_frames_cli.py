@@ -252,7 +252,7 @@ def test_flags_that_do_not_go_with_frames_are_refused(tmp_path, capsys, tiny_che
     base = ["probe", "--model", MODEL, "--out", tmp_path / "run"]
     for extra, message in ((["--text", tmp_path / "t.txt"], "not allowed with argument"),
                            (["--attention", "cell"], "--frames does not go with --attention"),
-                           (["--workers", "2"], "--frames does not go with --workers"),
+                           (["--unk", "?"], "--frames does not go with --unk"),
                            (["--encoder", "x.py:enc"], "--frames does not go with --encoder"),
                            (["--max-chars", "3"], "--frames does not go with --max-chars")):
         assert message in refused(capsys, *base, "--frames", frames, *extra)

@@ -149,6 +149,19 @@ class Source:
         frame = documents_frame(list(documents["name"]), self.bounds[:, 0], self.bounds[:, 1])
         check_steps(self.spans, frame, info["chars"], f"{path}/source")
 
+    @classmethod
+    def joined(cls, parts: list[Source]) -> Source:
+        """The sources of several Runs' documents, one after another (a sharded Run's, each already
+        checked): the texts concatenated, the spans and bounds moved by the characters and positions before."""
+        out = cls.__new__(cls)
+        chars = np.cumsum([0] + [len(p.text) for p in parts])
+        steps = np.cumsum([0] + [len(p.spans) for p in parts])
+        out.text = "".join(p.text for p in parts)
+        out.spans = np.concatenate([np.where(p.spans >= 0, p.spans + c, -1) for p, c in zip(parts, chars)])
+        out.bounds = np.concatenate([p.bounds[:-1] + [c, s] for p, c, s in zip(parts, chars, steps)]
+                                    + [[[chars[-1], steps[-1]]]]).astype(np.int64)
+        return out
+
     def length(self, d: int) -> int:
         return int(self.bounds[d + 1, 1] - self.bounds[d, 1])
 
@@ -233,4 +246,47 @@ def open_attention(path: Path, manifest: dict, name: str, step_bounds: np.ndarra
     if bad is not None:
         raise RnnscopeError(f"{path}/{weights_file(name)} holds at step {bad} a row that is not attention weights "
                             f"(finite, non-negative, summing to 1 within {TOLERANCE})", RECORD)
+    return AttentionWeights(name, flat, offsets, step_bounds)
+
+
+def merged_entries(manifests: list[dict]) -> dict:
+    """The ``attention`` and ``source`` entries of one Run made of the Runs (a sharded Run's shards)
+    whose manifests these are, one after another: steps, positions and source counts add, the longest
+    row is the longest of any. Every manifest must list the same modules (checked before); the
+    source's ``sha256`` is left to the caller, who hashes the texts joined."""
+    first = manifests[0]
+    if not first.get("attention"):
+        return {}
+    total = {n: {c: [m["attention"][n][c] for m in manifests] for c in ("steps", "positions", "max_source")}
+             for n in first["attention"]}
+    out = {"attention": {n: {**info, "steps": sum(total[n]["steps"]), "positions": sum(total[n]["positions"]),
+                             "max_source": max(total[n]["max_source"])} for n, info in first["attention"].items()}}
+    if first.get("source") is not None:
+        out["source"] = {c: sum(m["source"][c] for m in manifests) for c in ("chars", "steps")}
+    return out
+
+
+def attention_kind(m: dict) -> tuple:
+    """The attention modules of manifest ``m``, in order, what each is over, and whether a source is kept."""
+    return [(n, v.get("over")) for n, v in (m.get("attention") or {}).items()], m.get("source") is None
+
+
+def check_entries(manifest: dict, merged: dict, source: Source | None, where) -> None:
+    """A sharded Run's ``attention`` and ``source`` entries against ``merged``, its shards' added up
+    (``merged_entries``; each shard's own files were checked when it opened), and its source's checksum
+    against the shards' source texts joined (``source``)."""
+    top = {k: manifest[k] for k in ("attention", "source") if manifest.get(k)}
+    if "source" in top and merged.get("source") is not None:
+        merged["source"]["sha256"] = hashlib.sha256(source.text.encode("utf-8")).hexdigest()
+    if merged != top:
+        raise RnnscopeError(f"{where}/manifest.json lists attention or source counts its shards do not add up to",
+                            RECORD)
+
+
+def joined_weights(name: str, parts: list[AttentionWeights], flat, step_bounds: np.ndarray) -> AttentionWeights:
+    """One module's rows over a sharded Run's shards (``parts``, each checked on open): ``flat`` their
+    mapped files one after another (a ``ShardedRows``), the offsets moved onto it. A row, and so a
+    document's rows, lie in one shard: ``[d]`` is a view of that shard's file, as in one Run."""
+    base = np.cumsum([0] + [len(p.flat) for p in parts])
+    offsets = np.concatenate([[0]] + [p.offsets[1:] + b for p, b in zip(parts, base)]).astype(np.int64)
     return AttentionWeights(name, flat, offsets, step_bounds)

@@ -120,8 +120,8 @@ def _check_v2(m: dict, bad) -> None:
         bad(f"has no valid steps, a whole number >= 1 (got {str(steps)[:40]!r})")
     if not _is_int(docs) or not 1 <= docs <= (steps if is_frames(m) else min(steps, chars)):
         bad(f"has documents {str(docs)[:40]!r}, not a whole number from 1 to the steps and characters")
-    if is_frames(m) and (chars != 0 or m.get("ids", True) or m["format_version"] != 2):
-        bad("is a frames Run with text, ids or shards (its steps are frames: no characters, no ids, one folder)")
+    if is_frames(m) and (chars != 0 or m.get("ids", True)):
+        bad("is a frames Run with text or ids (its steps are frames: no characters, no ids)")
     enc = m.get("encoder")
     if (not isinstance(enc, dict) or enc.get("kind") not in ENCODER_KINDS
             or not isinstance(enc.get("name"), (str, type(None)))):
@@ -141,8 +141,6 @@ def _check_v2(m: dict, bad) -> None:
 def _check_attention(m: dict, bad) -> None:
     """``attention``: per module name (the grammar of a key's module: never a path) its two files at their
     own names, its steps (the Run's), positions and longest row; ``source``: a source text's counts."""
-    if m["format_version"] >= SHARDED_VERSION:
-        bad("holds attention in a sharded Run, which this rnnscope does not read yet")
     att, src = m.get("attention") or {}, m.get("source")
     if not isinstance(att, dict):
         bad("has an attention that is not an object of module names")
@@ -171,9 +169,10 @@ def _check_shards(m: dict, bad) -> None:
     if not isinstance(shards, list) or not shards:
         bad("lacks shards, a list of the Run's document shards")
     at = dict.fromkeys(("doc_start", "step_start", "char_start"), 0)
+    least = {"documents": 1, "steps": 1, "chars": 0 if is_frames(m) else 1}     # a frames shard reads no text
     for i, s in enumerate(shards):
         if (not isinstance(s, dict) or not isinstance(s.get("name"), str) or not SHARD_NAME.match(s["name"])
-                or not all(_is_int(s.get(a)) and s[a] >= 0 and _is_int(s.get(n)) and s[n] >= 1
+                or not all(_is_int(s.get(a)) and s[a] >= 0 and _is_int(s.get(n)) and s[n] >= least[n]
                            for a, n in _SHARD_COUNTS)
                 or not all(isinstance(s.get(h), str) and re.fullmatch(r"[0-9a-f]{64}", s[h])
                            for h in ("text_sha256", "manifest_sha256"))):

@@ -4,7 +4,8 @@
                              ``shards``: per shard, in order, its folder's name, its documents, steps and
                              characters and where they start, and the SHA-256 of its text and its manifest
     RUN/units.parquet        the whole Run's unit summaries, merged exactly from the shards' sums
-    RUN/shards/00000/ ...    each a complete Run (manifest, text, spans, ids, documents, loss, states)
+    RUN/shards/00000/ ...    each a complete Run (manifest, text, spans, ids, documents, loss, states, and
+                             a step loop's attention/ and source/, a frames Run's times.npy)
     RUN/analysis/*.parquet   the tables `rnnscope analyze` writes, as in any Run
 
 A shard is written by one task into ``.NNNNN.partial-HOST-PID-TOKEN`` and renamed into place when
@@ -14,8 +15,11 @@ means nothing on another machine), and every partial when the Run is committed. 
 command resumes; the manifest is written last and the folder swapped in as any Run is.
 
 ``open_run`` reads a sharded Run as one Run: ``run[key]`` is a ``ShardedRows`` over the shards'
-memory maps, spans are offsets into the whole text. Every shard is checked as a Run of its own and
-against the top manifest's list: a missing shard, a link, a lying manifest is one line.
+memory maps, spans are offsets into the whole text, ``run.attention(name)`` the shards' rows one
+after another (``store.attention.joined_weights``), ``run.source`` and ``run.times`` theirs joined.
+Every shard is checked as a Run of its own and against the top manifest's list and fields (its
+attention modules, what they are over, frames or text): a missing shard, a link, a lying manifest is
+one line; the top manifest's attention and source counts must be its shards' added up.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import shutil
 import socket
 import tempfile
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +39,10 @@ import pandas as pd
 
 from rnnscope.errors import RnnscopeError
 
+from .attention import Source, attention_kind, check_entries, joined_weights, merged_entries
 from .docfields import LAYOUT, parsed, with_fields
 from .files import alive, inside, read_bytes, regular_file
-from .format import FORMAT, RECORD, SHARDED_VERSION, check_manifest
+from .format import FORMAT, RECORD, SHARDED_VERSION, check_manifest, check_times, is_frames
 from .keys import key_file, split_key
 from .run import MANIFEST_LIMIT, Run, open_run, read_manifest
 from .tables import DOCUMENTS_SCHEMA, UNITS_SCHEMA, check_schema, read_parquet, write_parquet
@@ -137,6 +143,18 @@ class ShardedRun(Run):
             return None
         return np.concatenate([s.document_loss for s in self.shards])
 
+    @cached_property
+    def _attention(self) -> dict:
+        """Each attention module's rows over every shard's (``store.attention.joined_weights``)."""
+        return {n: joined_weights(n, parts := [s.attention(n) for s in self.shards],
+                                  ShardedRows([p.flat for p in parts]), self.step_bounds)
+                for n in self.attention_names()}
+
+    @cached_property
+    def source(self) -> Source | None:
+        """Every shard's documents' source texts, one after another (None when the positions are indexes)."""
+        return None if self.manifest.get("source") is None else Source.joined([s.source for s in self.shards])
+
 
 def _shard_folder(path: Path, name: str) -> Path:
     where = path / "shards" / name
@@ -159,6 +177,12 @@ def _same(shard: dict, top: dict, where) -> None:
         raise RnnscopeError(f"{where} holds other state keys or units than the Run's manifest lists", RECORD)
     if shard["model"]["checksum"] != top["model"]["checksum"] or _loss_kind(shard) != _loss_kind(top):
         raise RnnscopeError(f"{where} was recorded from another model or loss than the Run", RECORD)
+    if is_frames(shard) != is_frames(top):
+        what = {True: "a Run of frames", False: "a Run of text"}
+        raise RnnscopeError(f"{where} is {what[is_frames(shard)]} but the Run is {what[is_frames(top)]}", RECORD)
+    if attention_kind(shard) != attention_kind(top):
+        raise RnnscopeError(f"{where} holds attention of other modules or over another source than the Run's "
+                            "manifest lists", RECORD)
 
 
 def _loss_kind(m: dict):
@@ -167,7 +191,7 @@ def _loss_kind(m: dict):
 
 def open_sharded(path: Path, manifest: dict) -> ShardedRun:
     """Open every shard (each checked as a Run), check it against its entry, and join them."""
-    shards, texts, spans, ids, docs, fields = [], [], [], [], [], []
+    shards, texts, spans, ids, docs, fields, manifests = [], [], [], [], [], [], []
     for entry in manifest["shards"]:
         name = entry["name"]
         where = _shard_folder(path, name)
@@ -183,6 +207,7 @@ def open_sharded(path: Path, manifest: dict) -> ShardedRun:
                 raise RnnscopeError(f"{where}/manifest.json says {field} {got} but {path}/manifest.json lists "
                                     f"{entry[field]}", RECORD)
         _same(sm, manifest, where)
+        manifests.append(sm)
         run = open_run(where)
         shards.append(run)
         texts.append(run.text)
@@ -203,7 +228,13 @@ def open_sharded(path: Path, manifest: dict) -> ShardedRun:
     steps = {"spans": np.concatenate(spans), "documents": with_fields(pd.concat(docs, ignore_index=True), fields,
                                                                       str(path)),
              "ids": None if ids[0] is None else np.concatenate(ids)}
-    return ShardedRun(path, manifest, text, steps, shards)
+    if is_frames(manifest):        # each shard's checked on its open; the joined ones once more, as one Run's
+        steps["times"] = np.concatenate([s.times for s in shards])
+        check_times(steps["times"], steps["documents"][["step_start", "step_end"]].to_numpy(np.int64),
+                    f"{path}: the shards' times.npy")
+    run = ShardedRun(path, manifest, text, steps, shards)
+    check_entries(run.manifest, merged_entries(manifests), run.source, run.path)
+    return run
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
@@ -323,7 +354,8 @@ class ShardBuild:
                     "text": {"chars": at["char_start"], "sha256": digest.hexdigest(), "newlines": "as stored"},
                     "steps": at["step_start"], "documents": at["doc_start"], "keys": keys,
                     "nonfinite": any(v["nonfinite"] or v["overflow"] for v in keys.values()),
-                    "loss": self._loss(first["loss"], entries), "shards": listing}
+                    "loss": self._loss(first["loss"], entries), "shards": listing,
+                    **self._attention(shards, entries)}
         check_manifest(manifest, self.dir)
         write_parquet(self.dir / "units.parquet", merge_units([read_parquet(self.dir / "shards" / e["name"] /
                                                                             "units.parquet", UNITS_SCHEMA)
@@ -332,6 +364,16 @@ class ShardBuild:
         (self.dir / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         swap_in(self.dir, self.out, self.overwrite)
         return self.out
+
+    def _attention(self, shards: list[dict], entries: list[dict]) -> dict:
+        """The Run's ``attention`` and ``source`` from its shards', the source's checksum over their texts."""
+        merged = merged_entries(shards)
+        if "source" in merged:
+            digest = hashlib.sha256()
+            for e in entries:
+                digest.update((self.dir / "shards" / e["name"] / "source" / "text.txt").read_bytes())
+            merged["source"]["sha256"] = digest.hexdigest()
+        return merged
 
     def _loss(self, loss: dict | None, entries: list[dict]) -> dict | None:
         """The mean over every step (or document, for a loss per document) of the whole Run, as one
