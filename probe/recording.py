@@ -295,6 +295,9 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
     longest = max(b - a for a, b in bounds)
     side_modules = [source_modules] if isinstance(source_modules, str) else list(source_modules or [])
     sources = attention_steps.sources_of(docs, encoder) if picks or side_modules else None
+    if side_modules and carry and len(docs) > 1:      # the encoder reads each document's own source afresh
+        raise RnnscopeError("an encoder's side is read afresh from each document's source, so its state cannot "
+                            "be carried into the next document", "probe without --carry, or without --source-modules")
     if side_modules and sources is None:
         raise RnnscopeError("source modules read each document's source, and these documents have none",
                             'give a .jsonl corpus whose lines carry "source" and "target"')
@@ -382,13 +385,16 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                                          stored=stored, side=side)
             w.units(pd.concat([stats[k].frame(k) for k in layout], ignore_index=True))
             flagged = {k: v for k, v in bad.items() if v["nonfinite"] or v["overflow"]}
-            for k, v in flagged.items():
-                print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that overflow "
-                      f"{dtypes[k]}; flagged in the manifest")
-            for k, v in bad.items():        # a state's tiny values are tiny next to its unit; a gradient's are its news
-                if v["underflow"] and split_key(k)["kind"].startswith("grad_"):
+            side_bad = {f"encoder/{k}": v for k, v in (side.bad if side is not None else {}).items()}
+            stored_as = {**dtypes, **{f"encoder/{k}": d for k, d in (side.dtypes if side is not None else {}).items()}}
+            for k, v in {**bad, **side_bad}.items():
+                if v["nonfinite"] or v["overflow"]:
+                    print(f"probe: warning: {k} has {v['nonfinite']} NaN/Inf values and {v['overflow']} that "
+                          f"overflow {stored_as.get(k, dtype)}; flagged in the manifest")
+            for k, v in {**bad, **side_bad}.items():    # a state's tiny values are tiny next to its unit; a gradient's are its news
+                if v["underflow"] and split_key(k.removeprefix("encoder/"))["kind"].startswith("grad_"):
                     print(f"probe: warning: {k} has {v['underflow']:,} non-zero values that became zero or subnormal "
-                          f"in {dtypes[k]}; counted in the manifest (record gradients in float32)")
+                          f"in {stored_as.get(k, dtype)}; counted in the manifest (record gradients in float32)")
             manifest = {
                 "model": _identity(model, {**Probe(model).modules, **looped}, sub.card, source),
                 "encoder": {"kind": "frames", "name": None} if frames else
@@ -399,7 +405,8 @@ def record(subject, texts, out, *, encode=None, loss="auto", modules=None, carry
                 "grad_horizon": horizon if grad else None,
                 "loss": _loss_entry(step_loss, w, totals),
                 "keys": {k: {"units": u, **bad[k]} for k, u in layout.items()},
-                "nonfinite": bool(flagged), **(stored.manifest() if stored else {}),
+                "nonfinite": bool(flagged) or any(v["nonfinite"] or v["overflow"] for v in side_bad.values()),
+                **(stored.manifest() if stored else {}),
                 **({"generated": generated} if generated else {}),
             }
             if side is not None:            # written inside this Run's unfinished folder: both appear, or neither

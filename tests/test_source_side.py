@@ -130,6 +130,9 @@ def test_misuse_is_one_line_and_writes_nothing(tmp_path, capsys, recorded):
     assert "no recurrent module named 'decoder'" in refused(capsys, *base, "--text", pairs, "--source-modules", "decoder")
     assert "named in both" in refused(capsys, *base, "--text", pairs, "--source-modules", "encoder",
                                       "--modules", "encoder")
+    for grad in ([], ["--grad"]):       # the next document's encoder reads its own source afresh
+        assert "cannot be carried into the next document" in refused(
+            capsys, *base, "--text", pairs, "--source-modules", "encoder", "--modules", "cell", "--carry", *grad)
     for line, said in (({"source": "abc"}, 'has a "source" but no "target"'),
                        ({"target": "abc"}, 'has a "target" but no "source"'),
                        ({"source": 3, "target": "abc"}, 'has a "source" that is a int')):
@@ -152,3 +155,17 @@ def test_misuse_is_one_line_and_writes_nothing(tmp_path, capsys, recorded):
                                                    "--source-modules", "encoder", "--out", root / "run", "--overwrite")
     finally:
         stray.unlink()
+
+
+def test_the_encoders_gradients_that_float16_cannot_hold_are_said_and_flagged(tmp_path, capsys):
+    """An encoder-side gradient past float16's range is warned about by its key and flags the top manifest,
+    as the decoder's own keys are."""
+    sub = example.build()
+    big = lambda output, ids: 1e9 * next_id_loss(output, ids)      # noqa: E731
+    run = rs.record(rs.Subject(sub.model, example.encode, loss=big, call=example.translate),
+                    example.pairs(3), tmp_path / "run", modules=["cell"], source_modules=["encoder"], grad=True,
+                    grad_dtype="float16", progress=False)
+    said = capsys.readouterr().out
+    assert "warning: encoder/encoder.l0.grad_h has" in said and "overflow float16" in said
+    assert run.manifest["nonfinite"] is True
+    assert run.manifest["source_side"] and rs.open_run(tmp_path / "run" / "encoder").manifest["nonfinite"] is True
