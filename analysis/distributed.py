@@ -79,26 +79,31 @@ def _histogram(files, bounds, rows, starts, end, chunk):
     return None if counts is None else counts.astype(np.int64)
 
 
-def _sums(files, bounds, rows, starts, end, chunk, X, R, mid, ref, width):
+def _sums(files, bounds, rows, starts, end, chunk, labels, mid, ref, width):
     """Pass 2: ``s1, s2, bad [units]``, ``xc [units, X columns]``, ``rc [units, R columns]`` of those blocks
-    (``X``, ``R``: the label columns of ``rows``), with the kernels and products of ``neurons._score_key``
-    (its buffers ``width`` wide, as one process's: the same layout gives the same float32 products)."""
-    from .neurons import _NO_VALUES
+    (``labels``: ``_Labels``, the part's columns on ``rows``), with ``labels.run_block``, the kernel and
+    products of one process."""
+    from .labels import accumulators, assemble, run_block, single_blas
     read = _Rows(files, bounds)
     U = len(ref)
     s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
-    xc, rc = np.zeros((U, X.shape[1])), np.zeros((U, R.shape[1]))
-    x_t, r_t = np.empty((U, width), np.float32), np.empty((U, width), np.float32)
-    for p0, raw in _blocks(read, rows, starts, end, chunk):
-        m = len(raw)
-        decode = raw.dtype == np.float16
-        xin = _NO_VALUES if decode else np.array(raw, np.float32, order="C")
-        kernels.ranks_and_sums(kernels.float16_bits(raw), xin, decode, kernels.VALUE_OF, mid, ref, r_t, x_t,
-                               s1, s2, bad)
-        if X.shape[1]:      # the columns sum to zero, so x need not be centred
-            xc += x_t[:, :m] @ X[p0:p0 + m]
-        rc += r_t[:, :m] @ R[p0:p0 + m]
-    return s1, s2, bad, xc, rc
+    acc = accumulators(labels, U, width)
+    with single_blas():
+        for (p0, raw), share in zip(_blocks(read, rows, starts, end, chunk), labels.shares):
+            run_block(raw, p0, labels, mid, ref, s1, s2, bad, acc, share)
+    return (s1, s2, bad, *assemble(labels, acc, s1))
+
+
+class _Labels:
+    """What a task's worker needs of a part (``labels.Labels``) on its rows: the columns BLAS multiplies
+    (the rest go in each block's share), the groups, centres and scales, and each block's share."""
+
+    def __init__(self, part, i0: int, i1: int, blocks: list[tuple[int, int]]):
+        self.nx, self.nr, self.groups, self.blas = part.nx, part.nr, part.groups, part.blas
+        self.centre, self.scale = part.centre, part.scale
+        self.whole = {g: np.ascontiguousarray(w[:, i0:i1]) if g.endswith("d") and part.blas[g[0]] else w[:, :0]
+                      for g, w in part.whole.items()}
+        self.shares = [part.block(a, b) for a, b in blocks]
 
 
 _SENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()     # part -> its scattered rows and labels
@@ -114,7 +119,10 @@ def _tasks(client, rows, part, hi: int, chunk: int) -> list:
         for t in range(0, len(grid), BLOCKS_PER_TASK):
             starts = grid[t:t + BLOCKS_PER_TASK]
             i0, i1 = np.searchsorted(rows, [starts[0], min(hi, starts[-1] + chunk)])
-            tasks.append((starts, *client.scatter([rows[i0:i1], part.X[i0:i1], part.R[i0:i1]])))
+            blocks = [(int(a), int(b)) for a, b in (np.searchsorted(rows, [st, min(hi, st + chunk)]) for st in starts)
+                      if b > a]             # the blocks _blocks yields, in the part's positions
+            labels = _Labels(part, int(i0), int(i1), blocks)
+            tasks.append((starts, *client.scatter([rows[i0:i1], labels])))
         sent[at] = tasks
     return sent[at]
 
@@ -132,16 +140,16 @@ def score_key(client, a, parts, chunk) -> list[dict]:
         hi, n = int(rows[-1]) + 1, len(rows)
         tasks = _tasks(client, rows, part, hi, chunk)
         counts = [c for c in client.gather([client.submit(_histogram, files, bounds, r, st, hi, chunk, pure=False)
-                                            for st, r, _, _ in tasks]) if c is not None]
+                                            for st, r, _ in tasks]) if c is not None]
         c = sum(counts)
         cum = c.cumsum(1)
         mid = cum - (c - 1) / 2 - (n + 1) / 2                    # centred mid-ranks per bin, as one process
         rank_sd = np.sqrt((c * mid ** 2).sum(1))
         ref = np.nan_to_num(np.asarray(a[rows[:1024]], np.float64).mean(0))
         [mid_f] = client.scatter([mid.astype(np.float32)], broadcast=True)
-        got = client.gather([client.submit(_sums, files, bounds, r, st, hi, chunk, X, R, mid_f, ref, min(chunk, n),
+        got = client.gather([client.submit(_sums, files, bounds, r, st, hi, chunk, labels, mid_f, ref, min(chunk, n),
                                            pure=False)
-                             for st, r, X, R in tasks])
+                             for st, r, labels in tasks])
         s1, s2, xc, rc = (sum(g[i] for g in got) for i in (0, 1, 3, 4))
         bad = np.logical_or.reduce([g[2] for g in got])
         sxx = s2 - s1 * s1 / n

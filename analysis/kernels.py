@@ -1,18 +1,17 @@
 """Compiled inner loops of the streaming neuron search (numba): a per-unit histogram of values
-binned on their float16 bit pattern, and the mid-rank lookup with per-unit sums.
+binned on their float16 bit pattern, and the mid-rank lookup with per-unit sums and the products
+with the label columns (``labels``).
 
 Both walk ``[rows, units]`` arrays in blocks of units (the ranks 32, one 64-byte cache line of
-float16 per row; the histogram 8, see ``HBLOCK``), one block per thread, so each thread owns its units' counters and no two threads write the
-same memory. Each block goes over the rows in tiles of 512: the tile is first copied into a small
-local buffer, one row of it per unit (its stride padded off a power of two), and then each unit
-runs over its own contiguous row with its counters or mid-ranks in L1 and its sums in registers.
-The two orders this replaces both miss the cache on nearly every value: row by row over the 32
-units scatters each row into 32 tables of 32-64 KB (1-2 MB, past L2); unit by unit straight down
-the chunk reads with a stride of 1 KB, which lands in a handful of cache sets. On the benchmark's
-float16 states (200,000 steps x 512 units a key, 2 busy cores) the histogram went from 1.2 to 0.6 s
-and the ranks from 3.2 to 0.9 s, and every result is bit for bit what it was: each unit's sums add
-its rows in the same order. The ranks and values come out transposed, ``[units, rows]``, which is
-what the products with the feature columns read, so they are never transposed back.
+float16 per row; the histogram 8, see ``HBLOCK``), one block per thread, so each thread owns its
+units' counters and no two threads write the same memory. Each block goes over the rows in tiles of
+512: the tile is first copied into a small local buffer, one row of it per unit (its stride padded
+off a power of two), and then each unit runs over its own contiguous row with its counters or
+mid-ranks in L1. The two orders this replaces both miss the cache on nearly every value: row by row
+over the 32 units scatters each row into 32 tables of 32-64 KB (1-2 MB, past L2); unit by unit
+straight down the chunk reads with a stride of 1 KB, which lands in a handful of cache sets. The
+ranks and values of a tile then go down its rows again, 32 units at once, for the running sums the
+products are taken from (``ranks_and_sums``).
 Written as loops because they are loops: numpy would spend five passes and a 16 MB scatter per
 chunk where this spends one.
 """
@@ -86,42 +85,123 @@ def histogram(bits, counts):
                     c[_bin(lb[k, i])] += 1
 
 
+@njit(boundscheck=False, inline="always")
+def _lookups(lb, lv, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r):
+    """Per unit of a tile: its mid-ranks and values into its rows of ``lr``, ``ld [32 units, rows]``
+    float32 (and its centred values and ranks into ``x_t``, ``ranks_t`` for BLAS)."""
+    for k in range(w):
+        j = u0 + k
+        mr = midrank[j]
+        o, v = lr[k], ld[k]
+        for i in range(m):
+            b = lb[k, i]
+            o[i] = mr[_bin(b)]
+            v[i] = value_of[b] if decode else lv[k, i]
+        if write_x:
+            c = ref[j]
+            for i in range(m):
+                x_t[j, r0 + i] = v[i] - c
+        if write_r:
+            for i in range(m):
+                ranks_t[j, r0 + i] = o[i]
+
+
+@njit(boundscheck=False, inline="always")
+def _rows(ld, lr, c, m, r0, e1, f1, x1row, x1col, x1del, b1, e2, f2, x2row, x2col, x2del, b2,
+          er, fr, r1row, r1col, r1del, c1, px, pq, pr, a1, a2, nf):
+    """Down a tile's rows, the 32 units at once: at each row the changes there (before its terms), then
+    the running sums of the values centred on ``c`` and of the ranks."""
+    B = ld.shape[0]
+    for i in range(m):
+        row = r0 + i
+        while e1 < f1 and x1row[e1] == row:
+            q, dd = x1col[e1], x1del[e1]
+            for k in range(B):
+                b1[q, k] -= dd * px[k]
+            e1 += 1
+        while e2 < f2 and x2row[e2] == row:
+            q, dd = x2col[e2], x2del[e2]
+            for k in range(B):
+                b2[q, k] -= dd * (pq[k] - (row - 1) * px[k])
+            e2 += 1
+        while er < fr and r1row[er] == row:
+            q, dd = r1col[er], r1del[er]
+            for k in range(B):
+                c1[q, k] -= dd * pr[k]
+            er += 1
+        for k in range(B):
+            d = ld[k, i] - c[k]
+            px[k] += d
+            pq[k] += row * d
+            pr[k] += lr[k, i]
+            fin = np.isfinite(d)
+            a1[k] += d if fin else 0.0
+            a2[k] += d * d if fin else 0.0
+            nf[k] += 0 if fin else 1
+
+
 @njit(parallel=True, cache=True, boundscheck=False)
-def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, ranks_t, x_t, s1, s2, bad):
-    """``ranks_t[j, r] = midrank[j, bin(value[r, j])]`` and ``x_t[j, r]`` the value as float32
-    (both ``[units, rows]``, at least ``rows`` wide); ``s1, s2 += sum of (x - ref), (x - ref)^2``
-    per unit (float64, centred on ``ref`` so saturated gates keep their variance); ``bad[j]`` once
-    a value is NaN or Inf. With ``decode`` the values are the float16 ``bits`` (a table lookup,
-    cheaper than a conversion pass); otherwise they are ``xin [rows, units]`` float32."""
+def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
+                   x1row, x1col, x1del, x1end, x1acc, x2row, x2col, x2del, x2c0, x2c1, x2acc,
+                   r1row, r1col, r1del, r1end, r1acc, x_t, ranks_t, write_x, write_r):
+    """One block of rows: per unit ``s1, s2 += sum of d, d^2`` with ``d = x - ref`` (float64, centred on
+    ``ref`` so saturated gates keep their variance), ``bad[j]`` once a value is NaN or Inf; each value's
+    mid-rank ``midrank[j, bin(value[r, j])]``; and the products of ``d`` (``x``) and of the ranks (``r``)
+    with the label columns (``labels.Labels``), each ``acc [columns, units] +=``, float64:
+
+    - ``x1``, ``r1``: columns multiplied through their changes (those that change on few rows, and a
+      few dense ones, which change on every row). With ``P(t)`` the sum of a unit's terms before row
+      ``t``, ``sum_r y_r f(r) = P(m) f(m - 1) - sum_t (f(t) - f(t - 1)) P(t)`` over the rows where ``f``
+      changes: ``row, col, del`` (block-relative, sorted, none at row 0) and ``end``, each column's
+      value on the last row;
+    - ``x2``: ramps, through their changes of slope (``labels._slopes``: ``row, col, del, c0, c1``),
+      with ``Q(t)``, the sum of ``r d_r`` before row ``t``, beside ``P``;
+    - with ``write_x`` / ``write_r``, ``x_t`` / ``ranks_t [units, rows]`` get ``d`` / the ranks, for BLAS.
+
+    The running sums and products run across a block's 32 units at once (each tile of ranks and values
+    transposed to rows of 32 units after its per-unit lookups), so a change costs one multiply-add per
+    unit. The ranks (half-integers) and a binary feature's changes (+-1) make the rank products exact.
+    With ``decode`` the values are the float16 ``bits`` (a table lookup, cheaper than a conversion
+    pass); otherwise they are ``xin [rows, units]`` float32."""
     R, U = bits.shape
+    nt = (R + TILE - 1) // TILE
+    starts = np.arange(nt + 1) * TILE
+    t1 = np.searchsorted(x1row, starts)
+    t2 = np.searchsorted(x2row, starts)
+    tr = np.searchsorted(r1row, starts)
+    n1, n2, m1 = x1acc.shape[0], x2acc.shape[0], r1acc.shape[0]
     for blk in prange((U + BLOCK - 1) // BLOCK):
         u0 = blk * BLOCK
         w = min(U, u0 + BLOCK) - u0
         lb = np.empty((BLOCK, TILE + PAD), np.uint16)
         lv = np.empty((BLOCK, TILE + PAD), np.float32)
-        for r0 in range(0, R, TILE):
+        ld = np.zeros((BLOCK, TILE + PAD), np.float32)     # the tile's values and ranks, a row per unit
+        lr = np.zeros((BLOCK, TILE + PAD), np.float32)     # (past the last unit: zeros)
+        c = np.zeros(BLOCK)
+        c[:w] = ref[u0:u0 + w]
+        px, pq, pr = np.zeros(BLOCK), np.zeros(BLOCK), np.zeros(BLOCK)     # running sums of d, r d, ranks
+        a1, a2 = np.zeros(BLOCK), np.zeros(BLOCK)
+        nf = np.zeros(BLOCK, np.int64)
+        b1, b2, c1 = np.zeros((n1, BLOCK)), np.zeros((n2, BLOCK)), np.zeros((m1, BLOCK))
+        for t in range(nt):
+            r0 = t * TILE
             m = min(R, r0 + TILE) - r0
             _load(bits, xin, decode, r0, m, u0, w, lb, lv)
-            for k in range(w):
-                j = u0 + k
-                mr, o, xx = midrank[j], ranks_t[j], x_t[j]
-                c, a1, a2 = ref[j], s1[j], s2[j]
-                nonfinite = False
-                for i in range(m):
-                    b = lb[k, i]
-                    o[r0 + i] = mr[_bin(b)]
-                    v = value_of[b] if decode else lv[k, i]
-                    xx[r0 + i] = v
-                    if np.isfinite(v):
-                        d = v - c
-                        a1 += d
-                        a2 += d * d
-                    else:
-                        nonfinite = True
-                s1[j] = a1
-                s2[j] = a2
-                if nonfinite:
-                    bad[j] = True
+            _lookups(lb, lv, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r)
+            _rows(ld, lr, c, m, r0, t1[t], t1[t + 1], x1row, x1col, x1del, b1, t2[t], t2[t + 1], x2row, x2col, x2del, b2,
+                  tr[t], tr[t + 1], r1row, r1col, r1del, c1, px, pq, pr, a1, a2, nf)
+        for k in range(w):
+            j = u0 + k
+            s1[j] += a1[k]
+            s2[j] += a2[k]
+            if nf[k]:
+                bad[j] = True
+            for q in range(n1):
+                x1acc[q, j] += b1[q, k] + px[k] * x1end[q]
+            for q in range(n2):
+                x2acc[q, j] += b2[q, k] + px[k] * x2c0[q] + pq[k] * x2c1[q]
+            for q in range(m1):
+                r1acc[q, j] += c1[q, k] + pr[k] * r1end[q]
 
 
 @njit(parallel=True, cache=True, boundscheck=False)

@@ -39,7 +39,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from tqdm.auto import tqdm
 
 from rnnscope.store import parse_key
@@ -49,7 +48,8 @@ from . import features as feats
 from . import kernels, reductions
 from .controls import character_controls, token_pair_ids
 from .kernels import BINS
-from .nulls import draw_lags, independent_test, null_of, resolved_test, shift_test, shifted
+from .labels import Labels as _Part, accumulators, assemble, run_block, single_blas
+from .nulls import draw_lags, independent_test, null_of, resolved_test, shift_test
 from .parts import split_steps
 from .source import Source, as_source
 
@@ -79,57 +79,6 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return q
 
 
-class _Part:
-    """Label columns for one part of the text, and which columns belong to which feature: ``X [n,
-    columns]`` float32, each continuous feature centred and scaled to norm 1, then its shifts (zeros
-    where the feature is constant on the part); ``R``, each binary feature and its shifts, and each
-    continuous feature's centred, normalised ranks (NaN where constant). Each column is written in
-    place as float32, never a float64 copy of the whole block (at 700,000 rows that was 1.5 GB)."""
-
-    def __init__(self, F: pd.DataFrame, binary: list[str], shifts: int, segments=None):
-        self.n = len(F)
-        self.slots = {}
-        wide = [(0, 1 + shifts) if name in binary else (1 + shifts, 1) for name in F.columns]
-        self.X = np.empty((self.n, sum(x for x, _ in wide)), np.float32)
-        self.R = np.empty((self.n, sum(r for _, r in wide)), np.float32)
-        xj = rj = 0
-        for name in F.columns:
-            f = F[name].to_numpy(np.float64)
-            if name in binary:
-                self.slots[name] = ("r", rj)
-                shifted(f, shifts, segments, out=self.R[:, rj:rj + 1 + shifts])
-                rj += 1 + shifts
-                continue
-            fz = f - f.mean()
-            norm = np.sqrt((fz ** 2).sum())
-            self.slots[name] = ("x", xj)
-            if norm > 0:
-                shifted(fz / norm, shifts, segments, out=self.X[:, xj:xj + 1 + shifts])
-            else:
-                self.X[:, xj:xj + 1 + shifts] = 0          # constant on this part: no score (NaN -> 0 as before)
-            xj += 1 + shifts
-            rk = _ranks(f)
-            rk -= rk.mean()
-            rnorm = np.sqrt((rk ** 2).sum())
-            self.R[:, rj] = rk / rnorm if rnorm > 0 else np.nan
-            self.slots[name + "\0rank"] = ("r", rj)
-            rj += 1
-
-
-def _ranks(f: np.ndarray) -> np.ndarray:
-    """``stats.rankdata(f)`` (average ranks, float64): by counting when ``f`` holds few distinct
-    integers (a depth, a column, an indent: no sort of the whole part), else rankdata itself."""
-    if len(f) and f.max() - f.min() < 4 * len(f) + 1024 and np.array_equal(f, np.floor(f)):
-        at = (f - f.min()).astype(np.int64)
-        counts = np.bincount(at)
-        mid = np.cumsum(counts) - (counts - 1) / 2            # half-integers: exact, as rankdata's
-        return mid[at]
-    return stats.rankdata(f)
-
-
-_NO_VALUES = np.zeros((1, 1), np.float32)       # a float16 key's values come from its bits
-
-
 def _blocks(a, rows: np.ndarray, chunk: int):
     """``(position in rows, a[rows] of one chunk)`` in order: the chunks of the step range ``rows``
     spans, read whole and narrowed to ``rows`` (steps without text left out)."""
@@ -145,40 +94,35 @@ def _blocks(a, rows: np.ndarray, chunk: int):
             yield int(i0), np.asarray(a[s:e])[rows[i0:i1] - s]
 
 
+def _histogram(a, rows: np.ndarray, chunk: int) -> np.ndarray:
+    """Pass 1 over one part of one key: ``counts [units, BINS]`` of its values' bins."""
+    counts = np.zeros((a.shape[1], BINS), np.int32)
+    for _, block in _blocks(a, rows, chunk):
+        kernels.histogram(kernels.float16_bits(block), counts)
+    return counts
+
+
 def _score_key(a, parts, chunk, keep=None) -> list[dict]:
     """Both passes over one key ``a [steps, units]``; per part (its scored ``rows``): Pearson
     numerators, sums, and rank products, all per unit. ``keep``: units whose values on the (one) part
     are kept as ``kept [rows, len(keep)]`` (in ``a``'s dtype), read in the same pass rather than again."""
     U = a.shape[1]
-    decode = a.dtype == np.float16
     out = []
     for rows, part in parts:
         n = len(rows)
-        counts = np.zeros((U, BINS), np.int32)
-        for _, block in _blocks(a, rows, chunk):
-            kernels.histogram(kernels.float16_bits(block), counts)
+        counts = _histogram(a, rows, chunk)
         mid, rank_ss = np.empty((U, BINS), np.float32), np.empty(U)
         kernels.midranks(counts, n, mid, rank_ss)                    # centred mid-ranks per bin
         ref = np.nan_to_num(np.asarray(a[rows[:1024]], np.float64).mean(0))
         s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
-        xc = np.zeros((U, part.X.shape[1]))
-        rc = np.zeros((U, part.R.shape[1]))
-        # one pair of buffers per part: fresh 32 MB arrays per chunk cost more in page faults than the kernel
-        width = min(chunk, n)
-        x_t, r_t = np.empty((U, width), np.float32), np.empty((U, width), np.float32)
+        acc = accumulators(part, U, min(chunk, n))
         kept = []
-        for p0, raw in _blocks(a, rows, chunk):
-            p1 = p0 + len(raw)
-            if keep is not None:
-                kept.append(raw[:, keep])
-            # a float32 Run's rows come read-only from the memory map: the kernel gets a plain copy
-            xin = _NO_VALUES if decode else np.array(raw, np.float32, order="C")
-            kernels.ranks_and_sums(kernels.float16_bits(raw), xin, decode, kernels.VALUE_OF, mid, ref,
-                                   r_t, x_t, s1, s2, bad)
-            m = p1 - p0
-            if part.X.shape[1]:      # the columns sum to zero, so x need not be centred
-                xc += x_t[:, :m] @ part.X[p0:p1]
-            rc += r_t[:, :m] @ part.R[p0:p1]
+        with single_blas():
+            for p0, raw in _blocks(a, rows, chunk):
+                if keep is not None:
+                    kept.append(raw[:, keep])
+                run_block(raw, p0, part, mid, ref, s1, s2, bad, acc)
+        xc, rc = assemble(part, acc, s1)
         mean = ref + s1 / n
         sxx = s2 - s1 * s1 / n
         # a unit with one value on the part (a dead unit, a gate saturated at exactly 1.0) has no score:
@@ -209,7 +153,7 @@ def _scores(acc: dict, part: _Part, F: pd.DataFrame, name: str, binary: bool) ->
 def _width(part: _Part, name: str) -> int:
     kind, j = part.slots[name]
     later = [jj for (kk, jj) in part.slots.values() if kk == kind and jj > j]
-    total = part.X.shape[1] if kind == "x" else part.R.shape[1]
+    total = part.nx if kind == "x" else part.nr
     return (min(later) if later else total) - j
 
 
@@ -270,16 +214,16 @@ def find_neurons(run, features=None, *, text: str | None = None, language="auto"
     """
     src = as_source(run, text, language)
     F, binary = feature_table(src, features if client is None else reductions.worker_features(client, src, features))
-    skipped_features = dict(F.attrs.get("skipped", {}))
     keys = list(dict.fromkeys(keys)) if keys is not None else src.state_keys      # a key named twice: once
     if not keys:
         raise RnnscopeError("nothing to score: the source has no state keys", "record states, not only gradients")
     if select < 1:
         raise RnnscopeError(f"select={select} carries no unit to the held-out test", "use select >= 1")
     sp = split_steps(src, heldout)
-    at = sp.at
     parts = [(rows, _Part(F.iloc[a:b].reset_index(drop=True), binary, shifts, segs))
-             for rows, (a, b), segs in zip(sp.parts, [(0, at), (at, len(F))], sp.segments)]
+             for rows, (a, b), segs in zip(sp.parts, [(0, sp.at), (sp.at, len(F))], sp.segments)]
+    skipped_features = dict(F.attrs.get("skipped", {}))
+    at = sp.at
     frames, constant = [], [0, 0]            # units constant on every scored step, on one part only
     bar = tqdm(total=2 * len(keys), desc="neurons", unit="pass", disable=not progress)
     first = {}
