@@ -41,9 +41,12 @@ RELATIVE = ("_p", "_q", "p_value", "q_value", "_z", "p_empirical")
 
 # The old products with the feature columns, in float64 instead of float32: the same formulas without
 # float32 rounding (its columns rounded to float32 and its sums accumulated in float32 moved scores by
-# ~1e-8, more than the tolerance; the values and mid-ranks it multiplies are exact in float32).
-FLOAT64 = [(".astype(np.float32)\n        self.R", ".astype(np.float64)\n        self.R"),
-           ("np.zeros((self.n, 0))).astype(np.float32)\n", "np.zeros((self.n, 0))).astype(np.float64)\n")]
+# ~1e-8, more than the tolerance; the values and mid-ranks it multiplies are exact in float32). Written
+# for the label blocks of main before the sparse columns (c50d530 and earlier, back to 4309b3c).
+FLOAT64 = [("self.X = np.empty((self.n, sum(x for x, _ in wide)), np.float32)",
+            "self.X = np.empty((self.n, sum(x for x, _ in wide)), np.float64)"),
+           ("self.R = np.empty((self.n, sum(r for _, r in wide)), np.float32)",
+            "self.R = np.empty((self.n, sum(r for _, r in wide)), np.float64)")]
 
 
 def old_search(rev: str, where: Path, base: Path | None = None, float64: bool = False, tag: str = "old"):
