@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 BINS = 8192          # ordering key of the float16 bit pattern, top 13 of 16 bits
+SLOPE = 64           # rows a ramp's running sums span before they start again (a divisor of TILE)
 BLOCK = 32
 TILE = 512           # rows per tile: the local buffer is 32 x 536 x 6 bytes = 100 KB (L2)
 PAD = 24             # row stride 536 elements, not 512: 32 rows 1 KB apart share a few cache sets
@@ -85,7 +86,7 @@ def histogram(bits, counts):
                     c[_bin(lb[k, i])] += 1
 
 
-@njit(boundscheck=False, inline="always")
+@njit(boundscheck=False)
 def _lookups(lb, lv, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r):
     """Per unit of a tile: its mid-ranks and values into its rows of ``lr``, ``ld [32 units, rows]``
     float32 (and its centred values and ranks into ``x_t``, ``ranks_t`` for BLAS)."""
@@ -106,9 +107,20 @@ def _lookups(lb, lv, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, 
                 ranks_t[j, r0 + i] = o[i]
 
 
-@njit(boundscheck=False, inline="always")
-def _rows(ld, lr, c, m, r0, e1, f1, x1row, x1col, x1del, b1, e2, f2, x2row, x2col, x2del, b2,
-          er, fr, r1row, r1col, r1del, c1, px, pq, pr, a1, a2, nf):
+@njit(boundscheck=False)
+def _spans(b2, tx, tq, coef, span):
+    """A span's ramps: ``b2 += Y c0 + W c1`` (``coef [spans, 2, columns]``), and its sums start again."""
+    for q in range(b2.shape[0]):
+        a0, a1 = coef[span, 0, q], coef[span, 1, q]
+        for k in range(b2.shape[1]):
+            b2[q, k] += tx[k] * a0 + tq[k] * a1
+    tx[:] = 0.0
+    tq[:] = 0.0
+
+
+@njit(boundscheck=False)
+def _rows(ld, lr, c, m, r0, e1, f1, x1row, x1col, x1del, b1, e2, f2, x2row, x2col, x2del, x2c0, b2,
+          er, fr, r1row, r1col, r1del, c1, px, tx, tq, pr, a1, a2, nf):
     """Down a tile's rows, the 32 units at once: at each row the changes there (before its terms), then
     the running sums of the values centred on ``c`` and of the ranks."""
     B = ld.shape[0]
@@ -119,10 +131,13 @@ def _rows(ld, lr, c, m, r0, e1, f1, x1row, x1col, x1del, b1, e2, f2, x2row, x2co
             for k in range(B):
                 b1[q, k] -= dd * px[k]
             e1 += 1
+        local = i % SLOPE
+        if local == 0 and i:                        # the last span's ramps, and a new span
+            _spans(b2, tx, tq, x2c0, (r0 + i) // SLOPE - 1)
         while e2 < f2 and x2row[e2] == row:
             q, dd = x2col[e2], x2del[e2]
             for k in range(B):
-                b2[q, k] -= dd * (pq[k] - (row - 1) * px[k])
+                b2[q, k] -= dd * (tq[k] - (local - 1) * tx[k])
             e2 += 1
         while er < fr and r1row[er] == row:
             q, dd = r1col[er], r1del[er]
@@ -132,7 +147,8 @@ def _rows(ld, lr, c, m, r0, e1, f1, x1row, x1col, x1del, b1, e2, f2, x2row, x2co
         for k in range(B):
             d = ld[k, i] - c[k]
             px[k] += d
-            pq[k] += row * d
+            tx[k] += d
+            tq[k] += local * d
             pr[k] += lr[k, i]
             fin = np.isfinite(d)
             a1[k] += d if fin else 0.0
@@ -142,7 +158,7 @@ def _rows(ld, lr, c, m, r0, e1, f1, x1row, x1col, x1del, b1, e2, f2, x2row, x2co
 
 @njit(parallel=True, cache=True, boundscheck=False)
 def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
-                   x1row, x1col, x1del, x1end, x1acc, x2row, x2col, x2del, x2c0, x2c1, x2acc,
+                   x1row, x1col, x1del, x1end, x1acc, x2row, x2col, x2del, x2coef, x2acc,
                    r1row, r1col, r1del, r1end, r1acc, x_t, ranks_t, write_x, write_r):
     """One block of rows: per unit ``s1, s2 += sum of d, d^2`` with ``d = x - ref`` (float64, centred on
     ``ref`` so saturated gates keep their variance), ``bad[j]`` once a value is NaN or Inf; each value's
@@ -154,8 +170,9 @@ def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
       ``t``, ``sum_r y_r f(r) = P(m) f(m - 1) - sum_t (f(t) - f(t - 1)) P(t)`` over the rows where ``f``
       changes: ``row, col, del`` (block-relative, sorted, none at row 0) and ``end``, each column's
       value on the last row;
-    - ``x2``: ramps, through their changes of slope (``labels._slopes``: ``row, col, del, c0, c1``),
-      with ``Q(t)``, the sum of ``r d_r`` before row ``t``, beside ``P``;
+    - ``x2``: ramps, through their changes of slope, ``SLOPE`` rows at a time (``labels._slopes``:
+      ``row, col, del`` and ``coef [spans, 2, columns]``), with the span's own sums ``P`` and ``Q`` (of
+      ``(r - t0) d_r``): their terms grow as the square of the rows they span;
     - with ``write_x`` / ``write_r``, ``x_t`` / ``ranks_t [units, rows]`` get ``d`` / the ranks, for BLAS.
 
     The running sums and products run across a block's 32 units at once (each tile of ranks and values
@@ -179,7 +196,8 @@ def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
         lr = np.zeros((BLOCK, TILE + PAD), np.float32)     # (past the last unit: zeros)
         c = np.zeros(BLOCK)
         c[:w] = ref[u0:u0 + w]
-        px, pq, pr = np.zeros(BLOCK), np.zeros(BLOCK), np.zeros(BLOCK)     # running sums of d, r d, ranks
+        px, pr = np.zeros(BLOCK), np.zeros(BLOCK)         # running sums of d and of the ranks over the block
+        tx, tq = np.zeros(BLOCK), np.zeros(BLOCK)         # ... of d and (r - t0) d over the tile, for x2
         a1, a2 = np.zeros(BLOCK), np.zeros(BLOCK)
         nf = np.zeros(BLOCK, np.int64)
         b1, b2, c1 = np.zeros((n1, BLOCK)), np.zeros((n2, BLOCK)), np.zeros((m1, BLOCK))
@@ -188,8 +206,9 @@ def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
             m = min(R, r0 + TILE) - r0
             _load(bits, xin, decode, r0, m, u0, w, lb, lv)
             _lookups(lb, lv, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r)
-            _rows(ld, lr, c, m, r0, t1[t], t1[t + 1], x1row, x1col, x1del, b1, t2[t], t2[t + 1], x2row, x2col, x2del, b2,
-                  tr[t], tr[t + 1], r1row, r1col, r1del, c1, px, pq, pr, a1, a2, nf)
+            _rows(ld, lr, c, m, r0, t1[t], t1[t + 1], x1row, x1col, x1del, b1, t2[t], t2[t + 1], x2row, x2col, x2del,
+                  x2coef, b2, tr[t], tr[t + 1], r1row, r1col, r1del, c1, px, tx, tq, pr, a1, a2, nf)
+            _spans(b2, tx, tq, x2coef, (r0 + m - 1) // SLOPE)
         for k in range(w):
             j = u0 + k
             s1[j] += a1[k]
@@ -199,7 +218,7 @@ def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
             for q in range(n1):
                 x1acc[q, j] += b1[q, k] + px[k] * x1end[q]
             for q in range(n2):
-                x2acc[q, j] += b2[q, k] + px[k] * x2c0[q] + pq[k] * x2c1[q]
+                x2acc[q, j] += b2[q, k]
             for q in range(m1):
                 r1acc[q, j] += c1[q, k] + pr[k] * r1end[q]
 
