@@ -59,14 +59,21 @@ class _Rows:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
-def _blocks(read, rows, starts, end, chunk):
-    """``(position in rows, the block's scored rows)`` for the blocks at ``starts`` (one process's grid)."""
+def _spans(rows, starts, end, chunk):
+    """``(s, e, i0, i1)`` of each block at ``starts`` that holds scored rows: its steps ``[s, e)`` and
+    their positions ``[i0, i1)`` in ``rows`` (one process's grid)."""
     for s in starts:
         e = min(end, s + chunk)
-        i0, i1 = np.searchsorted(rows, [s, e])
+        i0, i1 = (int(i) for i in np.searchsorted(rows, [s, e]))
         if i1 > i0:
-            block = read(s, e)
-            yield int(i0), (block if i1 - i0 == e - s else np.asarray(block)[rows[i0:i1] - s])
+            yield s, e, i0, i1
+
+
+def _blocks(read, rows, starts, end, chunk):
+    """``(position in rows, the block's scored rows)`` for the blocks at ``starts``."""
+    for s, e, i0, i1 in _spans(rows, starts, end, chunk):
+        block = read(s, e)
+        yield i0, (block if i1 - i0 == e - s else np.asarray(block)[rows[i0:i1] - s])
 
 
 def _histogram(files, bounds, rows, starts, end, chunk):
@@ -119,8 +126,7 @@ def _tasks(client, rows, part, hi: int, chunk: int) -> list:
         for t in range(0, len(grid), BLOCKS_PER_TASK):
             starts = grid[t:t + BLOCKS_PER_TASK]
             i0, i1 = np.searchsorted(rows, [starts[0], min(hi, starts[-1] + chunk)])
-            blocks = [(int(a), int(b)) for a, b in (np.searchsorted(rows, [st, min(hi, st + chunk)]) for st in starts)
-                      if b > a]             # the blocks _blocks yields, in the part's positions
+            blocks = [(a, b) for _, _, a, b in _spans(rows, starts, hi, chunk)]     # the blocks _blocks yields
             labels = _Labels(part, int(i0), int(i1), blocks)
             tasks.append((starts, *client.scatter([rows[i0:i1], labels])))
         sent[at] = tasks

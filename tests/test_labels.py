@@ -27,8 +27,17 @@ def frame(n: int, rng) -> tuple[pd.DataFrame, list[str]]:
     return F, ["runs", "flicker"]
 
 
-def reference(F: pd.DataFrame, binary: list[str], segments, values: np.ndarray, mid: np.ndarray, bits, ref):
-    """``x @ X`` and ``ranks @ R`` in float64, with the columns built as the search defines them."""
+def reference(F: pd.DataFrame, binary: list[str], segments, a: np.ndarray, steps: np.ndarray):
+    """``x @ X`` and ``ranks @ R`` in float64 over the rows ``steps`` of ``a``, with the columns built as
+    the search defines them (the mid-ranks from the kernels' own histogram, tested on their own)."""
+    values = a[steps]
+    U = values.shape[1]
+    bits = kernels.float16_bits(values)
+    counts = np.zeros((U, kernels.BINS), np.int32)
+    kernels.histogram(bits, counts)
+    mid, rank_ss = np.empty((U, kernels.BINS), np.float32), np.empty(U)
+    kernels.midranks(counts, len(steps), mid, rank_ss)
+    ref = np.nan_to_num(np.asarray(a[steps[:1024]], np.float64).mean(0))
     X, R = [], []
     for name in F.columns:
         f = F[name].to_numpy(np.float64)
@@ -73,14 +82,7 @@ def test_every_path_equals_float64_products_with_the_normalised_columns(monkeypa
     a[:, 3] = 0.25                                                  # a constant unit
     a[100, 5] = np.nan                                              # a unit with NaN
     [acc] = _score_key(a, [(steps, part)], chunk=700)
-    values = a[steps]
-    bits = kernels.float16_bits(values)
-    counts = np.zeros((U, kernels.BINS), np.int32)
-    kernels.histogram(bits, counts)
-    mid, rank_ss = np.empty((U, kernels.BINS), np.float32), np.empty(U)
-    kernels.midranks(counts, n, mid, rank_ss)
-    ref = np.nan_to_num(np.asarray(a[steps[:1024]], np.float64).mean(0))
-    want_x, want_r = reference(F, binary, segments, values, mid, bits, ref)
+    want_x, want_r = reference(F, binary, segments, a, steps)
     ok = np.ones(U, bool)
     ok[5] = False
     assert acc["bad"][5] and not acc["bad"][ok].any() and acc["constant"][3]

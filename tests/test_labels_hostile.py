@@ -5,7 +5,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rnnscope.analysis import kernels
 from rnnscope.analysis.labels import Labels
 from rnnscope.analysis.neurons import _score_key
 
@@ -15,16 +14,7 @@ from test_labels import SHIFTS, reference
 def _products(F, binary, segments, a, steps, chunk):
     part = Labels(F, binary, SHIFTS, segments)
     [acc] = _score_key(a, [(steps, part)], chunk=chunk)
-    n, U = len(steps), a.shape[1]
-    values = a[steps]
-    bits = kernels.float16_bits(values)
-    counts = np.zeros((U, kernels.BINS), np.int32)
-    kernels.histogram(bits, counts)
-    mid, rank_ss = np.empty((U, kernels.BINS), np.float32), np.empty(U)
-    kernels.midranks(counts, n, mid, rank_ss)
-    ref = np.nan_to_num(np.asarray(a[steps[:1024]], np.float64).mean(0))
-    want_x, want_r = reference(F, binary, segments, values, mid, bits, ref)
-    return part, acc, want_x, want_r
+    return (part, acc, *reference(F, binary, segments, a, steps))
 
 
 def _units(rng, n, U, dtype):
