@@ -5,26 +5,33 @@ with the label columns (``labels``).
 Both walk ``[rows, units]`` arrays in blocks of units (the ranks 32, one 64-byte cache line of
 float16 per row; the histogram 8, see ``HBLOCK``), one block per thread, so each thread owns its
 units' counters and no two threads write the same memory. Each block goes over the rows in tiles of
-512: the tile is first copied into a small local buffer, one row of it per unit (its stride padded
-off a power of two), and then each unit runs over its own contiguous row with its counters or
-mid-ranks in L1. The two orders this replaces both miss the cache on nearly every value: row by row
-over the 32 units scatters each row into 32 tables of 32-64 KB (1-2 MB, past L2); unit by unit
-straight down the chunk reads with a stride of 1 KB, which lands in a handful of cache sets. The
-ranks and values of a tile then go down its rows again, 32 units at once, for the running sums the
-products are taken from (``ranks_and_sums``).
+512, and each unit of the block runs down its own values in the tile with its counters or mid-ranks
+in L1: row by row over the 32 units scatters each row into 32 tables of 32-64 KB (1-2 MB, past L2).
+The histogram first copies the tile into a small local buffer, one row of it per unit (its stride
+padded off a power of two); the ranks read each unit's column of the tile where it lies (the tile's
+512 row segments, 32 KB, stay in L1 and L2 across its 32 units: the copy cost more than the
+look-ups: 5.5 against 10.3 ns a value a thread for the whole kernel, 200,000 of the benchmark's
+rows x 512 units, the same sums to the bit) and
+write its mid-ranks and values into ``[rows, units]`` buffers, which then go down the tile's rows,
+32 units at once, for the running sums the products are taken from (``ranks_and_sums``).
 Written as loops because they are loops: numpy would spend five passes and a 16 MB scatter per
 chunk where this spends one.
 """
 from __future__ import annotations
 
+import os
+import platform
+
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 BINS = 8192          # ordering key of the float16 bit pattern, top 13 of 16 bits
 SLOPE = 64           # rows a ramp's running sums span before they start again (a divisor of TILE)
 BLOCK = 32
-TILE = 512           # rows per tile: the local buffer is 32 x 536 x 6 bytes = 100 KB (L2)
-PAD = 24             # row stride 536 elements, not 512: 32 rows 1 KB apart share a few cache sets
+TILE = 512           # rows per tile (the ranks' buffers 2 x 512 x 32 x 4 bytes = 128 KB, L2)
+PAD = 24             # the histogram's stride 536 elements, not 512: rows 1 KB apart share a few cache sets
 # The histogram's block: 8 units, not 32. Its counters are 32 KB a unit, so 32 units cycle 1 MB of
 # them through the cache every tile (past L2); 8 cycle 256 KB. On 70,000 rows x 512 float16 units
 # (one thread, CPU time, the benchmark's AR(1) states) 8 gave 2.3 ns a value against 5.3 for 32
@@ -41,6 +48,35 @@ def _bin_table() -> np.ndarray:
 
 BIN_OF = _bin_table()           # float16 bits -> bin, monotone non-decreasing in the value
 VALUE_OF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _native_half() -> bool:
+    """Whether the CPU converts float16 itself (x86's F16C, any 64-bit ARM): LLVM then lowers ``_half`` to
+    one instruction; elsewhere it would call a runtime routine the JIT may not have, so the table is used
+    (as it is with ``RNNSCOPE_FLOAT16_TABLE=1``, which the tests set to check it)."""
+    if os.environ.get("RNNSCOPE_FLOAT16_TABLE") == "1":
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except Exception:       # noqa: BLE001 - no way to ask: the table is always right
+        return False
+
+
+NATIVE_HALF = _native_half()
+
+
+@intrinsic
+def _half(typingctx, b):
+    """float16 bits (uint16) -> float32, as the CPU's own conversion (``VALUE_OF[b]`` without its 256 KB
+    table, whose look-ups competed with the mid-ranks' for the cache: 7 % of the ranks kernel)."""
+    if isinstance(b, types.Integer) and b.bitwidth == 16:
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(b), codegen
+    return None
 
 
 def float16_bits(x: np.ndarray) -> np.ndarray:
@@ -87,24 +123,29 @@ def histogram(bits, counts):
 
 
 @njit(boundscheck=False)
-def _lookups(lb, lv, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r):
-    """Per unit of a tile: its mid-ranks and values into its rows of ``lr``, ``ld [32 units, rows]``
-    float32 (and its centred values and ranks into ``x_t``, ``ranks_t`` for BLAS)."""
+def _lookups(bits, xin, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r):
+    """Per unit of a tile, straight down its rows of ``bits`` (the tile's 64-byte row segments stay in L1
+    and L2 across its 32 units): its mid-ranks and values into its column of ``lr``, ``ld [rows, 32
+    units]`` float32, for ``_rows``; and its centred values and ranks into ``x_t``, ``ranks_t`` for BLAS."""
     for k in range(w):
         j = u0 + k
         mr = midrank[j]
-        o, v = lr[k], ld[k]
-        for i in range(m):
-            b = lb[k, i]
-            o[i] = mr[_bin(b)]
-            v[i] = value_of[b] if decode else lv[k, i]
+        if decode:
+            for i in range(m):
+                b = bits[r0 + i, j]
+                lr[i, k] = mr[_bin(b)]
+                ld[i, k] = _half(b) if NATIVE_HALF else value_of[b]
+        else:
+            for i in range(m):
+                lr[i, k] = mr[_bin(bits[r0 + i, j])]
+                ld[i, k] = xin[r0 + i, j]
         if write_x:
             c = ref[j]
             for i in range(m):
-                x_t[j, r0 + i] = v[i] - c
+                x_t[j, r0 + i] = ld[i, k] - c
         if write_r:
             for i in range(m):
-                ranks_t[j, r0 + i] = o[i]
+                ranks_t[j, r0 + i] = lr[i, k]
 
 
 @njit(boundscheck=False)
@@ -123,7 +164,7 @@ def _rows(ld, lr, c, m, r0, e1, f1, x1row, x1col, x1del, b1, e2, f2, x2row, x2co
           er, fr, r1row, r1col, r1del, c1, px, tx, tq, pr, a1, a2, nf):
     """Down a tile's rows, the 32 units at once: at each row the changes there (before its terms), then
     the running sums of the values centred on ``c`` and of the ranks."""
-    B = ld.shape[0]
+    B = ld.shape[1]
     for i in range(m):
         row = r0 + i
         while e1 < f1 and x1row[e1] == row:
@@ -145,11 +186,11 @@ def _rows(ld, lr, c, m, r0, e1, f1, x1row, x1col, x1del, b1, e2, f2, x2row, x2co
                 c1[q, k] -= dd * pr[k]
             er += 1
         for k in range(B):
-            d = ld[k, i] - c[k]
+            d = ld[i, k] - c[k]
             px[k] += d
             tx[k] += d
             tq[k] += local * d
-            pr[k] += lr[k, i]
+            pr[k] += lr[i, k]
             fin = np.isfinite(d)
             a1[k] += d if fin else 0.0
             a2[k] += d * d if fin else 0.0
@@ -175,11 +216,11 @@ def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
       ``(r - t0) d_r``): their terms grow as the square of the rows they span;
     - with ``write_x`` / ``write_r``, ``x_t`` / ``ranks_t [units, rows]`` get ``d`` / the ranks, for BLAS.
 
-    The running sums and products run across a block's 32 units at once (each tile of ranks and values
-    transposed to rows of 32 units after its per-unit lookups), so a change costs one multiply-add per
+    The running sums and products run across a block's 32 units at once (each unit's look-ups write its
+    column of the tile's ``[rows, 32 units]`` buffers), so a change costs one multiply-add per
     unit. The ranks (half-integers) and a binary feature's changes (+-1) make the rank products exact.
-    With ``decode`` the values are the float16 ``bits`` (a table lookup, cheaper than a conversion
-    pass); otherwise they are ``xin [rows, units]`` float32."""
+    With ``decode`` the values are the float16 ``bits`` (converted by the CPU, ``_half``, where it can:
+    no conversion pass); otherwise they are ``xin [rows, units]`` float32."""
     R, U = bits.shape
     nt = (R + TILE - 1) // TILE
     starts = np.arange(nt + 1) * TILE
@@ -190,10 +231,8 @@ def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
     for blk in prange((U + BLOCK - 1) // BLOCK):
         u0 = blk * BLOCK
         w = min(U, u0 + BLOCK) - u0
-        lb = np.empty((BLOCK, TILE + PAD), np.uint16)
-        lv = np.empty((BLOCK, TILE + PAD), np.float32)
-        ld = np.zeros((BLOCK, TILE + PAD), np.float32)     # the tile's values and ranks, a row per unit
-        lr = np.zeros((BLOCK, TILE + PAD), np.float32)     # (past the last unit: zeros)
+        ld = np.zeros((TILE, BLOCK), np.float32)          # the tile's values and ranks, [rows, units]
+        lr = np.zeros((TILE, BLOCK), np.float32)          # (past the last unit: zeros)
         c = np.zeros(BLOCK)
         c[:w] = ref[u0:u0 + w]
         px, pr = np.zeros(BLOCK), np.zeros(BLOCK)         # running sums of d and of the ranks over the block
@@ -204,8 +243,7 @@ def ranks_and_sums(bits, xin, decode, value_of, midrank, ref, s1, s2, bad,
         for t in range(nt):
             r0 = t * TILE
             m = min(R, r0 + TILE) - r0
-            _load(bits, xin, decode, r0, m, u0, w, lb, lv)
-            _lookups(lb, lv, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r)
+            _lookups(bits, xin, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r)
             _rows(ld, lr, c, m, r0, t1[t], t1[t + 1], x1row, x1col, x1del, b1, t2[t], t2[t + 1], x2row, x2col, x2del,
                   x2coef, b2, tr[t], tr[t + 1], r1row, r1col, r1del, c1, px, tx, tq, pr, a1, a2, nf)
             _spans(b2, tx, tq, x2coef, (r0 + m - 1) // SLOPE)

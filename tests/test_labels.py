@@ -104,3 +104,38 @@ def test_a_binary_features_rank_products_are_exact(monkeypatch):
     [acc] = _score_key(a, [(np.arange(n), part)], chunk=999)
     twice = 2 * acc["rc"]
     assert np.array_equal(twice, np.round(twice))
+
+
+_TABLE_RUN = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_labels import frame, SHIFTS
+from rnnscope.analysis import kernels
+from rnnscope.analysis.labels import Labels
+from rnnscope.analysis.neurons import _score_key
+rng = np.random.default_rng(4)
+F, binary = frame(2000, rng)
+a = np.tanh(rng.standard_normal((2000, 40)) * 2).astype(np.float16)
+[acc] = _score_key(a, [(np.arange(2000), Labels(F, binary, SHIFTS))], chunk=700)
+np.savez({out!r}, native=kernels.NATIVE_HALF, xc=acc["xc"], rc=acc["rc"], sd=acc["sd"])
+"""
+
+
+def test_float16_values_by_the_table_equal_the_cpus_own_conversion(tmp_path):
+    """Where the CPU cannot convert float16 (or ``RNNSCOPE_FLOAT16_TABLE=1``) the kernel decodes through
+    ``VALUE_OF``: the same products to the bit as the native conversion (a fresh numba cache, so the
+    kernel is compiled with the table, not loaded)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    got = {}
+    for name, env in (("table", {"RNNSCOPE_FLOAT16_TABLE": "1", "NUMBA_CACHE_DIR": str(tmp_path / "cache")}),
+                      ("default", {})):
+        out = tmp_path / f"{name}.npz"
+        code = _TABLE_RUN.format(tests=str(Path(__file__).parent), out=str(out))
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, **env}, timeout=300)
+        got[name] = np.load(out)
+    assert not got["table"]["native"]
+    for key in ("xc", "rc", "sd"):
+        assert np.array_equal(got["table"][key], got["default"][key], equal_nan=True)
