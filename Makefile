@@ -33,7 +33,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/probe_overhead.py
 	$(PY) benchmarks/record_memory.py
 	$(PY) benchmarks/neuron_search.py
-	$(PY) benchmarks/dashboard_speed.py
+	$(PY) benchmarks/dashboard_speed.py --chars 20000,1000000 --documents 10000 --tile 10 --keep runs/bench
+	$(PY) benchmarks/serve_start.py runs/bench/run1000000
 	$(PY) benchmarks/watch_overhead.py
 
 # Gradient flow while a network learns (README, "The textbook story"): three architectures on one corpus with
