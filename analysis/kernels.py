@@ -53,7 +53,8 @@ VALUE_OF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16
 def _native_half() -> bool:
     """Whether the CPU converts float16 itself (x86's F16C, any 64-bit ARM): LLVM then lowers ``_half`` to
     one instruction; elsewhere it would call a runtime routine the JIT may not have, so the table is used
-    (as it is with ``RNNSCOPE_FLOAT16_TABLE=1``, which the tests set to check it)."""
+    (as it is with ``RNNSCOPE_FLOAT16_TABLE=1`` where the kernels are compiled afresh: numba's cache keys
+    on the CPU, not on this choice; the tests set it with a cache of their own)."""
     if os.environ.get("RNNSCOPE_FLOAT16_TABLE") == "1":
         return False
     if platform.machine().lower() in ("aarch64", "arm64"):
