@@ -8,12 +8,12 @@ units' counters and no two threads write the same memory. Each block goes over t
 512, and each unit of the block runs down its own values in the tile with its counters or mid-ranks
 in L1: row by row over the 32 units scatters each row into 32 tables of 32-64 KB (1-2 MB, past L2).
 The histogram first copies the tile into a small local buffer, one row of it per unit (its stride
-padded off a power of two); the ranks read each unit's column of the tile where it lies (the tile's
-512 row segments, 32 KB, stay in L1 and L2 across its 32 units: the copy cost more than the
-look-ups: 5.5 against 10.3 ns a value a thread for the whole kernel, 200,000 of the benchmark's
-rows x 512 units, the same sums to the bit) and
-write its mid-ranks and values into ``[rows, units]`` buffers, which then go down the tile's rows,
-32 units at once, for the running sums the products are taken from (``ranks_and_sums``).
+padded off a power of two). The ranks read each unit's column of the tile where it lies (the tile's
+512 row segments, 32 KB, stay in L1 and L2 across its 32 units; the copy had cost more than the
+look-ups) and write its mid-ranks and values into ``[rows, units]`` buffers, which then go down the
+tile's rows, 32 units at once, for the running sums the products are taken from
+(``ranks_and_sums``): 5.4 against 9.7 ns a value a thread with the copy, the same sums to the bit
+(``benchmarks/ranks_kernel.py``).
 Written as loops because they are loops: numpy would spend five passes and a 16 MB scatter per
 chunk where this spends one.
 """
