@@ -10,6 +10,8 @@ time in the same round (the figure to read on a shared machine). Rows:
   plain forward               model(ids) under no_grad: the baseline (1.00x)
   probe, every kind           the same forward inside Probe(model): h c i f g o of every layer
   probe, h only               Probe(model, kinds=["h"]): every layer's h_t, nothing replayed
+  forward, grad mode on       model(ids) with grad mode on, no probe: oneDNN's training forward, whose
+                              workspace the probe reads (its fresh pages are most of the probe's cost)
   naive cell loop             the usual alternative: one step at a time, gates by hand (LSTM only)
   plain forward+backward      summed next-char loss, backward with parameter grads: baseline
   probe grad                  Probe(grad=True): + grad_h (and grad_c) of every layer and step
@@ -105,6 +107,10 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
             model(ids)
         assert len(p.trace) == 2
 
+    def grad_mode_forward():
+        with torch.enable_grad():
+            model(ids)
+
     def cell_loop():
         with torch.no_grad():
             naive_loop(model, ids)
@@ -122,6 +128,8 @@ def bench(model: CharModel, ids: torch.Tensor, repeat: int, naive: bool) -> list
                 p.trace[k]
 
     forward = {**recording_sides(model, ids, 2 * len(KINDS[type(model.rnn).__name__])), "probe, h only": probed_h}
+    if isinstance(model.rnn, torch.nn.LSTM):
+        forward["forward, grad mode on"] = grad_mode_forward
     rows = rows_against(rounds(forward, repeat), "plain forward")
     if naive:                              # slow: a few rounds of its own against the same baseline
         rows += rows_against(rounds({"plain forward": forward["plain forward"], "naive cell loop": cell_loop},
