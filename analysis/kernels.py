@@ -9,7 +9,7 @@ units' counters and no two threads write the same memory. Each block goes over t
 in L1: row by row over the 32 units scatters each row into 32 tables of 32-64 KB (1-2 MB, past L2).
 The histogram first copies the tile into a small local buffer, one row of it per unit (its stride
 padded off a power of two). The ranks read each unit's column of the tile where it lies (the tile's
-512 row segments, 32 KB, stay in L1 and L2 across its 32 units; the copy had cost more than the
+512 row segments, 32 KB, stay in L2 across its 32 units; the copy had cost more than the
 look-ups) and write its mid-ranks and values into ``[rows, units]`` buffers, which then go down the
 tile's rows, 32 units at once, for the running sums the products are taken from
 (``ranks_and_sums``): 5.4 against 9.7 ns a value a thread with the copy, the same sums to the bit
@@ -51,15 +51,21 @@ VALUE_OF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16
 
 
 def _native_half() -> bool:
-    """Whether the CPU converts float16 itself (x86's F16C, any 64-bit ARM): LLVM then lowers ``_half`` to
-    one instruction; elsewhere it would call a runtime routine the JIT may not have, so the table is used
-    (as it is with ``RNNSCOPE_FLOAT16_TABLE=1`` where the kernels are compiled afresh: numba's cache keys
-    on the CPU, not on this choice; the tests set it with a cache of their own)."""
+    """Whether the code numba compiles converts float16 itself (x86's F16C, any 64-bit ARM): LLVM then
+    lowers ``_half`` to one instruction; without it LLVM calls ``__extendhfsf2``, which numba's JIT does
+    not have (the process aborts), so the table is used. What counts is numba's target, not the host:
+    ``NUMBA_CPU_NAME=generic`` (portable caches) or ``NUMBA_CPU_FEATURES`` without ``+f16c`` compile for a
+    CPU without it. The table is used too with ``RNNSCOPE_FLOAT16_TABLE=1`` where the kernels are
+    compiled afresh (numba's cache keys on the CPU, not on this choice; the tests set it with a cache of
+    their own); either way the results are the same to the bit."""
     if os.environ.get("RNNSCOPE_FLOAT16_TABLE") == "1":
         return False
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
     try:
+        from numba.core import config
+        if config.CPU_FEATURES is not None:             # numba compiles for these features, not the host's
+            return "+f16c" in config.CPU_FEATURES.replace(" ", "").split(",")
         from llvmlite import binding
         return bool(binding.get_host_cpu_features().get("f16c", False))
     except Exception:       # noqa: BLE001 - no way to ask: the table is always right
@@ -125,8 +131,8 @@ def histogram(bits, counts):
 
 @njit(boundscheck=False)
 def _lookups(bits, xin, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r):
-    """Per unit of a tile, straight down its rows of ``bits`` (the tile's 64-byte row segments stay in L1
-    and L2 across its 32 units): its mid-ranks and values into its column of ``lr``, ``ld [rows, 32
+    """Per unit of a tile, straight down its rows of ``bits`` (uint16, as ``float16_bits`` gives them; the
+    tile's 64-byte row segments stay in L2 across its 32 units): its mid-ranks and values into its column of ``lr``, ``ld [rows, 32
     units]`` float32, for ``_rows``; and its centred values and ranks into ``x_t``, ``ranks_t`` for BLAS."""
     for k in range(w):
         j = u0 + k
