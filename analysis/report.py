@@ -23,7 +23,6 @@ beside its final name and renamed, never through a link, and checked against its
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
