@@ -102,13 +102,11 @@ def _bin(b):
 
 
 @njit(inline="always")
-def _load(bits, xin, decode, r0, m, u0, w, lb, lv):
-    """Tile ``[r0, r0 + m) x [u0, u0 + w)`` into the local buffers, one row per unit."""
+def _load(bits, r0, m, u0, w, lb):
+    """Tile ``[r0, r0 + m) x [u0, u0 + w)`` of ``bits`` into the histogram's buffer, one row per unit."""
     for i in range(m):
         for k in range(w):
             lb[k, i] = bits[r0 + i, u0 + k]
-            if not decode:
-                lv[k, i] = xin[r0 + i, u0 + k]
 
 
 @njit(parallel=True, cache=True, boundscheck=False)
@@ -122,7 +120,7 @@ def histogram(bits, counts):
         lb = np.empty((HBLOCK, TILE + PAD), np.uint16)
         for r0 in range(0, R, TILE):
             m = min(R, r0 + TILE) - r0
-            _load(bits, bits, True, r0, m, u0, w, lb, lb)
+            _load(bits, r0, m, u0, w, lb)
             for k in range(w):
                 c = counts[u0 + k]
                 for i in range(m):
@@ -132,8 +130,9 @@ def histogram(bits, counts):
 @njit(boundscheck=False)
 def _lookups(bits, xin, decode, value_of, midrank, ref, u0, w, m, r0, ld, lr, x_t, ranks_t, write_x, write_r):
     """Per unit of a tile, straight down its rows of ``bits`` (uint16, as ``float16_bits`` gives them; the
-    tile's 64-byte row segments stay in L2 across its 32 units): its mid-ranks and values into its column of ``lr``, ``ld [rows, 32
-    units]`` float32, for ``_rows``; and its centred values and ranks into ``x_t``, ``ranks_t`` for BLAS."""
+    tile's 64-byte row segments stay in L2 across its 32 units): its mid-ranks and values into its
+    column of ``lr``, ``ld [rows, 32 units]`` float32, for ``_rows``; and its centred values and ranks
+    into ``x_t``, ``ranks_t`` for BLAS."""
     for k in range(w):
         j = u0 + k
         mr = midrank[j]
