@@ -5,7 +5,8 @@ nanoseconds a value a thread, and a check that every sum and product is equal to
 The states are the neuron-search benchmark's (tanh of AR(1) noise, float16), ``--rows`` x ``--units``
 in memory; the labels are the real feature columns of C text (zoo/samples/linux.c repeated). The old
 kernel is ``--rev``'s ``analysis/kernels.py`` taken from git into a temporary folder (it needs only
-numpy and numba), called with this checkout's label blocks, whose layout it shares.
+numpy and numba), called by this checkout's ``labels.run_block`` with its label blocks, whose layout
+and call it shares.
 
     python benchmarks/ranks_kernel.py [--rev 3783381] [--rows 200000] [--units 512] [--rounds 7]
 """
@@ -22,18 +23,14 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from scipy import signal
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from neuron_search import make_states  # noqa: E402
 
 from rnnscope.analysis import features, kernels, labels  # noqa: E402
 from rnnscope.analysis.neurons import default_features  # noqa: E402
-
-
-def states(rows: int, units: int) -> np.ndarray:
-    noise = np.random.default_rng(0).standard_normal((rows, units), np.float32)
-    ar = signal.lfilter([1.0], [1.0, -0.9], noise, axis=0)
-    return np.tanh(ar / 2).astype(np.float16)
 
 
 def old_kernels(rev: str, where: Path):
@@ -56,7 +53,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16384)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    a = states(args.rows, args.units)
+    with tempfile.TemporaryDirectory() as tmp:          # the benchmark's states, one key of --units
+        a = np.array(next(iter(make_states(Path(tmp), args.rows, args.units, per_key=args.units).values())))
     base = (ROOT / "zoo/samples/linux.c").read_text()
     text = (base * (args.rows // len(base) + 1))[:args.rows]
     F = features.compute(text, default_features("c"))
@@ -69,19 +67,22 @@ def main() -> None:
     mid, rank_ss = np.empty((U, kernels.BINS), np.float32), np.empty(U)
     kernels.midranks(counts, R, mid, rank_ss)
     ref = np.asarray(a[:1024], np.float64).mean(0)
-    blocks = [(a[s:s + args.chunk], part.block(s, min(R, s + args.chunk))) for s in range(0, R, args.chunk)]
+    blocks = [(s, a[s:s + args.chunk], part.block(s, min(R, s + args.chunk))) for s in range(0, R, args.chunk)]
 
     def run(K) -> tuple[float, dict]:
+        """The chunks through ``labels.run_block`` (the search's own call) with ``K``'s kernel."""
         s1, s2, bad = np.zeros(U), np.zeros(U), np.zeros(U, bool)
         acc = labels.accumulators(part, U, args.chunk)
-        t0 = time.perf_counter()
-        with labels.single_blas():
-            for raw, b in blocks:
-                K.ranks_and_sums(kernels.float16_bits(raw), labels._NO_VALUES, True, kernels.VALUE_OF, mid, ref,
-                                 s1, s2, bad, *b[0:4], acc["x1"], *b[4:8], acc["x2"], *b[8:12], acc["r1"],
-                                 acc["x_t"], acc["r_t"], part.blas["x"], part.blas["r"])
-        return time.perf_counter() - t0, {"s1": s1, "s2": s2, "bad": bad, "x1": acc["x1"], "x2": acc["x2"],
-                                          "r1": acc["r1"]}
+        labels.kernels = K
+        try:
+            t0 = time.perf_counter()
+            with labels.single_blas():
+                for p0, raw, b in blocks:
+                    labels.run_block(raw, p0, part, mid, ref, s1, s2, bad, acc, share=b)
+            took = time.perf_counter() - t0
+        finally:
+            labels.kernels = kernels
+        return took, {"s1": s1, "s2": s2, "bad": bad, "x1": acc["x1"], "x2": acc["x2"], "r1": acc["r1"]}
 
     with tempfile.TemporaryDirectory() as tmp:
         sides = {f"kernel at {args.rev}": old_kernels(args.rev, Path(tmp)), "this checkout's kernel": kernels}
@@ -95,7 +96,7 @@ def main() -> None:
     first, this = outs.values()
     equal = all(np.array_equal(first[k], this[k]) for k in first)
     print(f"{R:,} rows x {U} units, {threads} threads, {args.rounds} interleaved rounds; label changes per "
-          f"{args.chunk}-row block: {len(blocks[0][1][0])} x1, {len(blocks[0][1][4])} x2, {len(blocks[0][1][8])} r1")
+          f"{args.chunk}-row block: {len(blocks[0][2][0])} x1, {len(blocks[0][2][4])} x2, {len(blocks[0][2][8])} r1")
     old_min = min(times[f"kernel at {args.rev}"])
     for name, t in times.items():
         print(f"  {name:28s} min {min(t) / per:6.2f}  median {np.median(t) / per:6.2f} ns a value a thread"

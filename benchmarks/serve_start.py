@@ -64,7 +64,7 @@ def main() -> None:
         ratio = f"  ({min(t) / base:.2f}x the baseline's minimum)" if base else ""
         print(f"{side:14s} command to listening: min {min(t):.2f} s, median {statistics.median(t):.2f} s{ratio}")
     t = times["this checkout"]
-    verdict = "meets" if max(min(t), statistics.median(t)) <= TARGET else "misses"
+    verdict = "meets" if statistics.median(t) <= TARGET else "misses"      # the median is the larger
     print(f"target (issue 23): listening <= {TARGET:g} s; it is {min(t):.2f} s (min), {statistics.median(t):.2f} s "
           f"(median): {verdict} it")
 
