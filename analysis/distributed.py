@@ -148,11 +148,11 @@ def score_key(client, a, parts, chunk) -> list[dict]:
         counts = [c for c in client.gather([client.submit(_histogram, files, bounds, r, st, hi, chunk, pure=False)
                                             for st, r, _ in tasks]) if c is not None]
         c = sum(counts)
-        cum = c.cumsum(1)
-        mid = cum - (c - 1) / 2 - (n + 1) / 2                    # centred mid-ranks per bin, as one process
-        rank_sd = np.sqrt((c * mid ** 2).sum(1))
+        mid, rank_ss = np.empty(c.shape, np.float32), np.empty(len(c))
+        kernels.midranks(c, n, mid, rank_ss)                     # centred mid-ranks per bin, as one process
+        rank_sd = np.sqrt(rank_ss)
         ref = np.nan_to_num(np.asarray(a[rows[:1024]], np.float64).mean(0))
-        [mid_f] = client.scatter([mid.astype(np.float32)], broadcast=True)
+        [mid_f] = client.scatter([mid], broadcast=True)
         got = client.gather([client.submit(_sums, files, bounds, r, st, hi, chunk, labels, mid_f, ref, min(chunk, n),
                                            pure=False)
                              for st, r, labels in tasks])
