@@ -12,7 +12,7 @@ slice), the read and the search are interleaved ``--repeat`` times, so that both
 on a shared machine; the ratio printed is of the minima, the medians beside it. Each search lexes
 the text afresh, as ``analyze`` does (the lexer's cache would hand later rounds their tokens).
 
-    python benchmarks/neuron_search.py [--steps 1000000] [--units 3072] [--repeat 3] [--dir /tmp/nsbench]
+    python benchmarks/neuron_search.py [--steps 1000000] [--units 3072] [--repeat 3] [--dir /tmp/nsbench] [--profile]
 """
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1_000_000)
     ap.add_argument("--units", type=int, default=3072)
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds of read and search")
+    ap.add_argument("--profile", action="store_true", help="then one more search under cProfile: where its time goes")
     ap.add_argument("--dir", help="where to write the states, kept for the next run, which reads them "
                     "(default: a temporary directory, removed)")
     args = ap.parse_args()
@@ -112,6 +113,13 @@ def main() -> None:
             searches.append(time.perf_counter() - t0)
         read_min, search_min = min(reads), min(searches)
         read_med, search_med = float(np.median(reads)), float(np.median(searches))
+        if args.profile:
+            import cProfile
+            import pstats
+            features.clear_cache()
+            with cProfile.Profile() as prof:
+                find_neurons(arrays, names, text=text, progress=False)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
         F = features.compute(text, names)
         split = int(round(args.steps * 0.7))
         a = next(iter(arrays.values()))
